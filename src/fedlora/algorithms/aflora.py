@@ -1,0 +1,272 @@
+"""AFLoRA (Zhou, Pang, Wang 2025): diagonal Λ, per-client rank pruning, decoupled A/B, padding.
+
+Local update of client k (eq. 6):   ΔW_k = s · B_k Λ_k A_k,  Λ_k = diag(λ_k ⊙ h_k)
+
+Client, round t (decoupled fine-tuning, client side):
+    A_k = A_global[:r_k^1]                                       frozen
+    min  CE + γ Σ_{j: h_j=1} (‖b_j‖² − 1)²   over B_k (active columns) and λ_k   (eq. 10)
+    upload B'_k = B_k[:, h=1] · diag(λ_k[h=1])   and  H_k
+    h_j ← h_j · 1[λ_j² ≥ β σ],  σ = std{λ_j² : h_j = 1}          (eq. 8), r_k^{t+1} = Σ h (eq. 9)
+
+Server, round t (zero-padding rank-aware aggregation, server-side A fine-tuning):
+    B'_k → m × r_max^1 by H_k (zeros where h=0, then zero columns on the right)
+    p_k ∝ log(1 + r_k^t) · |D_k|                                  (eq. 12, normalised)
+    B_global = Σ p_k B'_k                                         (eq. 13)
+    ⇒ B_global A_global = Σ p_k B_k Λ_k A_k  exactly
+    A_FT = A_global after `server_steps` of CE on public data, B_global frozen
+    A' = α A_global + (1 − α) A_FT                                (eq. 11)
+    W ← W + s B_global A';  next round A_global = A', clients restart B at zero.
+
+Decisions where the paper is silent (README, "AFLoRA: our decisions"): Λ and H are per
+target module (each LoRA adapter prunes its own dimensions, and eq. 12 uses that module's
+rank); σ is the population standard deviation; the upload uses the mask the client trained
+with (`upload_mask: trained`), pruning takes effect next round; λ persists across rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from fedlora.algorithms.base import (
+    Aggregate,
+    Algorithm,
+    ClientContext,
+    FederationSetup,
+    InvalidUpdate,
+    Message,
+    MethodOptions,
+    ServerContext,
+    Tensors,
+    Update,
+    weighted_sum,
+)
+
+
+class AFLoRAOptions(MethodOptions):
+    name: Literal["aflora"] = "aflora"
+    beta: float = Field(1.0, ge=0)
+    """β of the pruning rule (eq. 8)."""
+    pruning_rule: Literal["paper", "zscore"] = "paper"
+    """`paper`: keep λ² ≥ βσ (eq. 8); `zscore`: keep λ² ≥ mean − βσ (classic β-σ outliers)."""
+    gamma: float = Field(0.01, ge=0)
+    """γ of the column-norm regulariser (eq. 10)."""
+    min_rank: int = Field(1, ge=1)
+    alpha: float = Field(0.5, ge=0, le=1)
+    """α of the A fusion (eq. 11): A' = α A + (1 − α) A_FT."""
+    row_norm: float = Field(1.0, gt=0)
+    """C: every row of the initial A_global has ℓ2 norm C."""
+    server_steps: int = Field(5, ge=0)
+    server_lr: float = Field(1e-3, gt=0)
+    server_batch_size: int = Field(4, ge=1)
+    weighting: Literal["normalized", "paper-literal"] = "normalized"
+    """`normalized`: p ∝ log(1+r)|D|, Σp = 1; `paper-literal`: eq. 12 as printed (two
+    separately normalised factors multiplied; Σp < 1)."""
+    ddr: bool = True
+    """Diagonal-based dynamic rank assignment; false = the paper's "w/o DDR" ablation."""
+    dlf: bool = True
+    """Server-side A fine-tuning; false = the paper's "w/o DLF" ablation (A stays fixed)."""
+    lambda_lr: float | None = Field(None, gt=0)
+    """Learning rate of λ (None: federation.lr)."""
+    lambda_persist: bool = True
+    """Keep λ across rounds as client state (false: reset to ones every round)."""
+    upload_mask: Literal["trained", "pruned"] = "trained"
+    """Upload the columns trained this round, or only those that survive this round's pruning."""
+
+    @property
+    def uses_public_data(self) -> bool:
+        return self.dlf and self.server_steps > 0
+
+
+# --- the paper's equations, one function each -------------------------------------------
+
+
+def init_global_A(r_max: int, n: int, row_norm: float, generator: torch.Generator) -> Tensor:
+    """Random rows, each renormalised to ‖a_j‖₂ = C."""
+    A = torch.randn(r_max, n, generator=generator)
+    return A * (row_norm / A.norm(dim=1, keepdim=True))
+
+
+def column_norm_penalty(B: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """γ Σ_{j active} (‖b_j‖₂² − 1)²  (eq. 10's regulariser)."""
+    sq = (B * B).sum(0)
+    return gamma * (((sq - 1.0) ** 2) * mask).sum()
+
+
+def prune_mask(lam: Tensor, mask: Tensor, beta: float, min_rank: int, rule: str = "paper") -> Tensor:
+    """Eq. 8: h_j ← h_j · 1[λ_j² ≥ β σ], σ the std of λ² over active dims; never below min_rank."""
+    active = mask > 0
+    energy = lam.detach() ** 2
+    values = energy[active]
+    if values.numel() <= min_rank:
+        return mask.clone()
+    sigma = values.std(unbiased=False)
+    threshold = beta * sigma if rule == "paper" else values.mean() - beta * sigma
+    keep = active & (energy >= threshold)
+    if int(keep.sum()) < min_rank:  # keep the most informative active dims instead
+        ranked = torch.where(active, energy, torch.full_like(energy, -math.inf))
+        keep = torch.zeros_like(active)
+        keep[ranked.topk(min_rank).indices] = True
+    return keep.to(mask.dtype)
+
+
+def client_upload(B: Tensor, lam: Tensor, mask: Tensor) -> Tensor:
+    """B'_k = B_k[:, h=1] · diag(λ_k[h=1])  (m × r_k^t)."""
+    active = mask > 0
+    return B[:, active] * lam[active]
+
+
+def zero_pad(B_up: Tensor, mask: Tensor, r_max: int) -> Tensor:
+    """Expand B'_k to m × r_k^1 by the mask (zeros where h=0), then pad columns to r_max."""
+    out = torch.zeros(B_up.shape[0], r_max, dtype=torch.float32)
+    out[:, : mask.numel()][:, mask > 0] = B_up.to(torch.float32)
+    return out
+
+
+def rank_weights(ranks: list[int], sizes: list[int], mode: str = "normalized") -> list[float]:
+    """Eq. 12: p_k ∝ log(1 + r_k) · |D_k|."""
+    logs = [math.log1p(r) for r in ranks]
+    if mode == "paper-literal":
+        return [(lr / sum(logs)) * (d / sum(sizes)) for lr, d in zip(logs, sizes)]
+    raw = [lr * d for lr, d in zip(logs, sizes)]
+    return [w / sum(raw) for w in raw]
+
+
+def fuse(A: Tensor, A_ft: Tensor, alpha: float) -> Tensor:
+    """Eq. 11: A' = α A + (1 − α) A_FT."""
+    return alpha * A + (1.0 - alpha) * A_ft
+
+
+# --- the method -------------------------------------------------------------------------
+
+
+class AFLoRA(Algorithm):
+    name = "aflora"
+    options: AFLoRAOptions
+
+    def __init__(self, options: AFLoRAOptions, setup: FederationSetup) -> None:
+        super().__init__(options, setup)
+        self.r_max = max(setup.client_max_ranks)
+        if options.min_rank > min(setup.client_max_ranks):
+            raise ValueError(
+                f"algorithm.min_rank: {options.min_rank} exceeds the smallest client max rank"
+            )
+
+    def init_state(self) -> Tensors:
+        g = torch.Generator().manual_seed(self.setup.seed)
+        state: Tensors = {}
+        for name, (m, n) in self.setup.module_shapes.items():
+            state[f"{name}.A"] = init_global_A(self.r_max, n, self.options.row_norm, g)
+            state[f"{name}.B"] = torch.zeros(m, self.r_max)
+        return state
+
+    def payload(self, state: Tensors, client_id: int) -> Message:
+        r1 = self.setup.client_max_ranks[client_id]
+        tensors = {f"{name}.A": state[f"{name}.A"][:r1] for name in self.setup.module_shapes}
+        return Message(tensors=tensors, config={"max_rank": r1})
+
+    def initial_client_state(self, client_id: int) -> Tensors:
+        r1 = self.setup.client_max_ranks[client_id]
+        out: Tensors = {}
+        for name in self.setup.module_shapes:
+            out[f"{name}.lam"] = torch.ones(r1)
+            out[f"{name}.mask"] = torch.ones(r1)
+        return out
+
+    def client_train(
+        self, ctx: ClientContext, payload: Message, client_state: Tensors
+    ) -> tuple[Update, Tensors]:
+        opts = self.options
+        state = client_state or self.initial_client_state(ctx.client_id)
+        factors: Tensors = {}
+        for name, (m, _) in self.setup.module_shapes.items():
+            A = payload.tensors[f"{name}.A"]
+            factors[f"{name}.A"] = A
+            factors[f"{name}.B"] = torch.zeros(m, A.shape[0])
+            factors[f"{name}.lam"] = state[f"{name}.lam"]
+            factors[f"{name}.mask"] = state[f"{name}.mask"]
+        ctx.adapters.load(factors, trainable={"B", "lam"})
+        layers = [ctx.adapters.layers[name] for name in self.setup.module_shapes]
+
+        def regulariser() -> Tensor:
+            return sum(column_norm_penalty(l.B, l.mask, opts.gamma) for l in layers)
+
+        groups = [
+            ([l.B for l in layers], ctx.lr),
+            ([l.lam for l in layers], opts.lambda_lr or ctx.lr),
+        ]
+        losses = ctx.train(groups, regulariser if opts.gamma > 0 else None)
+
+        upload: Tensors = {}
+        new_state: Tensors = {}
+        trained = uploaded = 0
+        ranks, next_ranks = [], []
+        for name, layer in zip(self.setup.module_shapes, layers):
+            lam, mask, B = layer.lam.detach(), layer.mask, layer.B.detach()
+            new_mask = (
+                prune_mask(lam, mask, opts.beta, opts.min_rank, opts.pruning_rule) if opts.ddr else mask
+            )
+            sent = mask if opts.upload_mask == "trained" else new_mask
+            upload[f"{name}.B"] = client_upload(B, lam, sent)
+            upload[f"{name}.mask"] = sent.clone()
+            new_state[f"{name}.lam"] = lam.clone() if opts.lambda_persist else torch.ones_like(lam)
+            new_state[f"{name}.mask"] = new_mask
+            r = int(mask.sum())
+            ranks.append(r)
+            next_ranks.append(int(new_mask.sum()))
+            trained += r * (B.shape[0] + 1)  # active columns of B and their λ
+            uploaded += upload[f"{name}.B"].numel()
+        ctx.adapters.clear()
+        metrics = {
+            "train_loss": sum(losses) / len(losses),
+            "rank": sum(ranks) / len(ranks),
+            "next_rank": sum(next_ranks) / len(next_ranks),
+            "trained_params": trained,
+            "uploaded_params": uploaded,
+        }
+        return Update(ctx.client_id, upload, ctx.num_examples, metrics), new_state
+
+    def expected_shapes(self, state: Tensors, update: Update) -> dict[str, tuple[int, ...]]:
+        r1 = self.setup.client_max_ranks[update.client_id]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, (m, _) in self.setup.module_shapes.items():
+            mask = update.tensors.get(f"{name}.mask")
+            if mask is None or mask.shape != (r1,):
+                raise InvalidUpdate(f"{name}.mask: expected shape ({r1},)")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise InvalidUpdate(f"{name}.mask: entries must be 0 or 1")
+            rank = int(mask.sum())
+            if rank < self.options.min_rank:
+                raise InvalidUpdate(f"{name}.mask: rank {rank} below min_rank {self.options.min_rank}")
+            shapes[f"{name}.mask"] = (r1,)
+            shapes[f"{name}.B"] = (m, rank)
+        return shapes
+
+    def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
+        opts = self.options
+        sizes = [u.num_examples for u in updates]
+        new_state: Tensors = {}
+        for name in self.setup.module_shapes:
+            masks = [u.tensors[f"{name}.mask"] for u in updates]
+            padded = [zero_pad(u.tensors[f"{name}.B"], h, self.r_max) for u, h in zip(updates, masks)]
+            p = rank_weights([int(h.sum()) for h in masks], sizes, opts.weighting)
+            new_state[f"{name}.B"] = weighted_sum(padded, p)
+            new_state[f"{name}.A"] = state[f"{name}.A"]
+        metrics: dict[str, float] = {}
+        if opts.uses_public_data:
+            factors = {k: v for k, v in new_state.items()}
+            server.adapters.load(factors, trainable={"A"})
+            layers = [server.adapters.layers[name] for name in self.setup.module_shapes]
+            losses = server.train_public(
+                [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
+            )
+            for name, layer in zip(self.setup.module_shapes, layers):
+                new_state[f"{name}.A"] = fuse(state[f"{name}.A"], layer.A.detach(), opts.alpha)
+            server.adapters.clear()
+            metrics["server_loss"] = sum(losses) / len(losses)
+        merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
+        return Aggregate(state=new_state, merge=merge, metrics=metrics)

@@ -1,0 +1,169 @@
+"""The small protocol every method implements, and the objects that travel between roles.
+
+A method is plain Python over tensors: it never sees a transport. `Message` (server →
+client) and `Update` (client → server) are named tensors plus scalars, which map one to
+one onto Flower's ArrayRecord / ConfigRecord / MetricRecord. The runtimes (in-process,
+Flower) supply the contexts: a `ClientContext` that can run local steps on the client's
+data, and a `ServerContext` that can run steps on the server's public data.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from fedlora.adapters import Adapters
+
+Tensors = dict[str, Tensor]
+Scalar = int | float | str | bool
+ParamGroups = list[tuple[list[Tensor], float]]
+
+
+class InvalidUpdate(ValueError):
+    """A client update the server refuses (wrong shapes, NaN/Inf, bad mask)."""
+
+
+@dataclass
+class Message:
+    """Server → client: what the client needs for this round."""
+
+    tensors: Tensors
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    """Client → server. `metrics` carry train_loss, rank, trained_params, uploaded_params."""
+
+    client_id: int
+    tensors: Tensors
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Aggregate:
+    """The server's new state, and the update to fold into the base model (if any)."""
+
+    state: Tensors
+    merge: dict[str, tuple[Tensor, Tensor]] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FederationSetup:
+    """What a method knows of the federation: module shapes, client ranks and data sizes."""
+
+    module_shapes: Mapping[str, tuple[int, int]]  # module → (m, n) = (out, in)
+    client_max_ranks: list[int]
+    num_examples: list[int]
+    scaling: float
+    seed: int
+
+
+class ClientContext(Protocol):
+    adapters: Adapters
+    client_id: int
+    num_examples: int
+    lr: float
+
+    def train(
+        self, param_groups: ParamGroups, regulariser: Callable[[], Tensor] | None = None
+    ) -> list[float]:
+        """Run the configured local steps on this client's data; losses per step."""
+        ...
+
+
+class ServerContext(Protocol):
+    adapters: Adapters
+
+    def train_public(self, param_groups: ParamGroups, steps: int, batch_size: int) -> list[float]:
+        """Run `steps` LM steps on the server's public data; losses per step."""
+        ...
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options (the `algorithm:` section of a config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @property
+    def uses_public_data(self) -> bool:
+        return False
+
+
+class Algorithm(ABC):
+    """One federated LoRA method: server init/payload/aggregate and the client's round."""
+
+    name: ClassVar[str]
+
+    def __init__(self, options: MethodOptions, setup: FederationSetup) -> None:
+        self.options = options
+        self.setup = setup
+
+    @abstractmethod
+    def init_state(self) -> Tensors:
+        """The server's global tensors before round 1."""
+
+    @abstractmethod
+    def payload(self, state: Tensors, client_id: int) -> Message:
+        """What client `client_id` receives this round."""
+
+    @abstractmethod
+    def client_train(
+        self, ctx: ClientContext, payload: Message, client_state: Tensors
+    ) -> tuple[Update, Tensors]:
+        """Train locally; returns the upload and the client's new private state."""
+
+    @abstractmethod
+    def expected_shapes(self, state: Tensors, update: Update) -> dict[str, tuple[int, ...]]:
+        """Shapes the server accepts for this update's tensors (all keys required)."""
+
+    @abstractmethod
+    def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
+        """Combine the accepted updates into the new global state."""
+
+    def eval_factors(self, state: Tensors) -> Tensors:
+        """Adapter factors the global model is evaluated with (empty: all merged in the base)."""
+        return {}
+
+    def validate(self, state: Tensors, update: Update) -> None:
+        """Raise InvalidUpdate when the update cannot be aggregated."""
+        expected = self.expected_shapes(state, update)
+        missing = sorted(set(expected) - set(update.tensors))
+        extra = sorted(set(update.tensors) - set(expected))
+        if missing or extra:
+            raise InvalidUpdate(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, shape in expected.items():
+            t = update.tensors[key]
+            if tuple(t.shape) != tuple(shape):
+                raise InvalidUpdate(f"{key}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InvalidUpdate(f"{key}: contains NaN or Inf")
+        if update.num_examples < 1:
+            raise InvalidUpdate(f"num_examples must be >= 1, got {update.num_examples}")
+
+
+def data_weights(updates: list[Update]) -> list[float]:
+    """p_k = |D_k| / Σ |D| over the participating clients."""
+    total = sum(u.num_examples for u in updates)
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_sum(tensors: list[Tensor], weights: list[float]) -> Tensor:
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for t, w in zip(tensors, weights):
+        out.add_(t.to(torch.float32), alpha=w)
+    return out
+
+
+def kaiming_rows(r: int, n: int, generator: torch.Generator) -> Tensor:
+    """PEFT's default A init: uniform(±1/√n), i.e. kaiming_uniform with a=√5."""
+    bound = 1.0 / n**0.5
+    return (torch.rand(r, n, generator=generator) * 2 - 1) * bound

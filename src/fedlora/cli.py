@@ -1,0 +1,95 @@
+"""`fedlora run | costs`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from fedlora.config import PAPER_CLIENT_RANKS, ConfigError, load_config, parse_overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.runtime.inprocess import Simulation
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml")
+        if args.config:
+            given = load_config(args.config, parse_overrides(args.set))
+            if given.model_dump(mode="json") != cfg.model_dump(mode="json"):
+                raise ConfigError(f"config error: --resume {run_dir}: the config differs from the run's config.yaml")
+    else:
+        if not args.config:
+            raise ConfigError("config error: give a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, parse_overrides(args.set))
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{cfg.algorithm.name}-{stamp}")
+        if (run_dir / "checkpoint.pt").exists():
+            raise ConfigError(f"config error: --out {run_dir}: holds a run already (use --resume {run_dir})")
+    cfg.check_files()
+    summary = Simulation(cfg, run_dir, progress=not args.quiet).run(resume=bool(args.resume))
+    print(f"run directory: {run_dir}")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def _cmd_costs(args: argparse.Namespace) -> int:
+    from fedlora.costs import architecture_shapes, method_cost_rows
+
+    ranks = [int(r) for r in args.ranks.split(",")]
+    if any(r < 1 for r in ranks):
+        raise ConfigError("config error: --ranks: ranks must be >= 1")
+    targets = args.targets.split(",") if args.targets else None
+    shapes = architecture_shapes(args.arch, targets)
+    total = args.total_params or shapes.total_params
+    print(f"architecture {args.arch}: {shapes.total_params:,} parameters, "
+          f"{len(shapes.modules)} target modules, client ranks {ranks}")
+    if args.total_params:
+        print(f"cost denominator overridden: {total:,}")
+    print(f"{'method':<28} {'client-side cost %':>18}  what each client trains and uploads")
+    for method, what, pct in method_cost_rows(shapes, ranks, total):
+        print(f"{method:<28} {pct:>17.4f}%  {what}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated fine-tuning in one process")
+    run.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. federation.rounds=3 (repeatable)")
+    run.add_argument("--out", help="run directory (default runs/<method>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
+
+    costs = sub.add_parser("costs", help="client-side cost %% of each method for an architecture")
+    costs.add_argument("--arch", default="gpt2", help="gpt2 | tinyllama | qwen2.5-3b | hub name | folder")
+    costs.add_argument("--targets", help="comma-separated target modules (default: the paper's)")
+    costs.add_argument("--ranks", default=",".join(map(str, PAPER_CLIENT_RANKS)))
+    costs.add_argument("--total-params", type=int,
+                       help="denominator override (the paper divides by 124M / 1.1B / 3B)")
+    costs.set_defaults(func=_cmd_costs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(str(err), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

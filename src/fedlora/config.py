@@ -1,0 +1,208 @@
+"""Typed run configuration: YAML in, validated model out, one-line errors naming the field.
+
+Every option is documented in the README ("Configuration"). Unknown keys are errors, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedlora.algorithms import AlgorithmOptions
+
+PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = "smollm2-135m"
+    """`smollm2-135m` (the offline wheel), `tiny-llama` / `tiny-gpt2` (random, for tests),
+    a hub name, a local model folder, or a path to a `.gguf` file."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Autocast dtype of forward/backward; weights, adapters and merges stay float32."""
+
+
+class LoRAConfig(Strict):
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: s = alpha / r_max, one constant for every client and round."""
+    scaling: float | None = Field(None, gt=0)
+    """Set s directly instead (overrides alpha)."""
+
+
+class DataConfig(Strict):
+    dataset: Literal["ag_news"] = "ag_news"
+    data_dir: Path = Path("../shared/data")
+    hub_name: str | None = None
+    """Online only: load this hub dataset instead of the local copy."""
+    partition: Literal["iid", "label_skew"] = "label_skew"
+    labels_per_client: int = Field(2, ge=1)
+    train_examples: int | None = Field(None, ge=1)
+    """Seeded cap on the training pool before partitioning (None: all of it)."""
+    test_examples: int = Field(1000, ge=1)
+    max_length: int = Field(64, ge=8)
+    prompt: str = (
+        "Classify the news article as World, Sports, Business or Technology.\n"
+        "Article: {text}\nTopic:"
+    )
+    label_words: list[str] = Field(
+        default_factory=lambda: ["World", "Sports", "Business", "Technology"], min_length=2
+    )
+    loss: Literal["classes", "vocab"] = "classes"
+    """`classes`: cross-entropy over the label words' logits (paper eq. 10, |L| classes);
+    `vocab`: cross-entropy of the label token over the whole vocabulary."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, v: str) -> str:
+        if "{text}" not in v:
+            raise ValueError("must contain the placeholder {text}")
+        return v
+
+
+class PublicDataConfig(Strict):
+    """The server's public set (AFLoRA's server-side A fine-tuning)."""
+
+    dataset: Literal["alpaca"] = "alpaca"
+    fraction: float = Field(0.02, gt=0, le=1)
+    """Seeded share of the Alpaca file drawn as the public set (paper: 2%)."""
+    max_length: int = Field(128, ge=16)
+
+
+class FederationConfig(Strict):
+    num_clients: int = Field(10, ge=1)
+    client_max_ranks: list[int] = Field(default_factory=lambda: list(PAPER_CLIENT_RANKS))
+    rounds: int = Field(5, ge=1)
+    fraction: float = 1.0
+    """Share of clients sampled each round, in (0, 1]."""
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    eval_every: int = Field(1, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+
+    @field_validator("client_max_ranks")
+    @classmethod
+    def _ranks_positive(cls, v: list[int]) -> list[int]:
+        bad = [r for r in v if r < 1]
+        if bad:
+            raise ValueError(f"ranks must be >= 1, got {bad[0]}")
+        return v
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction_range(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_rank_per_client(self) -> FederationConfig:
+        if len(self.client_max_ranks) != self.num_clients:
+            raise ValueError(
+                f"client_max_ranks has {len(self.client_max_ranks)} entries for "
+                f"{self.num_clients} clients"
+            )
+        return self
+
+
+class RunConfig(Strict):
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads (None: torch's default)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    algorithm: AlgorithmOptions = Field(discriminator="name")
+
+    @property
+    def scaling(self) -> float:
+        """The one LoRA scaling s shared by every client (rank-independent: padding stays exact)."""
+        if self.lora.scaling is not None:
+            return self.lora.scaling
+        return self.lora.alpha / max(self.federation.client_max_ranks)
+
+    def check_files(self) -> None:
+        """Fail before any work when a data file the run needs is missing."""
+        from fedlora.data import required_files
+
+        for field, path in required_files(self):
+            if not path.exists():
+                raise ConfigError(f"config error: {field}: file not found: {path}")
+
+
+def _format_error(err: ValidationError, algorithm_name: str | None) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if str(p) != algorithm_name]
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"config error: {'.'.join(loc) or '<root>'}: {msg}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings (value parsed as YAML) into a flat dict."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"config error: --set {pair}: expected key=value")
+        key, raw = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def build_config(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    tree = dict(tree or {})
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    algo = tree.get("algorithm")
+    name = algo.get("name") if isinstance(algo, dict) else None
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, name)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config error: {path}: file not found")
+    with path.open() as fh:
+        tree = yaml.safe_load(fh) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config error: {path}: top level must be a mapping")
+    cfg = build_config(tree, overrides)
+    base = path.parent
+    if not cfg.data.data_dir.is_absolute() and not cfg.data.data_dir.exists():
+        # relative data dirs are tried against the config's folder's project root too
+        alt = (base.parent / cfg.data.data_dir).resolve()
+        if alt.exists():
+            cfg.data.data_dir = alt
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

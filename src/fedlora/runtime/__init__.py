@@ -1,0 +1,1 @@
+"""Runtimes that drive the algorithms: in-process simulation (default)."""

@@ -1,0 +1,78 @@
+"""The contexts a runtime hands to an algorithm: a client's local steps, the server's public steps.
+
+Both runtimes (in-process and Flower) build these same objects, so the training a method
+asks for is identical wherever it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor, nn
+
+from fedlora.adapters import Adapters
+from fedlora.algorithms.base import ParamGroups
+from fedlora.data.encode import Encoded, sample_batches
+from fedlora.train import classification_loss, lm_loss, train_steps
+
+
+def round_seed(seed: int, round_: int, stream: int) -> np.random.SeedSequence:
+    """Independent, reproducible randomness for (run seed, round, client or server)."""
+    return np.random.SeedSequence([seed, round_, stream])
+
+
+SERVER_STREAM = 2**31 - 1
+
+
+@dataclass
+class LocalClient:
+    """One client's round: its examples, local steps, batch size and learning rate."""
+
+    adapters: Adapters
+    model: nn.Module
+    client_id: int
+    examples: list[Encoded]
+    label_ids: list[int]
+    loss_mode: str
+    local_steps: int
+    batch_size: int
+    lr: float
+    pad_id: int
+    seed: np.random.SeedSequence
+    compute_dtype: str = "float32"
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+    def train(
+        self, param_groups: ParamGroups, regulariser: Callable[[], Tensor] | None = None
+    ) -> list[float]:
+        batches = sample_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
+        return train_steps(
+            param_groups,
+            batches,
+            lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode),
+            regulariser,
+            self.compute_dtype,
+        )
+
+
+@dataclass
+class PublicServer:
+    """The server's public data (AFLoRA's A fine-tuning), trained with causal-LM loss."""
+
+    adapters: Adapters
+    model: nn.Module
+    examples: list[Encoded]
+    pad_id: int
+    seed: np.random.SeedSequence
+    compute_dtype: str = "float32"
+
+    def train_public(self, param_groups: ParamGroups, steps: int, batch_size: int) -> list[float]:
+        if not self.examples:
+            raise ValueError("the server has no public data")
+        batches = sample_batches(self.examples, batch_size, steps, self.seed, self.pad_id)
+        return train_steps(param_groups, batches, lambda b: lm_loss(self.model, b), None, self.compute_dtype)

@@ -1,0 +1,257 @@
+"""The in-process runtime: every simulated client shares ONE base model, one after another.
+
+Per-client memory is only what the method keeps (AFLoRA: λ and the mask per module);
+factors are loaded into the shared LoRA layers for a client's turn and cleared after.
+All randomness comes from (seed, round, client) streams and one checkpointed sampler, so
+the same config and seed give the same numbers, and a resumed run the same as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import save_file
+
+from fedlora.adapters import Adapters
+from fedlora.algorithms import build_algorithm
+from fedlora.algorithms.base import Algorithm, InvalidUpdate, Tensors, Update
+from fedlora.config import RunConfig
+from fedlora.costs import cost_percent, tensor_bytes
+from fedlora.data.task import FederatedTask, build_task
+from fedlora.evaluate import evaluate_classification
+from fedlora.models import base_parameter_count, load_base_model
+from fedlora.runtime.checkpoint import Checkpoint, load_merges, save_merge
+from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
+from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
+
+log = logging.getLogger("fedlora")
+
+
+def sample_clients(rng: np.random.Generator, num_clients: int, fraction: float) -> list[int]:
+    """Seeded participation: round(fraction · K) clients (at least one), sorted."""
+    m = max(1, round(fraction * num_clients))
+    if m >= num_clients:
+        return list(range(num_clients))
+    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+
+@dataclass
+class Federation:
+    """Everything a run holds in memory: one model, its adapters, the task, the method."""
+
+    cfg: RunConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    adapters: Adapters
+    task: FederatedTask
+    algorithm: Algorithm
+    total_params: int
+
+    @classmethod
+    def build(cls, cfg: RunConfig) -> Federation:
+        from fedlora.algorithms.base import FederationSetup
+
+        cfg.check_files()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        model, tokenizer = load_base_model(cfg.model.name, seed=cfg.seed)
+        total = base_parameter_count(model)
+        adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
+        task = build_task(cfg, tokenizer)
+        setup = FederationSetup(
+            module_shapes=adapters.shapes(),
+            client_max_ranks=list(cfg.federation.client_max_ranks),
+            num_examples=[len(c) for c in task.clients],
+            scaling=cfg.scaling,
+            seed=cfg.seed,
+        )
+        return cls(cfg, model, tokenizer, adapters, task, build_algorithm(cfg.algorithm, setup), total)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def client(self, client_id: int, round_: int) -> LocalClient:
+        f = self.cfg.federation
+        return LocalClient(
+            adapters=self.adapters, model=self.model, client_id=client_id,
+            examples=self.task.clients[client_id], label_ids=self.task.label_ids,
+            loss_mode=self.cfg.data.loss, local_steps=f.local_steps, batch_size=f.batch_size,
+            lr=f.lr, pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, client_id),
+            compute_dtype=self.cfg.model.compute_dtype,
+        )
+
+    def server(self, round_: int) -> PublicServer:
+        return PublicServer(
+            adapters=self.adapters, model=self.model, examples=self.task.public,
+            pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, SERVER_STREAM),
+            compute_dtype=self.cfg.model.compute_dtype,
+        )
+
+    def evaluate(self, state: Tensors) -> dict[str, float]:
+        self.adapters.load(self.algorithm.eval_factors(state))
+        try:
+            return evaluate_classification(
+                self.model, self.task.test, self.task.label_ids, self.pad_id,
+                self.cfg.federation.eval_batch_size, self.cfg.model.compute_dtype,
+            )
+        finally:
+            self.adapters.clear()
+
+
+def _check_finite(update: Update) -> None:
+    for key, t in update.tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidUpdate(f"{key}: contains NaN or Inf")
+
+
+class Simulation:
+    """`fedlora run`: rounds of sampled clients, aggregation, evaluation and checkpoints."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.fed: Federation | None = None
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        fed = self.fed = Federation.build(cfg)
+        if resume:
+            ckpt = Checkpoint.load(self.run_dir)
+            for merge in load_merges(self.run_dir, ckpt.round):
+                fed.adapters.merge(merge)
+            sampler = np.random.default_rng()
+            sampler.bit_generator.state = ckpt.sampler_state
+            log.info("resuming %s after round %d", self.run_dir, ckpt.round)
+        else:
+            write_run_header(self.run_dir, cfg, fed.task.partition_table())
+            sampler = np.random.default_rng(cfg.seed)
+            ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state)
+        write_metrics(self.run_dir, ckpt.history)
+
+        rounds = cfg.federation.rounds
+        per_round = max(1, round(cfg.federation.fraction * cfg.federation.num_clients))
+        with self._progress() as bar:
+            t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
+            t_clients = bar.add_task("clients", total=per_round)
+            for t in range(ckpt.round + 1, rounds + 1):
+                bar.reset(t_clients, total=per_round)
+                ckpt = self._round(fed, t, ckpt, sampler, lambda: bar.advance(t_clients))
+                bar.advance(t_rounds)
+        return self._summary(ckpt.history)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            disable=not self.progress, transient=False,
+        )
+
+    def _round(self, fed: Federation, t: int, ckpt: Checkpoint, sampler, on_client) -> Checkpoint:
+        cfg, algo = self.cfg, fed.algorithm
+        start = time.perf_counter()
+        selected = sample_clients(sampler, cfg.federation.num_clients, cfg.federation.fraction)
+        client_states = dict(ckpt.client_states)
+        updates: list[Update] = []
+        clients: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        for k in selected:
+            c0 = time.perf_counter()
+            payload = algo.payload(ckpt.state, k)
+            update, new_client_state = algo.client_train(fed.client(k, t), payload, client_states.get(k, {}))
+            fed.adapters.clear()
+            try:
+                _check_finite(update)
+                algo.validate(ckpt.state, update)
+            except InvalidUpdate as err:
+                log.warning("round %d: rejected the update of client %d: %s", t, k, err)
+                rejected.append({"client": k, "reason": str(err)})
+                on_client()
+                continue
+            client_states[k] = new_client_state
+            updates.append(update)
+            m = update.metrics
+            clients.append({
+                "id": k,
+                "rank": m.get("rank"),
+                "next_rank": m.get("next_rank", m.get("rank")),
+                "train_loss": m.get("train_loss"),
+                "trained_params": int(m["trained_params"]),
+                "uploaded_params": int(m["uploaded_params"]),
+                "cost_percent": cost_percent(m["trained_params"], m["uploaded_params"], fed.total_params),
+                "uplink_bytes": tensor_bytes(update.tensors),
+                "downlink_bytes": tensor_bytes(payload.tensors) + ckpt.broadcast_bytes,
+                "seconds": time.perf_counter() - c0,
+            })
+            on_client()
+
+        s0 = time.perf_counter()
+        state, broadcast, server_metrics = ckpt.state, 0, {}
+        if updates:
+            agg = algo.aggregate(ckpt.state, updates, fed.server(t))
+            fed.adapters.clear()
+            state, server_metrics = agg.state, agg.metrics
+            if agg.merge:
+                save_merge(self.run_dir, t, agg.merge)
+                fed.adapters.merge(agg.merge)
+                broadcast = tensor_bytes([x for pair in agg.merge.values() for x in pair])
+        else:
+            log.warning("round %d: no valid update; the global state is unchanged", t)
+        server_seconds = time.perf_counter() - s0
+
+        record: dict[str, Any] = {"round": t}
+        if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
+            ev = fed.evaluate(state)
+            record.update(accuracy=ev["accuracy"], test_loss=ev["loss"])
+        n = max(1, len(clients))
+        record.update(
+            train_loss=sum(c["train_loss"] for c in clients) / n if clients else None,
+            ranks={str(c["id"]): c["rank"] for c in clients},
+            next_ranks={str(c["id"]): c["next_rank"] for c in clients},
+            client_cost_percent=sum(c["cost_percent"] for c in clients) / n,
+            uplink_bytes=sum(c["uplink_bytes"] for c in clients),
+            downlink_bytes=sum(c["downlink_bytes"] for c in clients),
+            server_seconds=server_seconds,
+            wall_seconds=time.perf_counter() - start,
+            clients=clients,
+            rejected=rejected,
+            **server_metrics,
+        )
+        new = Checkpoint(
+            round=t, state=state, client_states=client_states,
+            sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],
+            broadcast_bytes=broadcast,
+        )
+        new.save(self.run_dir)
+        write_metrics(self.run_dir, new.history)
+        if "accuracy" in record:
+            log.info("round %d: accuracy %.4f", t, record["accuracy"])
+        if t == cfg.federation.rounds:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(self.run_dir / "final_state.safetensors"))
+        return new
+
+    def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
+        summary = {
+            "method": self.cfg.algorithm.name,
+            "rounds": len(history),
+            "final_accuracy": accs[-1][1] if accs else None,
+            "best_accuracy": max(a for _, a in accs) if accs else None,
+            "best_round": max(accs, key=lambda x: x[1])[0] if accs else None,
+            "mean_client_cost_percent": float(np.mean([r["client_cost_percent"] for r in history])),
+            "total_uplink_bytes": int(sum(r["uplink_bytes"] for r in history)),
+            "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in history)),
+            "wall_seconds": float(sum(r["wall_seconds"] for r in history)),
+            "rejected_updates": int(sum(len(r["rejected"]) for r in history)),
+        }
+        write_json(self.run_dir / "summary.json", summary)
+        return summary

@@ -1,0 +1,94 @@
+"""Local training: losses that compute logits only where the loss needs them, and the step loop.
+
+A classification example needs the next-token logits at ONE position (the end of the
+prompt), and with `loss: classes` only for the label words' rows of the output layer; an
+instruction example needs full-vocabulary logits only at response positions. Running the
+decoder body and projecting just those hidden states is what makes our step cheaper than
+a plain causal-LM step with full logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Batch = dict[str, Tensor]
+
+
+def autocast(compute_dtype: str):
+    if compute_dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def hidden_states(model: nn.Module, batch: Batch) -> Tensor:
+    """Last hidden states (batch × time × hidden) from the decoder body, no output layer."""
+    body = getattr(model, model.base_model_prefix)
+    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.last_hidden_state
+
+
+def project(model: nn.Module, h: Tensor, rows: Sequence[int] | None = None) -> Tensor:
+    """Logits of hidden states `h` for the output-layer rows `rows` (all rows if None)."""
+    head = model.get_output_embeddings()
+    weight = head.weight if rows is None else head.weight[list(rows)]
+    bias = getattr(head, "bias", None)
+    if bias is not None and rows is not None:
+        bias = bias[list(rows)]
+    return F.linear(h, weight, bias).float()
+
+
+def last_position(h: Tensor, batch: Batch) -> Tensor:
+    return h[torch.arange(h.shape[0]), batch["last"]]
+
+
+def classification_loss(model: nn.Module, batch: Batch, label_ids: Sequence[int], mode: str) -> Tensor:
+    """Cross-entropy of the label at the last prompt position.
+
+    `classes`: softmax over the label words only (the paper's eq. 10, |L| classes);
+    `vocab`: softmax over the whole vocabulary, target = the label word's token.
+    """
+    h = last_position(hidden_states(model, batch), batch)
+    if mode == "classes":
+        return F.cross_entropy(project(model, h, label_ids), batch["target"])
+    targets = torch.tensor(label_ids)[batch["target"]]
+    return F.cross_entropy(project(model, h), targets)
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Causal-LM cross-entropy on the labelled (response) tokens only."""
+    h = hidden_states(model, batch)[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    return F.cross_entropy(project(model, h[keep]), targets[keep])
+
+
+def train_steps(
+    param_groups: list[tuple[list[Tensor], float]],
+    batches: Iterable[Batch],
+    loss_fn: Callable[[Batch], Tensor],
+    regulariser: Callable[[], Tensor] | None = None,
+    compute_dtype: str = "float32",
+) -> list[float]:
+    """Adam (no weight decay) on the given parameters; returns the task loss per step.
+
+    The regulariser is added in float32 outside autocast; reported losses exclude it.
+    """
+    groups = [{"params": ps, "lr": lr} for ps, lr in param_groups if ps]
+    if not groups:
+        raise ValueError("nothing to train: no trainable parameters")
+    opt = torch.optim.Adam(groups, weight_decay=0.0)
+    losses = []
+    for batch in batches:
+        with autocast(compute_dtype):
+            loss = loss_fn(batch)
+        total = loss if regulariser is None else loss + regulariser()
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
