@@ -19,7 +19,8 @@ Server, round t (zero-padding rank-aware aggregation, server-side A fine-tuning)
 
 Decisions where the paper is silent (README, "AFLoRA: our decisions"): Λ and H are per
 target module (each LoRA adapter prunes its own dimensions, and eq. 12 uses that module's
-rank); σ is the population standard deviation; the upload uses the mask the client trained
+rank); the default pruning threshold is mean − βσ (option `pruning_rule`); σ is the
+population standard deviation; the upload uses the mask the client trained
 with (`upload_mask: trained`), pruning takes effect next round; λ persists across rounds.
 """
 
@@ -49,10 +50,12 @@ from fedlora.algorithms.base import (
 
 class AFLoRAOptions(MethodOptions):
     name: Literal["aflora"] = "aflora"
-    beta: float = Field(1.0, ge=0)
+    beta: float = Field(2.0, ge=0)
     """β of the pruning rule (eq. 8)."""
-    pruning_rule: Literal["paper", "zscore"] = "paper"
-    """`paper`: keep λ² ≥ βσ (eq. 8); `zscore`: keep λ² ≥ mean − βσ (classic β-σ outliers)."""
+    pruning_rule: Literal["paper", "zscore"] = "zscore"
+    """`zscore` (default): keep λ² ≥ mean − βσ, the statistical β-σ outlier rule the paper
+    cites; `paper`: keep λ² ≥ βσ as eq. 8 is printed (with λ near its init 1 and σ ≪ 1 it
+    prunes nothing unless β ≈ 1/σ: see the README)."""
     gamma: float = Field(0.01, ge=0)
     """γ of the column-norm regulariser (eq. 10)."""
     min_rank: int = Field(1, ge=1)
@@ -97,8 +100,9 @@ def column_norm_penalty(B: Tensor, mask: Tensor, gamma: float) -> Tensor:
     return gamma * (((sq - 1.0) ** 2) * mask).sum()
 
 
-def prune_mask(lam: Tensor, mask: Tensor, beta: float, min_rank: int, rule: str = "paper") -> Tensor:
-    """Eq. 8: h_j ← h_j · 1[λ_j² ≥ β σ], σ the std of λ² over active dims; never below min_rank."""
+def prune_mask(lam: Tensor, mask: Tensor, beta: float, min_rank: int, rule: str = "zscore") -> Tensor:
+    """Eq. 8: h_j ← h_j · 1[λ_j² ≥ β σ] (`paper`) or 1[λ_j² ≥ mean − β σ] (`zscore`), with σ the
+    population std of λ² over the active dims; never below min_rank."""
     active = mask > 0
     energy = lam.detach() ** 2
     values = energy[active]

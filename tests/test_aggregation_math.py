@@ -1,0 +1,113 @@
+"""The equations: exact padded aggregation, FedIT interference, eq. 8, eq. 10, eq. 12."""
+
+import math
+
+import pytest
+import torch
+
+from fedlora.algorithms.aflora import (
+    client_upload,
+    column_norm_penalty,
+    fuse,
+    init_global_A,
+    prune_mask,
+    rank_weights,
+    zero_pad,
+)
+from fedlora.algorithms.base import weighted_sum
+
+
+def _clients(seed=0, m=24, n=20, ranks=(8, 4, 4, 2)):
+    g = torch.Generator().manual_seed(seed)
+    r_max = max(ranks)
+    A_global = init_global_A(r_max, n, 1.0, g)
+    clients = []
+    for r in ranks:
+        B = torch.randn(m, r, generator=g)
+        lam = torch.rand(r, generator=g) + 0.5
+        mask = (torch.rand(r, generator=g) > 0.3).float()
+        mask[0] = 1.0
+        clients.append((B, lam, mask, int(torch.randint(10, 100, (1,), generator=g))))
+    return A_global, clients, r_max
+
+
+@pytest.mark.parametrize("mode", ["normalized", "paper-literal"])
+def test_padded_aggregation_equals_sum_of_client_products(mode):
+    A_global, clients, r_max = _clients()
+    ranks = [int(mask.sum()) for _, _, mask, _ in clients]
+    p = rank_weights(ranks, [d for *_, d in clients], mode)
+    padded = [zero_pad(client_upload(B, lam, mask), mask, r_max) for B, lam, mask, _ in clients]
+    aggregated = weighted_sum(padded, p) @ A_global
+    ideal = sum(
+        pk * (B @ torch.diag(lam * mask) @ A_global[: B.shape[1]])
+        for pk, (B, lam, mask, _) in zip(p, clients)
+    )
+    torch.testing.assert_close(aggregated, ideal, rtol=1e-5, atol=1e-5)
+
+
+def test_fedit_separate_averaging_interferes():
+    g = torch.Generator().manual_seed(0)
+    m, n, r, K = 24, 20, 4, 5
+    A = [torch.randn(r, n, generator=g) for _ in range(K)]
+    B = [torch.randn(m, r, generator=g) for _ in range(K)]
+    p = [1 / K] * K
+    separate = weighted_sum(B, p) @ weighted_sum(A, p)
+    ideal = sum(pk * b @ a for pk, a, b in zip(p, A, B))
+    rel = float((separate - ideal).norm() / ideal.norm())
+    assert rel > 0.5, rel  # measured interference on random factors (≈0.9 here)
+
+
+def test_zero_pad_places_columns_by_mask():
+    B_up = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    out = zero_pad(B_up, torch.tensor([0.0, 1.0, 0.0, 1.0]), 6)
+    assert out.tolist() == [[0, 1, 0, 2, 0, 0], [0, 3, 0, 4, 0, 0]]
+
+
+def test_pruning_follows_eq8_on_hand_made_lambda():
+    lam = torch.tensor([1.0, 0.1, 2.0, 0.5, 3.0, 0.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # the last dim is already pruned
+    e = lam[:5] ** 2  # 1, .01, 4, .25, 9
+    sigma = float(e.std(unbiased=False))
+    # paper: keep λ² ≥ βσ
+    assert sigma == pytest.approx(3.3880, abs=1e-3)  # sqrt(57.393 / 5)
+    assert prune_mask(lam, mask, 1.0, 1, "paper").tolist() == [0, 0, 1, 0, 1, 0]  # 3.39
+    assert prune_mask(lam, mask, 0.2, 1, "paper").tolist() == [1, 0, 1, 0, 1, 0]  # 0.68
+    # zscore: keep λ² ≥ mean − βσ (mean 2.852)
+    assert prune_mask(lam, mask, 0.5, 1, "zscore").tolist() == [0, 0, 1, 0, 1, 0]  # 1.158
+    assert prune_mask(lam, mask, 0.6, 1, "zscore").tolist() == [1, 0, 1, 0, 1, 0]  # 0.819
+    assert prune_mask(lam, mask, 1.0, 1, "zscore").tolist() == [1, 1, 1, 1, 1, 0]  # -0.54
+    # β = 0 never prunes (paper rule), ranks never grow back, min_rank holds
+    assert prune_mask(lam, mask, 0.0, 1, "paper").tolist() == mask.tolist()
+    assert prune_mask(lam, mask, 10.0, 2, "paper").tolist() == [0, 0, 1, 0, 1, 0]
+    assert prune_mask(lam, mask, 10.0, 1, "paper").tolist() == [0, 0, 0, 0, 1, 0]
+
+
+def test_regulariser_gradient_is_eq10():
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(7, 5, generator=g, requires_grad=True)
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    gamma = 0.3
+    column_norm_penalty(B, mask, gamma).backward()
+    sq = (B.detach() ** 2).sum(0)
+    expected = 4 * gamma * (sq - 1) * B.detach() * mask
+    torch.testing.assert_close(B.grad, expected)
+    value = column_norm_penalty(B.detach(), mask, gamma)
+    assert float(value) == pytest.approx(gamma * float((((sq - 1) ** 2) * mask).sum()), rel=1e-6)
+
+
+def test_rank_weights_eq12():
+    ranks, sizes = [64, 8, 4], [100, 300, 600]
+    p = rank_weights(ranks, sizes)
+    raw = [math.log1p(r) * d for r, d in zip(ranks, sizes)]
+    assert p == pytest.approx([x / sum(raw) for x in raw]) and sum(p) == pytest.approx(1)
+    lit = rank_weights(ranks, sizes, "paper-literal")
+    logs = [math.log1p(r) for r in ranks]
+    assert lit == pytest.approx([lr / sum(logs) * d / sum(sizes) for lr, d in zip(logs, sizes)])
+    assert sum(lit) < 1
+
+
+def test_global_A_rows_have_norm_C_and_fuse_is_eq11():
+    A = init_global_A(8, 30, 2.5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(A.norm(dim=1), torch.full((8,), 2.5))
+    A_ft = torch.ones_like(A)
+    torch.testing.assert_close(fuse(A, A_ft, 0.3), 0.3 * A + 0.7 * A_ft)
