@@ -163,3 +163,14 @@ def test_client_sampling_is_seeded_and_sized():
     a = [sample_clients(np.random.default_rng(3), 10, 0.2) for _ in range(2)]
     assert a[0] == a[1] and len(a[0]) == 2
     assert sample_clients(np.random.default_rng(0), 10, 1.0) == list(range(10))
+
+
+@pytest.mark.parametrize("method", ["aflora", "fedit"])
+def test_gpt2_conv1d_targets_run(data_dir, tmp_path, method):
+    algo = {"name": method, **({"server_steps": 1} if method == "aflora" else {})}
+    tree = tiny_tree(model={"name": "tiny-gpt2", "target_modules": ["c_attn", "c_proj", "c_fc"]},
+                     federation={"rounds": 1}, algorithm=algo)
+    summary = Simulation(build_config(tree), tmp_path, progress=False).run()
+    assert summary["rounds"] == 1 and summary["final_accuracy"] is not None
+    state = load_file(str(tmp_path / "final_state.safetensors"))
+    assert any(k.endswith("mlp.c_proj.B") for k in state) and any(k.endswith("attn.c_proj.B") for k in state)

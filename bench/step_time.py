@@ -1,0 +1,137 @@
+"""Our client training step and evaluation vs plain PEFT / full-logit scoring, in ONE process.
+
+Same model (SmolLM2-135M-Instruct), same batch (8 AG News prompts, padded to 64 tokens),
+same rank (16 on q_proj, v_proj). Timings alternate between the contenders (A B A B …)
+so machine noise hits both; we report medians and their ratio.
+
+    python bench/step_time.py [--repeats 7] [--out docs/bench/step_time.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from fedlora.adapters import Adapters
+from fedlora.algorithms.aflora import column_norm_penalty
+from fedlora.config import build_config
+from fedlora.data.encode import collate, length_sorted_batches
+from fedlora.data.task import build_task
+from fedlora.evaluate import evaluate_classification
+from fedlora.models import load_base_model
+from fedlora.train import autocast, classification_loss
+
+RANK, BATCH, LENGTH, TARGETS = 16, 8, 64, ["q_proj", "v_proj"]
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--eval-examples", type=int, default=256)
+    ap.add_argument("--out", default="docs/bench/step_time.json")
+    args = ap.parse_args()
+
+    cfg = build_config({"algorithm": {"name": "aflora", "dlf": False},
+                        "data": {"test_examples": args.eval_examples, "max_length": LENGTH,
+                                 "data_dir": str(Path(__file__).resolve().parents[2] / "shared" / "data")}})
+    base, tok = load_base_model("smollm2-135m")
+    task = build_task(cfg, tok)
+    examples = [e for e in task.clients[0] if len(e.input_ids) == LENGTH][:BATCH]
+    batch = collate(examples, tok.pad_token_id)
+    # PEFT trains causal-LM style on prompt + label word; HF computes logits at all positions
+    label_tok = torch.tensor(task.label_ids)[batch["target"]]
+    lm_ids = torch.cat([batch["input_ids"], label_tok[:, None]], 1)
+    lm_labels = torch.full_like(lm_ids, -100)
+    lm_labels[:, -1] = lm_ids[:, -1]
+
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS))
+    peft_opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    ours = base
+    adapters = Adapters.inject(ours, TARGETS, scaling=16 / RANK)
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for name, (m, n) in adapters.shapes().items():
+        factors.update({f"{name}.A": torch.randn(RANK, n, generator=g) / n**0.5,
+                        f"{name}.B": torch.zeros(m, RANK), f"{name}.lam": torch.ones(RANK),
+                        f"{name}.mask": torch.ones(RANK)})
+    adapters.load(factors, trainable={"B", "lam"})
+    layers = list(adapters.layers.values())
+    our_opt = torch.optim.Adam(adapters.trainable_parameters(), lr=1e-4)
+
+    def peft_step(dtype):
+        with autocast(dtype):
+            loss = peft_model(input_ids=lm_ids, labels=lm_labels).loss
+        loss.backward(); peft_opt.step(); peft_opt.zero_grad()
+
+    def our_step(dtype):
+        with autocast(dtype):
+            loss = classification_loss(ours, batch, task.label_ids, "classes")
+        loss = loss + sum(column_norm_penalty(l.B, l.mask, 0.01) for l in layers)
+        loss.backward(); our_opt.step(); our_opt.zero_grad()
+
+    def full_logit_eval(dtype):
+        correct = 0
+        with torch.inference_mode():
+            for _, b in length_sorted_batches(task.test, 32, tok.pad_token_id):
+                with autocast(dtype):
+                    logits = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                ll = F.log_softmax(logits.float(), -1)[torch.arange(len(b["last"])), b["last"]]
+                correct += int((ll[:, task.label_ids].argmax(-1) == b["target"]).sum())
+        return correct
+
+    def our_eval(dtype):
+        return evaluate_classification(ours, task.test, task.label_ids, tok.pad_token_id, 32, dtype)
+
+    results = {"machine": {"processor": platform.processor() or platform.machine(),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__},
+               "setup": {"model": "SmolLM2-135M-Instruct", "batch": BATCH, "tokens": LENGTH,
+                         "rank": RANK, "targets": TARGETS, "repeats": args.repeats,
+                         "eval_examples": len(task.test)}}
+    for dtype in ("float32", "bfloat16"):
+        peft_step(dtype); our_step(dtype)  # warm-up
+        p, o = [], []
+        for _ in range(args.repeats):
+            p += timed(lambda: peft_step(dtype), 1)
+            o += timed(lambda: our_step(dtype), 1)
+        fe, oe = [], []
+        for _ in range(3):
+            fe += timed(lambda: full_logit_eval(dtype), 1)
+            oe += timed(lambda: our_eval(dtype), 1)
+        n = len(task.test)
+        results[dtype] = {
+            "peft_step_s": statistics.median(p), "our_step_s": statistics.median(o),
+            "step_ratio": statistics.median(o) / statistics.median(p),
+            "full_logit_eval_per_s": n / statistics.median(fe), "our_eval_per_s": n / statistics.median(oe),
+            "eval_speedup": statistics.median(fe) / statistics.median(oe),
+        }
+        print(dtype, json.dumps(results[dtype], indent=1))
+    # headline: our default (bfloat16 autocast) vs a plain PEFT step as usually run (float32)
+    results["default_vs_plain_fp32"] = {
+        "step_ratio": results["bfloat16"]["our_step_s"] / results["float32"]["peft_step_s"],
+        "eval_speedup": results["bfloat16"]["our_eval_per_s"] / results["float32"]["full_logit_eval_per_s"],
+    }
+    print(json.dumps(results["default_vs_plain_fp32"], indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Invalid configs fail before any work, with one line naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import tiny_tree
+from fedlora.config import ConfigError, build_config, load_config, parse_overrides
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ({"federation.nmu_clients": 3}, "federation.nmu_clients: unknown key"),
+        ({"federation.client_max_ranks": [8, 0, 4, 2]}, "federation.client_max_ranks: ranks must be >= 1"),
+        ({"federation.client_max_ranks": [8, 4]}, "federation: client_max_ranks has 2 entries for 4 clients"),
+        ({"algorithm.alpha": 1.5}, "algorithm.alpha:"),
+        ({"algorithm.alpha": -0.1}, "algorithm.alpha:"),
+        ({"algorithm.beta": -1}, "algorithm.beta:"),
+        ({"federation.fraction": 0}, "federation.fraction: must be in (0, 1]"),
+        ({"federation.fraction": 1.2}, "federation.fraction: must be in (0, 1]"),
+        ({"algorithm.name": "fedavg"}, "algorithm:"),
+        ({"algorithm.server_stpes": 3}, "algorithm.server_stpes: unknown key"),
+        ({"data.prompt": "no placeholder"}, "data.prompt: must contain the placeholder"),
+    ],
+)
+def test_invalid_fields_are_named(override, field):
+    with pytest.raises(ConfigError) as err:
+        build_config(tiny_tree(), override)
+    msg = str(err.value)
+    assert msg.startswith("config error: ") and field in msg and "\n" not in msg
+
+
+def test_missing_data_file_is_named(tmp_path):
+    cfg = build_config(tiny_tree(data={"data_dir": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=r"data.data_dir: file not found: .*ag_news"):
+        cfg.check_files()
+
+
+def test_missing_public_data_is_named(tmp_path, data_dir):
+    (tmp_path / "ag_news").symlink_to(data_dir / "ag_news")
+    cfg = build_config(tiny_tree(data={"data_dir": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=r"public_data.dataset: file not found: .*alpaca"):
+        cfg.check_files()
+    # without server fine-tuning no public data is needed
+    build_config(tiny_tree(data={"data_dir": str(tmp_path)}, algorithm={"name": "aflora", "dlf": False})).check_files()
+
+
+def test_overrides_parse_yaml_values_and_scaling_is_rank_independent():
+    cfg = build_config(tiny_tree(), parse_overrides(["federation.rounds=7", "lora.alpha=32"]))
+    assert cfg.federation.rounds == 7 and cfg.scaling == 32 / 8
+
+
+def test_cli_reports_one_line_and_exit_code_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny_tree(federation={"fraction": 2.0})))
+    out = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "config error: federation.fraction: must be in (0, 1], got 2.0"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_configs_validate():
+    from conftest import ROOT
+
+    for path in (ROOT / "configs").glob("*.yaml"):
+        load_config(path)
