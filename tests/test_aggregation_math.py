@@ -68,18 +68,18 @@ def test_pruning_follows_eq8_on_hand_made_lambda():
     mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # the last dim is already pruned
     e = lam[:5] ** 2  # 1, .01, 4, .25, 9
     sigma = float(e.std(unbiased=False))
-    # paper: keep λ² ≥ βσ
+    # paper-literal: keep λ² ≥ βσ
     assert sigma == pytest.approx(3.3880, abs=1e-3)  # sqrt(57.393 / 5)
-    assert prune_mask(lam, mask, 1.0, 1, "paper").tolist() == [0, 0, 1, 0, 1, 0]  # 3.39
-    assert prune_mask(lam, mask, 0.2, 1, "paper").tolist() == [1, 0, 1, 0, 1, 0]  # 0.68
+    assert prune_mask(lam, mask, 1.0, 1, "paper-literal").tolist() == [0, 0, 1, 0, 1, 0]  # 3.39
+    assert prune_mask(lam, mask, 0.2, 1, "paper-literal").tolist() == [1, 0, 1, 0, 1, 0]  # 0.68
     # zscore: keep λ² ≥ mean − βσ (mean 2.852)
     assert prune_mask(lam, mask, 0.5, 1, "zscore").tolist() == [0, 0, 1, 0, 1, 0]  # 1.158
     assert prune_mask(lam, mask, 0.6, 1, "zscore").tolist() == [1, 0, 1, 0, 1, 0]  # 0.819
     assert prune_mask(lam, mask, 1.0, 1, "zscore").tolist() == [1, 1, 1, 1, 1, 0]  # -0.54
-    # β = 0 never prunes (paper rule), ranks never grow back, min_rank holds
-    assert prune_mask(lam, mask, 0.0, 1, "paper").tolist() == mask.tolist()
-    assert prune_mask(lam, mask, 10.0, 2, "paper").tolist() == [0, 0, 1, 0, 1, 0]
-    assert prune_mask(lam, mask, 10.0, 1, "paper").tolist() == [0, 0, 0, 0, 1, 0]
+    # β = 0 never prunes (literal rule), ranks never grow back, min_rank holds
+    assert prune_mask(lam, mask, 0.0, 1, "paper-literal").tolist() == mask.tolist()
+    assert prune_mask(lam, mask, 10.0, 2, "paper-literal").tolist() == [0, 0, 1, 0, 1, 0]
+    assert prune_mask(lam, mask, 10.0, 1, "paper-literal").tolist() == [0, 0, 0, 0, 1, 0]
 
 
 def test_regulariser_gradient_is_eq10():

@@ -174,3 +174,36 @@ def test_gpt2_conv1d_targets_run(data_dir, tmp_path, method):
     assert summary["rounds"] == 1 and summary["final_accuracy"] is not None
     state = load_file(str(tmp_path / "final_state.safetensors"))
     assert any(k.endswith("mlp.c_proj.B") for k in state) and any(k.endswith("attn.c_proj.B") for k in state)
+
+
+def test_aflora_payload_carries_the_pending_base_update(data_dir):
+    fed = Federation.build(build_config(tiny_tree()))
+    algo, state = fed.algorithm, fed.algorithm.init_state()
+    first = algo.payload(state, 1)
+    assert all(k.endswith(".A") for k in first.tensors)  # round 1: only A_global[:r_k]
+    updates = [algo.client_train(fed.client(k, 1), algo.payload(state, k), {})[0] for k in range(4)]
+    agg = algo.aggregate(state, updates, fed.server(1))
+    second = algo.payload(agg.state, 1)  # client 1 has r^1 = 4 of r_max = 8
+    for name in fed.adapters.layers:
+        A_full = torch.cat([second.tensors[f"{name}.A"], second.tensors[f"{name}.merge.A_tail"]])
+        B_merge, A_merge = agg.merge[name]
+        assert torch.equal(A_full, A_merge) and torch.equal(second.tensors[f"{name}.merge.B"], B_merge)
+        assert second.tensors[f"{name}.A"].shape[0] == 4
+
+
+def test_server_nan_stops_the_run_before_merging(data_dir, tmp_path, monkeypatch):
+    from fedlora.algorithms.aflora import AFLoRA
+
+    original = AFLoRA.aggregate
+
+    def diverging(self, state, updates, server):
+        agg = original(self, state, updates, server)
+        if len(list((tmp_path / "merges").glob("*"))) >= 1:
+            agg.state = {k: v * float("nan") for k, v in agg.state.items()}
+        return agg
+
+    monkeypatch.setattr(AFLoRA, "aggregate", diverging)
+    with pytest.raises(RuntimeError, match="round 2: the server's aggregate contains NaN"):
+        Simulation(build_config(tiny_tree()), tmp_path, progress=False).run()
+    assert len(read_metrics(tmp_path)) == 1
+    assert not (tmp_path / "merges" / "round_0002.safetensors").exists()

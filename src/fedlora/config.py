@@ -195,12 +195,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not isinstance(tree, dict):
         raise ConfigError(f"config error: {path}: top level must be a mapping")
     cfg = build_config(tree, overrides)
-    base = path.parent
-    if not cfg.data.data_dir.is_absolute() and not cfg.data.data_dir.exists():
-        # relative data dirs are tried against the config's folder's project root too
-        alt = (base.parent / cfg.data.data_dir).resolve()
-        if alt.exists():
-            cfg.data.data_dir = alt
+    data_dir = cfg.data.data_dir
+    if not data_dir.is_absolute():
+        # relative to the working directory, else to the project root above configs/
+        alt = path.resolve().parent.parent / data_dir
+        data_dir = data_dir if data_dir.exists() or not alt.exists() else alt
+        cfg.data.data_dir = data_dir.resolve()  # the run's config.yaml names the real folder
     return cfg
 
 

@@ -52,10 +52,11 @@ class AFLoRAOptions(MethodOptions):
     name: Literal["aflora"] = "aflora"
     beta: float = Field(2.0, ge=0)
     """β of the pruning rule (eq. 8)."""
-    pruning_rule: Literal["paper", "zscore"] = "zscore"
+    pruning_rule: Literal["paper-literal", "zscore"] = "zscore"
     """`zscore` (default): keep λ² ≥ mean − βσ, the statistical β-σ outlier rule the paper
-    cites; `paper`: keep λ² ≥ βσ as eq. 8 is printed (with λ near its init 1 and σ ≪ 1 it
-    prunes nothing unless β ≈ 1/σ: see the README)."""
+    cites (a dimension can lie at most σ√(n−1) below the mean, so with β = 2 modules of rank
+    ≤ 5 never prune); `paper-literal`: keep λ² ≥ βσ as eq. 8 is printed (with λ near its
+    init 1 and σ ≪ 1 it prunes nothing unless β ≈ 1/σ: see the README)."""
     gamma: float = Field(0.01, ge=0)
     """γ of the column-norm regulariser (eq. 10)."""
     min_rank: int = Field(1, ge=1)
@@ -101,7 +102,7 @@ def column_norm_penalty(B: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 
 def prune_mask(lam: Tensor, mask: Tensor, beta: float, min_rank: int, rule: str = "zscore") -> Tensor:
-    """Eq. 8: h_j ← h_j · 1[λ_j² ≥ β σ] (`paper`) or 1[λ_j² ≥ mean − β σ] (`zscore`), with σ the
+    """Eq. 8: h_j ← h_j · 1[λ_j² ≥ β σ] (`paper-literal`) or 1[λ_j² ≥ mean − β σ] (`zscore`), with σ the
     population std of λ² over the active dims; never below min_rank."""
     active = mask > 0
     energy = lam.detach() ** 2
@@ -109,7 +110,7 @@ def prune_mask(lam: Tensor, mask: Tensor, beta: float, min_rank: int, rule: str 
     if values.numel() <= min_rank:
         return mask.clone()
     sigma = values.std(unbiased=False)
-    threshold = beta * sigma if rule == "paper" else values.mean() - beta * sigma
+    threshold = beta * sigma if rule == "paper-literal" else values.mean() - beta * sigma
     keep = active & (energy >= threshold)
     if int(keep.sum()) < min_rank:  # keep the most informative active dims instead
         ranked = torch.where(active, energy, torch.full_like(energy, -math.inf))
@@ -161,16 +162,25 @@ class AFLoRA(Algorithm):
             )
 
     def init_state(self) -> Tensors:
+        """A_global only; B_global exists from the first aggregation on."""
         g = torch.Generator().manual_seed(self.setup.seed)
-        state: Tensors = {}
-        for name, (m, n) in self.setup.module_shapes.items():
-            state[f"{name}.A"] = init_global_A(self.r_max, n, self.options.row_norm, g)
-            state[f"{name}.B"] = torch.zeros(m, self.r_max)
-        return state
+        return {
+            f"{name}.A": init_global_A(self.r_max, n, self.options.row_norm, g)
+            for name, (_, n) in self.setup.module_shapes.items()
+        }
 
     def payload(self, state: Tensors, client_id: int) -> Message:
+        """A_global[:r_k^1], plus last round's base update (B_global and the rows of A' beyond
+        r_k^1), which a client holding its own copy of the base folds in: W += s B_global A'.
+        (The in-process runtime shares one base and merges it once, centrally.)"""
         r1 = self.setup.client_max_ranks[client_id]
-        tensors = {f"{name}.A": state[f"{name}.A"][:r1] for name in self.setup.module_shapes}
+        tensors: Tensors = {}
+        for name in self.setup.module_shapes:
+            A = state[f"{name}.A"]
+            tensors[f"{name}.A"] = A[:r1]
+            if f"{name}.B" in state:
+                tensors[f"{name}.merge.B"] = state[f"{name}.B"]
+                tensors[f"{name}.merge.A_tail"] = A[r1:]
         return Message(tensors=tensors, config={"max_rank": r1})
 
     def initial_client_state(self, client_id: int) -> Tensors:

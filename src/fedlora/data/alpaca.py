@@ -21,7 +21,7 @@ def load_alpaca(data_dir: Path) -> list[dict[str, str]]:
 
 def public_subset(records: list[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
     """A seeded draw of `fraction` of the records (at least one)."""
-    n = max(1, round(fraction * len(records)))
+    n = max(1, int(fraction * len(records) + 0.5))
     idx = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
     return [records[i] for i in sorted(idx)]
 

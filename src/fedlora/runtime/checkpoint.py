@@ -37,7 +37,7 @@ class Checkpoint:
     client_states: dict[int, dict[str, Tensor]]
     sampler_state: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-    broadcast_bytes: int = 0
+    threads: int = 1  # torch threads: reduction order, hence the last bits, depends on it
 
     def save(self, run_dir: Path) -> None:
         payload = {
@@ -46,7 +46,7 @@ class Checkpoint:
             "client_states": self.client_states,
             "sampler_state": self.sampler_state,
             "history": self.history,
-            "broadcast_bytes": self.broadcast_bytes,
+            "threads": self.threads,
         }
         atomic_write(run_dir / CHECKPOINT, lambda p: torch.save(payload, p))
 

@@ -28,7 +28,7 @@ from fedlora.costs import cost_percent, tensor_bytes
 from fedlora.data.task import FederatedTask, build_task
 from fedlora.evaluate import evaluate_classification
 from fedlora.models import base_parameter_count, load_base_model
-from fedlora.runtime.checkpoint import Checkpoint, load_merges, save_merge
+from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
 
@@ -37,7 +37,7 @@ log = logging.getLogger("fedlora")
 
 def sample_clients(rng: np.random.Generator, num_clients: int, fraction: float) -> list[int]:
     """Seeded participation: round(fraction · K) clients (at least one), sorted."""
-    m = max(1, round(fraction * num_clients))
+    m = max(1, int(fraction * num_clients + 0.5))
     if m >= num_clients:
         return list(range(num_clients))
     return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
@@ -107,10 +107,15 @@ class Federation:
             self.adapters.clear()
 
 
-def _check_finite(update: Update) -> None:
-    for key, t in update.tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InvalidUpdate(f"{key}: contains NaN or Inf")
+def _check_server_result(round_: int, agg) -> None:
+    """The server's own output must be finite: a NaN merged into the base would be replayed on
+    every resume. Stop instead; the previous round's checkpoint stays intact."""
+    tensors = list(agg.state.values()) + [x for pair in (agg.merge or {}).values() for x in pair]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise RuntimeError(
+            f"round {round_}: the server's aggregate contains NaN/Inf (server steps diverged?); "
+            "the run stopped before merging it; lower algorithm.server_lr and --resume"
+        )
 
 
 class Simulation:
@@ -127,6 +132,7 @@ class Simulation:
         fed = self.fed = Federation.build(cfg)
         if resume:
             ckpt = Checkpoint.load(self.run_dir)
+            torch.set_num_threads(ckpt.threads)
             for merge in load_merges(self.run_dir, ckpt.round):
                 fed.adapters.merge(merge)
             sampler = np.random.default_rng()
@@ -135,11 +141,12 @@ class Simulation:
         else:
             write_run_header(self.run_dir, cfg, fed.task.partition_table())
             sampler = np.random.default_rng(cfg.seed)
-            ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state)
+            ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state,
+                              threads=torch.get_num_threads())
         write_metrics(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
-        per_round = max(1, round(cfg.federation.fraction * cfg.federation.num_clients))
+        per_round = len(sample_clients(np.random.default_rng(0), cfg.federation.num_clients, cfg.federation.fraction))
         with self._progress() as bar:
             t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
             t_clients = bar.add_task("clients", total=per_round)
@@ -147,6 +154,8 @@ class Simulation:
                 bar.reset(t_clients, total=per_round)
                 ckpt = self._round(fed, t, ckpt, sampler, lambda: bar.advance(t_clients))
                 bar.advance(t_rounds)
+        final = {k: v.contiguous() for k, v in ckpt.state.items()}
+        atomic_write(self.run_dir / "final_state.safetensors", lambda p: save_file(final, str(p)))
         return self._summary(ckpt.history)
 
     def _progress(self) -> Progress:
@@ -170,7 +179,6 @@ class Simulation:
             update, new_client_state = algo.client_train(fed.client(k, t), payload, client_states.get(k, {}))
             fed.adapters.clear()
             try:
-                _check_finite(update)
                 algo.validate(ckpt.state, update)
             except InvalidUpdate as err:
                 log.warning("round %d: rejected the update of client %d: %s", t, k, err)
@@ -189,21 +197,21 @@ class Simulation:
                 "uploaded_params": int(m["uploaded_params"]),
                 "cost_percent": cost_percent(m["trained_params"], m["uploaded_params"], fed.total_params),
                 "uplink_bytes": tensor_bytes(update.tensors),
-                "downlink_bytes": tensor_bytes(payload.tensors) + ckpt.broadcast_bytes,
+                "downlink_bytes": tensor_bytes(payload.tensors),
                 "seconds": time.perf_counter() - c0,
             })
             on_client()
 
         s0 = time.perf_counter()
-        state, broadcast, server_metrics = ckpt.state, 0, {}
+        state, server_metrics = ckpt.state, {}
         if updates:
             agg = algo.aggregate(ckpt.state, updates, fed.server(t))
             fed.adapters.clear()
+            _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
             if agg.merge:
                 save_merge(self.run_dir, t, agg.merge)
                 fed.adapters.merge(agg.merge)
-                broadcast = tensor_bytes([x for pair in agg.merge.values() for x in pair])
         else:
             log.warning("round %d: no valid update; the global state is unchanged", t)
         server_seconds = time.perf_counter() - s0
@@ -212,12 +220,12 @@ class Simulation:
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
             ev = fed.evaluate(state)
             record.update(accuracy=ev["accuracy"], test_loss=ev["loss"])
-        n = max(1, len(clients))
+        n = len(clients)
         record.update(
-            train_loss=sum(c["train_loss"] for c in clients) / n if clients else None,
+            train_loss=sum(c["train_loss"] for c in clients) / n if n else None,
             ranks={str(c["id"]): c["rank"] for c in clients},
             next_ranks={str(c["id"]): c["next_rank"] for c in clients},
-            client_cost_percent=sum(c["cost_percent"] for c in clients) / n,
+            client_cost_percent=sum(c["cost_percent"] for c in clients) / n if n else None,
             uplink_bytes=sum(c["uplink_bytes"] for c in clients),
             downlink_bytes=sum(c["downlink_bytes"] for c in clients),
             server_seconds=server_seconds,
@@ -229,25 +237,24 @@ class Simulation:
         new = Checkpoint(
             round=t, state=state, client_states=client_states,
             sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],
-            broadcast_bytes=broadcast,
+            threads=ckpt.threads,
         )
         new.save(self.run_dir)
         write_metrics(self.run_dir, new.history)
         if "accuracy" in record:
             log.info("round %d: accuracy %.4f", t, record["accuracy"])
-        if t == cfg.federation.rounds:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(self.run_dir / "final_state.safetensors"))
         return new
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
+        costs = [r["client_cost_percent"] for r in history if r["client_cost_percent"] is not None]
         summary = {
             "method": self.cfg.algorithm.name,
             "rounds": len(history),
             "final_accuracy": accs[-1][1] if accs else None,
             "best_accuracy": max(a for _, a in accs) if accs else None,
             "best_round": max(accs, key=lambda x: x[1])[0] if accs else None,
-            "mean_client_cost_percent": float(np.mean([r["client_cost_percent"] for r in history])),
+            "mean_client_cost_percent": float(np.mean(costs)) if costs else None,
             "total_uplink_bytes": int(sum(r["uplink_bytes"] for r in history)),
             "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in history)),
             "wall_seconds": float(sum(r["wall_seconds"] for r in history)),
