@@ -1,6 +1,5 @@
 """The in-process runtime: who trains what, determinism, resume after a kill, bad updates."""
 
-import json
 import os
 import signal
 import subprocess

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms import build_algorithm
-from fedlora.algorithms.base import Algorithm, InvalidUpdate, Tensors, Update
+from fedlora.algorithms.base import Algorithm, FederationSetup, InvalidUpdate, Tensors, Update
 from fedlora.config import RunConfig
 from fedlora.costs import cost_percent, tensor_bytes
 from fedlora.data.task import FederatedTask, build_task
@@ -35,9 +35,14 @@ from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
 log = logging.getLogger("fedlora")
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """fraction · K rounded half up, at least one."""
+    return max(1, int(fraction * num_clients + 0.5))
+
+
 def sample_clients(rng: np.random.Generator, num_clients: int, fraction: float) -> list[int]:
-    """Seeded participation: round(fraction · K) clients (at least one), sorted."""
-    m = max(1, int(fraction * num_clients + 0.5))
+    """Seeded participation: clients_per_round(K, fraction) distinct clients, sorted."""
+    m = clients_per_round(num_clients, fraction)
     if m >= num_clients:
         return list(range(num_clients))
     return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
@@ -57,8 +62,6 @@ class Federation:
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
-        from fedlora.algorithms.base import FederationSetup
-
         cfg.check_files()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -146,7 +149,7 @@ class Simulation:
         write_metrics(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
-        per_round = len(sample_clients(np.random.default_rng(0), cfg.federation.num_clients, cfg.federation.fraction))
+        per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
         with self._progress() as bar:
             t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
             t_clients = bar.add_task("clients", total=per_round)
