@@ -75,3 +75,11 @@ def test_inject_missing_target():
     model, _ = load_base_model("tiny-llama")
     with pytest.raises(ValueError, match="not found"):
         Adapters.inject(model, ["nope_proj"], 1.0)
+
+
+def test_delta_weight_is_the_dense_update():
+    g = torch.Generator().manual_seed(2)
+    layer = LoRALayer(nn.Linear(5, 6), 0.7)
+    A, B, lam, h = _factors(6, 5, 3, g)
+    layer.set_factors(A, B, lam, h)
+    torch.testing.assert_close(layer.delta_weight(), 0.7 * B @ torch.diag(lam * h) @ A)

@@ -21,8 +21,8 @@ from transformers.pytorch_utils import Conv1D
 FACTORS = ("A", "B", "lam", "mask")
 
 
-def _weight_shape(base: nn.Module) -> tuple[int, int]:
-    """(out_features m, in_features n) of a Linear or Conv1D."""
+def module_shape(base: nn.Module) -> tuple[int, int]:
+    """(out_features m, in_features n) of a Linear or Conv1D target."""
     if isinstance(base, nn.Linear):
         return base.out_features, base.in_features
     if isinstance(base, Conv1D):
@@ -46,18 +46,13 @@ def find_targets(model: nn.Module, target_modules: Iterable[str]) -> dict[str, n
     return found
 
 
-def module_shape(module: nn.Module) -> tuple[int, int]:
-    """(out m, in n) of a Linear/Conv1D target."""
-    return _weight_shape(module)
-
-
 class LoRALayer(nn.Module):
     """A frozen base projection plus low-rank factors that can be swapped per client."""
 
     def __init__(self, base: nn.Module, scaling: float) -> None:
         super().__init__()
         self.base = base
-        self.out_features, self.in_features = _weight_shape(base)
+        self.out_features, self.in_features = module_shape(base)
         self.transposed = isinstance(base, Conv1D)
         self.scaling = float(scaling)
         self.A: Tensor | None = None
@@ -136,18 +131,26 @@ class LoRALayer(nn.Module):
         return y + self.scaling * (z @ self.B.t())
 
     def delta_weight(self) -> Tensor:
-        """s · B diag(λ ⊙ h) A as an (m × n) matrix."""
+        """s · B diag(λ ⊙ h) A of the loaded factors, as an (m × n) matrix."""
         if self.A is None:
             return torch.zeros(self.out_features, self.in_features)
-        B = self.B if self.diagonal() is None else self.B * self.diagonal()
+        diag = self.diagonal()
+        B = self.B if diag is None else self.B * diag
         return self.scaling * (B.detach() @ self.A.detach())
 
     @torch.no_grad()
+    def _add_to_weight(self, delta: Tensor) -> None:
+        self.base.weight.add_(delta.t() if self.transposed else delta)
+
+    def merge(self) -> None:
+        """Fold the loaded factors into the base weight (W ← W + ΔW), then unload them."""
+        if self.A is not None:
+            self._add_to_weight(self.delta_weight())
+        self.clear()
+
     def merge_update(self, B: Tensor, A: Tensor) -> None:
-        """W ← W + s · B A (the rounds' global update folded into the shared base)."""
-        delta = self.scaling * (B.to(torch.float32) @ A.to(torch.float32))
-        weight = self.base.weight
-        weight.add_(delta.t() if self.transposed else delta)
+        """W ← W + s · B A: a round's global update folded into the shared base."""
+        self._add_to_weight(self.scaling * (B.to(torch.float32) @ A.to(torch.float32)))
 
 
 class Adapters:
@@ -214,13 +217,6 @@ class Adapters:
             self.layers[name].merge_update(B, A)
 
     def merge_loaded(self) -> None:
-        """Fold the currently loaded factors (with their diagonal) into the base, then clear."""
+        """Fold every layer's loaded factors (with their diagonal) into the base, then clear."""
         for layer in self.layers.values():
-            if layer.A is None:
-                continue
-            B = layer.B.detach()
-            diag = layer.diagonal()
-            if diag is not None:
-                B = B * diag.detach()
-            layer.merge_update(B, layer.A.detach())
-            layer.clear()
+            layer.merge()

@@ -272,8 +272,7 @@ class AFLoRA(Algorithm):
             new_state[f"{name}.A"] = state[f"{name}.A"]
         metrics: dict[str, float] = {}
         if opts.uses_public_data:
-            factors = {k: v for k, v in new_state.items()}
-            server.adapters.load(factors, trainable={"A"})
+            server.adapters.load(new_state, trainable={"A"})
             layers = [server.adapters.layers[name] for name in self.setup.module_shapes]
             losses = server.train_public(
                 [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size

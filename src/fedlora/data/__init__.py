@@ -17,6 +17,6 @@ def required_files(cfg: RunConfig) -> list[tuple[str, Path]]:
     out: list[tuple[str, Path]] = []
     if cfg.data.hub_name is None:
         out += [("data.data_dir", cfg.data.data_dir / f) for f in AG_NEWS_FILES.values()]
-    if getattr(cfg.algorithm, "uses_public_data", False):
+    if cfg.algorithm.uses_public_data:
         out.append(("public_data.dataset", cfg.data.data_dir / ALPACA_FILE))
     return out

@@ -54,7 +54,7 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
     )
 
     public: list[Encoded] = []
-    if getattr(cfg.algorithm, "uses_public_data", False):
+    if cfg.algorithm.uses_public_data:
         records = public_subset(load_alpaca(d.data_dir), cfg.public_data.fraction, cfg.seed)
         pairs = [as_prompt_response(r) for r in records]
         public = encode_instruction(pairs, tokenizer, cfg.public_data.max_length)
