@@ -10,6 +10,7 @@ from fedlora.config import build_config
 from fedlora.data.encode import length_sorted_batches
 from fedlora.runtime.inprocess import Federation, Simulation
 from fedlora.runtime.outputs import read_metrics
+from fedlora.train import hidden_states, last_position, project
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,6 @@ def test_label_row_scoring_equals_full_logit_log_likelihood(data_dir):
         with torch.inference_mode():
             full = fed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             ll = F.log_softmax(full[torch.arange(16), batch["last"]], -1)[:, ids]
-            from fedlora.train import hidden_states, last_position, project
             ours = project(fed.model, last_position(hidden_states(fed.model, batch), batch), ids)
         assert torch.equal(ll.argmax(-1), ours.argmax(-1))
         torch.testing.assert_close(ours - ours.logsumexp(-1, keepdim=True),

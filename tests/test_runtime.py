@@ -16,6 +16,7 @@ from fedlora.algorithms.aflora import rank_weights, zero_pad
 from fedlora.algorithms.base import weighted_sum
 from fedlora.algorithms.fedit import FedIT
 from fedlora.config import build_config
+from fedlora.runtime.context import LocalClient
 from fedlora.runtime.inprocess import Federation, Simulation, sample_clients
 from fedlora.runtime.outputs import read_metrics
 
@@ -26,24 +27,21 @@ def _base_weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_aflora_client_changes_only_b_and_lambda(data_dir):
+def test_aflora_client_changes_only_b_and_lambda(data_dir, monkeypatch):
     fed = Federation.build(build_config(tiny_tree()))
     algo, state = fed.algorithm, fed.algorithm.init_state()
     before = _base_weights(fed.model)
     payload = algo.payload(state, 0)
     seen = {}
-    original_train = fed.client(0, 1).__class__.train
+    original_train = LocalClient.train
 
     def spy(self, groups, regulariser=None):
         losses = original_train(self, groups, regulariser)
         seen.update(self.adapters.state())
         return losses
 
-    fed.client(0, 1).__class__.train = spy
-    try:
-        update, cstate = algo.client_train(fed.client(0, 1), payload, {})
-    finally:
-        fed.client(0, 1).__class__.train = original_train
+    monkeypatch.setattr(LocalClient, "train", spy)
+    update, cstate = algo.client_train(fed.client(0, 1), payload, {})
     after = _base_weights(fed.model)
     assert all(torch.equal(before[k], after[k]) for k in before), "client changed the base"
     for name in fed.adapters.layers:

@@ -144,10 +144,19 @@ class Algorithm(ABC):
             t = update.tensors[key]
             if tuple(t.shape) != tuple(shape):
                 raise InvalidUpdate(f"{key}: shape {tuple(t.shape)}, expected {tuple(shape)}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InvalidUpdate(f"{key}: contains NaN or Inf")
+        bad = first_non_finite(update.tensors)
+        if bad is not None:
+            raise InvalidUpdate(f"{bad}: contains NaN or Inf")
         if update.num_examples < 1:
             raise InvalidUpdate(f"num_examples must be >= 1, got {update.num_examples}")
+
+
+def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN or Inf, or None."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
 
 
 def data_weights(updates: list[Update]) -> list[float]:

@@ -22,7 +22,15 @@ from safetensors.torch import save_file
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms import build_algorithm
-from fedlora.algorithms.base import Algorithm, FederationSetup, InvalidUpdate, Tensors, Update
+from fedlora.algorithms.base import (
+    Aggregate,
+    Algorithm,
+    FederationSetup,
+    InvalidUpdate,
+    Tensors,
+    Update,
+    first_non_finite,
+)
 from fedlora.config import RunConfig
 from fedlora.costs import cost_percent, tensor_bytes
 from fedlora.data.task import FederatedTask, build_task
@@ -110,13 +118,14 @@ class Federation:
             self.adapters.clear()
 
 
-def _check_server_result(round_: int, agg) -> None:
+def _check_server_result(round_: int, agg: Aggregate) -> None:
     """The server's own output must be finite: a NaN merged into the base would be replayed on
     every resume. Stop instead; the previous round's checkpoint stays intact."""
-    tensors = list(agg.state.values()) + [x for pair in (agg.merge or {}).values() for x in pair]
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+    merged = {f"merge.{n}.{k}": t for n, pair in (agg.merge or {}).items() for k, t in zip("BA", pair)}
+    bad = first_non_finite({**agg.state, **merged})
+    if bad is not None:
         raise RuntimeError(
-            f"round {round_}: the server's aggregate contains NaN/Inf (server steps diverged?); "
+            f"round {round_}: the server's aggregate contains NaN/Inf in {bad} (server steps diverged?); "
             "the run stopped before merging it; lower algorithm.server_lr and --resume"
         )
 
