@@ -8,15 +8,26 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-
 from conftest import tiny_tree
+
 from fedlora.adapters import Adapters
 from fedlora.algorithms import ALGORITHMS, build_algorithm
 from fedlora.algorithms.base import FederationSetup, Update, data_weights
 from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
-from fedlora.algorithms.flexlora import FlexLoRA, FlexLoRAOptions, full_update, svd_factors
+from fedlora.algorithms.flexlora import (
+    FlexLoRA,
+    FlexLoRAOptions,
+    full_update,
+    svd_factors,
+)
 from fedlora.algorithms.flora import FLoRA, FLoRAOptions, stack
-from fedlora.algorithms.hetlora import HETLoRA, HETLoRAOptions, TAIL_NORM, sparsity_weights, tail_start
+from fedlora.algorithms.hetlora import (
+    TAIL_NORM,
+    HETLoRA,
+    HETLoRAOptions,
+    sparsity_weights,
+    tail_start,
+)
 from fedlora.config import build_config
 from fedlora.models import load_base_model
 from fedlora.runtime.inprocess import Simulation
