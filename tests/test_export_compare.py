@@ -61,7 +61,7 @@ def test_per_module_ranks_reach_peft(data_dir, tmp_path):
     Simulation(build_config(tiny_tree(algorithm={"name": "hetlora"}, federation={"rounds": 1})),
                tmp_path / "run", progress=False).run()
     run = load_run(tmp_path / "run")
-    first = sorted(run.update)[0]
+    first = min(run.update)
     B, A, _ = compress(*run.update[first], 1)
     run.update[first] = (B, A)
     write_peft(tmp_path / "peft", run, run.update)
