@@ -65,5 +65,11 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
 def test_shipped_configs_validate():
     from conftest import ROOT
 
+    from fedlora.algorithms import ALGORITHMS
+    from fedlora.compare import method_configs
+
     for path in (ROOT / "configs").glob("*.yaml"):
-        load_config(path)
+        if "methods" in yaml.safe_load(path.read_text()):  # a `fedlora compare` config
+            assert len(method_configs(path, sorted(ALGORITHMS), [0, 1], [])) == 2 * len(ALGORITHMS)
+        else:
+            load_config(path)
