@@ -53,12 +53,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "ag_news": {"task": "classification"},
     "financial_phrasebank": {
         "task": "classification",
+        "partition": "iid",
         "prompt": "Classify the sentiment of the financial news sentence as negative, neutral or "
         "positive.\nSentence: {text}\nSentiment:",
         "label_words": ["negative", "neutral", "positive"],
     },
-    "dolly": {"task": "instruction", "max_length": 256},
-    "alpaca": {"task": "instruction", "max_length": 256},
+    "dolly": {"task": "instruction", "max_length": 256, "partition": "category_skew"},
+    "alpaca": {"task": "instruction", "max_length": 256, "partition": "iid"},
     "custom": {},
 }
 

@@ -82,6 +82,8 @@ def partition_indices(
 
     `options`: alpha, epsilon, min_partition_size, size_distribution (see make_partitioner).
     """
+    if scheme in ("label_skew", "dirichlet", "category_skew") and len(set(labels)) < 2:
+        raise ValueError(f"data.partition: {scheme} needs labels or categories; this data has one")
     ds = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
     partitioner = make_partitioner(scheme, num_clients, labels_per_client, seed, **options)
     partitioner.dataset = ds
