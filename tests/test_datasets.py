@@ -340,3 +340,13 @@ def test_loss_only_run_reports_no_accuracy(data_dir, tmp_path):
 
     summary = Simulation(build_config(_dolly_tree()), tmp_path, progress=False).run()
     assert summary["final_accuracy"] is None and summary["rounds"] == 1
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_validates_and_finds_its_files(data_dir, path):
+    cfg = load_config(path)
+    cfg.check_files()
+    if path.name.endswith("-quick.yaml"):
+        full = load_config(path.with_name(path.name.replace("-quick", "")))
+        assert (cfg.data.dataset, cfg.data.partition, cfg.algorithm.name) == (
+            full.data.dataset, full.data.partition, full.algorithm.name)

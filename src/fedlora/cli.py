@@ -1,4 +1,4 @@
-"""`fedlora run | costs`: the command line."""
+"""`fedlora run | eval | costs`: the command line."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def _cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.runtime.evaluation import evaluate_command
+
+    if args.repeat < 1:
+        raise ConfigError("config error: --repeat: must be >= 1")
+    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg.check_files()
+    evaluate_command(cfg, Path(args.run) if args.run else None, args.repeat, Path(args.out) if args.out else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate the untuned model (or a run's final model) on a config's test set / MMLU")
+    ev.add_argument("config", help="YAML config: data, evaluation and model sections are used")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ev.add_argument("--run", metavar="RUN_DIR", help="evaluate this run's final global model instead")
+    ev.add_argument("--repeat", type=int, default=1, help="repeat N times; report the median time")
+    ev.add_argument("--out", help="write the results as JSON here")
+    ev.set_defaults(func=_cmd_eval)
 
     costs = sub.add_parser("costs", help="client-side cost %% of each method for an architecture")
     costs.add_argument("--arch", default="gpt2", help="gpt2 | tinyllama | qwen2.5-3b | hub name | folder")

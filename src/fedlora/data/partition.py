@@ -24,6 +24,8 @@ from flwr_datasets.partitioner import (
     SquarePartitioner,
 )
 
+from fedlora.config import ConfigError
+
 # FederatedGPT-Shepherd's client_data_allocation.py (FedIT): Dirichlet over categories with
 # alpha = 0.5, clients above the average size get no more data, redraw until all have >= 40.
 FEDIT_MIN_PARTITION_SIZE = 40
@@ -83,11 +85,20 @@ def partition_indices(
     `options`: alpha, epsilon, min_partition_size, size_distribution (see make_partitioner).
     """
     if scheme in ("label_skew", "dirichlet", "category_skew") and len(set(labels)) < 2:
-        raise ValueError(f"data.partition: {scheme} needs labels or categories; this data has one")
+        raise ConfigError(f"config error: data.partition: {scheme} needs labels or categories; this data has one")
     ds = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
     partitioner = make_partitioner(scheme, num_clients, labels_per_client, seed, **options)
     partitioner.dataset = ds
-    parts = [sorted(partitioner.load_partition(k)["index"]) for k in range(num_clients)]
+    try:
+        parts = [sorted(partitioner.load_partition(k)["index"]) for k in range(num_clients)]
+    except ValueError as err:
+        if "max number of attempts" not in str(err):
+            raise
+        raise ConfigError(
+            f"config error: data.partition: {scheme} could not give each of {num_clients} clients "
+            f"the minimum size from {len(labels)} examples in 10 draws; lower "
+            "data.min_partition_size, use more data or fewer clients"
+        ) from None
     empty = [k for k, p in enumerate(parts) if not p]
     if empty:
         raise ValueError(f"partition left clients {empty} without data")
