@@ -9,15 +9,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_tree
+
 from fedlora.config import ConfigError, build_config, load_config
 from fedlora.data.alpaca import alpaca_dataset, load_alpaca, public_indices
 from fedlora.data.dolly import DOLLY_CATEGORIES, load_dolly
 from fedlora.data.encode import collate, encode_instruction, length_sorted_batches
 from fedlora.data.financial_phrasebank import FPB_CLASSES, load_financial_phrasebank
 from fedlora.data.instruct import encode_instruction_data, format_prompt
-from fedlora.data.mmlu import LETTERS, encode_mmlu, load_mmlu, mmlu_subjects, per_subject_subset
+from fedlora.data.mmlu import (
+    LETTERS,
+    encode_mmlu,
+    load_mmlu,
+    mmlu_subjects,
+    per_subject_subset,
+)
 from fedlora.data.partition import partition_indices
 from fedlora.data.sources import load_source
 from fedlora.data.splits import seeded_split
@@ -315,7 +321,7 @@ def _dolly_tree(**evaluation):
 
 
 def test_dolly_run_trains_on_responses_and_is_judged_on_mmlu(data_dir, tmp_path, monkeypatch):
-    import fedlora.runtime.context as context
+    from fedlora.runtime import context
     from fedlora.runtime.inprocess import Simulation
     from fedlora.runtime.outputs import read_metrics
 

@@ -1,8 +1,8 @@
 """The paper's Dolly setting end to end on the real SmolLM2-135M (slow: `make test-slow`)."""
 
 import pytest
-
 from conftest import ROOT
+
 from fedlora.config import load_config
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_metrics

@@ -9,7 +9,12 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.alpaca import as_prompt_response, load_alpaca, public_indices
-from fedlora.data.encode import Encoded, encode_classification, encode_instruction, label_token_ids
+from fedlora.data.encode import (
+    Encoded,
+    encode_classification,
+    encode_instruction,
+    label_token_ids,
+)
 from fedlora.data.instruct import encode_instruction_data
 from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_subset
 from fedlora.data.partition import partition_indices

@@ -54,9 +54,9 @@ class LocalClient:
     ) -> list[float]:
         batches = sample_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
         if self.task == "instruction":
-            loss_fn = lambda b: lm_loss(self.model, b)  # noqa: E731
+            loss_fn = lambda b: lm_loss(self.model, b)
         else:
-            loss_fn = lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode)  # noqa: E731
+            loss_fn = lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode)
         return train_steps(
             param_groups,
             batches,

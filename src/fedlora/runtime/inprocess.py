@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from safetensors.torch import save_file
 
 from fedlora.adapters import Adapters
@@ -33,8 +40,8 @@ from fedlora.algorithms.base import (
 )
 from fedlora.config import RunConfig
 from fedlora.costs import cost_percent, tensor_bytes
-from fedlora.data.task import FederatedTask, build_task
 from fedlora.data.report import report_partition
+from fedlora.data.task import FederatedTask, build_task
 from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
