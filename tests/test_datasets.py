@@ -356,3 +356,26 @@ def test_every_config_validates_and_finds_its_files(data_dir, path):
         full = load_config(path.with_name(path.name.replace("-quick", "")))
         assert (cfg.data.dataset, cfg.data.partition, cfg.algorithm.name) == (
             full.data.dataset, full.data.partition, full.algorithm.name)
+
+
+def test_eval_command_reproduces_a_runs_final_accuracy(data_dir, tmp_path):
+    import yaml
+
+    from fedlora.cli import main
+    from fedlora.runtime.inprocess import Simulation
+    from fedlora.runtime.outputs import read_metrics
+
+    tree = tiny_tree(algorithm={"name": "fedit"}, federation={"rounds": 1})
+    cfg = build_config(tree)
+    Simulation(cfg, tmp_path / "run", progress=False).run()
+    final = read_metrics(tmp_path / "run")[-1]
+    assert main(["eval", str(tmp_path / "run" / "config.yaml"), "--run", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    got = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert got["accuracy"] == final["accuracy"] and got["loss"] == pytest.approx(final["test_loss"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**tree, "evaluation": {
+        "mmlu": True, "mmlu_per_subject": 1, "mmlu_subjects": ["anatomy", "virology"]}}))
+    assert main(["eval", str(tmp_path / "c.yaml"), "--repeat", "2", "--out", str(tmp_path / "u.json")]) == 0
+    untuned = json.loads((tmp_path / "u.json").read_text())
+    assert untuned["results"]["mmlu_questions"] == 2 and len(untuned["mmlu_questions_per_second_all"]) == 2
+    assert main(["eval", str(tmp_path / "c.yaml"), "--repeat", "0"]) == 2
