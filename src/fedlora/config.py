@@ -86,7 +86,7 @@ class ColumnsConfig(Strict):
 class DataConfig(Strict):
     dataset: Literal["ag_news", "financial_phrasebank", "dolly", "alpaca", "custom"] = "ag_news"
     task: Literal["classification", "instruction"] = "classification"
-    """Filled from the dataset when left out; `custom` must say which."""
+    """Filled from the dataset when left out (`custom`: classification unless set)."""
     data_dir: Path = Path("../shared/data")
     hub_name: str | None = None
     """Online only: load this hub dataset instead of the local copy."""
