@@ -1,4 +1,4 @@
-"""`fedlora run | compare | export | report | costs`: the command line."""
+"""`fedlora run | eval | compare | export | report | costs`: the command line."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def _cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.runtime.evaluation import evaluate_command
+
+    if args.repeat < 1:
+        raise ConfigError("config error: --repeat: must be >= 1")
+    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg.check_files()
+    evaluate_command(cfg, Path(args.run) if args.run else None, args.repeat, Path(args.out) if args.out else None)
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from fedlora.compare import parse_methods, parse_seeds, run_comparison
 
@@ -102,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate the untuned model (or a run's final model) on a config's test set / MMLU")
+    ev.add_argument("config", help="YAML config: data, evaluation and model sections are used")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ev.add_argument("--run", metavar="RUN_DIR", help="evaluate this run's final global model instead")
+    ev.add_argument("--repeat", type=int, default=1, help="repeat N times; report the median time")
+    ev.add_argument("--out", help="write the results as JSON here")
+    ev.set_defaults(func=_cmd_eval)
 
     cmp = sub.add_parser("compare", help="run several methods on identical partitions and budgets")
     cmp.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")

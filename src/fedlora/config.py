@@ -48,27 +48,94 @@ class LoRAConfig(Strict):
     """Set s directly instead (overrides alpha)."""
 
 
+AG_NEWS_PROMPT = (
+    "Classify the news article as World, Sports, Business or Technology.\n"
+    "Article: {text}\nTopic:"
+)
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+# Per-dataset defaults, filled in only for keys the config leaves out.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ag_news": {"task": "classification"},
+    "financial_phrasebank": {
+        "task": "classification",
+        "partition": "iid",
+        "prompt": "Classify the sentiment of the financial news sentence as negative, neutral or "
+        "positive.\nSentence: {text}\nSentiment:",
+        "label_words": ["negative", "neutral", "positive"],
+    },
+    "dolly": {"task": "instruction", "max_length": 256, "partition": "category_skew"},
+    "alpaca": {"task": "instruction", "max_length": 256, "partition": "iid"},
+    "custom": {},
+}
+
+
+class ColumnsConfig(Strict):
+    """Column names of a `custom` dataset (classification: text + label; instruction:
+    instruction [+ input] + response [+ category])."""
+
+    text: str = "text"
+    label: str = "label"
+    instruction: str = "instruction"
+    input: str | None = None
+    response: str = "response"
+    category: str | None = None
+
+
 class DataConfig(Strict):
-    dataset: Literal["ag_news"] = "ag_news"
+    dataset: Literal["ag_news", "financial_phrasebank", "dolly", "alpaca", "custom"] = "ag_news"
+    task: Literal["classification", "instruction"] = "classification"
+    """Filled from the dataset when left out (`custom`: classification unless set)."""
     data_dir: Path = Path("../shared/data")
     hub_name: str | None = None
     """Online only: load this hub dataset instead of the local copy."""
-    partition: Literal["iid", "label_skew"] = "label_skew"
+    hub_config: str | None = None
+    """Hub dataset configuration (e.g. `sentences_allagree` for financial_phrasebank)."""
+    agreement: Literal["50", "66", "75", "all"] = "all"
+    """Financial PhraseBank: annotator agreement level of the file read."""
+    train_file: Path | None = None
+    """`custom`: a CSV, JSON or JSONL file (or a hub dataset via hub_name)."""
+    test_file: Path | None = None
+    """`custom`: held-out file; without one, a seeded split of the train file."""
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share held out as test data when a dataset has no test split (FPB, Dolly, Alpaca, custom)."""
+    split_seed: int = 0
+    """Seed of that split: fixed apart from the run seed so every seed tests on the same rows."""
+    partition: Literal["iid", "label_skew", "dirichlet", "category_skew", "size_skew"] = "label_skew"
     labels_per_client: int = Field(2, ge=1)
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    """`dirichlet`: concentration over labels (categories); smaller is more skewed."""
+    epsilon: float = Field(0.5, gt=0)
+    """`category_skew` (FedIT): the Dirichlet concentration over categories (paper: 0.2-0.6)."""
+    min_partition_size: int | None = Field(None, ge=1)
+    """Dirichlet schemes redraw until every client has this many (None: 10, FedIT's 40)."""
+    size_distribution: Literal["linear", "square", "exponential"] = "linear"
+    """`size_skew`: client k's share grows as k+1, (k+1)^2 or e^(k+1); IID within."""
     train_examples: int | None = Field(None, ge=1)
     """Seeded cap on the training pool before partitioning (None: all of it)."""
     test_examples: int = Field(1000, ge=1)
     max_length: int = Field(64, ge=8)
-    prompt: str = (
-        "Classify the news article as World, Sports, Business or Technology.\n"
-        "Article: {text}\nTopic:"
-    )
-    label_words: list[str] = Field(
+    prompt: str = AG_NEWS_PROMPT
+    label_words: list[str] | None = Field(
         default_factory=lambda: ["World", "Sports", "Business", "Technology"], min_length=2
     )
+    """None (custom only): the dataset's class names."""
     loss: Literal["classes", "vocab"] = "classes"
     """`classes`: cross-entropy over the label words' logits (paper eq. 10, |L| classes);
     `vocab`: cross-entropy of the label token over the whole vocabulary."""
+    instruction_prompt: str = ALPACA_PROMPT
+    instruction_prompt_with_input: str = ALPACA_PROMPT_WITH_INPUT
+    chat_template: bool = True
+    """Instruction data: wrap the prompt in the tokenizer's chat template when it has one."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("dataset") in DATASET_DEFAULTS:
+            data = {**DATASET_DEFAULTS[data["dataset"]], **data}
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -76,6 +143,38 @@ class DataConfig(Strict):
         if "{text}" not in v:
             raise ValueError("must contain the placeholder {text}")
         return v
+
+    @field_validator("instruction_prompt", "instruction_prompt_with_input")
+    @classmethod
+    def _prompt_has_instruction(cls, v: str) -> str:
+        if "{instruction}" not in v:
+            raise ValueError("must contain the placeholder {instruction}")
+        return v
+
+    @model_validator(mode="after")
+    def _custom_needs_source(self) -> DataConfig:
+        if self.dataset == "custom" and self.train_file is None and self.hub_name is None:
+            raise ValueError("dataset custom needs train_file or hub_name")
+        if self.dataset in ("dolly", "alpaca") and self.task != "instruction":
+            raise ValueError(f"dataset {self.dataset} is instruction data (task: instruction)")
+        return self
+
+
+class EvaluationConfig(Strict):
+    """What `Federation.evaluate` measures besides the task's own test set."""
+
+    mmlu: bool = False
+    """Also score MMLU (log-likelihood of A/B/C/D); for instruction tasks it is `accuracy`."""
+    mmlu_shots: int = Field(0, ge=0, le=5)
+    """Few-shot exemplars from MMLU's dev split (same subject)."""
+    mmlu_per_subject: int | None = Field(None, ge=1)
+    """Seeded subset: at most this many test questions per subject (None: all 14,042)."""
+    mmlu_subjects: list[str] | None = None
+    """Only these subjects (None: all 57)."""
+    mmlu_hub_name: str | None = None
+    """Online only: e.g. `cais/mmlu` instead of the local copy."""
+    mmlu_max_length: int = Field(2048, ge=16)
+    """Longer prompts keep their end (the question), dropping the first exemplars' text."""
 
 
 class PublicDataConfig(Strict):
@@ -85,6 +184,8 @@ class PublicDataConfig(Strict):
     fraction: float = Field(0.02, gt=0, le=1)
     """Seeded share of the Alpaca file drawn as the public set (paper: 2%)."""
     max_length: int = Field(128, ge=16)
+    hub_name: str | None = None
+    """Online only: draw from this hub dataset (e.g. `tatsu-lab/alpaca`, the paper's 52k)."""
 
 
 class FederationConfig(Strict):
@@ -133,6 +234,7 @@ class RunConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     algorithm: AlgorithmOptions = Field(discriminator="name")
 
     @property

@@ -1,4 +1,5 @@
-"""Stanford Alpaca: the server's small public instruction set (AFLoRA's A fine-tuning)."""
+"""Stanford Alpaca: the server's small public instruction set (AFLoRA's A fine-tuning), and
+an instruction dataset for clients."""
 
 from __future__ import annotations
 
@@ -7,23 +8,42 @@ import json
 from pathlib import Path
 
 import numpy as np
+from datasets import Dataset
+
+from fedlora.config import ALPACA_PROMPT as PROMPT
+from fedlora.config import ALPACA_PROMPT_WITH_INPUT as PROMPT_WITH_INPUT
 
 ALPACA_FILE = "alpaca/alpaca_5000.json.gz"
 
-PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
+def load_alpaca(data_dir: Path, hub_name: str | None = None) -> list[dict[str, str]]:
+    """Records with `instruction`, `input` and `output` (the local 5,000 or a hub dataset)."""
+    if hub_name is not None:
+        from datasets import load_dataset
 
-def load_alpaca(data_dir: Path) -> list[dict[str, str]]:
+        return [dict(r) for r in load_dataset(hub_name, split="train")]
     with gzip.open(Path(data_dir) / ALPACA_FILE, "rt", encoding="utf-8") as fh:
         return json.load(fh)
 
 
+def public_indices(n: int, fraction: float, seed: int) -> list[int]:
+    """A seeded draw of `fraction` of n records (at least one), sorted."""
+    size = max(1, int(fraction * n + 0.5))
+    return sorted(np.random.default_rng(seed).choice(n, size=size, replace=False).tolist())
+
+
 def public_subset(records: list[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
-    """A seeded draw of `fraction` of the records (at least one)."""
-    n = max(1, int(fraction * len(records) + 0.5))
-    idx = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
-    return [records[i] for i in sorted(idx)]
+    return [records[i] for i in public_indices(len(records), fraction, seed)]
+
+
+def alpaca_dataset(records: list[dict[str, str]]) -> Dataset:
+    """Client-side columns `instruction`, `input`, `response`, `label` (0: no categories)."""
+    return Dataset.from_dict({
+        "instruction": [r["instruction"] for r in records],
+        "input": [r.get("input") or "" for r in records],
+        "response": [r["output"] for r in records],
+        "label": [0] * len(records),
+    })
 
 
 def as_prompt_response(record: dict[str, str]) -> tuple[str, str]:

@@ -58,9 +58,12 @@ def encode_instruction(
     """Prompt + response + EOS; the response keeps at least half the budget when truncating."""
     out = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for prompt, response in pairs:
-        p = tokenizer.encode(prompt, add_special_tokens=False)
-        r = tokenizer.encode(response, add_special_tokens=False) + eos
+    if not pairs:
+        return out
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]  # batched: fast
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    for p, r in zip(prompts, responses):
+        r = r + eos
         r = r[: max(max_length - len(p), max_length // 2)]
         p = p[max(0, len(p) - (max_length - len(r))) :]  # drop the prompt's start if needed
         out.append(Encoded(p + r, -1, len(p)))

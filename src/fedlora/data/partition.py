@@ -1,16 +1,49 @@
-"""Client partitions through flwr-datasets' partitioners (IID, k labels per client)."""
+"""Client partitions through flwr-datasets' partitioners.
+
+`label` is the class (classification) or the category (instruction data such as Dolly).
+
+| scheme | partitioner |
+| --- | --- |
+| iid | IidPartitioner: equal random shares |
+| label_skew | PathologicalPartitioner: k labels per client, assigned deterministically |
+| dirichlet | DirichletPartitioner(alpha): per label, client shares ~ Dir(alpha) |
+| category_skew | FedIT's Dolly split: DirichletPartitioner(alpha=epsilon, self_balancing, min 40) |
+| size_skew | Linear/Square/ExponentialPartitioner: IID content, unequal sizes |
+"""
 
 from __future__ import annotations
 
 from datasets import Dataset
 from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    ExponentialPartitioner,
     IidPartitioner,
+    LinearPartitioner,
     Partitioner,
     PathologicalPartitioner,
+    SquarePartitioner,
 )
 
+from fedlora.config import ConfigError
 
-def make_partitioner(scheme: str, num_clients: int, labels_per_client: int, seed: int) -> Partitioner:
+# FederatedGPT-Shepherd's client_data_allocation.py (FedIT): Dirichlet over categories with
+# alpha = 0.5, clients above the average size get no more data, redraw until all have >= 40.
+FEDIT_MIN_PARTITION_SIZE = 40
+DIRICHLET_MIN_PARTITION_SIZE = 10  # flwr-datasets' default
+SIZE_PARTITIONERS = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
+
+
+def make_partitioner(
+    scheme: str,
+    num_clients: int,
+    labels_per_client: int,
+    seed: int,
+    *,
+    alpha: float = 0.5,
+    epsilon: float = 0.5,
+    min_partition_size: int | None = None,
+    size_distribution: str = "linear",
+) -> Partitioner:
     if scheme == "iid":
         return IidPartitioner(num_partitions=num_clients)
     if scheme == "label_skew":
@@ -25,18 +58,49 @@ def make_partitioner(scheme: str, num_clients: int, labels_per_client: int, seed
             shuffle=True,
             seed=seed,
         )
+    if scheme in ("dirichlet", "category_skew"):
+        fedit = scheme == "category_skew"
+        default_min = FEDIT_MIN_PARTITION_SIZE if fedit else DIRICHLET_MIN_PARTITION_SIZE
+        return DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            alpha=epsilon if fedit else alpha,
+            min_partition_size=default_min if min_partition_size is None else min_partition_size,
+            self_balancing=fedit,
+            shuffle=True,
+            seed=seed,
+        )
+    if scheme == "size_skew":
+        return SIZE_PARTITIONERS[size_distribution](num_partitions=num_clients)
     raise ValueError(f"unknown partition scheme {scheme!r}")
 
 
 def partition_indices(
-    labels: list[int], num_clients: int, scheme: str, labels_per_client: int, seed: int
+    labels: list[int], num_clients: int, scheme: str, labels_per_client: int, seed: int, **options
 ) -> list[list[int]]:
-    """Indices into `labels` for each client; every example goes to at most one client."""
+    """Indices into `labels` for each client; every example goes to at most one client.
+
+    iid and size_skew cut `labels` in order (build_task shuffles the pool, seeded, first).
+
+    `options`: alpha, epsilon, min_partition_size, size_distribution (see make_partitioner).
+    """
+    if scheme in ("label_skew", "dirichlet", "category_skew") and len(set(labels)) < 2:
+        raise ConfigError(f"config error: data.partition: {scheme} needs labels or categories; this data has one")
     ds = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
-    partitioner = make_partitioner(scheme, num_clients, labels_per_client, seed)
+    partitioner = make_partitioner(scheme, num_clients, labels_per_client, seed, **options)
     partitioner.dataset = ds
-    parts = [sorted(partitioner.load_partition(k)["index"]) for k in range(num_clients)]
+    try:
+        parts = [sorted(partitioner.load_partition(k)["index"]) for k in range(num_clients)]
+    except ValueError as err:
+        if "max number of attempts" not in str(err):
+            raise
+        raise ConfigError(
+            f"config error: data.partition: {scheme} could not give each of {num_clients} clients "
+            f"the minimum size from {len(labels)} examples in 10 draws; lower "
+            "data.min_partition_size, use more data or fewer clients"
+        ) from None
     empty = [k for k, p in enumerate(parts) if not p]
     if empty:
         raise ValueError(f"partition left clients {empty} without data")
     return parts
+

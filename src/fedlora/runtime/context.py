@@ -42,6 +42,8 @@ class LocalClient:
     pad_id: int
     seed: np.random.SeedSequence
     compute_dtype: str = "float32"
+    task: str = "classification"
+    """`instruction`: causal-LM loss on response tokens instead of the label-token loss."""
 
     @property
     def num_examples(self) -> int:
@@ -51,10 +53,14 @@ class LocalClient:
         self, param_groups: ParamGroups, regulariser: Callable[[], Tensor] | None = None
     ) -> list[float]:
         batches = sample_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
+        if self.task == "instruction":
+            loss_fn = lambda b: lm_loss(self.model, b)
+        else:
+            loss_fn = lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode)
         return train_steps(
             param_groups,
             batches,
-            lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode),
+            loss_fn,
             regulariser,
             self.compute_dtype,
         )

@@ -40,8 +40,9 @@ from fedlora.algorithms.base import (
 )
 from fedlora.config import RunConfig
 from fedlora.costs import cost_percent, tensor_bytes
+from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
-from fedlora.evaluate import evaluate_classification
+from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
@@ -104,7 +105,7 @@ class Federation:
             examples=self.task.clients[client_id], label_ids=self.task.label_ids,
             loss_mode=self.cfg.data.loss, local_steps=f.local_steps, batch_size=f.batch_size,
             lr=f.lr, pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, client_id),
-            compute_dtype=self.cfg.model.compute_dtype,
+            compute_dtype=self.cfg.model.compute_dtype, task=self.task.kind,
         )
 
     def server(self, round_: int) -> PublicServer:
@@ -117,8 +118,8 @@ class Federation:
     def evaluate(self, state: Tensors) -> dict[str, float]:
         self.adapters.load(self.algorithm.eval_factors(state))
         try:
-            return evaluate_classification(
-                self.model, self.task.test, self.task.label_ids, self.pad_id,
+            return evaluate_task(
+                self.model, self.task, self.pad_id,
                 self.cfg.federation.eval_batch_size, self.cfg.model.compute_dtype,
             )
         finally:
@@ -158,7 +159,8 @@ class Simulation:
             sampler.bit_generator.state = ckpt.sampler_state
             log.info("resuming %s after round %d", self.run_dir, ckpt.round)
         else:
-            write_run_header(self.run_dir, cfg, fed.task.partition_table())
+            write_run_header(self.run_dir, cfg, fed.task.partition_table(), fed.task.names)
+            report_partition(self.run_dir, fed.task.partition_table(), fed.task.names, show=self.progress)
             sampler = np.random.default_rng(cfg.seed)
             ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state,
                               threads=torch.get_num_threads())
@@ -238,7 +240,7 @@ class Simulation:
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
             ev = fed.evaluate(state)
-            record.update(accuracy=ev["accuracy"], test_loss=ev["loss"])
+            record.update(test_loss=ev.pop("loss"), **ev)  # "accuracy" unless loss is all there is
         n = len(clients)
         record.update(
             train_loss=sum(c["train_loss"] for c in clients) / n if n else None,

@@ -50,13 +50,16 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def write_run_header(run_dir: Path, cfg: RunConfig, partition: list[list[int]]) -> None:
+def write_run_header(
+    run_dir: Path, cfg: RunConfig, partition: list[list[int]], names: list[str] | None = None
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda p: p.write_text(dump_config(cfg)))
     write_json(run_dir / "environment.json", environment())
     write_json(
         run_dir / "partition.json",
-        {"label_words": cfg.data.label_words, "examples_per_client_per_label": partition},
+        {"label_words": cfg.data.label_words, "names": names or cfg.data.label_words,
+         "examples_per_client_per_label": partition},
     )
 
 

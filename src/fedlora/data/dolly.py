@@ -1,0 +1,34 @@
+"""Databricks Dolly 15k: instruction data in 8 categories (FedIT partitions by category)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from datasets import Dataset
+
+DOLLY_FILE = "dolly/databricks-dolly-15k.jsonl.gz"
+DOLLY_CATEGORIES = [
+    "brainstorming", "classification", "closed_qa", "creative_writing",
+    "general_qa", "information_extraction", "open_qa", "summarization",
+]
+
+
+def load_dolly(data_dir: Path, hub_name: str | None = None) -> Dataset:
+    """Columns `instruction`, `input` (Dolly's `context`), `response`, `category`, and
+    `label` (category index, order of DOLLY_CATEGORIES)."""
+    if hub_name is not None:
+        from datasets import load_dataset
+
+        records = list(load_dataset(hub_name, split="train"))
+    else:
+        with gzip.open(Path(data_dir) / DOLLY_FILE, "rt", encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+    return Dataset.from_dict({
+        "instruction": [r["instruction"] for r in records],
+        "input": [r.get("context") or "" for r in records],
+        "response": [r["response"] for r in records],
+        "category": [r["category"] for r in records],
+        "label": [DOLLY_CATEGORIES.index(r["category"]) for r in records],
+    })
