@@ -40,6 +40,7 @@ build-backend = "setuptools.build_meta"
 name = "fedlora-flower"
 version = "1.0.0"
 description = "fedlora on Flower: the ServerApp and ClientApp live in the fedlora package"
+license = "Apache-2.0"
 dependencies = ["fedlora", "flwr==1.41.0"]
 
 [tool.flwr.app]
@@ -104,10 +105,12 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 @dataclass
 class LocalFederation:
-    """A SuperLink and `nodes` SuperNodes on 127.0.0.1 (insecure: one machine only).
+    """A SuperLink and `nodes` SuperNodes on 127.0.0.1.
 
     Node i serves partition i of `partitions` (default `nodes`) and keeps its client state in
-    workdir/clients. Logs go to workdir/logs/*.log.
+    workdir/clients. Logs go to workdir/logs/*.log. Plain HTTP unless `certs` (from
+    `make_certificates`) is given; with `node_keys` (from `make_node_keys`) too, the SuperLink
+    admits only SuperNodes whose public key was registered (done here before they start).
     """
 
     workdir: Path
@@ -115,6 +118,8 @@ class LocalFederation:
     partitions: int | None = None
     data_dir: str | None = None
     port: int = 0
+    certs: dict[str, Path] | None = None
+    node_keys: list[tuple[Path, Path]] | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,12 +140,21 @@ class LocalFederation:
         self.procs[name] = proc
         return proc
 
+    def _security(self) -> list[str]:
+        if not self.certs:
+            return ["--insecure"]
+        return ["--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"]),
+                "--ssl-ca-certfile", str(self.certs["ca"])]
+
     def start(self) -> LocalFederation:
+        auth = ["--enable-supernode-auth"] if self.node_keys else []
         self._spawn("superlink", [
-            bin_path("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation",
+            bin_path("flower-superlink"), *self._security(), *auth, "--host", "127.0.0.1",
+            "--port", str(self.port), "--disable-runtime-dependency-installation",
         ])
         _wait_for_port(self.port, self.procs["superlink"], self.workdir / "logs" / "superlink.log")
+        if self.node_keys:
+            self.register_nodes()
         for i in range(self.nodes):
             self.start_node(i)
         return self
@@ -150,10 +164,21 @@ class LocalFederation:
                        f'state-dir="{self.workdir / "clients"}"')
         if self.data_dir:
             node_config += f' data-dir="{self.data_dir}"'
+        security = ["--root-certificates", str(self.certs["ca"])] if self.certs else ["--insecure"]
+        if self.node_keys:
+            security += ["--auth-supernode-private-key", str(self.node_keys[i][0])]
         return self._spawn(f"supernode-{i}", [
-            bin_path("flower-supernode"), "--insecure", "--superlink", self.address,
+            bin_path("flower-supernode"), *security, "--superlink", self.address,
             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
         ])
+
+    def register_nodes(self) -> None:
+        """`flwr supernode register` every node's public key (node authentication)."""
+        home = self.workdir / "flwr-cli"
+        write_connection(home, self.address, str(self.certs["ca"]) if self.certs else None)
+        for _, public in self.node_keys or []:
+            subprocess.run([bin_path("flwr"), "supernode", "register", str(public), CONNECTION],
+                           env=flower_env(home), check=True, capture_output=True, timeout=120)
 
     def stop_node(self, i: int) -> None:
         _stop(self.procs.pop(f"supernode-{i}"), grace=2.0)
@@ -199,19 +224,23 @@ def write_connection(flwr_home: Path, address: str, root_certificates: str | Non
 
 def flwr_run(
     workdir: Path, address: str, run_config: dict[str, object], root_certificates: str | None = None,
-    stream: bool = True, timeout: float | None = None,
+    quiet: bool = False, timeout: float | None = None,
 ) -> subprocess.CompletedProcess:
-    """`flwr run` the fedlora app against the SuperLink at `address` (blocks while streaming)."""
+    """`flwr run --stream` the fedlora app against the SuperLink at `address`: blocks until the
+    run ends (without --stream, flwr returns as soon as the run is submitted). quiet: the
+    streamed log goes to workdir/flwr_run.log instead of the terminal."""
     workdir = Path(workdir).resolve()
     app = write_app(workdir / "app")
     flwr_home = workdir / "flwr-cli"
     write_connection(flwr_home, address, root_certificates)
     rc_file = workdir / "run_config.toml"
     rc_file.write_text(tomli_w.dumps(run_config))
-    cmd = [bin_path("flwr"), "run", str(app), CONNECTION, "--run-config", str(rc_file)]
-    if stream:
-        cmd.append("--stream")
-    return subprocess.run(cmd, env=flower_env(flwr_home), timeout=timeout, cwd=workdir)
+    cmd = [bin_path("flwr"), "run", str(app), CONNECTION, "--run-config", str(rc_file), "--stream"]
+    if not quiet:
+        return subprocess.run(cmd, env=flower_env(flwr_home), timeout=timeout, cwd=workdir)
+    with open(workdir / "flwr_run.log", "ab") as log:
+        return subprocess.run(cmd, env=flower_env(flwr_home), timeout=timeout, cwd=workdir,
+                              stdout=log, stderr=subprocess.STDOUT)
 
 
 def make_certificates(folder: Path, hosts: list[str], days: int = 365) -> dict[str, Path]:
@@ -257,3 +286,23 @@ def make_certificates(folder: Path, hosts: list[str], days: int = 365) -> dict[s
     paths["key"].write_bytes(key_pem(key))
     os.chmod(paths["key"], 0o600)
     return paths
+
+
+def make_node_keys(folder: Path, count: int) -> list[tuple[Path, Path]]:
+    """`count` SuperNode key pairs (EC P-384, OpenSSH format, as `ssh-keygen -t ecdsa -b 384`):
+    node_i (private, passed to flower-supernode --auth-supernode-private-key) and node_i.pub
+    (registered on the SuperLink with `flwr supernode register`)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = []
+    for i in range(count):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = folder / f"node_{i}", folder / f"node_{i}.pub"
+        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+        os.chmod(private, 0o600)
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                         serialization.PublicFormat.OpenSSH))
+        out.append((private, public))
+    return out

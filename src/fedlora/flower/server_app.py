@@ -132,7 +132,7 @@ class FlowerRun(Simulation):
         algo = fed.algorithm
         config_yaml = dump_config(self.cfg)
         rejected: list[dict[str, Any]] = []
-        sent: dict[int, tuple[int, Any, float]] = {}  # node → (partition, payload, sent at)
+        sent: dict[int, tuple[int, Any]] = {}  # node → (partition, payload)
         messages = []
         for k in selected:
             node = self.partition_node.get(k)
@@ -152,28 +152,27 @@ class FlowerRun(Simulation):
             for r in range(self.merged_through.get(k, 0) + 1, t):
                 if merge_path(self.run_dir, r).exists():
                     content[merge_key(r)] = to_arrays(load_file(str(merge_path(self.run_dir, r))))
-            messages.append(Message(content, dst_node_id=node, message_type="train"))
-            sent[node] = (k, payload, time.perf_counter())
+            messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
+            sent[node] = (k, payload)
 
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.round_timeout)}
+        replies = self._exchange(messages)
         updates: list[Update] = []
         clients: list[dict[str, Any]] = []
-        for node, (k, payload, t0) in sent.items():  # in `selected` order: same sums as in-process
-            reply = replies.get(node)
+        for node, (k, payload) in sent.items():  # in `selected` order: same sums as in-process
+            reply, seconds = replies.get(node, (None, 0.0))
             if reply is None or reply.has_error():
                 reason = (f"no reply within {self.round_timeout:g}s" if reply is None
                           else f"client error: {reply.error.reason}")
                 log.warning("round %d: client %d (node %d) failed: %s", t, k, node, reason)
                 rejected.append({"client": k, "reason": reason})
-                if reply is None:
-                    self.partition_node.pop(k, None)  # ask again next round: it may be gone
+                self.partition_node.pop(k, None)  # ask again next round: it may be gone or replaced
                 on_client()
                 continue
             info = reply.content.config_records["info"]
             metrics = dict(reply.content.metric_records["metrics"])
             update = Update(k, from_arrays(reply.content.array_records["update"]), int(info["num-examples"]), metrics)
             self.merged_through[k] = t - 1
-            record = accept_update(fed, ckpt.state, t, update, payload, time.perf_counter() - t0, rejected)
+            record = accept_update(fed, ckpt.state, t, update, payload, seconds, rejected)
             if record is not None:
                 updates.append(update)
                 clients.append(record)
@@ -184,6 +183,26 @@ class FlowerRun(Simulation):
                 f"(failures: {rejected}); the run stopped after round {t - 1}: resume it with --resume"
             )
         return updates, clients, rejected, ckpt.client_states
+
+
+    def _exchange(self, messages: list[Message]) -> dict[int, tuple[Message, float]]:
+        """Push, then pull replies until all are in or round-timeout passed;
+        {node: (reply, seconds from push to its arrival)}."""
+        start = time.perf_counter()
+        ids = list(self.grid.push_messages(messages))
+        node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+        pending = set(ids)
+        out: dict[int, tuple[Message, float]] = {}
+        while pending and time.perf_counter() - start < self.round_timeout:
+            for reply in self.grid.pull_messages(list(pending)):
+                # keyed by the message it answers: the SuperLink's own error replies (node
+                # unavailable) do not come from the node
+                mid = reply.metadata.reply_to_message_id
+                pending.discard(mid)
+                out[node_of[mid]] = (reply, time.perf_counter() - start)
+            if pending:
+                time.sleep(0.2)
+        return out
 
 
 def _last_accepted(history: list[dict[str, Any]], client: int) -> int:
