@@ -67,11 +67,12 @@ def _cmd_local(args: argparse.Namespace) -> int:
         print(f"SuperLink on {fed.address}, {args.nodes} SuperNodes (partition-id 0..{args.nodes - 1} of "
               f"{fed.partitions}); logs in {fed.workdir / 'logs'}")
         print(f"submit a run:  fedlora flower run CONFIG --superlink {fed.address} --insecure")
-        print("Ctrl-C stops them all.")
-        try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+        print("Ctrl-C (or SIGTERM to this process) stops them all.", flush=True)
+        # blocked only now, after the children started (they inherit the mask); then waited for,
+        # so a SIGTERM too leaves through `with` and stops every process by its pid
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
     return 0
 
 

@@ -104,7 +104,8 @@ class ClientStore:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Rebuild the base as of the round, run the method's client_train, return the update."""
+    """Rebuild the base as of the round, run the method's client_train, return the update.
+    (torch and the runtime are imported here, not at module level, so a `query` stays cheap.)"""
     import yaml
 
     from fedlora.algorithms.base import Message as Payload

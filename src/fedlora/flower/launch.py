@@ -133,10 +133,9 @@ class LocalFederation:
         return f"127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / "logs" / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(self.workdir / "flwr-home"),
-                                start_new_session=True, cwd=self.workdir)
-        log.close()
+        with open(self.workdir / "logs" / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(self.workdir / "flwr-home"),
+                                    start_new_session=True, cwd=self.workdir)
         self.procs[name] = proc
         return proc
 
@@ -188,7 +187,7 @@ class LocalFederation:
             if name in self.procs:
                 _stop(self.procs.pop(name))
 
-    def __enter__(self) -> LocalFederation:
+    def __enter__(self) -> LocalFederation:  # noqa: PYI034 (dataclass, not subclassed)
         try:
             return self.start()
         except BaseException:
@@ -237,10 +236,10 @@ def flwr_run(
     rc_file.write_text(tomli_w.dumps(run_config))
     cmd = [bin_path("flwr"), "run", str(app), CONNECTION, "--run-config", str(rc_file), "--stream"]
     if not quiet:
-        return subprocess.run(cmd, env=flower_env(flwr_home), timeout=timeout, cwd=workdir)
+        return subprocess.run(cmd, env=flower_env(flwr_home), timeout=timeout, cwd=workdir, check=False)
     with open(workdir / "flwr_run.log", "ab") as log:
         return subprocess.run(cmd, env=flower_env(flwr_home), timeout=timeout, cwd=workdir,
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, check=False)
 
 
 def make_certificates(folder: Path, hosts: list[str], days: int = 365) -> dict[str, Path]:
@@ -252,7 +251,7 @@ def make_certificates(folder: Path, hosts: list[str], days: int = 365) -> dict[s
     from cryptography.x509.oid import NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

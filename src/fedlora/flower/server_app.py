@@ -29,11 +29,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file
 
+from fedlora.algorithms.base import Update
+from fedlora.config import build_config, dump_config
 from fedlora.flower.records import from_arrays, merge_key, to_arrays
+from fedlora.runtime.checkpoint import merge_path
 from fedlora.runtime.inprocess import Simulation
+from fedlora.runtime.rounds import accept_update
 
 log = logging.getLogger("fedlora")
 
@@ -45,10 +51,6 @@ QUERY_TIMEOUT = 60.0
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    import yaml
-
-    from fedlora.config import build_config
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "transformers", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -121,13 +123,8 @@ class FlowerRun(Simulation):
 
     # -- the transport ------------------------------------------------------------------------
     def _train_clients(self, fed, t, ckpt, selected, on_client):
-        from safetensors.torch import load_file
-
-        from fedlora.algorithms.base import Update
-        from fedlora.runtime.checkpoint import merge_path
-        from fedlora.config import dump_config
-        from fedlora.runtime.rounds import accept_update
-
+        """Send the selected clients their round, collect what comes back in time (in-process
+        `_train_clients` with Flower as the transport). Client state stays on the clients."""
         self._wait_for_nodes()
         algo = fed.algorithm
         config_yaml = dump_config(self.cfg)
