@@ -179,9 +179,6 @@ class LocalFederation:
             subprocess.run([bin_path("flwr"), "supernode", "register", str(public), CONNECTION],
                            env=flower_env(home), check=True, capture_output=True, timeout=120)
 
-    def stop_node(self, i: int) -> None:
-        _stop(self.procs.pop(f"supernode-{i}"), grace=2.0)
-
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
             if name in self.procs:

@@ -190,16 +190,16 @@ class FlowerRun(Simulation):
         node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
         pending = set(ids)
         out: dict[int, tuple[Message, float]] = {}
-        while pending and time.perf_counter() - start < self.round_timeout:
+        while True:  # pull at least once, however long the push took
             for reply in self.grid.pull_messages(list(pending)):
                 # keyed by the message it answers: the SuperLink's own error replies (node
                 # unavailable) do not come from the node
                 mid = reply.metadata.reply_to_message_id
                 pending.discard(mid)
                 out[node_of[mid]] = (reply, time.perf_counter() - start)
-            if pending:
-                time.sleep(0.2)
-        return out
+            if not pending or time.perf_counter() - start >= self.round_timeout:
+                return out
+            time.sleep(0.2)
 
 
 def _last_accepted(history: list[dict[str, Any]], client: int) -> int:
