@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--total-params", type=int,
                        help="denominator override (the paper divides by 124M / 1.1B / 3B)")
     costs.set_defaults(func=_cmd_costs)
+
+    from fedlora.flower.cli import add_parser as add_flower_parser
+
+    add_flower_parser(sub)
     return parser
 
 

@@ -33,13 +33,11 @@ from fedlora.algorithms.base import (
     Aggregate,
     Algorithm,
     FederationSetup,
-    InvalidUpdate,
     Tensors,
     Update,
     first_non_finite,
 )
 from fedlora.config import RunConfig
-from fedlora.costs import cost_percent, tensor_bytes
 from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
 from fedlora.evaluate import evaluate_task
@@ -47,6 +45,7 @@ from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
+from fedlora.runtime.rounds import accept_update
 
 log = logging.getLogger("fedlora")
 
@@ -190,38 +189,7 @@ class Simulation:
         cfg, algo = self.cfg, fed.algorithm
         start = time.perf_counter()
         selected = sample_clients(sampler, cfg.federation.num_clients, cfg.federation.fraction)
-        client_states = dict(ckpt.client_states)
-        updates: list[Update] = []
-        clients: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = []
-        for k in selected:
-            c0 = time.perf_counter()
-            payload = algo.payload(ckpt.state, k)
-            update, new_client_state = algo.client_train(fed.client(k, t), payload, client_states.get(k, {}))
-            fed.adapters.clear()
-            try:
-                algo.validate(ckpt.state, update)
-            except InvalidUpdate as err:
-                log.warning("round %d: rejected the update of client %d: %s", t, k, err)
-                rejected.append({"client": k, "reason": str(err)})
-                on_client()
-                continue
-            client_states[k] = new_client_state
-            updates.append(update)
-            m = update.metrics
-            clients.append({
-                "id": k,
-                "rank": m.get("rank"),
-                "next_rank": m.get("next_rank", m.get("rank")),
-                "train_loss": m.get("train_loss"),
-                "trained_params": int(m["trained_params"]),
-                "uploaded_params": int(m["uploaded_params"]),
-                "cost_percent": cost_percent(m["trained_params"], m["uploaded_params"], fed.total_params),
-                "uplink_bytes": tensor_bytes(update.tensors),
-                "downlink_bytes": tensor_bytes(payload.tensors),
-                "seconds": time.perf_counter() - c0,
-            })
-            on_client()
+        updates, clients, rejected, client_states = self._train_clients(fed, t, ckpt, selected, on_client)
 
         s0 = time.perf_counter()
         state, server_metrics = ckpt.state, {}
@@ -265,6 +233,29 @@ class Simulation:
         if "accuracy" in record:
             log.info("round %d: accuracy %.4f", t, record["accuracy"])
         return new
+
+    def _train_clients(
+        self, fed: Federation, t: int, ckpt: Checkpoint, selected: list[int], on_client
+    ) -> tuple[list[Update], list[dict[str, Any]], list[dict[str, Any]], dict[int, Tensors]]:
+        """The transport: each selected client's round (here: one after another on the shared
+        model); the accepted updates, their records, the rejections, the new client states."""
+        algo = fed.algorithm
+        client_states = dict(ckpt.client_states)
+        updates: list[Update] = []
+        clients: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        for k in selected:
+            c0 = time.perf_counter()
+            payload = algo.payload(ckpt.state, k)
+            update, new_client_state = algo.client_train(fed.client(k, t), payload, client_states.get(k, {}))
+            fed.adapters.clear()
+            record = accept_update(fed, ckpt.state, t, update, payload, time.perf_counter() - c0, rejected)
+            if record is not None:
+                client_states[k] = new_client_state
+                updates.append(update)
+                clients.append(record)
+            on_client()
+        return updates, clients, rejected, client_states
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]

@@ -1,0 +1,126 @@
+"""`fedlora flower run | local | certs`: run on Flower, start a local federation, make TLS files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+from fedlora.config import ConfigError, dump_config, load_config, parse_overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.flower.launch import LocalFederation, flwr_run
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        if not args.config:
+            raise ConfigError("config error: give a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, parse_overrides(args.set))
+        run_dir = Path(args.out or f"runs/flower-{cfg.algorithm.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        if (run_dir / "checkpoint.pt").exists():
+            raise ConfigError(f"config error: --out {run_dir}: holds a run already (use --resume {run_dir})")
+    if bool(args.local) == bool(args.superlink):
+        raise ConfigError("config error: give --superlink HOST:PORT or --local N (not both)")
+    if args.superlink and bool(args.root_certificates) == bool(args.insecure):
+        raise ConfigError("config error: --superlink: give --root-certificates CA (TLS) or --insecure")
+    if args.min_clients < 1:
+        raise ConfigError("config error: --min-clients: must be >= 1")
+    cfg.check_files()
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "config-yaml": dump_config(cfg), "out": str(run_dir), "resume": bool(args.resume),
+        "min-clients": args.min_clients, "round-timeout": float(args.round_timeout),
+        "node-wait": float(args.node_wait),
+    }
+    workdir = run_dir / "flower"
+    started = time.time()
+    if args.local:
+        with LocalFederation(workdir / "local", nodes=args.local, partitions=cfg.federation.num_clients) as fed:
+            print(f"local SuperLink on {fed.address} with {args.local} SuperNodes (logs: {workdir / 'local/logs'})")
+            proc = flwr_run(workdir, fed.address, run_config, quiet=args.quiet)
+    else:
+        proc = flwr_run(workdir, args.superlink, run_config, args.root_certificates, quiet=args.quiet)
+    summary = run_dir / "summary.json"
+    if proc.returncode != 0 or not summary.exists() or summary.stat().st_mtime < started:
+        print(f"the Flower run did not finish (flwr exit code {proc.returncode}); "
+              f"see its log above; resume with: fedlora flower run --resume {run_dir} ...")
+        return 1
+    print(f"run directory: {run_dir}")
+    for key, value in json.loads(summary.read_text()).items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def _cmd_local(args: argparse.Namespace) -> int:
+    from fedlora.flower.launch import LocalFederation
+
+    fed = LocalFederation(Path(args.workdir), nodes=args.nodes, partitions=args.partitions,
+                          data_dir=args.data_dir, port=args.port)
+    with fed:
+        print(f"SuperLink on {fed.address}, {args.nodes} SuperNodes (partition-id 0..{args.nodes - 1} of "
+              f"{fed.partitions}); logs in {fed.workdir / 'logs'}")
+        print(f"submit a run:  fedlora flower run CONFIG --superlink {fed.address} --insecure")
+        print("Ctrl-C (or SIGTERM to this process) stops them all.", flush=True)
+        # blocked only now, after the children started (they inherit the mask); then waited for,
+        # so a SIGTERM too leaves through `with` and stops every process by its pid
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedlora.flower.launch import make_certificates, make_node_keys
+
+    paths = make_certificates(Path(args.out), args.host)
+    for role, path in paths.items():
+        print(f"{role:>5}: {path}")
+    for i, (private, public) in enumerate(make_node_keys(Path(args.out), args.node_keys)):
+        print(f"node {i}: {private} (stays on the SuperNode) {public} (register on the SuperLink)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """The `flower` command group (called from fedlora.cli.build_parser)."""
+    flower = sub.add_parser("flower", help="run on Flower: SuperLink + SuperNodes, across machines")
+    fsub = flower.add_subparsers(dest="flower_command", required=True)
+
+    run = fsub.add_parser("run", help="submit a run to a SuperLink (flwr run) and wait for it")
+    run.add_argument("config", nargs="?", help="YAML config (the same as for `fedlora run`)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--out", help="run directory on the SuperLink host (default runs/flower-<method>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    run.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default port 8000)")
+    run.add_argument("--root-certificates", metavar="CA", help="CA certificate of a TLS SuperLink")
+    run.add_argument("--insecure", action="store_true", help="plain HTTP (a local trial only)")
+    run.add_argument("--local", type=int, metavar="N",
+                     help="start a SuperLink and N SuperNodes on 127.0.0.1 for this run, stop them after")
+    run.add_argument("--min-clients", type=int, default=1,
+                     help="a round needs this many accepted updates, else the run stops (resumable)")
+    run.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for clients' updates")
+    run.add_argument("--node-wait", type=float, default=300.0,
+                     help="seconds to wait for min-clients SuperNodes before a round")
+    run.add_argument("--quiet", action="store_true", help="write the run's log to RUN_DIR/flower/flwr_run.log instead of the terminal")
+    run.set_defaults(func=_cmd_run)
+
+    local = fsub.add_parser("local", help="start a SuperLink and N SuperNodes on 127.0.0.1 until Ctrl-C")
+    local.add_argument("--nodes", type=int, default=3)
+    local.add_argument("--partitions", type=int, help="num-partitions (default: --nodes)")
+    local.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
+    local.add_argument("--workdir", default="runs/flower-local", help="logs and client state")
+    local.add_argument("--data-dir", help="data directory the clients read (default: the config's)")
+    local.set_defaults(func=_cmd_local)
+
+    certs = fsub.add_parser("certs", help="a CA, a SuperLink TLS certificate and SuperNode auth keys")
+    certs.add_argument("--out", required=True, help="folder for the files")
+    certs.add_argument("--host", action="append", required=True,
+                       help="DNS name or IP clients use to reach the SuperLink (repeatable)")
+    certs.add_argument("--node-keys", type=int, default=0, help="also make N SuperNode key pairs")
+    certs.set_defaults(func=_cmd_certs)
