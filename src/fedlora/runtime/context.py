@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms.base import ParamGroups
+from fedlora.clock import train_flops
 from fedlora.data.encode import Encoded, sample_batches
 from fedlora.train import classification_loss, lm_loss, train_steps
 
@@ -42,6 +43,7 @@ class LocalClient:
     pad_id: int
     seed: np.random.SeedSequence
     compute_dtype: str = "float32"
+    flops: float = 0.0  # training FLOPs so far (fedlora.clock), for the simulated clock
 
     @property
     def num_examples(self) -> int:
@@ -51,6 +53,8 @@ class LocalClient:
         self, param_groups: ParamGroups, regulariser: Callable[[], Tensor] | None = None
     ) -> list[float]:
         batches = sample_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
+        rows = len(self.label_ids) if self.loss_mode == "classes" else None
+        self.flops += train_flops(self.model, self.adapters, batches, rows)
         return train_steps(
             param_groups,
             batches,

@@ -31,9 +31,11 @@ from fedlora.algorithms.base import (
     Update,
     first_non_finite,
 )
+from fedlora.clock import device_setup, simulated_round
 from fedlora.config import RunConfig
 from fedlora.costs import cost_percent, tensor_bytes
 from fedlora.data.task import FederatedTask, build_task
+from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_classification
 from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
@@ -67,6 +69,7 @@ class Federation:
     task: FederatedTask
     algorithm: Algorithm
     total_params: int
+    profiles: list[DeviceProfile]
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
@@ -77,26 +80,33 @@ class Federation:
         total = base_parameter_count(model)
         adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
         task = build_task(cfg, tokenizer)
+        profiles = cfg.device_profiles()
         setup = FederationSetup(
             module_shapes=adapters.shapes(),
             client_max_ranks=list(cfg.federation.client_max_ranks),
             num_examples=[len(c) for c in task.clients],
             scaling=cfg.scaling,
             seed=cfg.seed,
+            **device_setup(cfg, model, adapters, task, profiles),
         )
-        return cls(cfg, model, tokenizer, adapters, task, build_algorithm(cfg.algorithm, setup), total)
+        algorithm = build_algorithm(cfg.algorithm, setup)
+        return cls(cfg, model, tokenizer, adapters, task, algorithm, total, profiles)
 
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def client(self, client_id: int, round_: int) -> LocalClient:
+    def client(self, client_id: int, round_: int, stage: int = 0) -> LocalClient:
+        """Client `client_id`'s context; a later stage of a round draws its own batches."""
         f = self.cfg.federation
+        seed = round_seed(self.cfg.seed, round_, client_id)
+        if stage:
+            seed = np.random.SeedSequence([self.cfg.seed, round_, client_id, stage])
         return LocalClient(
             adapters=self.adapters, model=self.model, client_id=client_id,
             examples=self.task.clients[client_id], label_ids=self.task.label_ids,
             loss_mode=self.cfg.data.loss, local_steps=f.local_steps, batch_size=f.batch_size,
-            lr=f.lr, pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, client_id),
+            lr=f.lr, pad_id=self.pad_id, seed=seed,
             compute_dtype=self.cfg.model.compute_dtype,
         )
 
@@ -185,13 +195,19 @@ class Simulation:
         updates: list[Update] = []
         clients: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
-        for k in selected:
+        stages = algo.stages(ckpt.state, selected)  # one stage, one lane unless the method has more
+        plan = [(s, lane, k) for s, lanes in enumerate(stages) for lane, ks in lanes.items() for k in ks]
+        state, current = ckpt.state, 0
+        for stage, lane, k in plan:
+            if stage != current:  # aggregate the previous stage within its lanes (groups)
+                state, updates, current = algo.aggregate_stage(state, updates, current), [], stage
             c0 = time.perf_counter()
-            payload = algo.payload(ckpt.state, k)
-            update, new_client_state = algo.client_train(fed.client(k, t), payload, client_states.get(k, {}))
+            ctx = fed.client(k, t, stage)
+            payload = algo.payload(state, k)
+            update, new_client_state = algo.client_train(ctx, payload, client_states.get(k, {}))
             fed.adapters.clear()
             try:
-                algo.validate(ckpt.state, update)
+                algo.validate(state, update)
             except InvalidUpdate as err:
                 log.warning("round %d: rejected the update of client %d: %s", t, k, err)
                 rejected.append({"client": k, "reason": str(err)})
@@ -211,13 +227,16 @@ class Simulation:
                 "uplink_bytes": tensor_bytes(update.tensors),
                 "downlink_bytes": tensor_bytes(payload.tensors),
                 "seconds": time.perf_counter() - c0,
+                "flops": ctx.flops,
+                "stage": stage,
+                "lane": lane,
             })
             on_client()
 
         s0 = time.perf_counter()
-        state, server_metrics = ckpt.state, {}
-        if updates:
-            agg = algo.aggregate(ckpt.state, updates, fed.server(t))
+        server_metrics: dict[str, Any] = {}
+        if clients:
+            agg = algo.aggregate(state, updates, fed.server(t))
             fed.adapters.clear()
             _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
@@ -225,8 +244,10 @@ class Simulation:
                 save_merge(self.run_dir, t, agg.merge)
                 fed.adapters.merge(agg.merge)
         else:
+            state = ckpt.state
             log.warning("round %d: no valid update; the global state is unchanged", t)
         server_seconds = time.perf_counter() - s0
+        sim = simulated_round(clients, fed.profiles, server_seconds, cfg.devices.server_time, ckpt.history)
 
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
@@ -242,6 +263,7 @@ class Simulation:
             downlink_bytes=sum(c["downlink_bytes"] for c in clients),
             server_seconds=server_seconds,
             wall_seconds=time.perf_counter() - start,
+            **sim,
             clients=clients,
             rejected=rejected,
             **server_metrics,
