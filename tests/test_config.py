@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import tiny_tree
+
 from fedlora.config import ConfigError, build_config, load_config, parse_overrides
 
 

@@ -3,12 +3,17 @@
 import collections
 
 import pytest
-
 from conftest import tiny_tree
+
 from fedlora.config import build_config
 from fedlora.data.ag_news import load_ag_news
 from fedlora.data.alpaca import load_alpaca, public_subset
-from fedlora.data.encode import collate, encode_classification, encode_instruction, label_token_ids
+from fedlora.data.encode import (
+    collate,
+    encode_classification,
+    encode_instruction,
+    label_token_ids,
+)
 from fedlora.data.partition import partition_indices
 from fedlora.data.task import build_task
 from fedlora.models import tiny_tokenizer

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_tree
 from safetensors.torch import load_file
 
-from conftest import tiny_tree
 from fedlora.config import build_config
 from fedlora.data.encode import length_sorted_batches
 from fedlora.runtime.inprocess import Federation, Simulation

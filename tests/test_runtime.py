@@ -6,12 +6,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_tree
 from safetensors.torch import load_file
 
-from conftest import tiny_tree
 from fedlora.algorithms.aflora import rank_weights, zero_pad
 from fedlora.algorithms.base import weighted_sum
 from fedlora.algorithms.fedit import FedIT
@@ -19,8 +20,6 @@ from fedlora.config import build_config
 from fedlora.runtime.context import LocalClient
 from fedlora.runtime.inprocess import Federation, Simulation, sample_clients
 from fedlora.runtime.outputs import read_metrics
-
-import numpy as np
 
 
 def _base_weights(model):

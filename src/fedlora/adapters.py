@@ -223,6 +223,14 @@ class Adapters:
         for name, (B, A) in updates.items():
             self.layers[name].merge_update(B, A)
 
+    def unwrap(self) -> None:
+        """Put the base modules back in place of the LoRA layers (e.g. before save_pretrained)."""
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, layer.base)
+        self.layers = {}
+
     def merge_loaded(self) -> None:
         """Fold every layer's loaded factors (with their diagonal) into the base, then clear."""
         for layer in self.layers.values():

@@ -1,4 +1,4 @@
-"""`fedlora run | costs`: the command line."""
+"""`fedlora run | compare | export | report | costs`: the command line."""
 
 from __future__ import annotations
 
@@ -56,6 +56,40 @@ def _cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fedlora.compare import parse_methods, parse_seeds, run_comparison
+
+    methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    out = Path(args.out or f"runs/compare-{Path(args.config).stem}")
+    runs = run_comparison(Path(args.config), methods, seeds, out, args.set, progress=not args.quiet)
+    print((out / "comparison.md").read_text())
+    print(f"comparison directory: {out}")
+    failed = [r for r in runs if r.error]
+    return 1 if failed else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.export import export_run
+
+    run_dir = Path(args.run_dir)
+    if args.rank is not None and args.rank < 1:
+        raise ConfigError("config error: --rank: must be >= 1")
+    suffix = "" if args.rank is None else f"-r{args.rank}"
+    out = Path(args.out or run_dir / f"export-{args.format}{suffix}")
+    info = export_run(run_dir, args.format, out, args.rank)
+    print(f"wrote {info['format']} to {info['out']}: {info['modules']} modules, ranks {info['ranks']}")
+    if args.rank is not None:
+        print(f"relative error of the rank-{args.rank} update: {info['relative_error']:.3e}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedlora.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    cmp = sub.add_parser("compare", help="run several methods on identical partitions and budgets")
+    cmp.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
+    cmp.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
+                     help="comma-separated methods (default: all six)")
+    cmp.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field for every method (repeatable)")
+    cmp.add_argument("--out", help="comparison directory (default runs/compare-<config name>); "
+                     "rerunning into it resumes")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=_cmd_compare)
+
+    exp = sub.add_parser("export", help="a finished run as a PEFT adapter or a merged model")
+    exp.add_argument("run_dir")
+    exp.add_argument("--format", choices=["peft", "merged"], default="peft")
+    exp.add_argument("--rank", type=int, help="SVD-compress the update to this rank (prints the error)")
+    exp.add_argument("--out", help="output folder (default RUN_DIR/export-<format>[-r<R>])")
+    exp.set_defaults(func=_cmd_export)
+
+    rep = sub.add_parser("report", help="markdown report with figures of one run")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_cmd_report)
 
     costs = sub.add_parser("costs", help="client-side cost %% of each method for an architecture")
     costs.add_argument("--arch", default="gpt2", help="gpt2 | tinyllama | qwen2.5-3b | hub name | folder")

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedlora.algorithms import AlgorithmOptions
 from fedlora.devices import DevicesConfig, resolve_profiles
@@ -226,19 +233,30 @@ def build_config(tree: dict[str, Any], overrides: dict[str, Any] | None = None) 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     path = Path(path)
+    tree = read_tree(path)
+    return resolve_data_dir(build_config(tree, overrides), path)
+
+
+def read_tree(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping of a config file, or a one-line ConfigError."""
+    path = Path(path)
     if not path.exists():
         raise ConfigError(f"config error: {path}: file not found")
     with path.open() as fh:
         tree = yaml.safe_load(fh) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config error: {path}: top level must be a mapping")
-    cfg = build_config(tree, overrides)
+    return tree
+
+
+def resolve_data_dir(cfg: RunConfig, config_path: Path) -> RunConfig:
+    """A relative data_dir means the working directory, else the project root above configs/;
+    the run's config.yaml names the real, absolute folder."""
     data_dir = cfg.data.data_dir
     if not data_dir.is_absolute():
-        # relative to the working directory, else to the project root above configs/
-        alt = path.resolve().parent.parent / data_dir
+        alt = config_path.resolve().parent.parent / data_dir
         data_dir = data_dir if data_dir.exists() or not alt.exists() else alt
-        cfg.data.data_dir = data_dir.resolve()  # the run's config.yaml names the real folder
+        cfg.data.data_dir = data_dir.resolve()
     return cfg
 
 

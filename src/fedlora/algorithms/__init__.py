@@ -9,12 +9,21 @@ from pydantic import Field
 from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions
 from fedlora.algorithms.base import Algorithm, FederationSetup, MethodOptions
 from fedlora.algorithms.fedit import FedIT, FedITOptions
+from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
+from fedlora.algorithms.flexlora import FlexLoRA, FlexLoRAOptions
+from fedlora.algorithms.flora import FLoRA, FLoRAOptions
+from fedlora.algorithms.hetlora import HETLoRA, HETLoRAOptions
 from fedlora.algorithms.hierfedlora import HierFedLoRA, HierFedLoRAOptions
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"fedit": FedIT, "aflora": AFLoRA}
-ALGORITHMS["hierfedlora"] = HierFedLoRA
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FLoRA, FlexLoRA, HETLoRA, HierFedLoRA)
+}
 
-AlgorithmOptions = Annotated[FedITOptions | AFLoRAOptions | HierFedLoRAOptions, Field(discriminator="name")]
+AlgorithmOptions = Annotated[
+    AFLoRAOptions | FedITOptions | FFALoRAOptions | FLoRAOptions | FlexLoRAOptions | HETLoRAOptions
+    | HierFedLoRAOptions,
+    Field(discriminator="name"),
+]
 
 
 def build_algorithm(options: MethodOptions, setup: FederationSetup) -> Algorithm:

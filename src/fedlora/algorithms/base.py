@@ -196,6 +196,14 @@ def weighted_sum(tensors: list[Tensor], weights: list[float]) -> Tensor:
     return out
 
 
+def common_rank(requested: int | None, client_max_ranks: list[int]) -> int:
+    """The one rank of a homogeneous method: the weakest client's max rank bounds everyone."""
+    weakest = min(client_max_ranks)
+    if requested is not None and requested > weakest:
+        raise ValueError(f"algorithm.rank: {requested} exceeds the smallest client max rank {weakest}")
+    return requested or weakest
+
+
 def kaiming_rows(r: int, n: int, generator: torch.Generator) -> Tensor:
     """PEFT's default A init: uniform(±1/√n), i.e. kaiming_uniform with a=√5."""
     bound = 1.0 / n**0.5

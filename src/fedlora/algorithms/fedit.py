@@ -25,6 +25,7 @@ from fedlora.algorithms.base import (
     ServerContext,
     Tensors,
     Update,
+    common_rank,
     data_weights,
     kaiming_rows,
     weighted_sum,
@@ -42,12 +43,7 @@ class FedIT(Algorithm):
 
     def __init__(self, options: FedITOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
-        self.rank = options.rank or min(setup.client_max_ranks)
-        if self.rank > min(setup.client_max_ranks):
-            raise ValueError(
-                f"algorithm.rank: {self.rank} exceeds the smallest client max rank "
-                f"{min(setup.client_max_ranks)}"
-            )
+        self.rank = common_rank(options.rank, setup.client_max_ranks)
 
     def init_state(self) -> Tensors:
         g = torch.Generator().manual_seed(self.setup.seed)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from datasets import Dataset
-from flwr_datasets.partitioner import IidPartitioner, PathologicalPartitioner, Partitioner
+from flwr_datasets.partitioner import (
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
 
 
 def make_partitioner(scheme: str, num_clients: int, labels_per_client: int, seed: int) -> Partitioner:

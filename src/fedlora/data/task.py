@@ -10,7 +10,12 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.ag_news import load_ag_news
 from fedlora.data.alpaca import as_prompt_response, load_alpaca, public_subset
-from fedlora.data.encode import Encoded, encode_classification, encode_instruction, label_token_ids
+from fedlora.data.encode import (
+    Encoded,
+    encode_classification,
+    encode_instruction,
+    label_token_ids,
+)
 from fedlora.data.partition import partition_indices
 
 if TYPE_CHECKING:

@@ -1,0 +1,241 @@
+"""`fedlora compare`: every method on the same partitions, test subset, seed and budget.
+
+Methods run one after another in this process, each in its own run directory
+(`OUT/seed_S/METHOD/`), so a comparison interrupted at any point resumes where it stopped:
+finished runs are read back, an interrupted one continues from its checkpoint. Because the
+task is built from the seed alone, every method sees the same client shards and test set.
+
+The config is a normal run config; its `algorithm` section (if any) is used for the method
+it names, and an optional top-level `methods:` mapping gives options per method, e.g.
+`methods: {aflora: {beta: 1.0}, hetlora: {reg: 0.01}}`. Methods not named run with their
+defaults.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.algorithms import ALGORITHMS
+from fedlora.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    dump_config,
+    parse_overrides,
+    read_tree,
+    resolve_data_dir,
+)
+from fedlora.plots import accuracy_curves, ranks_per_client
+from fedlora.runtime.outputs import environment, read_metrics, write_json
+
+log = logging.getLogger("fedlora")
+
+COLUMNS = [
+    "method", "seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean",
+    "best_accuracy_std", "client_cost_percent", "uplink_bytes_per_client_round",
+    "downlink_bytes_per_client_round", "server_seconds_per_round", "wall_seconds",
+]
+
+
+@dataclass
+class MethodRun:
+    method: str
+    seed: int
+    run_dir: Path
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").exists()
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALGORITHMS]
+    if unknown or not methods:
+        raise ConfigError(f"config error: --methods: unknown method(s) {unknown}; choose from {sorted(ALGORITHMS)}")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"config error: --seeds: expected integers like 0,1,2, got {text!r}") from None
+
+
+def method_configs(path: Path, methods: list[str], seeds: list[int],
+                   overrides: list[str]) -> dict[tuple[str, int], RunConfig]:
+    """One resolved config per (method, seed); every error is reported before any run starts."""
+    tree = read_tree(path)
+    per_method = tree.pop("methods", None) or {}
+    unknown = sorted(set(per_method) - set(ALGORITHMS))
+    if unknown:
+        raise ConfigError(f"config error: methods: unknown method(s) {unknown}")
+    base_algo = tree.pop("algorithm", None) or {}
+    configs = {}
+    for method in methods:
+        options = dict(base_algo) if base_algo.get("name") == method else {}
+        options.update(per_method.get(method) or {})
+        options["name"] = method
+        for seed in seeds:
+            sets = {**parse_overrides(overrides), "algorithm": options, "seed": seed}
+            configs[(method, seed)] = resolve_data_dir(build_config(tree, sets), path)
+    return configs
+
+
+def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
+    """A comparison directory never mixes runs of different configs."""
+    saved = run_dir / "config.yaml"
+    if saved.exists() and saved.read_text() != dump_config(cfg):
+        raise ConfigError(f"config error: {run_dir}: holds a run with a different config (use another --out)")
+
+
+def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path,
+                   overrides: list[str], progress: bool = True) -> list[MethodRun]:
+    from fedlora.runtime.inprocess import Simulation
+
+    configs = method_configs(config, methods, seeds, overrides)
+    runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
+    for run in runs:
+        check_not_mixed(configs[(run.method, run.seed)], run.run_dir)
+        configs[(run.method, run.seed)].check_files()
+    out.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        if run.done:
+            log.info("%s seed %d: finished earlier, reading %s", run.method, run.seed, run.run_dir)
+            continue
+        resume = (run.run_dir / "checkpoint.pt").exists()
+        log.info("%s seed %d: %s in %s", run.method, run.seed, "resuming" if resume else "running", run.run_dir)
+        try:
+            Simulation(configs[(run.method, run.seed)], run.run_dir, progress=progress).run(resume=resume)
+        except Exception as err:  # one failing method must not cost the others their results
+            log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
+            run.error = f"{type(err).__name__}: {err}"
+    write_comparison(out, runs, methods)
+    return runs
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs: list[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) > 1 else (0.0 if xs else None)
+
+
+def method_row(method: str, histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """One table row from the metrics of each seed's run of `method`."""
+    finals, bests, costs, walls, up, down, server = [], [], [], [], [], [], []
+    for recs in histories:
+        accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
+        if accs:
+            finals.append(accs[-1])
+            bests.append(max(accs))
+        participations = sum(len(r["clients"]) for r in recs)
+        costs += [r["client_cost_percent"] for r in recs if r.get("client_cost_percent") is not None]
+        if participations:
+            up.append(sum(r["uplink_bytes"] for r in recs) / participations)
+            down.append(sum(r["downlink_bytes"] for r in recs) / participations)
+        server += [r["server_seconds"] for r in recs]
+        walls.append(sum(r["wall_seconds"] for r in recs))
+    return {
+        "method": method,
+        "seeds": len(histories),
+        "final_accuracy_mean": _mean(finals),
+        "final_accuracy_std": _std(finals),
+        "best_accuracy_mean": _mean(bests),
+        "best_accuracy_std": _std(bests),
+        "client_cost_percent": _mean(costs),
+        "uplink_bytes_per_client_round": _mean(up),
+        "downlink_bytes_per_client_round": _mean(down),
+        "server_seconds_per_round": _mean(server),
+        "wall_seconds": _mean(walls),
+    }
+
+
+def _fmt_bytes(x: float | None) -> str:
+    if x is None:
+        return "–"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def _pm(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| method | seeds | final accuracy | best accuracy | client cost % | uplink / client / round "
+            "| downlink / client / round | server s / round | wall s / run |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        cost = "–" if r["client_cost_percent"] is None else f"{r['client_cost_percent']:.4f}"
+        server = "–" if r["server_seconds_per_round"] is None else f"{r['server_seconds_per_round']:.3f}"
+        wall = "–" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
+        lines.append(
+            f"| {r['method']} | {r['seeds']} | {_pm(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} "
+            f"| {_pm(r['best_accuracy_mean'], r['best_accuracy_std'], r['seeds'])} | {cost} "
+            f"| {_fmt_bytes(r['uplink_bytes_per_client_round'])} | {_fmt_bytes(r['downlink_bytes_per_client_round'])} "
+            f"| {server} | {wall} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(out: Path, runs: list[MethodRun], methods: list[str]) -> list[dict[str, Any]]:
+    """comparison.csv, comparison.md and the PNG figures from the finished runs in `out`."""
+    histories: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
+    for run in runs:
+        if run.done:
+            histories[run.method].append(read_metrics(run.run_dir))
+    rows = [method_row(m, h) for m, h in histories.items() if h]
+    with (out / "comparison.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    done = {m: h for m, h in histories.items() if h}
+    figures = []
+    if done:
+        figures.append(accuracy_curves(done, out / "accuracy_vs_round.png"))
+        figures.append(accuracy_curves(done, out / "accuracy_vs_uplink.png", x_key="uplink_bytes",
+                                       xlabel="cumulative uplink, all clients (MB)", scale=1e-6))
+        ranked = {m: h[0] for m, h in done.items() if m in ("aflora", "hetlora")}
+        if ranked:
+            figures.append(ranks_per_client(ranked, out / "ranks_per_client.png"))
+
+    failed = [r for r in runs if r.error]
+    first = next((r for r in runs if r.done), None)
+    cfg_note = f"`{first.run_dir.relative_to(out)}/config.yaml`" if first else "each run's config.yaml"
+    text = [
+        "# Comparison\n",
+        f"Command: `{shlex.join(['fedlora', *sys.argv[1:]])}`\n" if sys.argv[1:2] == ["compare"] else "",
+        f"Seeds: {sorted({r.seed for r in runs})}. Every method ran on the same client partition, test "
+        f"subset and budget; the resolved configs are in each run directory (e.g. {cfg_note}).\n",
+        "Accuracy is on the test subset after the last round (final) and the best evaluated round "
+        "(best); ± is the standard deviation over seeds. Client cost is the paper's metric: "
+        "parameters a client trains or uploads over the base model's parameter count, averaged over "
+        "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
+        "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n",
+        markdown_table(rows),
+        *(f"\n![{p.stem}]({p.name})\n" for p in figures),
+    ]
+    if failed:
+        text.append("\n## Failed runs\n\n" + "".join(f"- {r.method} seed {r.seed}: {r.error}\n" for r in failed))
+    (out / "comparison.md").write_text("\n".join(t for t in text if t))
+    write_json(out / "environment.json", environment())
+    return rows

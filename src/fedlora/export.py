@@ -1,0 +1,171 @@
+"""`fedlora export`: a finished run as a PEFT adapter or as a merged transformers model.
+
+What a run learned, per target module, is ΔW = s · Σ_t B_t A_t: the updates merged into
+the base round by round (AFLoRA, FLoRA; kept in `merges/`) plus the final global adapter
+(FedIT, FFA-LoRA, FlexLoRA, HETLoRA; `final_state.safetensors`, with AFLoRA-style
+diagonals folded into B). Stacking those factors gives the exact update at rank Σ_t r_t;
+`--rank R` compresses it by SVD to the best rank-R approximation (relative error
+printed). A stack wider than min(m, n) is always re-factored by an SVD at min(m, n),
+which is exact up to float rounding.
+
+The PEFT adapter folds s into B and sets each module's alpha to its rank (PEFT scaling
+alpha / r = 1), with per-module ranks in `rank_pattern`; `PeftModel.from_pretrained(base,
+folder)` then computes W x + B A x, our model's output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fedlora.adapters import Adapters
+from fedlora.algorithms import build_algorithm
+from fedlora.algorithms.base import FederationSetup, Tensors
+from fedlora.config import ConfigError, RunConfig, load_config
+from fedlora.models import load_base_model
+from fedlora.runtime.checkpoint import load_merges
+
+Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
+
+
+@dataclass
+class RunModel:
+    """A run's base model (as loaded before round 1) and everything it learned."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tokenizer: Any
+    adapters: Adapters
+    update: Factors
+
+    @property
+    def scaling(self) -> float:
+        return self.cfg.scaling
+
+
+def fold_diagonal(factors: Tensors, name: str) -> tuple[Tensor, Tensor] | None:
+    """(B diag(λ ⊙ h), A) of one module in a factor dict, or None when it has no adapter."""
+    A = factors.get(f"{name}.A")
+    if A is None:
+        return None
+    B = factors[f"{name}.B"].to(torch.float32)
+    diag = torch.ones(A.shape[0])
+    for key in ("lam", "mask"):
+        if f"{name}.{key}" in factors:
+            diag = diag * factors[f"{name}.{key}"]
+    return B * diag, A.to(torch.float32)
+
+
+def stack_updates(parts: list[Factors], shapes: dict[str, tuple[int, int]]) -> Factors:
+    """Σ_t B_t A_t per module as one pair of factors: B = [B_1 … B_T], A = [A_1; …; A_T]."""
+    out: Factors = {}
+    for name, (m, n) in shapes.items():
+        pairs = [p[name] for p in parts if name in p]
+        if not pairs:
+            continue
+        B = torch.cat([b.to(torch.float32) for b, _ in pairs], dim=1)
+        A = torch.cat([a.to(torch.float32) for _, a in pairs], dim=0)
+        if A.shape[0] > min(m, n):
+            B, A, _ = compress(B, A, min(m, n))
+        out[name] = (B, A)
+    return out
+
+
+def compress(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """Best rank-`rank` factors of B A (Eckart–Young) and the relative Frobenius error."""
+    delta = B.to(torch.float64) @ A.to(torch.float64)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    r = min(rank, S.numel())
+    total = float(S.norm())
+    error = float(S[r:].norm()) / total if total > 0 else 0.0
+    return (U[:, :r] * S[:r]).to(torch.float32), Vh[:r].to(torch.float32), error
+
+
+def _client_sizes(run_dir: Path, num_clients: int) -> list[int]:
+    path = run_dir / "partition.json"
+    if path.exists():
+        table = json.loads(path.read_text()).get("examples_per_client_per_label")
+        if table:
+            return [max(1, sum(row)) for row in table]
+    return [1] * num_clients
+
+
+def load_run(run_dir: Path) -> RunModel:
+    """Rebuild the run's base model and stack every update it learned (merges, then final)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    final_path = run_dir / "final_state.safetensors"
+    if not final_path.exists():
+        raise FileNotFoundError(f"export: {run_dir} has no final_state.safetensors (the run did not finish)")
+    model, tokenizer = load_base_model(cfg.model.name, seed=cfg.seed)
+    adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
+    shapes = adapters.shapes()
+    setup = FederationSetup(shapes, list(cfg.federation.client_max_ranks),
+                            _client_sizes(run_dir, cfg.federation.num_clients), cfg.scaling, cfg.seed)
+    final = build_algorithm(cfg.algorithm, setup).eval_factors(load_file(str(final_path)))
+    final_pairs = {name: pair for name in shapes if (pair := fold_diagonal(final, name)) is not None}
+    parts = [*load_merges(run_dir, cfg.federation.rounds), final_pairs]
+    return RunModel(cfg, model, tokenizer, adapters, stack_updates(parts, shapes))
+
+
+def compress_update(update: Factors, rank: int) -> tuple[Factors, float]:
+    """Every module at rank ≤ R; the error is ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F over all modules."""
+    out: Factors = {}
+    num = den = 0.0
+    for name, (B, A) in update.items():
+        Bc, Ac, rel = compress(B, A, rank)
+        norm = float(torch.linalg.norm(B.double() @ A.double()))
+        num += (rel * norm) ** 2
+        den += norm**2
+        out[name] = (Bc, Ac)
+    return out, (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def write_peft(folder: Path, run: RunModel, update: Factors) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = {name: int(A.shape[0]) for name, (_, A) in update.items()}
+    default = max(ranks.values())
+    config = LoraConfig(
+        r=default,
+        lora_alpha=default,
+        target_modules=sorted(update),
+        rank_pattern={k: r for k, r in ranks.items() if r != default},
+        alpha_pattern={k: r for k, r in ranks.items() if r != default},
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=any(layer.transposed for layer in run.adapters.layers.values()),
+        base_model_name_or_path=run.cfg.model.name,
+    )
+    config.save_pretrained(str(folder))
+    tensors = {}
+    for name, (B, A) in update.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (run.scaling * B).contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def write_merged(folder: Path, run: RunModel, update: Factors) -> None:
+    """The base with ΔW folded in, as a plain transformers model folder (safetensors)."""
+    run.adapters.merge(update)
+    run.adapters.unwrap()
+    run.model.save_pretrained(str(folder), safe_serialization=True)
+    run.tokenizer.save_pretrained(str(folder))
+
+
+def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> dict[str, Any]:
+    run = load_run(run_dir)
+    if not run.update:
+        raise ConfigError(f"export error: {run_dir} learned no update (no merges and no final adapter)")
+    update, error = (compress_update(run.update, rank) if rank else (run.update, 0.0))
+    (write_peft if fmt == "peft" else write_merged)(out, run, update)
+    ranks = sorted({int(A.shape[0]) for _, A in update.values()})
+    return {"format": fmt, "out": str(out), "modules": len(update), "ranks": ranks,
+            "relative_error": error}

@@ -1,0 +1,122 @@
+"""`fedlora export` reproduces the trained model in PEFT and transformers; `compare` and `report`
+produce their tables and figures and resume."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_tree
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedlora.config import build_config
+from fedlora.export import compress, export_run
+from fedlora.models import load_base_model
+from fedlora.runtime.inprocess import Simulation
+
+IDS = torch.randint(0, 60, (3, 16), generator=torch.Generator().manual_seed(0))
+
+
+def trained_logits(sim: Simulation) -> torch.Tensor:
+    """The in-process global model as evaluated: merged base plus the method's eval factors."""
+    fed = sim.fed
+    state = {k: v for k, v in torch.load(sim.run_dir / "checkpoint.pt", weights_only=False)["state"].items()}
+    fed.adapters.load(fed.algorithm.eval_factors(state))
+    with torch.no_grad():
+        out = fed.model(IDS).logits
+    fed.adapters.clear()
+    return out
+
+
+@pytest.mark.parametrize("method", ["aflora", "fedit", "ffa", "flora", "flexlora", "hetlora"])
+def test_peft_and_merged_exports_reproduce_our_logits(data_dir, tmp_path, method):
+    sim = Simulation(build_config(tiny_tree(algorithm={"name": method})), tmp_path / "run", progress=False)
+    sim.run()
+    ours = trained_logits(sim)
+    base, _ = load_base_model("tiny-llama", seed=0)
+    with torch.no_grad():
+        untrained = base(IDS).logits
+    assert (ours - untrained).abs().max() > 1e-4, "the run learned nothing: the test would prove nothing"
+
+    export_run(tmp_path / "run", "peft", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    with torch.no_grad():
+        theirs = peft_model(IDS).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+    export_run(tmp_path / "run", "merged", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_per_module_ranks_reach_the_adapter_config(data_dir, tmp_path):
+    Simulation(build_config(tiny_tree(algorithm={"name": "hetlora"}, federation={"rounds": 1})),
+               tmp_path / "run", progress=False).run()
+    info = export_run(tmp_path / "run", "peft", tmp_path / "peft", rank=3)
+    config = yaml.safe_load((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and info["ranks"] == [3] and 0 < info["relative_error"] < 1
+
+
+def test_compress_error_is_the_discarded_singular_values():
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(20, 9, generator=g), torch.randn(9, 15, generator=g)
+    S = torch.linalg.svdvals(B.double() @ A.double())
+    for r in (1, 4, 9):
+        Bc, Ac, rel = compress(B, A, r)
+        assert rel == pytest.approx(float(S[r:].norm() / S.norm()), rel=1e-9, abs=1e-12)
+        actual = torch.linalg.norm(B.double() @ A.double() - (Bc @ Ac).double()) / S.norm()
+        assert float(actual) == pytest.approx(rel, rel=1e-4, abs=1e-6)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_compare_writes_table_and_figures_and_resumes(data_dir, tmp_path):
+    tree = tiny_tree(federation={"rounds": 2}, algorithm={"name": "aflora", "server_steps": 1})
+    tree["methods"] = {"hetlora": {"gamma": 0.5}}
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "cmp"
+    args = ["compare", str(cfg), "--methods", "aflora,hetlora,fedit", "--seeds", "0,1", "--out", str(out), "--quiet"]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["method"] for r in rows] == ["aflora", "hetlora", "fedit"]
+    assert all(r["seeds"] == "2" and 0 <= float(r["final_accuracy_mean"]) <= 1 for r in rows)
+    assert float(rows[0]["client_cost_percent"]) < float(rows[1]["client_cost_percent"])  # B+λ < A+B
+    for png in ("accuracy_vs_round", "accuracy_vs_uplink", "ranks_per_client"):
+        assert (out / f"{png}.png").stat().st_size > 1000
+    saved = yaml.safe_load((out / "seed_1" / "hetlora" / "config.yaml").read_text())
+    assert saved["algorithm"]["gamma"] == 0.5 and saved["seed"] == 1
+    assert yaml.safe_load((out / "seed_0" / "aflora" / "config.yaml").read_text())["algorithm"]["server_steps"] == 1
+    # the same partition for every method
+    parts = {m: (out / "seed_0" / m / "partition.json").read_text() for m in ("aflora", "hetlora", "fedit")}
+    assert len(set(parts.values())) == 1
+
+    stamp = (out / "seed_0" / "fedit" / "metrics.jsonl").stat().st_mtime_ns
+    again = _cli(*args)
+    assert again.returncode == 0 and "finished earlier" in again.stderr
+    assert (out / "seed_0" / "fedit" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+    changed = _cli(*args, "--set", "federation.lr=0.5")
+    assert changed.returncode == 2 and "different config" in changed.stderr
+
+
+def test_compare_rejects_unknown_methods(tmp_path):
+    out = _cli("compare", "configs/quickstart.yaml", "--methods", "aflora,nope")
+    assert out.returncode == 2 and "nope" in out.stderr
+
+
+def test_report_has_every_figure(data_dir, tmp_path):
+    Simulation(build_config(tiny_tree()), tmp_path, progress=False).run()
+    assert _cli("report", str(tmp_path)).returncode == 0
+    text = (tmp_path / "report.md").read_text()
+    for name in ("accuracy", "train_loss", "test_loss", "ranks", "uplink", "downlink"):
+        assert f"figures/{name}.png" in text and (tmp_path / "figures" / f"{name}.png").exists()
