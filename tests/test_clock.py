@@ -2,14 +2,19 @@
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_tree
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_tree
 from fedlora.clock import ModelShape, round_time, train_flops
 from fedlora.config import ConfigError, build_config
 from fedlora.data.encode import sample_batches
-from fedlora.devices import MBIT, DevicesConfig, DeviceProfile, mix_counts, resolve_profiles
+from fedlora.devices import (
+    MBIT,
+    DeviceProfile,
+    DevicesConfig,
+    mix_counts,
+    resolve_profiles,
+)
 from fedlora.runtime.inprocess import Federation
 from fedlora.train import classification_loss
 

@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_tree
+
 from fedlora.algorithms.base import FederationSetup, Update
 from fedlora.algorithms.hierfedlora import (
     HierFedLoRA,
@@ -16,7 +16,7 @@ from fedlora.algorithms.hierfedlora import (
     near_iid_groups,
 )
 from fedlora.config import ConfigError, build_config
-from fedlora.devices import PRESETS, DeviceProfile
+from fedlora.devices import DeviceProfile
 from fedlora.runtime.inprocess import Federation, Simulation
 from fedlora.runtime.outputs import read_metrics
 
@@ -42,7 +42,7 @@ def test_grouping_beats_random_groupings(kind):
     for seed in range(3):
         table = _skewed_table(seed=seed)
         groups = near_iid_groups(table.tolist(), 4, None, kind, seed)
-        assert sorted(sum(groups, [])) == list(range(20)) and all(len(g) <= 5 for g in groups)
+        assert sorted(k for g in groups for k in g) == list(range(20)) and all(len(g) <= 5 for g in groups)
         ours = _mean_distance(table, groups, kind)
         rng = np.random.default_rng(100 + seed)
         rand = [_mean_distance(table, np.array_split(rng.permutation(20), 4), kind) for _ in range(200)]
@@ -98,43 +98,29 @@ def test_layerwise_aggregation_over_groups_that_trained_each_layer():
     assert int(new["round"]) == 1
 
 
-def test_auto_plan_balances_group_times():
-    slow = DeviceProfile("low", PRESETS["low"].flops, 1e6, 1e6, 4)
-    fast = DeviceProfile("high", PRESETS["high"].flops, 1e7, 1e7, 64)
-    flops = lambda d, r: 1e11 * (1 + d)  # noqa: E731 - forward plus a backward per trained layer
-    counts = [[10, 0], [0, 10], [10, 0], [0, 10]]
-    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="auto", time_budget=0.6, tau_max=4),
-                       _setup(devices=[slow, fast, slow, fast], counts=counts, flops=flops))
-    state = algo.init_state()
-    # groups are near-IID {0,1} and {2,3}: each has a slow and a fast device, so both get one plan
-    plan = algo.plan(state)
-    budget = 0.6 * max(algo.cycle_seconds(m, 4) for m in algo.members(state))
-    for (tau, depth), row in zip(plan, algo.plan_table(state)):
-        assert row["planned_seconds"] <= budget and depth < 4
-    algo2 = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="auto", time_budget=0.6, tau_max=4),
-                        _setup(devices=[slow, slow, fast, fast], counts=[[10, 0], [10, 0], [0, 10], [0, 10]],
-                               flops=flops))
-    s2 = algo2.init_state()
-    groups = algo2.members(s2)
-    plan2 = {tuple(m): p for m, p in zip(groups, algo2.plan(s2))}
-    # near-IID grouping pairs a slow with a fast device here too
-    assert all(len({algo2.setup.devices[k].device_class for k in m}) == 2 for m in groups)
-    assert len(plan2) == 2
+def _forward_plus_depth(depth, rank):
+    return 1e11 * (1 + depth)  # a forward pass plus one backward unit per trained layer
 
 
-def test_faster_group_gets_more_work():
+def test_auto_plan_fits_the_budget_and_gives_fast_groups_more_work():
     slow = DeviceProfile("low", 1e11, 1e6, 1e6, 4)
     fast = DeviceProfile("high", 1e12, 1e8, 1e8, 64)
-    flops = lambda d, r: 1e11 * (1 + d)  # noqa: E731
-    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="auto", time_budget=1.0, tau_max=3),
-                       _setup(devices=[slow, slow, fast, fast], counts=[[10, 0], [10, 0], [10, 0], [10, 0]],
-                              flops=flops))
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="auto", time_budget=0.6, tau_max=3),
+                       _setup(devices=[slow, slow, fast, fast], flops=_forward_plus_depth))
     state = algo.init_state()
-    plan = {tuple(m): p for m, p in zip(algo.members(state), algo.plan(state))}
-    slow_group = next(p for m, p in plan.items() if 0 in m)
-    fast_group = next(p for m, p in plan.items() if 2 in m)
-    if {0, 1} in [set(m) for m in plan]:  # equal label tables: grouping may keep devices of a kind together
-        assert fast_group[0] * fast_group[1] > slow_group[0] * slow_group[1]
+    state["groups"] = torch.tensor([0, 0, 1, 1])  # group 0 all slow, group 1 all fast
+    (tau_s, d_s), (tau_f, d_f) = algo.plan(state)
+    budget = 0.6 * algo.cycle_seconds([0, 1], 4)  # the slowest group's full-depth cycle
+    for g, (tau, depth) in enumerate([(tau_s, d_s), (tau_f, d_f)]):
+        assert tau * algo.cycle_seconds(algo.members(state)[g], depth) <= budget
+    assert (tau_s, d_s) == (1, 1)  # 0.6 of its full-depth time: only the last layer fits
+    assert (tau_f, d_f) == (3, 4)  # ten times faster: full depth, τ_max cycles
+    # each device is near-IID grouped; with one slow and one fast device per group the plans agree
+    mixed = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="auto", time_budget=0.6),
+                        _setup(devices=[slow, fast, slow, fast], flops=_forward_plus_depth))
+    s2 = mixed.init_state()
+    s2["groups"] = torch.tensor([0, 0, 1, 1])
+    assert mixed.plan(s2)[0] == mixed.plan(s2)[1]
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -193,7 +179,10 @@ def test_tau_stages_happen_as_configured(data_dir, tmp_path, monkeypatch):
     assert calls == per_round * 2
 
 
-def test_bad_fixed_plan_is_a_config_error(data_dir):
-    with pytest.raises((ConfigError, ValueError), match="one value per group"):
-        Federation.build(build_config(tiny_tree(algorithm={"name": "hierfedlora", "groups": 2,
-                                                           "plan": "fixed", "tau": [1, 2, 3]})))
+def test_bad_options_fail_at_construction():
+    with pytest.raises(ValueError, match=r"algorithm.tau: need one value per group \(2 groups\), got 3"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[1, 2, 3]), _setup())
+    with pytest.raises(ValueError, match="algorithm.plan: auto needs device profiles"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2), _setup())
+    with pytest.raises(ConfigError, match="algorithm.distance"):
+        build_config(tiny_tree(algorithm={"name": "hierfedlora", "distance": "cosine"}))

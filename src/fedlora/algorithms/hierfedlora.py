@@ -29,7 +29,6 @@ their alternatives.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -154,6 +153,7 @@ class HierFedLoRA(Algorithm):
 
     def __init__(self, options: HierFedLoRAOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
+        self._plans: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self.rank = options.rank or min(setup.client_max_ranks)
         if self.rank > min(setup.client_max_ranks):
             raise ValueError(f"algorithm.rank: {self.rank} exceeds the smallest client max rank "
@@ -201,10 +201,12 @@ class HierFedLoRA(Algorithm):
         return max(self.setup.devices[k].seconds(flops, self.bytes_up(depth), down) for k in members)
 
     def plan(self, state: Tensors) -> list[tuple[int, int]]:
-        """(τ_g, d_g) per group."""
-        return self._plan(tuple(state["groups"].tolist()))
+        """(τ_g, d_g) per group (computed once per grouping)."""
+        groups = tuple(state["groups"].tolist())
+        if groups not in self._plans:
+            self._plans[groups] = self._plan(groups)
+        return self._plans[groups]
 
-    @lru_cache(maxsize=8)
     def _plan(self, groups: tuple[int, ...]) -> list[tuple[int, int]]:
         o, L = self.options, self.num_layers
         n = max(groups) + 1
@@ -232,7 +234,7 @@ class HierFedLoRA(Algorithm):
         for g, (m, (tau, depth)) in enumerate(zip(self.members(state), self.plan(state))):
             row = {"group": g, "members": m, "tau": tau, "depth": depth}
             if self.setup.devices and self.setup.train_flops is not None:
-                row["planned_seconds"] = tau * self.cycle_seconds(m, depth)
+                row["planned_seconds"] = round(float(tau * self.cycle_seconds(m, depth)), 4)
                 row["device_classes"] = sorted({self.setup.devices[k].device_class for k in m})
             rows.append(row)
         return rows
