@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from fedlora.data.task import FederatedTask
 
 _SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+ABOVE_LAYERS = 10**9  # a target outside the decoder layers (e.g. lm_head) sits above them all
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,8 @@ def loaded_modules(adapters: Adapters) -> list[LoRAModule]:
         if layer.A is None:
             continue
         i = layer_index(name)
-        if i is None:
-            raise ValueError(f"{name}: LoRA target outside the decoder layers; the clock cannot place it")
         out.append(LoRAModule(
-            i, layer.out_features, layer.in_features, layer.rank,
+            ABOVE_LAYERS if i is None else i, layer.out_features, layer.in_features, layer.rank,
             train_a=isinstance(layer.A, nn.Parameter), train_b=isinstance(layer.B, nn.Parameter),
             train_other=isinstance(layer.lam, nn.Parameter),
         ))

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from fedlora.algorithms import AlgorithmOptions
-from fedlora.devices import DevicesConfig, resolve_profiles
+from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
@@ -169,7 +169,7 @@ class RunConfig(Strict):
             raise ValueError(f"devices.assign: {len(assign)} entries for {n} clients")
         return self
 
-    def device_profiles(self) -> list:
+    def device_profiles(self) -> list[DeviceProfile]:
         """Each client's DeviceProfile (seeded; the reference preset when no devices are given)."""
         return resolve_profiles(self.devices, self.federation.num_clients, self.seed)
 
@@ -195,6 +195,8 @@ def _format_error(err: ValidationError, algorithm_name: str | None) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    if not loc and msg.split(":", 1)[0].replace("_", "").replace(".", "").isalnum():
+        return f"config error: {msg}"  # a whole-config check that names its field itself
     return f"config error: {'.'.join(loc) or '<root>'}: {msg}"
 
 
