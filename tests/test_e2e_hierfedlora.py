@@ -59,8 +59,8 @@ def test_shallow_depth_is_measurably_faster(data_dir):
     step(30), step(2)  # warm-up
     times = {30: [], 2: []}
     for _ in range(5):
-        for d in times:
-            times[d].append(step(d)[0])
+        for d, ts in times.items():
+            ts.append(step(d)[0])
     ratio = statistics.median(times[2]) / statistics.median(times[30])
     flop_ratio = step(2)[1] / step(30)[1]
     fed.adapters.clear()
