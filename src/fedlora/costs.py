@@ -86,16 +86,16 @@ def method_cost_rows(
     shapes: ArchitectureShapes, ranks: list[int], total_params: int | None = None
 ) -> list[tuple[str, str, float]]:
     """(method, what clients train, cost %) for each method, averaged over clients."""
+    from fedlora.algorithms import ALGORITHMS
+
     total = total_params or shapes.total_params
-    r_min = [min(ranks)] * len(ranks)
-    rows = [
-        ("fedit", f"A and B at the common rank {min(ranks)}", "AB", r_min),
-        ("flora / flexlora / hetlora", "A and B at each client's rank", "AB", ranks),
-        ("ffa-lora", f"B only at the common rank {min(ranks)}", "B", r_min),
-        ("aflora", "B and λ at each client's max rank (before pruning: an upper bound)", "B+lam", ranks),
-    ]
+    what = {"AB": "A and B", "B": "B only", "B+lam": "B and λ"}
     out = []
-    for method, what, trains, rr in rows:
-        params = per_client_params(shapes.modules, rr, trains)
-        out.append((method, what, 100.0 * sum(params) / len(params) / total))
+    for method, algo in ALGORITHMS.items():
+        rr = [min(ranks)] * len(ranks) if algo.homogeneous else ranks
+        where = f"at the common rank {min(ranks)}" if algo.homogeneous else "at each client's max rank"
+        if method == "aflora":
+            where += " (before pruning: an upper bound)"
+        params = per_client_params(shapes.modules, rr, algo.trains)
+        out.append((method, f"{what[algo.trains]} {where}", 100.0 * sum(params) / len(params) / total))
     return out

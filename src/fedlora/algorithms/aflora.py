@@ -151,6 +151,7 @@ def fuse(A: Tensor, A_ft: Tensor, alpha: float) -> Tensor:
 
 class AFLoRA(Algorithm):
     name = "aflora"
+    trains = "B+lam"
     options: AFLoRAOptions
 
     def __init__(self, options: AFLoRAOptions, setup: FederationSetup) -> None:

@@ -111,6 +111,10 @@ class Algorithm(ABC):
     """One federated LoRA method: server init/payload/aggregate and the client's round."""
 
     name: ClassVar[str]
+    trains: ClassVar[str] = "AB"
+    """What a client trains and uploads ("AB", "B" or "B+lam"): the static cost figure."""
+    homogeneous: ClassVar[bool] = False
+    """True when every client trains at the weakest client's rank."""
 
     def __init__(self, options: MethodOptions, setup: FederationSetup) -> None:
         self.options = options

@@ -40,6 +40,7 @@ class FedITOptions(MethodOptions):
 
 class FedIT(Algorithm):
     name = "fedit"
+    homogeneous = True
 
     def __init__(self, options: FedITOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)

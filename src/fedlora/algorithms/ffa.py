@@ -46,6 +46,8 @@ def frozen_A(setup: FederationSetup, rank: int) -> Tensors:
 
 class FFALoRA(Algorithm):
     name = "ffa"
+    trains = "B"
+    homogeneous = True
 
     def __init__(self, options: FFALoRAOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
