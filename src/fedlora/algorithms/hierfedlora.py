@@ -45,6 +45,7 @@ from fedlora.algorithms.base import (
     ServerContext,
     Tensors,
     Update,
+    common_rank,
     data_weights,
     kaiming_rows,
     weighted_sum,
@@ -150,14 +151,12 @@ def swap_refine(table: np.ndarray, members: list[list[int]], target: np.ndarray,
 
 class HierFedLoRA(Algorithm):
     name = "hierfedlora"
+    homogeneous = True  # A and B at one rank; the static cost row is its full-depth upper bound
 
     def __init__(self, options: HierFedLoRAOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
         self._plans: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        self.rank = options.rank or min(setup.client_max_ranks)
-        if self.rank > min(setup.client_max_ranks):
-            raise ValueError(f"algorithm.rank: {self.rank} exceeds the smallest client max rank "
-                             f"{min(setup.client_max_ranks)}")
+        self.rank = common_rank(options.rank, setup.client_max_ranks)
         self.num_layers = setup.num_layers or 1 + max(
             (i for i in setup.module_layers.values() if i is not None), default=0)
         missing = [m for m in setup.module_shapes if setup.module_layers.get(m) is None]
