@@ -4,6 +4,7 @@ produce their tables and figures and resume."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedlora.config import build_config
-from fedlora.export import compress, export_run
+from fedlora.export import compress, export_run, load_run, write_peft
 from fedlora.models import load_base_model
 from fedlora.runtime.inprocess import Simulation
 
@@ -55,12 +56,24 @@ def test_peft_and_merged_exports_reproduce_our_logits(data_dir, tmp_path, method
         torch.testing.assert_close(merged(IDS).logits, ours, rtol=1e-4, atol=1e-5)
 
 
-def test_per_module_ranks_reach_the_adapter_config(data_dir, tmp_path):
+def test_per_module_ranks_reach_peft(data_dir, tmp_path):
+    """Modules of different ranks (rank_pattern / alpha_pattern) load and compute correctly."""
     Simulation(build_config(tiny_tree(algorithm={"name": "hetlora"}, federation={"rounds": 1})),
                tmp_path / "run", progress=False).run()
-    info = export_run(tmp_path / "run", "peft", tmp_path / "peft", rank=3)
-    config = yaml.safe_load((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["r"] == 3 and info["ranks"] == [3] and 0 < info["relative_error"] < 1
+    run = load_run(tmp_path / "run")
+    first = min(run.update)
+    B, A, _ = compress(*run.update[first], 1)
+    run.update[first] = (B, A)
+    write_peft(tmp_path / "peft", run, run.update)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {first: 1} and config["alpha_pattern"] == {first: 1}
+    base, _ = load_base_model("tiny-llama", seed=0)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft"))(IDS).logits
+        run.adapters.merge(run.update)
+        torch.testing.assert_close(theirs, run.model(IDS).logits, rtol=1e-4, atol=1e-5)
+    info = export_run(tmp_path / "run", "peft", tmp_path / "peft3", rank=3)
+    assert info["ranks"] == [3] and 0 < info["relative_error"] < 1
 
 
 def test_compress_error_is_the_discarded_singular_values():

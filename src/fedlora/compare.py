@@ -227,13 +227,13 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     text = [
         "# Comparison\n",
         f"Command: `{shlex.join(['fedlora', *sys.argv[1:]])}`\n" if sys.argv[1:2] == ["compare"] else "",
-        f"Seeds: {sorted({r.seed for r in runs})}. Every method ran on the same client partition, test "
-        f"subset and budget; the resolved configs are in each run directory (e.g. {cfg_note}).\n",
-        "Accuracy is on the test subset after the last round (final) and the best evaluated round "
-        "(best); ± is the standard deviation over seeds. Client cost is the paper's metric: "
-        "parameters a client trains or uploads over the base model's parameter count, averaged over "
-        "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
-        "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n",
+        (f"Seeds: {sorted({r.seed for r in runs})}. Every method ran on the same client partition, test "
+         f"subset and budget; the resolved configs are in each run directory (e.g. {cfg_note}).\n"),
+        ("Accuracy is on the test subset after the last round (final) and the best evaluated round "
+         "(best); ± is the standard deviation over seeds. Client cost is the paper's metric: "
+         "parameters a client trains or uploads over the base model's parameter count, averaged over "
+         "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
+         "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),
         markdown_table(rows),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, done, target) if done else "",

@@ -51,8 +51,8 @@ def write_report(run_dir: Path) -> Path:
         "## Rejected updates\n",
         *([f"- round {t}: client {x['client']}: {x['reason']}" for t, x in rejected] or ["none"]),
         "",
-        "The resolved config is `config.yaml`, the environment `environment.json`, the "
-        "per-round metrics `metrics.jsonl`.\n",
+        ("The resolved config is `config.yaml`, the environment `environment.json`, the "
+         "per-round metrics `metrics.jsonl`.\n"),
     ]
     out = run_dir / "report.md"
     out.write_text("\n".join(text))
