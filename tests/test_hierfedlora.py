@@ -183,6 +183,10 @@ def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match=r"algorithm.tau: need one value per group \(2 groups\), got 3"):
         HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[1, 2, 3]), _setup())
     with pytest.raises(ValueError, match="algorithm.plan: auto needs device profiles"):
-        HierFedLoRA(HierFedLoRAOptions(groups=2), _setup())
+        HierFedLoRA(HierFedLoRAOptions(groups=2), _setup()).init_state()
+    bare = FederationSetup(module_shapes=_setup().module_shapes, client_max_ranks=[2] * 4, num_examples=[1] * 4,
+                           scaling=1.0, seed=0)  # what `fedlora export` knows
+    factors = {f"{n}.{f}": torch.ones(2) for n in bare.module_shapes for f in "AB"}
+    assert set(HierFedLoRA(HierFedLoRAOptions(), bare).eval_factors({**factors, "groups": torch.zeros(4)})) == set(factors)
     with pytest.raises(ConfigError, match="algorithm.distance"):
         build_config(tiny_tree(algorithm={"name": "hierfedlora", "distance": "cosine"}))

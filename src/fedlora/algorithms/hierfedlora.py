@@ -157,21 +157,29 @@ class HierFedLoRA(Algorithm):
         super().__init__(options, setup)
         self._plans: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self.rank = common_rank(options.rank, setup.client_max_ranks)
-        self.num_layers = setup.num_layers or 1 + max(
-            (i for i in setup.module_layers.values() if i is not None), default=0)
-        missing = [m for m in setup.module_shapes if setup.module_layers.get(m) is None]
-        if missing:
-            raise ValueError(f"model.target_modules: {missing[0]} is not inside a decoder layer (depth needs one)")
-        if options.min_depth > self.num_layers:
-            raise ValueError(f"algorithm.min_depth: {options.min_depth} exceeds the {self.num_layers} layers")
-        if options.plan == "auto" and (not setup.devices or setup.train_flops is None):
-            raise ValueError("algorithm.plan: auto needs device profiles and a FLOP model from the runtime")
-        if not setup.label_counts:
-            raise ValueError("algorithm: hierfedlora needs each client's label counts for grouping")
         n = min(options.groups, len(setup.num_examples))
         for field, value in (("tau", options.tau), ("depth", options.depth)):
             if isinstance(value, list) and len(value) != n:
                 raise ValueError(f"algorithm.{field}: need one value per group ({n} groups), got {len(value)}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.setup.num_layers or 1 + max((i for i in self.setup.module_layers.values() if i is not None),
+                                                default=0)
+
+    def check_setup(self) -> None:
+        """What grouping and planning need from the runtime (eval_factors needs none of it, so
+        `fedlora export` can build the method from shapes alone)."""
+        o, setup = self.options, self.setup
+        missing = [m for m in setup.module_shapes if setup.module_layers.get(m) is None]
+        if missing:
+            raise ValueError(f"model.target_modules: {missing[0]} is not inside a decoder layer (depth needs one)")
+        if o.min_depth > self.num_layers:
+            raise ValueError(f"algorithm.min_depth: {o.min_depth} exceeds the {self.num_layers} layers")
+        if o.plan == "auto" and (not setup.devices or setup.train_flops is None):
+            raise ValueError("algorithm.plan: auto needs device profiles and a FLOP model from the runtime")
+        if not setup.label_counts:
+            raise ValueError("algorithm: hierfedlora needs each client's label counts for grouping")
 
     # ---- grouping and plan -------------------------------------------------------------
     def grouping(self, epoch: int) -> list[list[int]]:
@@ -240,6 +248,7 @@ class HierFedLoRA(Algorithm):
 
     # ---- protocol ----------------------------------------------------------------------
     def init_state(self) -> Tensors:
+        self.check_setup()
         g = torch.Generator().manual_seed(self.setup.seed)
         state: Tensors = {}
         for name, (m, n) in self.setup.module_shapes.items():
