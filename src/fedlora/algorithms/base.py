@@ -212,3 +212,37 @@ def kaiming_rows(r: int, n: int, generator: torch.Generator) -> Tensor:
     """PEFT's default A init: uniform(±1/√n), i.e. kaiming_uniform with a=√5."""
     bound = 1.0 / n**0.5
     return (torch.rand(r, n, generator=generator) * 2 - 1) * bound
+
+
+def lora_init(module_shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) -> Tensors:
+    """Plain LoRA's start for every module: A with PEFT's init (seeded), B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    state: Tensors = {}
+    for name, (m, n) in module_shapes.items():
+        state[f"{name}.A"] = kaiming_rows(rank, n, g)
+        state[f"{name}.B"] = torch.zeros(m, rank)
+    return state
+
+
+def factor_shapes(module_shapes: Mapping[str, tuple[int, int]], rank: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of A (r × n) and B (m × r) for every module."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (m, n) in module_shapes.items():
+        shapes[f"{name}.A"] = (rank, n)
+        shapes[f"{name}.B"] = (m, rank)
+    return shapes
+
+
+def train_loaded(ctx: ClientContext, rank: float, upload: tuple[str, ...] = (".A", ".B")) -> Update:
+    """Train the trainable factors loaded in ctx.adapters; upload the factors named by `upload`.
+    What a plain-LoRA client does (FedIT, FFA-LoRA, FLoRA, FlexLoRA)."""
+    losses = ctx.train([(ctx.adapters.trainable_parameters(), ctx.lr)])
+    tensors = {k: v for k, v in ctx.adapters.state().items() if k.endswith(upload)}
+    params = sum(t.numel() for t in tensors.values())
+    metrics = {
+        "train_loss": sum(losses) / len(losses),
+        "rank": float(rank),
+        "trained_params": params,
+        "uploaded_params": params,
+    }
+    return Update(ctx.client_id, tensors, ctx.num_examples, metrics)

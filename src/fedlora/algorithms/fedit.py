@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from fedlora.algorithms.base import (
@@ -27,7 +26,8 @@ from fedlora.algorithms.base import (
     Update,
     common_rank,
     data_weights,
-    kaiming_rows,
+    lora_init,
+    train_loaded,
     weighted_sum,
 )
 
@@ -47,12 +47,7 @@ class FedIT(Algorithm):
         self.rank = common_rank(options.rank, setup.client_max_ranks)
 
     def init_state(self) -> Tensors:
-        g = torch.Generator().manual_seed(self.setup.seed)
-        state: Tensors = {}
-        for name, (m, n) in self.setup.module_shapes.items():
-            state[f"{name}.A"] = kaiming_rows(self.rank, n, g)
-            state[f"{name}.B"] = torch.zeros(m, self.rank)
-        return state
+        return lora_init(self.setup.module_shapes, self.rank, self.setup.seed)
 
     def payload(self, state: Tensors, client_id: int) -> Message:
         return Message(tensors=dict(state))
@@ -61,16 +56,7 @@ class FedIT(Algorithm):
         self, ctx: ClientContext, payload: Message, client_state: Tensors
     ) -> tuple[Update, Tensors]:
         ctx.adapters.load(payload.tensors, trainable={"A", "B"})
-        losses = ctx.train([(ctx.adapters.trainable_parameters(), ctx.lr)])
-        tensors = ctx.adapters.state()
-        params = sum(t.numel() for t in tensors.values())
-        metrics = {
-            "train_loss": sum(losses) / len(losses),
-            "rank": float(self.rank),
-            "trained_params": params,
-            "uploaded_params": params,
-        }
-        return Update(ctx.client_id, tensors, ctx.num_examples, metrics), client_state
+        return train_loaded(ctx, self.rank), client_state
 
     def expected_shapes(self, state: Tensors, update: Update) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in state.items()}

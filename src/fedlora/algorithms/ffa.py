@@ -28,6 +28,7 @@ from fedlora.algorithms.base import (
     common_rank,
     data_weights,
     kaiming_rows,
+    train_loaded,
     weighted_sum,
 )
 
@@ -64,16 +65,7 @@ class FFALoRA(Algorithm):
         self, ctx: ClientContext, payload: Message, client_state: Tensors
     ) -> tuple[Update, Tensors]:
         ctx.adapters.load({**self.A, **payload.tensors}, trainable={"B"})
-        losses = ctx.train([(ctx.adapters.trainable_parameters(), ctx.lr)])
-        tensors = {k: v for k, v in ctx.adapters.state().items() if k.endswith(".B")}
-        params = sum(t.numel() for t in tensors.values())
-        metrics = {
-            "train_loss": sum(losses) / len(losses),
-            "rank": float(self.rank),
-            "trained_params": params,
-            "uploaded_params": params,
-        }
-        return Update(ctx.client_id, tensors, ctx.num_examples, metrics), client_state
+        return train_loaded(ctx, self.rank, upload=(".B",)), client_state
 
     def expected_shapes(self, state: Tensors, update: Update) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in state.items()}

@@ -32,7 +32,9 @@ from fedlora.algorithms.base import (
     Tensors,
     Update,
     data_weights,
-    kaiming_rows,
+    factor_shapes,
+    lora_init,
+    train_loaded,
 )
 
 
@@ -72,12 +74,7 @@ class FlexLoRA(Algorithm):
 
     def init_state(self) -> Tensors:
         """Round 1 starts like FedIT's LoRA: random A at r_max (clients take their rows), B = 0."""
-        g = torch.Generator().manual_seed(self.setup.seed)
-        state: Tensors = {}
-        for name, (m, n) in self.setup.module_shapes.items():
-            state[f"{name}.A"] = kaiming_rows(self.r_max, n, g)
-            state[f"{name}.B"] = torch.zeros(m, self.r_max)
-        return state
+        return lora_init(self.setup.module_shapes, self.r_max, self.setup.seed)
 
     def payload(self, state: Tensors, client_id: int) -> Message:
         r = self.setup.client_max_ranks[client_id]
@@ -89,26 +86,11 @@ class FlexLoRA(Algorithm):
     def client_train(
         self, ctx: ClientContext, payload: Message, client_state: Tensors
     ) -> tuple[Update, Tensors]:
-        r = self.setup.client_max_ranks[ctx.client_id]
         ctx.adapters.load(payload.tensors, trainable={"A", "B"})
-        losses = ctx.train([(ctx.adapters.trainable_parameters(), ctx.lr)])
-        tensors = {k: v for k, v in ctx.adapters.state().items() if k.endswith((".A", ".B"))}
-        params = sum(t.numel() for t in tensors.values())
-        metrics = {
-            "train_loss": sum(losses) / len(losses),
-            "rank": float(r),
-            "trained_params": params,
-            "uploaded_params": params,
-        }
-        return Update(ctx.client_id, tensors, ctx.num_examples, metrics), client_state
+        return train_loaded(ctx, self.setup.client_max_ranks[ctx.client_id]), client_state
 
     def expected_shapes(self, state: Tensors, update: Update) -> dict[str, tuple[int, ...]]:
-        r = self.setup.client_max_ranks[update.client_id]
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, (m, n) in self.setup.module_shapes.items():
-            shapes[f"{name}.A"] = (r, n)
-            shapes[f"{name}.B"] = (m, r)
-        return shapes
+        return factor_shapes(self.setup.module_shapes, self.setup.client_max_ranks[update.client_id])
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)

@@ -30,7 +30,9 @@ from fedlora.algorithms.base import (
     Tensors,
     Update,
     data_weights,
+    factor_shapes,
     kaiming_rows,
+    train_loaded,
 )
 
 ROUND = "round"
@@ -74,24 +76,10 @@ class FLoRA(Algorithm):
             factors[f"{name}.A"] = kaiming_rows(r, n, g)
             factors[f"{name}.B"] = torch.zeros(m, r)
         ctx.adapters.load(factors, trainable={"A", "B"})
-        losses = ctx.train([(ctx.adapters.trainable_parameters(), ctx.lr)])
-        tensors = {k: v for k, v in ctx.adapters.state().items() if k.endswith((".A", ".B"))}
-        params = sum(t.numel() for t in tensors.values())
-        metrics = {
-            "train_loss": sum(losses) / len(losses),
-            "rank": float(r),
-            "trained_params": params,
-            "uploaded_params": params,
-        }
-        return Update(ctx.client_id, tensors, ctx.num_examples, metrics), client_state
+        return train_loaded(ctx, r), client_state
 
     def expected_shapes(self, state: Tensors, update: Update) -> dict[str, tuple[int, ...]]:
-        r = self.setup.client_max_ranks[update.client_id]
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, (m, n) in self.setup.module_shapes.items():
-            shapes[f"{name}.A"] = (r, n)
-            shapes[f"{name}.B"] = (m, r)
-        return shapes
+        return factor_shapes(self.setup.module_shapes, self.setup.client_max_ranks[update.client_id])
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)

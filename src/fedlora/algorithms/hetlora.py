@@ -37,7 +37,8 @@ from fedlora.algorithms.base import (
     ServerContext,
     Tensors,
     Update,
-    kaiming_rows,
+    factor_shapes,
+    lora_init,
     weighted_sum,
 )
 
@@ -99,11 +100,8 @@ class HETLoRA(Algorithm):
             raise ValueError("algorithm.min_rank: exceeds the smallest client max rank")
 
     def init_state(self) -> Tensors:
-        g = torch.Generator().manual_seed(self.setup.seed)
-        state: Tensors = {RANKS: torch.tensor(self.setup.client_max_ranks)}
-        for name, (m, n) in self.setup.module_shapes.items():
-            state[f"{name}.A"] = kaiming_rows(self.r_max, n, g)
-            state[f"{name}.B"] = torch.zeros(m, self.r_max)
+        state = lora_init(self.setup.module_shapes, self.r_max, self.setup.seed)
+        state[RANKS] = torch.tensor(self.setup.client_max_ranks)
         return state
 
     def payload(self, state: Tensors, client_id: int) -> Message:
@@ -157,11 +155,7 @@ class HETLoRA(Algorithm):
         r, current = A.shape[0], int(state[RANKS][update.client_id])
         if not self.options.min_rank <= r <= current:
             raise InvalidUpdate(f"rank {r} outside [{self.options.min_rank}, {current}] (ranks only shrink)")
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, (m, n) in self.setup.module_shapes.items():
-            shapes[f"{name}.A"] = (r, n)
-            shapes[f"{name}.B"] = (m, r)
-        return shapes
+        return factor_shapes(self.setup.module_shapes, r)
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         ranks = state[RANKS].clone()
