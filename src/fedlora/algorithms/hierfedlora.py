@@ -47,7 +47,7 @@ from fedlora.algorithms.base import (
     Update,
     common_rank,
     data_weights,
-    kaiming_rows,
+    lora_init,
     weighted_sum,
 )
 
@@ -249,11 +249,7 @@ class HierFedLoRA(Algorithm):
     # ---- protocol ----------------------------------------------------------------------
     def init_state(self) -> Tensors:
         self.check_setup()
-        g = torch.Generator().manual_seed(self.setup.seed)
-        state: Tensors = {}
-        for name, (m, n) in self.setup.module_shapes.items():
-            state[f"{name}.A"] = kaiming_rows(self.rank, n, g)
-            state[f"{name}.B"] = torch.zeros(m, self.rank)
+        state = lora_init(self.setup.module_shapes, self.rank, self.setup.seed)
         groups = torch.zeros(len(self.setup.num_examples), dtype=torch.long)
         for j, members in enumerate(self.grouping(0)):
             groups[members] = j
