@@ -104,7 +104,7 @@ def test_compare_writes_table_and_figures_and_resumes(data_dir, tmp_path):
     assert [r["method"] for r in rows] == ["aflora", "hetlora", "fedit"]
     assert all(r["seeds"] == "2" and 0 <= float(r["final_accuracy_mean"]) <= 1 for r in rows)
     assert float(rows[0]["client_cost_percent"]) < float(rows[1]["client_cost_percent"])  # B+λ < A+B
-    for png in ("accuracy_vs_round", "accuracy_vs_uplink", "ranks_per_client"):
+    for png in ("accuracy_vs_round", "accuracy_vs_uplink", "ranks_per_client", "accuracy_vs_sim_time"):
         assert (out / f"{png}.png").stat().st_size > 1000
     saved = yaml.safe_load((out / "seed_1" / "hetlora" / "config.yaml").read_text())
     assert saved["algorithm"]["gamma"] == 0.5 and saved["seed"] == 1

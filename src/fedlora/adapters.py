@@ -12,6 +12,7 @@ layer handles both.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -29,6 +30,12 @@ def module_shape(base: nn.Module) -> tuple[int, int]:
         n, m = base.weight.shape
         return m, n
     raise TypeError(f"LoRA target must be nn.Linear or Conv1D, got {type(base).__name__}")
+
+
+def layer_index(module_name: str) -> int | None:
+    """Decoder layer of a module name (`model.layers.12.self_attn.q_proj` → 12), None outside layers."""
+    match = re.search(r"\.(\d+)(?:\.|$)", module_name)
+    return int(match.group(1)) if match else None
 
 
 def find_targets(model: nn.Module, target_modules: Iterable[str]) -> dict[str, nn.Module]:

@@ -34,6 +34,7 @@ from fedlora.config import (
 )
 from fedlora.plots import accuracy_curves, ranks_per_client
 from fedlora.runtime.outputs import environment, read_metrics, write_json
+from fedlora.tta import write_tta
 
 log = logging.getLogger("fedlora")
 
@@ -99,7 +100,7 @@ def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path,
-                   overrides: list[str], progress: bool = True) -> list[MethodRun]:
+                   overrides: list[str], progress: bool = True, target: float | None = None) -> list[MethodRun]:
     from fedlora.runtime.inprocess import Simulation
 
     configs = method_configs(config, methods, seeds, overrides)
@@ -119,7 +120,7 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
         except Exception as err:  # one failing method must not cost the others their results
             log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
             run.error = f"{type(err).__name__}: {err}"
-    write_comparison(out, runs, methods)
+    write_comparison(out, runs, methods, target)
     return runs
 
 
@@ -196,8 +197,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(out: Path, runs: list[MethodRun], methods: list[str]) -> list[dict[str, Any]]:
-    """comparison.csv, comparison.md and the PNG figures from the finished runs in `out`."""
+def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
+                     target: float | None = None) -> list[dict[str, Any]]:
+    """comparison.csv, comparison.md and the PNG figures from the finished runs in `out`
+    (with time to `target` accuracy on the simulated clock: fedlora.tta)."""
     histories: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
     for run in runs:
         if run.done:
@@ -233,6 +236,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str]) -> li
          "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),
         markdown_table(rows),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
+        write_tta(out, done, target) if done else "",
     ]
     if failed:
         text.append("\n## Failed runs\n\n" + "".join(f"- {r.method} seed {r.seed}: {r.error}\n" for r in failed))

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from fedlora.algorithms import AlgorithmOptions
+from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
@@ -236,6 +237,43 @@ class RunConfig(Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     algorithm: AlgorithmOptions = Field(discriminator="name")
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ranks_from_devices(cls, tree: Any) -> Any:
+        """`devices.max_ranks: devices` fills federation.client_max_ranks from the profiles."""
+        dev = tree.get("devices") if isinstance(tree, dict) else None
+        if not isinstance(dev, dict) or dev.get("max_ranks") != "devices":
+            return tree
+        try:
+            devices = DevicesConfig.model_validate(dev)
+        except ValidationError:
+            return tree  # the field validation below reports it
+        fed = dict(tree.get("federation") or {})
+        if "client_max_ranks" in fed:
+            raise ValueError("federation.client_max_ranks: leave it unset when devices.max_ranks is devices")
+        n = fed.get("num_clients", 10)
+        if not isinstance(n, int) or n < 1:
+            return tree
+        try:
+            profiles = resolve_profiles(devices, n, int(tree.get("seed", 0)))
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        fed["client_max_ranks"] = [p.max_rank for p in profiles]
+        return {**tree, "federation": fed}
+
+    @model_validator(mode="after")
+    def _devices_fit(self) -> RunConfig:
+        n, assign = self.federation.num_clients, self.devices.assign
+        if assign is not None and len(assign) != n:
+            raise ValueError(f"devices.assign: {len(assign)} entries for {n} clients")
+        return self
+
+    def device_profiles(self) -> list[DeviceProfile]:
+        """Each client's DeviceProfile (seeded; the reference preset when no devices are given)."""
+        return resolve_profiles(self.devices, self.federation.num_clients, self.seed)
 
     @property
     def scaling(self) -> float:
@@ -259,6 +297,8 @@ def _format_error(err: ValidationError, algorithm_name: str | None) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    if not loc and msg.split(":", 1)[0].replace("_", "").replace(".", "").isalnum():
+        return f"config error: {msg}"  # a whole-config check that names its field itself
     return f"config error: {'.'.join(loc) or '<root>'}: {msg}"
 
 

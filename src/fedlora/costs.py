@@ -96,6 +96,8 @@ def method_cost_rows(
         where = f"at the common rank {min(ranks)}" if algo.homogeneous else "at each client's max rank"
         if method == "aflora":
             where += " (before pruning: an upper bound)"
+        if method == "hierfedlora":
+            where += " (full depth: an upper bound)"
         params = per_client_params(shapes.modules, rr, algo.trains)
         out.append((method, f"{what[algo.trains]} {where}", 100.0 * sum(params) / len(params) / total))
     return out

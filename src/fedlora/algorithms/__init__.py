@@ -13,13 +13,15 @@ from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
 from fedlora.algorithms.flexlora import FlexLoRA, FlexLoRAOptions
 from fedlora.algorithms.flora import FLoRA, FLoRAOptions
 from fedlora.algorithms.hetlora import HETLoRA, HETLoRAOptions
+from fedlora.algorithms.hierfedlora import HierFedLoRA, HierFedLoRAOptions
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FLoRA, FlexLoRA, HETLoRA)
+    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FLoRA, FlexLoRA, HETLoRA, HierFedLoRA)
 }
 
 AlgorithmOptions = Annotated[
-    AFLoRAOptions | FedITOptions | FFALoRAOptions | FLoRAOptions | FlexLoRAOptions | HETLoRAOptions,
+    AFLoRAOptions | FedITOptions | FFALoRAOptions | FLoRAOptions | FlexLoRAOptions | HETLoRAOptions
+    | HierFedLoRAOptions,
     Field(discriminator="name"),
 ]
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from fedlora.adapters import Adapters
+from fedlora.devices import DeviceProfile
 
 Tensors = dict[str, Tensor]
 Scalar = int | float | str | bool
@@ -65,6 +66,14 @@ class FederationSetup:
     num_examples: list[int]
     scaling: float
     seed: int
+    # Used by methods that plan for the devices (HierFedLoRA); filled by the runtimes.
+    module_layers: Mapping[str, int] = field(default_factory=dict)  # module → decoder layer index
+    num_layers: int = 0  # decoder layers of the model
+    label_counts: list[list[int]] = field(default_factory=list)  # examples per client per class
+    devices: list[DeviceProfile] = field(default_factory=list)  # one per client
+    train_flops: Callable[[int, int], float] | None = None
+    """FLOPs of one client's local training with LoRA of rank r trained in the last d layers:
+    train_flops(d, r) (a planning estimate from the simulated clock)."""
 
 
 class ClientContext(Protocol):
@@ -136,6 +145,21 @@ class Algorithm(ABC):
     def eval_factors(self, state: Tensors) -> Tensors:
         """Adapter factors the global model is evaluated with (empty: all merged in the base)."""
         return {}
+
+    # Multi-stage rounds (HierFedLoRA's intra-group cycles). A round is a list of stages; in
+    # each stage some clients train (payload → client_train, as always); between stages the
+    # server calls aggregate_stage; after the last stage it calls aggregate as usual. Clients
+    # are keyed by lane (a group); lanes run in parallel, stages within a lane one after another
+    # (the simulated clock sums a lane's stages). A one-stage, one-lane round is the default,
+    # so single-stage methods need nothing, and a Flower server drives stages the same way
+    # (one message round per stage).
+    def stages(self, state: Tensors, selected: list[int]) -> list[dict[int, list[int]]]:
+        """Per stage, lane → clients that train in it. Default: one stage, every selected client."""
+        return [{0: list(selected)}]
+
+    def aggregate_stage(self, state: Tensors, updates: list[Update], stage: int) -> Tensors:
+        """The state after an intermediate stage (every stage but the last)."""
+        raise NotImplementedError(f"{self.name} has single-stage rounds")
 
     def validate(self, state: Tensors, update: Update) -> None:
         """Raise InvalidUpdate when the update cannot be aggregated."""

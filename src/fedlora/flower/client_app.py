@@ -134,10 +134,12 @@ def train(msg: Message, context: Context) -> Message:
         tensors=from_arrays(msg.content.array_records["payload"]),
         config=dict(msg.content.config_records["payload-config"]),
     )
-    update, new_state = fed.algorithm.client_train(fed.client(k, round_), payload, store.load_state(state_round))
+    ctx = fed.client(k, round_)
+    update, new_state = fed.algorithm.client_train(ctx, payload, store.load_state(state_round))
     store.save_state(round_, new_state, keep_from=state_round)
 
     metrics = {key: float(v) for key, v in update.metrics.items()}
+    metrics["flops"] = float(ctx.flops)  # the server's simulated clock
     content = RecordDict({
         "update": to_arrays(update.tensors),
         "metrics": MetricRecord(metrics),

@@ -127,6 +127,11 @@ class FlowerRun(Simulation):
         `_train_clients` with Flower as the transport). Client state stays on the clients."""
         self._wait_for_nodes()
         algo = fed.algorithm
+        if len(algo.stages(ckpt.state, selected)) > 1:
+            raise NotImplementedError(
+                f"{algo.name}: methods with intra-round stages (HierFedLoRA's τ_g cycles) run in-process "
+                "only; the Flower server drives single-stage rounds"
+            )
         config_yaml = dump_config(self.cfg)
         rejected: list[dict[str, Any]] = []
         sent: dict[int, tuple[int, Any]] = {}  # node → (partition, payload)
@@ -172,14 +177,14 @@ class FlowerRun(Simulation):
             record = accept_update(fed, ckpt.state, t, update, payload, seconds, rejected)
             if record is not None:
                 updates.append(update)
-                clients.append(record)
+                clients.append({**record, "flops": metrics.pop("flops", 0.0), "stage": 0, "lane": 0})
             on_client()
         if len(updates) < self.min_clients:
             raise RuntimeError(
                 f"round {t}: {len(updates)} accepted updates, fewer than min-clients={self.min_clients} "
                 f"(failures: {rejected}); the run stopped after round {t - 1}: resume it with --resume"
             )
-        return updates, clients, rejected, ckpt.client_states
+        return ckpt.state, updates, clients, rejected, ckpt.client_states
 
 
     def _exchange(self, messages: list[Message]) -> dict[int, tuple[Message, float]]:

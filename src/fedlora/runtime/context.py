@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms.base import ParamGroups
+from fedlora.clock import train_flops
 from fedlora.data.encode import Encoded, sample_batches
 from fedlora.train import classification_loss, lm_loss, train_steps
 
@@ -44,6 +45,7 @@ class LocalClient:
     compute_dtype: str = "float32"
     task: str = "classification"
     """`instruction`: causal-LM loss on response tokens instead of the label-token loss."""
+    flops: float = 0.0  # training FLOPs so far (fedlora.clock), for the simulated clock
 
     @property
     def num_examples(self) -> int:
@@ -55,8 +57,11 @@ class LocalClient:
         batches = sample_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
         if self.task == "instruction":
             loss_fn = lambda b: lm_loss(self.model, b)
+            rows = None  # the vocabulary at response positions
         else:
             loss_fn = lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode)
+            rows = len(self.label_ids) if self.loss_mode == "classes" else None
+        self.flops += train_flops(self.model, self.adapters, batches, rows)
         return train_steps(
             param_groups,
             batches,

@@ -37,9 +37,11 @@ from fedlora.algorithms.base import (
     Update,
     first_non_finite,
 )
+from fedlora.clock import device_setup, simulated_round
 from fedlora.config import RunConfig
 from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
+from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
@@ -74,6 +76,7 @@ class Federation:
     task: FederatedTask
     algorithm: Algorithm
     total_params: int
+    profiles: list[DeviceProfile]
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
@@ -84,26 +87,33 @@ class Federation:
         total = base_parameter_count(model)
         adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
         task = build_task(cfg, tokenizer)
+        profiles = cfg.device_profiles()
         setup = FederationSetup(
             module_shapes=adapters.shapes(),
             client_max_ranks=list(cfg.federation.client_max_ranks),
             num_examples=[len(c) for c in task.clients],
             scaling=cfg.scaling,
             seed=cfg.seed,
+            **device_setup(cfg, model, adapters, task, profiles),
         )
-        return cls(cfg, model, tokenizer, adapters, task, build_algorithm(cfg.algorithm, setup), total)
+        algorithm = build_algorithm(cfg.algorithm, setup)
+        return cls(cfg, model, tokenizer, adapters, task, algorithm, total, profiles)
 
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def client(self, client_id: int, round_: int) -> LocalClient:
+    def client(self, client_id: int, round_: int, stage: int = 0) -> LocalClient:
+        """Client `client_id`'s context; a later stage of a round draws its own batches."""
         f = self.cfg.federation
+        seed = round_seed(self.cfg.seed, round_, client_id)
+        if stage:
+            seed = np.random.SeedSequence([self.cfg.seed, round_, client_id, stage])
         return LocalClient(
             adapters=self.adapters, model=self.model, client_id=client_id,
             examples=self.task.clients[client_id], label_ids=self.task.label_ids,
             loss_mode=self.cfg.data.loss, local_steps=f.local_steps, batch_size=f.batch_size,
-            lr=f.lr, pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, client_id),
+            lr=f.lr, pad_id=self.pad_id, seed=seed,
             compute_dtype=self.cfg.model.compute_dtype, task=self.task.kind,
         )
 
@@ -189,12 +199,12 @@ class Simulation:
         cfg, algo = self.cfg, fed.algorithm
         start = time.perf_counter()
         selected = sample_clients(sampler, cfg.federation.num_clients, cfg.federation.fraction)
-        updates, clients, rejected, client_states = self._train_clients(fed, t, ckpt, selected, on_client)
+        state, updates, clients, rejected, client_states = self._train_clients(fed, t, ckpt, selected, on_client)
 
         s0 = time.perf_counter()
-        state, server_metrics = ckpt.state, {}
-        if updates:
-            agg = algo.aggregate(ckpt.state, updates, fed.server(t))
+        server_metrics: dict[str, Any] = {}
+        if clients:
+            agg = algo.aggregate(state, updates, fed.server(t))
             fed.adapters.clear()
             _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
@@ -202,8 +212,10 @@ class Simulation:
                 save_merge(self.run_dir, t, agg.merge)
                 fed.adapters.merge(agg.merge)
         else:
+            state = ckpt.state
             log.warning("round %d: no valid update; the global state is unchanged", t)
         server_seconds = time.perf_counter() - s0
+        sim = simulated_round(clients, fed.profiles, server_seconds, cfg.devices.server_time, ckpt.history)
 
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
@@ -219,6 +231,7 @@ class Simulation:
             downlink_bytes=sum(c["downlink_bytes"] for c in clients),
             server_seconds=server_seconds,
             wall_seconds=time.perf_counter() - start,
+            **sim,
             clients=clients,
             rejected=rejected,
             **server_metrics,
@@ -236,26 +249,34 @@ class Simulation:
 
     def _train_clients(
         self, fed: Federation, t: int, ckpt: Checkpoint, selected: list[int], on_client
-    ) -> tuple[list[Update], list[dict[str, Any]], list[dict[str, Any]], dict[int, Tensors]]:
+    ) -> tuple[Tensors, list[Update], list[dict[str, Any]], list[dict[str, Any]], dict[int, Tensors]]:
         """The transport: each selected client's round (here: one after another on the shared
-        model); the accepted updates, their records, the rejections, the new client states."""
+        model), stage by stage for methods with intra-round stages (HierFedLoRA). Returns the
+        state after the intermediate stages, the last stage's accepted updates, every accepted
+        update's record, the rejections and the new client states."""
         algo = fed.algorithm
         client_states = dict(ckpt.client_states)
         updates: list[Update] = []
         clients: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
-        for k in selected:
+        stages = algo.stages(ckpt.state, selected)  # one stage, one lane unless the method has more
+        plan = [(s, lane, k) for s, lanes in enumerate(stages) for lane, ks in lanes.items() for k in ks]
+        state, current = ckpt.state, 0
+        for stage, lane, k in plan:
+            if stage != current:  # aggregate the previous stage within its lanes (groups)
+                state, updates, current = algo.aggregate_stage(state, updates, current), [], stage
             c0 = time.perf_counter()
-            payload = algo.payload(ckpt.state, k)
-            update, new_client_state = algo.client_train(fed.client(k, t), payload, client_states.get(k, {}))
+            ctx = fed.client(k, t, stage)
+            payload = algo.payload(state, k)
+            update, new_client_state = algo.client_train(ctx, payload, client_states.get(k, {}))
             fed.adapters.clear()
-            record = accept_update(fed, ckpt.state, t, update, payload, time.perf_counter() - c0, rejected)
+            record = accept_update(fed, state, t, update, payload, time.perf_counter() - c0, rejected)
             if record is not None:
                 client_states[k] = new_client_state
                 updates.append(update)
-                clients.append(record)
+                clients.append({**record, "flops": ctx.flops, "stage": stage, "lane": lane})
             on_client()
-        return updates, clients, rejected, client_states
+        return state, updates, clients, rejected, client_states
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
