@@ -172,12 +172,13 @@ class FlowerRun(Simulation):
                 continue
             info = reply.content.config_records["info"]
             metrics = dict(reply.content.metric_records["metrics"])
+            flops = metrics.pop("flops", 0.0)  # for the clock, not part of the method's update
             update = Update(k, from_arrays(reply.content.array_records["update"]), int(info["num-examples"]), metrics)
             self.merged_through[k] = t - 1
             record = accept_update(fed, ckpt.state, t, update, payload, seconds, rejected)
             if record is not None:
                 updates.append(update)
-                clients.append({**record, "flops": metrics.pop("flops", 0.0), "stage": 0, "lane": 0})
+                clients.append({**record, "flops": flops, "stage": 0, "lane": 0})
             on_client()
         if len(updates) < self.min_clients:
             raise RuntimeError(
@@ -185,7 +186,6 @@ class FlowerRun(Simulation):
                 f"(failures: {rejected}); the run stopped after round {t - 1}: resume it with --resume"
             )
         return ckpt.state, updates, clients, rejected, ckpt.client_states
-
 
     def _exchange(self, messages: list[Message]) -> dict[int, tuple[Message, float]]:
         """Push, then pull replies until all are in or round-timeout passed;
