@@ -5,6 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import tiny_tree
 
 from fedlora.algorithms.base import FederationSetup, Update
@@ -190,3 +191,36 @@ def test_bad_options_fail_at_construction():
     assert set(HierFedLoRA(HierFedLoRAOptions(), bare).eval_factors({**factors, "groups": torch.zeros(4)})) == set(factors)
     with pytest.raises(ConfigError, match="algorithm.distance"):
         build_config(tiny_tree(algorithm={"name": "hierfedlora", "distance": "cosine"}))
+
+
+def test_a_round_whose_last_stage_is_all_rejected_keeps_the_earlier_stages(data_dir, tmp_path, monkeypatch):
+    """Group 1 runs two stages; every stage-1 update carries a NaN and is rejected. The round
+    must still aggregate what stage 0 produced: exactly the run in which group 1 has τ = 1."""
+    def run(taus, out):
+        tree = tiny_tree(algorithm={"name": "hierfedlora", "groups": 2, "plan": "fixed", "tau": taus,
+                                    "depth": [2, 2]}, federation={"rounds": 1, "local_steps": 1})
+        sim = Simulation(build_config(tree), out, progress=False)
+        sim.run()
+        return sim, read_metrics(out)[0]
+
+    original, seen = HierFedLoRA.client_train, set()
+
+    def poison_second_visits(self, ctx, payload, client_state):
+        update, new_state = original(self, ctx, payload, client_state)
+        if ctx.client_id in seen:  # a client's second cycle in the round: stage 1
+            update.tensors = {k: torch.full_like(t, float("nan")) for k, t in update.tensors.items()}
+        seen.add(ctx.client_id)
+        return update, new_state
+
+    reference, _ = run([1, 1], tmp_path / "tau1")
+    monkeypatch.setattr(HierFedLoRA, "client_train", poison_second_visits)
+    sim, record = run([1, 2], tmp_path / "poisoned")
+    group1 = sim.fed.algorithm.members(sim.fed.algorithm.init_state())[1]
+    assert sorted(r["client"] for r in record["rejected"]) == group1
+    assert all(c["stage"] == 0 for c in record["clients"])
+    final = load_file(str(tmp_path / "poisoned" / "final_state.safetensors"))
+    expected = load_file(str(tmp_path / "tau1" / "final_state.safetensors"))
+    init = sim.fed.algorithm.init_state()
+    assert any(not torch.equal(final[k], init[k]) for k in sim.fed.algorithm.factor_keys())
+    for key in sim.fed.algorithm.factor_keys():
+        assert torch.equal(final[key], expected[key]), key

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedlora.compare import MethodRun, write_comparison
-from fedlora.tta import default_target, time_to_accuracy, tta_rows
+from fedlora.tta import default_target, time_to_accuracy, tta_markdown, tta_rows
 
 
 def _records(accs, sim, up=100, wall=2.0):
@@ -34,6 +34,19 @@ def test_rows_need_every_seed_and_speedup_is_relative_to_the_first():
     assert rows["fedit"]["speedup_of_first"] == pytest.approx(30.0 / 7.5)
     assert rows["slow"]["reached"] == "1/2" and rows["slow"]["sim_seconds"] is None
     assert default_target({"a": [_records([0.5, 0.9], 1)], "b": [_records([0.6], 1)]}) == pytest.approx(0.57)
+
+
+def test_a_run_without_the_clock_shows_a_dash_not_zero_seconds():
+    old = _records([0.6, 0.9], sim=None)  # metrics written before the simulated clock existed
+    for rec in old:
+        del rec["sim_seconds"]
+    assert time_to_accuracy(old, 0.8) == {"round": 2.0, "sim_seconds": None, "wall_seconds": 4.0,
+                                          "uplink_bytes": 200.0}
+    rows = tta_rows({"new": [_records([0.9], 3.0)], "old": [old], "never": [_records([0.1], 1.0)]}, 0.8)
+    assert rows[1]["sim_seconds"] is None and rows[1]["wall_seconds"] == 4.0
+    table = tta_markdown(rows, 0.8)
+    assert "| old | 1/1 | 2.0 | – | 4 | 0.00 | – |" in table
+    assert "| never | 0/1 | not reached | not reached |" in table
 
 
 def test_compare_output_has_the_tta_section(tmp_path):

@@ -22,13 +22,17 @@ TTA_KEYS = ("round", "sim_seconds", "wall_seconds", "uplink_bytes")
 
 def time_to_accuracy(records: Records, target: float) -> dict[str, float] | None:
     """Round, cumulative sim seconds, wall seconds and uplink bytes at the first round with
-    accuracy >= target; None when no evaluated round reaches it."""
+    accuracy >= target; None when no evaluated round reaches it. A cost no record carries
+    (a run from before the clock has no `sim_seconds`) is None, not 0."""
     sums = dict.fromkeys(TTA_KEYS[1:], 0.0)
+    carried: set[str] = set()
     for rec in records:
         for key in sums:
-            sums[key] += float(rec.get(key) or 0.0)
+            if rec.get(key) is not None:
+                carried.add(key)
+                sums[key] += float(rec[key])
         if rec.get("accuracy") is not None and rec["accuracy"] >= target:
-            return {"round": float(rec["round"]), **sums}
+            return {"round": float(rec["round"]), **{k: v if k in carried else None for k, v in sums.items()}}
     return None
 
 
@@ -47,8 +51,10 @@ def tta_rows(histories: Mapping[str, list[Records]], target: float) -> list[dict
     for method, runs in histories.items():
         hits = [t for t in (time_to_accuracy(recs, target) for recs in runs) if t is not None]
         row: dict[str, Any] = {"method": method, "reached": f"{len(hits)}/{len(runs)}"}
+        every = len(hits) == len(runs) and hits
         for key in TTA_KEYS:
-            row[key] = statistics.fmean(h[key] for h in hits) if len(hits) == len(runs) and hits else None
+            values = [h[key] for h in hits]
+            row[key] = statistics.fmean(values) if every and None not in values else None
         rows.append(row)
     first = rows[0]["sim_seconds"] if rows else None
     for row in rows:
@@ -56,8 +62,9 @@ def tta_rows(histories: Mapping[str, list[Records]], target: float) -> list[dict
     return rows
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "not reached" if x is None else format(x, spec)
+def _fmt(x: float | None, spec: str, reached: bool) -> str:
+    """A missing number: "not reached" when the target was not, "–" when the run lacks that cost."""
+    return format(x, spec) if x is not None else "–" if reached else "not reached"
 
 
 def write_tta(out: Path, histories: Mapping[str, list[Records]], target: float | None) -> str:
@@ -85,8 +92,10 @@ def tta_markdown(rows: list[dict[str, Any]], target: float) -> str:
     for r in rows:
         up = None if r["uplink_bytes"] is None else r["uplink_bytes"] / 1e6
         speed = "–" if r["speedup_of_first"] is None else f"{r['speedup_of_first']:.2f}×"
-        lines.append(f"| {r['method']} | {r['reached']} | {_fmt(r['round'], '.1f')} | {_fmt(r['sim_seconds'], '.1f')} "
-                     f"| {_fmt(r['wall_seconds'], '.0f')} | {_fmt(up, '.2f')} | {speed} |")
+        ok = r["round"] is not None
+        lines.append(f"| {r['method']} | {r['reached']} | {_fmt(r['round'], '.1f', ok)} "
+                     f"| {_fmt(r['sim_seconds'], '.1f', ok)} | {_fmt(r['wall_seconds'], '.0f', ok)} "
+                     f"| {_fmt(up, '.2f', ok)} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
