@@ -198,6 +198,23 @@ def test_server_and_client_apps_equal_inprocess_for_every_method(data_dir, tmp_p
         assert [r.get(key) for r in fl] == [r.get(key) for r in ip], key
 
 
+def test_multi_stage_rounds_on_flower_equal_inprocess(data_dir, tmp_path, monkeypatch, fast_builds):
+    """HierFedLoRA with τ = (1, 2): one message round per stage, intra-group aggregation between
+    them; the same global adapter and per-client records (stage, lane) as in-process."""
+    tree = _tree("hierfedlora", nodes=3)
+    tree["algorithm"] = {"name": "hierfedlora", "groups": 2, "plan": "fixed", "tau": [1, 2], "depth": [2, 1]}
+    Simulation(build_config(tree), tmp_path / "inprocess", progress=False).run()
+    run, _ = _loopback_run(tree, tmp_path, monkeypatch, min_clients=NODES)
+    run.run()
+    a = load_file(str(tmp_path / "inprocess/final_state.safetensors"))
+    b = load_file(str(tmp_path / "flower/final_state.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    fl, ip = read_metrics(tmp_path / "flower"), read_metrics(tmp_path / "inprocess")
+    key = [(c["id"], c["stage"], c["lane"], c["train_loss"]) for r in fl for c in r["clients"]]
+    assert key == [(c["id"], c["stage"], c["lane"], c["train_loss"]) for r in ip for c in r["clients"]]
+    assert {c["stage"] for r in fl for c in r["clients"]} == {0, 1}
+
+
 def test_missed_rounds_are_caught_up_and_state_continues(data_dir, tmp_path, monkeypatch, fast_builds):
     """Client 2 is down in round 2: the round goes on with two (failure logged); in round 3 it
     rebuilds the base with the merges it missed (its base equals the server's, bit for bit)

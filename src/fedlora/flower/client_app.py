@@ -134,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
         tensors=from_arrays(msg.content.array_records["payload"]),
         config=dict(msg.content.config_records["payload-config"]),
     )
-    ctx = fed.client(k, round_)
+    ctx = fed.client(k, round_, int(conf.get("stage", 0)))
     update, new_state = fed.algorithm.client_train(ctx, payload, store.load_state(state_round))
     store.save_state(round_, new_state, keep_from=state_round)
 

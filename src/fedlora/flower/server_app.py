@@ -124,30 +124,51 @@ class FlowerRun(Simulation):
     # -- the transport ------------------------------------------------------------------------
     def _train_clients(self, fed, t, ckpt, selected, on_client):
         """Send the selected clients their round, collect what comes back in time (in-process
-        `_train_clients` with Flower as the transport). Client state stays on the clients."""
+        `_train_clients` with Flower as the transport): one message round per stage, the
+        method's `aggregate_stage` between stages. Client state stays on the clients."""
         self._wait_for_nodes()
         algo = fed.algorithm
-        if len(algo.stages(ckpt.state, selected)) > 1:
-            raise NotImplementedError(
-                f"{algo.name}: methods with intra-round stages (HierFedLoRA's τ_g cycles) run in-process "
-                "only; the Flower server drives single-stage rounds"
-            )
-        config_yaml = dump_config(self.cfg)
         rejected: list[dict[str, Any]] = []
-        sent: dict[int, tuple[int, Any]] = {}  # node → (partition, payload)
+        clients: list[dict[str, Any]] = []
+        state, updates = ckpt.state, []
+        for stage, lanes in enumerate(algo.stages(ckpt.state, selected)):
+            if stage:
+                state = algo.aggregate_stage(state, updates, stage - 1)
+            members = [(lane, k) for lane, ks in lanes.items() for k in ks]
+            accepted = {c["id"] for c in clients}
+            updates = self._stage(fed, t, stage, state, members, ckpt.history, accepted, clients, rejected, on_client)
+        if len({c["id"] for c in clients}) < self.min_clients:
+            raise RuntimeError(
+                f"round {t}: {len({c['id'] for c in clients})} accepted clients, fewer than "
+                f"min-clients={self.min_clients} (failures: {rejected}); the run stopped after round {t - 1}: "
+                "resume it with --resume"
+            )
+        return state, updates, clients, rejected, ckpt.client_states
+
+    def _stage(self, fed, t: int, stage: int, state, members: list[tuple[int, int]], history,
+               accepted_earlier: set[int], clients: list[dict[str, Any]], rejected: list[dict[str, Any]],
+               on_client) -> list[Update]:
+        """One message round: each (lane, client) trains from `state`; returns the accepted
+        updates (records appended to `clients`, failures to `rejected`). A client that trained an
+        earlier stage of this round continues from that state (methods with intra-round stages
+        keep no private client state today, so a rejected later stage cannot leave one ahead)."""
+        algo = fed.algorithm
+        config_yaml = dump_config(self.cfg)
+        sent: dict[int, tuple[int, int, Any]] = {}  # node → (lane, partition, payload)
         messages = []
-        for k in selected:
+        for lane, k in members:
             node = self.partition_node.get(k)
             if node is None:
                 log.warning("round %d: client %d failed: no SuperNode serves partition %d", t, k, k)
                 rejected.append({"client": k, "reason": f"no SuperNode serves partition {k}"})
                 continue
-            payload = algo.payload(ckpt.state, k)
+            payload = algo.payload(state, k)
             content = RecordDict({
                 "payload": to_arrays(payload.tensors),
                 "payload-config": ConfigRecord(dict(payload.config)),
                 "config": ConfigRecord({
-                    "round": t, "state-round": _last_accepted(ckpt.history, k),
+                    "round": t, "stage": stage,
+                    "state-round": t if k in accepted_earlier else _last_accepted(history, k),
                     "run-key": self.run_key, "config-yaml": config_yaml,
                 }),
             })
@@ -155,12 +176,11 @@ class FlowerRun(Simulation):
                 if merge_path(self.run_dir, r).exists():
                     content[merge_key(r)] = to_arrays(load_file(str(merge_path(self.run_dir, r))))
             messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
-            sent[node] = (k, payload)
+            sent[node] = (lane, k, payload)
 
         replies = self._exchange(messages)
         updates: list[Update] = []
-        clients: list[dict[str, Any]] = []
-        for node, (k, payload) in sent.items():  # in `selected` order: same sums as in-process
+        for node, (lane, k, payload) in sent.items():  # in plan order: same sums as in-process
             reply, seconds = replies.get(node, (None, 0.0))
             if reply is None or reply.has_error():
                 reason = (f"no reply within {self.round_timeout:g}s" if reply is None
@@ -175,17 +195,12 @@ class FlowerRun(Simulation):
             flops = metrics.pop("flops", 0.0)  # for the clock, not part of the method's update
             update = Update(k, from_arrays(reply.content.array_records["update"]), int(info["num-examples"]), metrics)
             self.merged_through[k] = t - 1
-            record = accept_update(fed, ckpt.state, t, update, payload, seconds, rejected)
+            record = accept_update(fed, state, t, update, payload, seconds, rejected)
             if record is not None:
                 updates.append(update)
-                clients.append({**record, "flops": flops, "stage": 0, "lane": 0})
+                clients.append({**record, "flops": flops, "stage": stage, "lane": lane})
             on_client()
-        if len(updates) < self.min_clients:
-            raise RuntimeError(
-                f"round {t}: {len(updates)} accepted updates, fewer than min-clients={self.min_clients} "
-                f"(failures: {rejected}); the run stopped after round {t - 1}: resume it with --resume"
-            )
-        return ckpt.state, updates, clients, rejected, ckpt.client_states
+        return updates
 
     def _exchange(self, messages: list[Message]) -> dict[int, tuple[Message, float]]:
         """Push, then pull replies until all are in or round-timeout passed;
