@@ -8,7 +8,9 @@ global adapter as `fedlora run` when the same clients answer.
 Per round the server
   1. asks nodes it does not know yet which partition they serve (`query` messages),
   2. sends each selected partition's node its payload, the config, the base updates it may
-     lack (catch-up, from run_dir/merges) and the round whose client state to continue from,
+     lack (catch-up, from run_dir/merges) and the round whose client state to continue from
+     (a method with intra-round stages, HierFedLoRA's τ_g cycles, gets one such exchange per
+     stage, with the method's `aggregate_stage` between them),
   3. waits up to `round-timeout` seconds; clients that fail, time out or have no node are
      logged with the reason (in the round's `rejected` list) and the round goes on with the
      others, as long as at least `min-clients` updates were accepted; below that the run stops
