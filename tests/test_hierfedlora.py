@@ -224,3 +224,37 @@ def test_a_round_whose_last_stage_is_all_rejected_keeps_the_earlier_stages(data_
     assert any(not torch.equal(final[k], init[k]) for k in sim.fed.algorithm.factor_keys())
     for key in sim.fed.algorithm.factor_keys():
         assert torch.equal(final[key], expected[key]), key
+
+
+def test_speed_weight_groups_devices_of_like_speed_so_fast_groups_do_more():
+    """20 devices, 5 fast / 7 mid / 8 slow, label skew: grouping by labels alone puts slow
+    devices in every group; speed_weight > 0 gathers like speeds, the plan then gives the fast
+    groups more work (τ·d), while groups stay nearer IID than random groupings."""
+    table = _skewed_table(seed=1)
+    rng = np.random.default_rng(0)
+    classes = [DeviceProfile("high", 2e12, 1e7, 1e7, 64)] * 5 + [DeviceProfile("mid", 5e11, 3e6, 6e6, 16)] * 7 \
+        + [DeviceProfile("low", 1e11, 6e5, 2.5e6, 4)] * 8
+    devices = [classes[i] for i in rng.permutation(20)]
+
+    def build(weight):
+        algo = HierFedLoRA(HierFedLoRAOptions(groups=4, speed_weight=weight),
+                           _setup(devices=devices, counts=table.tolist(), flops=_forward_plus_depth))
+        state = algo.init_state()
+        return algo, state, algo.members(state)
+
+    times = np.array([build(0)[0].cycle_seconds([k], 4) for k in range(20)])
+    spread = {}
+    for weight in (0.0, 0.5):
+        algo, state, groups = build(weight)
+        assert sorted(k for g in groups for k in g) == list(range(20))
+        spread[weight] = np.mean([np.log(times[g].max() / times[g].min()) for g in groups])
+        work = sum(tau * depth for tau, depth in algo.plan(state))
+        if weight == 0:
+            assert all({"low"} <= {devices[k].device_class for k in g} for g in groups)
+            label_only, work_label_only = _mean_distance(table, groups, "kl"), work
+        else:
+            rand = [_mean_distance(table, np.array_split(rng.permutation(20), 4), "kl") for _ in range(200)]
+            assert _mean_distance(table, groups, "kl") < np.mean(rand)
+            assert _mean_distance(table, groups, "kl") >= label_only
+            assert work > work_label_only
+    assert spread[0.5] < 0.5 * spread[0.0], spread

@@ -8,7 +8,10 @@ their alternatives.
    under the size cap) whose label distribution after adding them is closest to the global
    one (KL(group ‖ global) or L1); the first G devices seed the G groups. Then pairwise swaps
    between groups while they lower the summed distance (`refine`). Once at the start;
-   `regroup_every` N re-runs it with a new seeded tie order.
+   `regroup_every` N re-runs it with a new seeded tie order. Option `speed_weight` w > 0
+   adds w · ln(slowest / fastest full-depth cycle of the group's devices) to each group's
+   distance, so groups also gather devices of like speed and a fast group can take τ > 1
+   (w = 0, the default, groups by labels alone, as the abstract describes).
 2. A global round is `max τ_g` stages: in stage s the members of groups with τ_g > s train
    from their group's model, then each group averages its members (FedAvg, data-weighted):
    `aggregate_stage`. Groups are lanes: they run in parallel on the simulated clock.
@@ -29,6 +32,7 @@ their alternatives.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -64,6 +68,9 @@ class HierFedLoRAOptions(MethodOptions):
     """Max devices per group; None: ceil(K / groups)."""
     distance: Literal["kl", "l1"] = "kl"
     refine: bool = True
+    speed_weight: float = Field(0.0, ge=0)
+    """Weight of the speed spread (ln of slowest ÷ fastest device cycle) in a group's distance;
+    0 groups by labels alone. Needs device profiles."""
     """Improve the greedy grouping by swapping devices between groups while the summed distance
     falls (the greedy pass alone was sometimes worse than a random grouping: README)."""
     regroup_every: int | None = Field(None, ge=1)
@@ -92,9 +99,20 @@ def label_distance(p: np.ndarray, q: np.ndarray, kind: str) -> float:
     return float((p[nz] * np.log(p[nz] / q[nz])).sum())
 
 
+def speed_spread(seconds: np.ndarray, members: list[int]) -> float:
+    """ln(slowest / fastest) device time among `members` (0 for one device or none)."""
+    if len(members) < 2:
+        return 0.0
+    t = seconds[members]
+    return float(np.log(t.max() / t.min()))
+
+
 def near_iid_groups(counts: list[list[int]], num_groups: int, cap: int | None, kind: str,
-                    seed: int | list[int], refine: bool = True) -> list[list[int]]:
-    """Greedy near-IID grouping (module doc, 1); returns the members of each non-empty group."""
+                    seed: int | list[int], refine: bool = True, seconds: list[float] | None = None,
+                    speed_weight: float = 0.0) -> list[list[int]]:
+    """Greedy near-IID grouping (module doc, 1); returns the members of each non-empty group.
+    With `seconds` (each device's cycle time) and `speed_weight` > 0 a group's distance adds
+    speed_weight · speed_spread."""
     table = np.asarray(counts, dtype=float)
     k = len(table)
     g_count = min(num_groups, k)
@@ -102,6 +120,12 @@ def near_iid_groups(counts: list[list[int]], num_groups: int, cap: int | None, k
     if cap * g_count < k:
         raise ValueError(f"algorithm.group_size_cap: {g_count} groups of at most {cap} cannot hold {k} clients")
     target = distribution(table.sum(0))
+    times = np.asarray(seconds if seconds is not None else np.ones(k), dtype=float)
+
+    def cost(sums: np.ndarray, group: list[int]) -> float:
+        spread = speed_weight * speed_spread(times, group) if speed_weight else 0.0
+        return label_distance(distribution(sums), target, kind) + spread
+
     tie = np.random.default_rng(seed).permutation(k)
     order = sorted(range(k), key=lambda i: (-table[i].sum(), tie[i]))
     members: list[list[int]] = [[] for _ in range(g_count)]
@@ -112,25 +136,20 @@ def near_iid_groups(counts: list[list[int]], num_groups: int, cap: int | None, k
             best = empty[0]
         else:
             room = [g for g in range(g_count) if len(members[g]) < cap]
-            best = min(room, key=lambda g: (label_distance(distribution(sums[g] + table[i]), target, kind),
-                                            len(members[g]), g))
+            best = min(room, key=lambda g: (cost(sums[g] + table[i], [*members[g], i]), len(members[g]), g))
         members[best].append(i)
         sums[best] += table[i]
     if refine:
-        members = swap_refine(table, members, target, kind)
+        members = swap_refine(table, members, cost)
     return [sorted(m) for m in members if m]
 
 
-def swap_refine(table: np.ndarray, members: list[list[int]], target: np.ndarray, kind: str,
+def swap_refine(table: np.ndarray, members: list[list[int]], cost: Callable[[np.ndarray, list[int]], float],
                 max_passes: int = 20) -> list[list[int]]:
     """Local search after the greedy pass: swap two devices of different groups whenever that
-    lowers the summed distance to the global distribution; stop when no swap helps."""
+    lowers the summed group cost (`cost(label sums, members)`); stop when no swap helps."""
     members = [list(m) for m in members]
     sums = [table[m].sum(0) for m in members]
-
-    def dist(v: np.ndarray) -> float:
-        return label_distance(distribution(v), target, kind)
-
     for _ in range(max_passes):
         improved = False
         for a in range(len(members)):
@@ -138,7 +157,9 @@ def swap_refine(table: np.ndarray, members: list[list[int]], target: np.ndarray,
                 for i in list(members[a]):
                     for j in list(members[b]):
                         sa, sb = sums[a] - table[i] + table[j], sums[b] - table[j] + table[i]
-                        if dist(sa) + dist(sb) < dist(sums[a]) + dist(sums[b]) - 1e-12:
+                        ma = [j if x == i else x for x in members[a]]
+                        mb = [i if x == j else x for x in members[b]]
+                        if cost(sa, ma) + cost(sb, mb) < cost(sums[a], members[a]) + cost(sums[b], members[b]) - 1e-12:
                             members[a].remove(i), members[b].remove(j)
                             members[a].append(j), members[b].append(i)
                             sums[a], sums[b] = sa, sb
@@ -178,14 +199,19 @@ class HierFedLoRA(Algorithm):
             raise ValueError(f"algorithm.min_depth: {o.min_depth} exceeds the {self.num_layers} layers")
         if o.plan == "auto" and (not setup.devices or setup.train_flops is None):
             raise ValueError("algorithm.plan: auto needs device profiles and a FLOP model from the runtime")
+        if o.speed_weight and (not setup.devices or setup.train_flops is None):
+            raise ValueError("algorithm.speed_weight: needs device profiles and a FLOP model from the runtime")
         if not setup.label_counts:
             raise ValueError("algorithm: hierfedlora needs each client's label counts for grouping")
 
     # ---- grouping and plan -------------------------------------------------------------
     def grouping(self, epoch: int) -> list[list[int]]:
         o = self.options
+        seconds = None
+        if o.speed_weight:
+            seconds = [self.cycle_seconds([k], self.num_layers) for k in range(len(self.setup.num_examples))]
         return near_iid_groups(self.setup.label_counts, o.groups, o.group_size_cap, o.distance,
-                               [self.setup.seed, epoch], o.refine)
+                               [self.setup.seed, epoch], o.refine, seconds, o.speed_weight)
 
     def group_of(self, state: Tensors, client_id: int) -> int:
         return int(state["groups"][client_id])
