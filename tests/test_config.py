@@ -7,7 +7,8 @@ import pytest
 import yaml
 from conftest import tiny_tree
 
-from fedlora.config import ConfigError, build_config, load_config, parse_overrides
+from fedlora import config as config_module
+from fedlora.config import ConfigError, build_config, load_config, parse_overrides, preferred_compute_dtype
 
 
 @pytest.mark.parametrize(
@@ -73,3 +74,19 @@ def test_shipped_configs_validate():
             assert len(method_configs(path, sorted(ALGORITHMS), [0, 1], [])) == 2 * len(ALGORITHMS)
         else:
             load_config(path)
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    ("fpu avx2 fma avx512f amx_bf16 amx_tile", "bfloat16"),
+    ("fpu avx2 avx512f avx512_bf16", "bfloat16"),
+    ("fpu avx avx2 f16c fma", "float32"),  # e.g. AMD EPYC with AVX2: bfloat16 would be emulated
+])
+def test_auto_compute_dtype_follows_the_cpu(tmp_path, monkeypatch, flags, dtype):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert preferred_compute_dtype(cpuinfo) == dtype
+    assert preferred_compute_dtype(tmp_path / "missing") == "float32"
+    monkeypatch.setattr(config_module, "preferred_compute_dtype", lambda: dtype)
+    cfg = build_config(tiny_tree(model={"name": "tiny-llama", "compute_dtype": "auto"}))
+    assert cfg.model.compute_dtype == dtype  # resolved once, so config.yaml records it
+    assert build_config(tiny_tree(model={"name": "tiny-llama"})).model.compute_dtype == "float32"

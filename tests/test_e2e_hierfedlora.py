@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _tree(**algo):
     return tiny_tree(
-        model={"name": "smollm2-135m", "compute_dtype": "bfloat16"},
+        model={"name": "smollm2-135m", "compute_dtype": "auto"},
         data={"train_examples": 200, "test_examples": 32, "max_length": 48},
         federation={"num_clients": 4, "client_max_ranks": [4] * 4, "rounds": 2, "local_steps": 1,
                     "batch_size": 4, "lr": 0.003},
@@ -53,7 +53,8 @@ def test_shallow_depth_is_measurably_faster(data_dir):
         flops = train_flops(fed.model, fed.adapters, batches, 4)
         t = time.perf_counter()
         train_steps([(fed.adapters.trainable_parameters(), 1e-3)], batches,
-                    lambda b: classification_loss(fed.model, b, fed.task.label_ids, "classes"), None, "bfloat16")
+                    lambda b: classification_loss(fed.model, b, fed.task.label_ids, "classes"), None,
+                    fed.cfg.model.compute_dtype)
         return time.perf_counter() - t, flops
 
     step(30), step(2)  # warm-up

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def _cfg(method: str, **algo):
     return build_config(tiny_tree(
-        model={"name": "smollm2-135m", "compute_dtype": "bfloat16"},
+        model={"name": "smollm2-135m", "compute_dtype": "auto"},
         data={"train_examples": 200, "test_examples": 64, "max_length": 48},
         federation={"num_clients": 2, "client_max_ranks": [8, 4], "rounds": 2, "local_steps": 3,
                     "batch_size": 4, "lr": 0.002},

@@ -6,6 +6,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,15 @@ from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
 
+def preferred_compute_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """bfloat16 if the CPU has native bfloat16 instructions, else float32 (also off Linux)."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) else "float32"
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
 
@@ -38,8 +48,16 @@ class ModelConfig(Strict):
     """`smollm2-135m` (the offline wheel), `tiny-llama` / `tiny-gpt2` (random, for tests),
     a hub name, a local model folder, or a path to a `.gguf` file."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Autocast dtype of forward/backward; weights, adapters and merges stay float32."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
+    """Autocast dtype of forward/backward; weights, adapters and merges stay float32. `auto`
+    becomes bfloat16 where the CPU computes it natively (AMX or AVX512-BF16), else float32
+    (elsewhere torch emulates bfloat16, many times slower); the run's config.yaml records
+    the dtype it resolved to."""
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _resolve_auto(cls, value: str) -> str:
+        return preferred_compute_dtype() if value == "auto" else value
 
 
 class LoRAConfig(Strict):
