@@ -26,6 +26,7 @@ from pydantic import TypeAdapter
 from fedlora.algorithms import ALGORITHMS, AlgorithmOptions
 from fedlora.algorithms.base import FederationSetup, Update
 from fedlora.config import PAPER_CLIENT_RANKS
+from fedlora.hardware import cpu_model
 
 LAYERS, HIDDEN, KV = 30, 576, 192
 SHAPES = {f"model.layers.{i}.self_attn.{p}": (m, HIDDEN) for i in range(LAYERS)
@@ -86,7 +87,7 @@ def main() -> None:
             results.append({"method": m, "clients": n, "median_seconds": med, "runs": times[m]})
             print(f"{m:>9} {n:>5} clients: median {med:.3f} s over {len(times[m])} runs", flush=True)
         del updates, states, algos
-    info = {"machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
+    info = {"machine": platform.platform(), "processor": cpu_model(), "threads": args.threads,
             "torch": torch.__version__, "command": "python bench/aggregation.py " + " ".join(
                 f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
             "results": results}

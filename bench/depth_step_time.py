@@ -25,6 +25,7 @@ from fedlora.adapters import Adapters, layer_index
 from fedlora.algorithms.base import kaiming_rows
 from fedlora.clock import train_flops
 from fedlora.config import build_config
+from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.data.encode import collate
 from fedlora.data.task import build_task
 from fedlora.models import load_base_model
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--depths", default="30,22,15,8,4,1")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default=preferred_compute_dtype(), help="default: what compute_dtype auto picks here")
     ap.add_argument("--out", default="docs/bench/depth_step_time.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,7 +91,7 @@ def main() -> None:
               f"FLOP ratio {rows[-1]['flop_ratio']:.3f}  ({flops[d] / 1e9:.1f} GFLOP)")
     result = {"model": "smollm2-135m", "layers": layers, "rank": RANK, "batch": BATCH, "length": LENGTH,
               "targets": TARGETS, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
+              "machine": cpu_model() or platform.machine(), "torch": torch.__version__, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

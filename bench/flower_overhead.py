@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fedlora.flower.launch import LocalFederation, flower_env
+from fedlora.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 3
@@ -86,7 +87,7 @@ def main() -> None:
         "ratio_flower_over_inprocess": med["flower"] / med["inprocess"],
         "median_rounds_wall_seconds": rounds,
         "same_final_adapter": True,
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"platform": platform.platform(), "processor": cpu_model()},
         "command": "python bench/flower_overhead.py --repeats " + str(args.repeats),
     }
     out = ROOT / args.out

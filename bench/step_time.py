@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 from fedlora.adapters import Adapters
 from fedlora.algorithms.aflora import column_norm_penalty
 from fedlora.config import build_config
+from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.data.encode import collate, length_sorted_batches
 from fedlora.data.task import build_task
 from fedlora.evaluate import evaluate_classification
@@ -100,7 +101,8 @@ def main() -> None:
     def our_eval(dtype):
         return evaluate_classification(ours, task.test, task.label_ids, tok.pad_token_id, 32, dtype)
 
-    results = {"machine": {"processor": platform.processor() or platform.machine(),
+    results = {"machine": {"processor": cpu_model() or platform.machine(),
+                           "native_bfloat16": preferred_compute_dtype() == "bfloat16",
                            "threads": torch.get_num_threads(), "torch": torch.__version__},
                "setup": {"model": "SmolLM2-135M-Instruct", "batch": BATCH, "tokens": LENGTH,
                          "rank": RANK, "targets": TARGETS, "repeats": args.repeats,
@@ -123,10 +125,13 @@ def main() -> None:
             "eval_speedup": statistics.median(fe) / statistics.median(oe),
         }
         print(dtype, json.dumps(results[dtype], indent=1))
-    # headline: our default (bfloat16 autocast) vs a plain PEFT step as usually run (float32)
+    # headline: our default (compute_dtype auto, resolved for this CPU) vs a plain PEFT step as
+    # usually run (float32)
+    default = preferred_compute_dtype()
     results["default_vs_plain_fp32"] = {
-        "step_ratio": results["bfloat16"]["our_step_s"] / results["float32"]["peft_step_s"],
-        "eval_speedup": results["bfloat16"]["our_eval_per_s"] / results["float32"]["full_logit_eval_per_s"],
+        "default_dtype": default,
+        "step_ratio": results[default]["our_step_s"] / results["float32"]["peft_step_s"],
+        "eval_speedup": results[default]["our_eval_per_s"] / results["float32"]["full_logit_eval_per_s"],
     }
     print(json.dumps(results["default_vs_plain_fp32"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ import yaml
 from conftest import tiny_tree
 
 from fedlora import config as config_module
-from fedlora.config import ConfigError, build_config, load_config, parse_overrides, preferred_compute_dtype
+from fedlora.config import ConfigError, build_config, load_config, parse_overrides
+from fedlora.hardware import preferred_compute_dtype
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,17 +21,9 @@ from pydantic import (
 
 from fedlora.algorithms import AlgorithmOptions
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
+from fedlora.hardware import preferred_compute_dtype
 
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-
-
-def preferred_compute_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """bfloat16 if the CPU has native bfloat16 instructions, else float32 (also off Linux)."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) else "float32"
 
 
 class ConfigError(ValueError):

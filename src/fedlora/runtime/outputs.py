@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fedlora.config import RunConfig, dump_config
+from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.runtime.checkpoint import atomic_write
 
 PACKAGES = ["fedlora", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets",
@@ -38,6 +39,8 @@ def environment() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu_model": cpu_model(),
+        "native_bfloat16": preferred_compute_dtype() == "bfloat16",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "git_commit": commit,
