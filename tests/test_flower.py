@@ -182,18 +182,24 @@ def _loopback_run(tree, tmp_path, monkeypatch, **kw):
     return run, grid
 
 
-@pytest.mark.parametrize("method", sorted(ALGORITHMS))
-def test_server_and_client_apps_equal_inprocess_for_every_method(data_dir, tmp_path, monkeypatch, fast_builds, method):
-    """Every registered method, unchanged, through the ServerApp/ClientApp code: the same
-    global adapter and metrics as the in-process runtime (3 clients, 2 rounds)."""
-    tree = _tree(method)
+def _run_both_and_compare(tree, tmp_path, monkeypatch):
+    """Run `tree` in-process and through the apps (every client answering); assert both end
+    with the same global state; return their metrics (flower, in-process)."""
     Simulation(build_config(tree), tmp_path / "inprocess", progress=False).run()
     run, _ = _loopback_run(tree, tmp_path, monkeypatch, min_clients=NODES)
     run.run()
     a = load_file(str(tmp_path / "inprocess/final_state.safetensors"))
     b = load_file(str(tmp_path / "flower/final_state.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    fl, ip = read_metrics(tmp_path / "flower"), read_metrics(tmp_path / "inprocess")
+    return read_metrics(tmp_path / "flower"), read_metrics(tmp_path / "inprocess")
+
+
+@pytest.mark.parametrize("method", sorted(ALGORITHMS))
+def test_server_and_client_apps_equal_inprocess_for_every_method(data_dir, tmp_path, monkeypatch, fast_builds, method):
+    """Every registered method, unchanged, through the ServerApp/ClientApp code: the same
+    global adapter and metrics as the in-process runtime (3 clients, 2 rounds)."""
+    tree = _tree(method)
+    fl, ip = _run_both_and_compare(tree, tmp_path, monkeypatch)
     for key in ("accuracy", "train_loss", "ranks", "next_ranks", "uplink_bytes", "downlink_bytes"):
         assert [r.get(key) for r in fl] == [r.get(key) for r in ip], key
 
@@ -203,13 +209,7 @@ def test_multi_stage_rounds_on_flower_equal_inprocess(data_dir, tmp_path, monkey
     them; the same global adapter and per-client records (stage, lane) as in-process."""
     tree = _tree("hierfedlora", nodes=3)
     tree["algorithm"] = {"name": "hierfedlora", "groups": 2, "plan": "fixed", "tau": [1, 2], "depth": [2, 1]}
-    Simulation(build_config(tree), tmp_path / "inprocess", progress=False).run()
-    run, _ = _loopback_run(tree, tmp_path, monkeypatch, min_clients=NODES)
-    run.run()
-    a = load_file(str(tmp_path / "inprocess/final_state.safetensors"))
-    b = load_file(str(tmp_path / "flower/final_state.safetensors"))
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    fl, ip = read_metrics(tmp_path / "flower"), read_metrics(tmp_path / "inprocess")
+    fl, ip = _run_both_and_compare(tree, tmp_path, monkeypatch)
     key = [(c["id"], c["stage"], c["lane"], c["train_loss"]) for r in fl for c in r["clients"]]
     assert key == [(c["id"], c["stage"], c["lane"], c["train_loss"]) for r in ip for c in r["clients"]]
     assert {c["stage"] for r in fl for c in r["clients"]} == {0, 1}
