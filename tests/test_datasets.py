@@ -383,3 +383,45 @@ def test_eval_command_reproduces_a_runs_final_accuracy(data_dir, tmp_path):
     untuned = json.loads((tmp_path / "u.json").read_text())
     assert untuned["results"]["mmlu_questions"] == 2 and len(untuned["mmlu_questions_per_second_all"]) == 2
     assert main(["eval", str(tmp_path / "c.yaml"), "--repeat", "0"]) == 2
+
+
+# Hub rows in each hub dataset's own schema (column names as on the Hugging Face hub).
+HUB_ROWS = {
+    "ag_news": {"text": ["a", "b"], "label": [0, 3]},
+    "financial_phrasebank": {"sentence": ["up", "down"], "label": [2, 0]},
+    "databricks/databricks-dolly-15k": {"instruction": ["i"], "context": [""], "response": ["r"],
+                                        "category": ["open_qa"]},
+    "tatsu-lab/alpaca": {"instruction": ["i"], "input": [""], "output": ["o"], "text": ["t"]},
+    "cais/mmlu": {"question": ["q", "q2"], "subject": ["anatomy", "virology"],
+                  "choices": [["a", "b", "c", "d"]] * 2, "answer": [1, 2]},
+}
+
+
+def test_hub_loaders_ask_for_the_right_dataset_and_give_our_columns(data_dir, monkeypatch):
+    """No network here: a stand-in `datasets.load_dataset` serves rows in each hub dataset's
+    schema. Each loader must request the right name/config/split and return the same column
+    layout as its local loader (the real hub download itself is untested offline)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, **_):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict(HUB_ROWS[name])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    from fedlora.data.ag_news import load_ag_news
+
+    hub = load_ag_news("test", data_dir, "ag_news")
+    assert hub.column_names == load_ag_news("test", data_dir).column_names and hub["label"] == [0, 3]
+    fpb = load_financial_phrasebank("75", data_dir, "financial_phrasebank")
+    assert fpb.column_names == load_financial_phrasebank("75", data_dir).column_names and fpb["text"] == ["up", "down"]
+    dolly = load_dolly(data_dir, "databricks/databricks-dolly-15k")
+    assert dolly.column_names == load_dolly(data_dir).column_names
+    assert dolly["label"] == [DOLLY_CATEGORIES.index("open_qa")]
+    assert set(load_alpaca(data_dir, "tatsu-lab/alpaca")[0]) >= set(load_alpaca(data_dir)[0])
+    mmlu = load_mmlu("test", data_dir, ["virology"], "cais/mmlu")
+    assert mmlu.column_names == load_mmlu("test", data_dir, ["virology"]).column_names and mmlu["answer"] == [2]
+    assert calls == [("ag_news", None, "test"), ("financial_phrasebank", "sentences_75agree", "train"),
+                     ("databricks/databricks-dolly-15k", None, "train"), ("tatsu-lab/alpaca", None, "train"),
+                     ("cais/mmlu", "all", "test")]
