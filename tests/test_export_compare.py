@@ -15,7 +15,8 @@ from conftest import tiny_tree
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedlora.config import build_config
+from fedlora.compare import method_configs, parse_methods
+from fedlora.config import ConfigError, build_config
 from fedlora.export import compress, export_run, load_run, write_peft
 from fedlora.models import load_base_model
 from fedlora.runtime.inprocess import Simulation
@@ -125,6 +126,26 @@ def test_compare_writes_table_and_figures_and_resumes(data_dir, tmp_path):
 def test_compare_rejects_unknown_methods(tmp_path):
     out = _cli("compare", "configs/quickstart.yaml", "--methods", "aflora,nope")
     assert out.returncode == 2 and "nope" in out.stderr
+
+
+def test_compare_variants_of_one_method(tmp_path):
+    """A `methods:` key that is no method's name is a variant: its `name` picks the method,
+    its other keys the options on top of the config's `algorithm` options for that method."""
+    tree = tiny_tree(algorithm={"name": "hierfedlora", "groups": 2})
+    tree["methods"] = {"hier-speed": {"name": "hierfedlora", "speed_weight": 0.1}, "hetlora": {"gamma": 0.5}}
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    configs = method_configs(cfg, ["hierfedlora", "hier-speed", "hetlora"], [0], [])
+    plain, speed = configs[("hierfedlora", 0)].algorithm, configs[("hier-speed", 0)].algorithm
+    assert (plain.name, plain.groups, plain.speed_weight) == ("hierfedlora", 2, 0.0)
+    assert (speed.name, speed.groups, speed.speed_weight) == ("hierfedlora", 2, 0.1)
+    assert configs[("hetlora", 0)].algorithm.gamma == 0.5
+    tree["methods"]["typo"] = {"name": "hetlorra"}
+    cfg.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['typo'\]"):
+        method_configs(cfg, ["hetlora"], [0], [])
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_methods("aflora,aflora")
 
 
 def test_report_has_every_figure(data_dir, tmp_path):

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="run several methods on identical partitions and budgets")
     cmp.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
     cmp.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
-                     help="comma-separated methods (default: all six)")
+                     help="comma-separated methods or variants the config's `methods:` defines (default: the six)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field for every method (repeatable)")

@@ -8,12 +8,15 @@ task is built from the seed alone, every method sees the same client shards and 
 The config is a normal run config; its `algorithm` section (if any) is used for the method
 it names, and an optional top-level `methods:` mapping gives options per method, e.g.
 `methods: {aflora: {beta: 1.0}, hetlora: {reg: 0.01}}`. Methods not named run with their
-defaults.
+defaults. A key that is not a method's name defines a variant, compared like a method of its
+own: `methods: {hier-speed: {name: hierfedlora, speed_weight: 0.1}}` with
+`--methods hierfedlora,hier-speed`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shlex
 import statistics
@@ -58,10 +61,11 @@ class MethodRun:
 
 
 def parse_methods(text: str) -> list[str]:
+    """Method labels: registered methods, or variants the config's `methods:` defines
+    (checked by method_configs, which reads the config)."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALGORITHMS]
-    if unknown or not methods:
-        raise ConfigError(f"config error: --methods: unknown method(s) {unknown}; choose from {sorted(ALGORITHMS)}")
+    if not methods or len(set(methods)) != len(methods):
+        raise ConfigError(f"config error: --methods: give distinct method names, got {text!r}")
     return methods
 
 
@@ -77,15 +81,23 @@ def method_configs(path: Path, methods: list[str], seeds: list[int],
     """One resolved config per (method, seed); every error is reported before any run starts."""
     tree = read_tree(path)
     per_method = tree.pop("methods", None) or {}
-    unknown = sorted(set(per_method) - set(ALGORITHMS))
+
+    def algorithm_of(label: str) -> str:  # a variant names its method: {name: hierfedlora, ...}
+        return (per_method.get(label) or {}).get("name", label)
+
+    unknown = sorted(m for m in {*per_method, *methods} if algorithm_of(m) not in ALGORITHMS)
     if unknown:
-        raise ConfigError(f"config error: methods: unknown method(s) {unknown}")
+        raise ConfigError(
+            f"config error: methods: unknown method(s) {unknown}; choose from {sorted(ALGORITHMS)}, or define a "
+            "variant in the config's `methods:` mapping with `name: <method>`"
+        )
     base_algo = tree.pop("algorithm", None) or {}
     configs = {}
     for method in methods:
-        options = dict(base_algo) if base_algo.get("name") == method else {}
+        name = algorithm_of(method)
+        options = dict(base_algo) if base_algo.get("name") == name else {}
         options.update(per_method.get(method) or {})
-        options["name"] = method
+        options["name"] = name
         for seed in seeds:
             sets = {**parse_overrides(overrides), "algorithm": options, "seed": seed}
             configs[(method, seed)] = resolve_data_dir(build_config(tree, sets), path)
@@ -202,9 +214,11 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     """comparison.csv, comparison.md and the PNG figures from the finished runs in `out`
     (with time to `target` accuracy on the simulated clock: fedlora.tta)."""
     histories: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
+    algorithm = {}  # label → method (a variant's label differs from its method's name)
     for run in runs:
         if run.done:
             histories[run.method].append(read_metrics(run.run_dir))
+            algorithm[run.method] = json.loads((run.run_dir / "summary.json").read_text()).get("method", run.method)
     rows = [method_row(m, h) for m, h in histories.items() if h]
     with (out / "comparison.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -217,7 +231,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         figures.append(accuracy_curves(done, out / "accuracy_vs_round.png"))
         figures.append(accuracy_curves(done, out / "accuracy_vs_uplink.png", x_key="uplink_bytes",
                                        xlabel="cumulative uplink, all clients (MB)", scale=1e-6))
-        ranked = {m: h[0] for m, h in done.items() if m in ("aflora", "hetlora")}
+        ranked = {m: h[0] for m, h in done.items() if algorithm[m] in ("aflora", "hetlora")}
         if ranked:
             figures.append(ranks_per_client(ranked, out / "ranks_per_client.png"))
 
