@@ -68,11 +68,11 @@ class HierFedLoRAOptions(MethodOptions):
     """Max devices per group; None: ceil(K / groups)."""
     distance: Literal["kl", "l1"] = "kl"
     refine: bool = True
+    """Improve the greedy grouping by swapping devices between groups while the summed distance
+    falls (the greedy pass alone was sometimes worse than a random grouping: README)."""
     speed_weight: float = Field(0.0, ge=0)
     """Weight of the speed spread (ln of slowest ÷ fastest device cycle) in a group's distance;
     0 groups by labels alone. Needs device profiles."""
-    """Improve the greedy grouping by swapping devices between groups while the summed distance
-    falls (the greedy pass alone was sometimes worse than a random grouping: README)."""
     regroup_every: int | None = Field(None, ge=1)
     """Re-run the grouping every N rounds (new seeded tie order); None: once at the start."""
     plan: Literal["auto", "fixed"] = "auto"

@@ -137,24 +137,24 @@ class FlowerRun(Simulation):
             if stage:
                 state = algo.aggregate_stage(state, updates, stage - 1)
             members = [(lane, k) for lane, ks in lanes.items() for k in ks]
-            accepted = {c["id"] for c in clients}
-            updates = self._stage(fed, t, stage, state, members, ckpt.history, accepted, clients, rejected, on_client)
-        if len({c["id"] for c in clients}) < self.min_clients:
+            updates = self._stage(fed, t, stage, state, members, ckpt.history, clients, rejected, on_client)
+        accepted = len({c["id"] for c in clients})
+        if accepted < self.min_clients:
             raise RuntimeError(
-                f"round {t}: {len({c['id'] for c in clients})} accepted clients, fewer than "
+                f"round {t}: {accepted} accepted clients, fewer than "
                 f"min-clients={self.min_clients} (failures: {rejected}); the run stopped after round {t - 1}: "
                 "resume it with --resume"
             )
         return state, updates, clients, rejected, ckpt.client_states
 
     def _stage(self, fed, t: int, stage: int, state, members: list[tuple[int, int]], history,
-               accepted_earlier: set[int], clients: list[dict[str, Any]], rejected: list[dict[str, Any]],
-               on_client) -> list[Update]:
+               clients: list[dict[str, Any]], rejected: list[dict[str, Any]], on_client) -> list[Update]:
         """One message round: each (lane, client) trains from `state`; returns the accepted
-        updates (records appended to `clients`, failures to `rejected`). A client that trained an
+        updates (records appended to `clients`, failures to `rejected`). A client accepted in an
         earlier stage of this round continues from that state (methods with intra-round stages
         keep no private client state today, so a rejected later stage cannot leave one ahead)."""
         algo = fed.algorithm
+        accepted_earlier = {c["id"] for c in clients}
         config_yaml = dump_config(self.cfg)
         sent: dict[int, tuple[int, int, Any]] = {}  # node → (lane, partition, payload)
         messages = []
