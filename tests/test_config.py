@@ -71,10 +71,13 @@ def test_shipped_configs_validate():
     from fedlora.compare import method_configs
 
     for path in (ROOT / "configs").glob("*.yaml"):
-        if "methods" in yaml.safe_load(path.read_text()):  # a `fedlora compare` config
-            assert len(method_configs(path, sorted(ALGORITHMS), [0, 1], [])) == 2 * len(ALGORITHMS)
-        else:
-            load_config(path)
+        tree = yaml.safe_load(path.read_text())
+        if "algorithm" in tree:
+            load_config(path)  # `fedlora run` takes it (a compare config too: its algorithm section)
+        variants = tree.get("methods") or {}
+        if variants:  # a `fedlora compare` config: every method and variant resolves
+            labels = sorted({*ALGORITHMS, *variants})
+            assert len(method_configs(path, labels, [0, 1], [])) == 2 * len(labels)
 
 
 @pytest.mark.parametrize("flags, dtype", [
@@ -91,3 +94,10 @@ def test_auto_compute_dtype_follows_the_cpu(tmp_path, monkeypatch, flags, dtype)
     cfg = build_config(tiny_tree(model={"name": "tiny-llama", "compute_dtype": "auto"}))
     assert cfg.model.compute_dtype == dtype  # resolved once, so config.yaml records it
     assert build_config(tiny_tree(model={"name": "tiny-llama"})).model.compute_dtype == "float32"
+
+
+def test_a_compare_config_runs_its_algorithm_section():
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "hierfedlora_tta.yaml")  # has a `methods:` mapping for compare
+    assert cfg.algorithm.name == "hierfedlora" and cfg.algorithm.speed_weight == 0.0

@@ -345,8 +345,11 @@ def build_config(tree: dict[str, Any], overrides: dict[str, Any] | None = None) 
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """One run's config; a `methods:` mapping (per-method options for `fedlora compare`) is
+    not part of a run, so a compare config runs its `algorithm:` section."""
     path = Path(path)
     tree = read_tree(path)
+    tree.pop("methods", None)
     return resolve_data_dir(build_config(tree, overrides), path)
 
 
