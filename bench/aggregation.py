@@ -31,7 +31,7 @@ from fedlora.hardware import cpu_model
 LAYERS, HIDDEN, KV = 30, 576, 192
 SHAPES = {f"model.layers.{i}.self_attn.{p}": (m, HIDDEN) for i in range(LAYERS)
           for p, m in (("q_proj", HIDDEN), ("v_proj", KV))}
-OPTIONS = {"aflora": {"dlf": False}}
+OPTIONS = {"aflora": {"dlf": False}, "hierfedlora": {"plan": "fixed", "groups": 4}}  # full depth, τ 1
 
 
 def random_update(kind: str, rank: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -41,9 +41,9 @@ def random_update(kind: str, rank: int, g: torch.Generator) -> dict[str, torch.T
         if kind == "aflora":
             out[f"{name}.B"] = torch.randn(m, rank, generator=g) * 0.01
             out[f"{name}.mask"] = torch.ones(rank)
-        elif kind in ("fedit", "ffa"):
+        elif kind in ("fedit", "ffa", "hierfedlora"):
             out[f"{name}.B"] = torch.randn(m, 4, generator=g) * 0.01
-            if kind == "fedit":
+            if kind != "ffa":
                 out[f"{name}.A"] = torch.randn(4, n, generator=g) * 0.01
         else:
             out[f"{name}.A"] = torch.randn(rank, n, generator=g) * 0.01
@@ -53,7 +53,10 @@ def random_update(kind: str, rank: int, g: torch.Generator) -> dict[str, torch.T
 
 def setup_for(num_clients: int) -> FederationSetup:
     ranks = [PAPER_CLIENT_RANKS[k % len(PAPER_CLIENT_RANKS)] for k in range(num_clients)]
-    return FederationSetup(SHAPES, ranks, [100] * num_clients, scaling=0.25, seed=0)
+    labels = [[50, 50, 0, 0], [0, 0, 50, 50]] * (num_clients // 2) + [[25] * 4] * (num_clients % 2)
+    return FederationSetup(SHAPES, ranks, [100] * num_clients, scaling=0.25, seed=0,
+                           module_layers={n: int(n.split(".")[2]) for n in SHAPES}, num_layers=LAYERS,
+                           label_counts=labels)
 
 
 def main() -> None:
