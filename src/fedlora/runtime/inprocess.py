@@ -120,7 +120,7 @@ class Federation:
     def server(self, round_: int) -> PublicServer:
         return PublicServer(
             adapters=self.adapters, model=self.model, examples=self.task.public,
-            pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, SERVER_STREAM),
+            heldout=self.task.public_heldout, pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, SERVER_STREAM),
             compute_dtype=self.cfg.model.compute_dtype,
         )
 
