@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedlora.plots import accuracy_curves, metric_by_round, ranks_per_client
+from fedlora.plots import (
+    accuracy_curves,
+    client_metric_by_round,
+    metric_by_round,
+    metrics_by_round,
+    ranks_per_client,
+)
 from fedlora.runtime.outputs import read_metrics
 
 
@@ -16,6 +22,34 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"| {key.replace('_', ' ')} | {shown} |")
     return lines
+
+
+CLIENT_DIAGNOSTICS = [  # (key in each client's record, title, y label): AFLoRA's λ
+    ("lambda_spearman", "Spearman(λ², column contribution) per client (mean over modules)", "rank correlation"),
+    ("lambda_sq_std", "Spread of λ² per client (population std over active dims, mean over modules)", "std of λ²"),
+    ("lambda_moved", "Largest move of λ in the round per client (mean over modules)", "|Δλ|"),
+    ("pruned", "Columns pruned per client (sum over modules)", "columns"),
+    ("prune_loss_ddr", "Loss increase when the columns DDR prunes are switched off", "Δ loss"),
+    ("prune_loss_random", "Loss increase when as many random active columns are switched off", "Δ loss"),
+]
+
+
+def _diagnostic_figures(records: list[dict[str, Any]], figures: Path) -> list[tuple[str, Path]]:
+    """AFLoRA's diagnostics, where the run logged them."""
+    made = []
+    for key, title, ylabel in CLIENT_DIAGNOSTICS:
+        if any(c.get(key) is not None for r in records for c in r.get("clients", [])):
+            made.append((title, client_metric_by_round(records, key, figures / f"{key}.png", ylabel)))
+    if any(r.get("server_heldout_before") is not None for r in records):
+        keys = {"before the server's steps": "server_heldout_before", "A_FT": "server_heldout_ft",
+                "fused A' (sent)": "server_heldout_after"}
+        made.append(("Server: loss on held-out public examples",
+                     metrics_by_round(records, keys, figures / "server_heldout.png", "LM loss")))
+    if any(r.get("server_a_change") is not None for r in records):
+        made.append(("Server: ‖A_FT − A‖ / ‖A‖",
+                     metrics_by_round(records, {"relative change": "server_a_change"},
+                                      figures / "server_a_change.png", "relative change")))
+    return made
 
 
 def write_report(run_dir: Path) -> Path:
@@ -40,6 +74,7 @@ def write_report(run_dir: Path) -> Path:
         ("Downlink bytes per round (all clients)",
          metric_by_round(one, "downlink_bytes", figures / "downlink.png", "bytes", log=True)),
     ]
+    made += _diagnostic_figures(records, figures)
     rejected = [(r["round"], x) for r in records for x in r.get("rejected", [])]
     text = [
         f"# Run report: {label}\n",
