@@ -1,4 +1,4 @@
-"""`fedlora run | eval | compare | export | report | costs`: the command line."""
+"""`fedlora run | eval | compare | tune | export | report | costs`: the command line."""
 
 from __future__ import annotations
 
@@ -82,6 +82,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from fedlora.compare import parse_methods, parse_seeds
+    from fedlora.tune import read_grid, run_tuning
+
+    methods, test_seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    grid = read_grid(args.grid, methods)
+    if args.validation_examples < 1:
+        raise ConfigError("config error: --validation-examples: must be >= 1")
+    out = Path(args.out or f"runs/tune-{Path(args.config).stem}")
+    command = run_tuning(Path(args.config), methods, grid, out, args.validation_examples, args.seed,
+                         test_seeds, args.set, progress=not args.quiet)
+    print((out / "tuning.md").read_text())
+    print(f"tuning directory: {out}")
+    print(f"next, the chosen settings at {len(test_seeds)} seeds on the test set:\n  {command}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from fedlora.export import export_run
 
@@ -138,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--target", type=float, help="accuracy for the time-to-accuracy table "
                      "(default: 0.95 × the lowest best accuracy over the methods)")
     cmp.set_defaults(func=_cmd_compare)
+
+    tune = sub.add_parser("tune", help="choose every method's lr and settings on a validation split, equal budgets")
+    tune.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
+    tune.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
+                      help="comma-separated methods or variants (default: the six)")
+    tune.add_argument("--grid", help="YAML: lr: [client lrs] (default 1e-3, 3e-3, 1e-2), "
+                      "settings: {method: [{option: value}, ...]}, max_settings: N (the same cap for every method)")
+    tune.add_argument("--validation-examples", type=int, default=200,
+                      help="examples carved off the training pool to choose by (default 200)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the tuning runs")
+    tune.add_argument("--seeds", default="0,1,2", help="seeds of the printed test-set compare command")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field for the tuning runs only, e.g. a reduced budget")
+    tune.add_argument("--out", help="tuning directory (default runs/tune-<config name>); rerunning into it resumes")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(func=_cmd_tune)
 
     exp = sub.add_parser("export", help="a finished run as a PEFT adapter or a merged model")
     exp.add_argument("run_dir")

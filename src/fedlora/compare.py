@@ -10,7 +10,9 @@ it names, and an optional top-level `methods:` mapping gives options per method,
 `methods: {aflora: {beta: 1.0}, hetlora: {reg: 0.01}}`. Methods not named run with their
 defaults. A key that is not a method's name defines a variant, compared like a method of its
 own: `methods: {hier-speed: {name: hierfedlora, speed_weight: 0.1}}` with
-`--methods hierfedlora,hier-speed`.
+`--methods hierfedlora,hier-speed`. A method's (or variant's) `set:` mapping overrides other
+config fields for it alone, e.g. `methods: {flora: {set: {federation.lr: 0.01}}}` (what
+`fedlora tune` writes for each method's chosen learning rate).
 """
 
 from __future__ import annotations
@@ -76,11 +78,12 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"config error: --seeds: expected integers like 0,1,2, got {text!r}") from None
 
 
-def method_configs(path: Path, methods: list[str], seeds: list[int],
-                   overrides: list[str]) -> dict[tuple[str, int], RunConfig]:
-    """One resolved config per (method, seed); every error is reported before any run starts."""
+def method_configs(path: Path, methods: list[str], seeds: list[int], overrides: list[str],
+                   variants: dict[str, dict[str, Any]] | None = None) -> dict[tuple[str, int], RunConfig]:
+    """One resolved config per (method, seed); every error is reported before any run starts.
+    `variants` adds entries to the config's `methods:` mapping (what `fedlora tune` runs)."""
     tree = read_tree(path)
-    per_method = tree.pop("methods", None) or {}
+    per_method = {**(tree.pop("methods", None) or {}), **(variants or {})}
 
     def algorithm_of(label: str) -> str:  # a variant names its method: {name: hierfedlora, ...}
         return (per_method.get(label) or {}).get("name", label)
@@ -98,8 +101,11 @@ def method_configs(path: Path, methods: list[str], seeds: list[int],
         options = dict(base_algo) if base_algo.get("name") == name else {}
         options.update(per_method.get(method) or {})
         options["name"] = name
+        method_sets = options.pop("set", None) or {}
+        if not isinstance(method_sets, dict):
+            raise ConfigError(f"config error: methods.{method}.set: expected a mapping like {{federation.lr: 0.003}}")
         for seed in seeds:
-            sets = {**parse_overrides(overrides), "algorithm": options, "seed": seed}
+            sets = {**parse_overrides(overrides), **method_sets, "algorithm": options, "seed": seed}
             configs[(method, seed)] = resolve_data_dir(build_config(tree, sets), path)
     return configs
 
@@ -112,10 +118,11 @@ def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path,
-                   overrides: list[str], progress: bool = True, target: float | None = None) -> list[MethodRun]:
+                   overrides: list[str], progress: bool = True, target: float | None = None,
+                   variants: dict[str, dict[str, Any]] | None = None) -> list[MethodRun]:
     from fedlora.runtime.inprocess import Simulation
 
-    configs = method_configs(config, methods, seeds, overrides)
+    configs = method_configs(config, methods, seeds, overrides, variants)
     runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
     for run in runs:
         check_not_mixed(configs[(run.method, run.seed)], run.run_dir)

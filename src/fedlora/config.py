@@ -129,7 +129,7 @@ class DataConfig(Strict):
     validation_examples: int | None = Field(None, ge=1)
     """Tuning only (`fedlora tune` sets it): carve this many examples off the training pool
     (seeded, before train_examples caps it) and evaluate on them instead of the test set, which
-    is then never read. None: evaluate on the test set."""
+    is then never evaluated. None: evaluate on the test set."""
     max_length: int = Field(64, ge=8)
     prompt: str = AG_NEWS_PROMPT
     label_words: list[str] | None = Field(
