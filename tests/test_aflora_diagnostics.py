@@ -100,6 +100,9 @@ def test_run_logs_diagnostics_and_report_plots_them(data_dir, tmp_path):
     text = write_report(tmp_path).read_text()
     for name in ("lambda_spearman", "lambda_sq_std", "pruned", "prune_loss_ddr", "server_heldout", "server_a_change"):
         assert f"figures/{name}.png" in text and (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
+    row = next(line for line in text.splitlines() if line.startswith("| 1 |"))  # round 1's means over clients
+    mean_pruned = sum(c["pruned"] for c in records[0]["clients"]) / len(records[0]["clients"])
+    assert f"{mean_pruned:.4g}" in row.split(" | ")
 
 
 def test_heldout_public_examples_are_outside_the_public_set():

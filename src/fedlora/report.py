@@ -52,6 +52,29 @@ def _diagnostic_figures(records: list[dict[str, Any]], figures: Path) -> list[tu
     return made
 
 
+SERVER_DIAGNOSTICS = ["server_a_change", "server_heldout_before", "server_heldout_ft", "server_heldout_after"]
+
+
+def diagnostics_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per round, each client diagnostic's mean over the clients that logged it, and the
+    server's measures (a study's numbers); empty when the run logged none."""
+    keys = [k for k, _, _ in CLIENT_DIAGNOSTICS
+            if any(c.get(k) is not None for r in records for c in r.get("clients", []))]
+    keys += [k for k in SERVER_DIAGNOSTICS if any(r.get(k) is not None for r in records)]
+    if not keys:
+        return []
+    lines = ["## Diagnostics per round (client values: mean over clients)\n",
+             "| round | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in records:
+        cells = []
+        for k in keys:
+            vals = [c[k] for c in r.get("clients", []) if c.get(k) is not None]
+            v = r.get(k) if k in SERVER_DIAGNOSTICS else (sum(vals) / len(vals) if vals else None)
+            cells.append("–" if v is None else f"{v:.4g}")
+        lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -83,6 +106,7 @@ def write_report(run_dir: Path) -> Path:
         *(_summary_lines(summary) if summary else []),
         "",
         *(f"## {title}\n\n![{path.stem}](figures/{path.name})\n" for title, path in made),
+        *diagnostics_table(records),
         "## Rejected updates\n",
         *([f"- round {t}: client {x['client']}: {x['reason']}" for t, x in rejected] or ["none"]),
         "",

@@ -158,7 +158,8 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
                              "set": {**(entry.get("set") or {}), "federation.lr": p.lr}}
     runs = run_comparison(
         config, [p.label for p in points], [seed], out / "validation",
-        [*overrides, f"data.validation_examples={validation_examples}"], progress=progress,
+        # MMLU is a test set too: tuning scores only the validation carve
+        [*overrides, f"data.validation_examples={validation_examples}", "evaluation.mmlu=false"], progress=progress,
         variants=variants,
     )
     for p, run in zip(points, runs):
