@@ -17,6 +17,10 @@ Server, round t (zero-padding rank-aware aggregation, server-side A fine-tuning)
     A' = α A_global + (1 − α) A_FT                                (eq. 11)
     W ← W + s B_global A';  next round A_global = A', clients restart B at zero.
 
+Options for an informative λ (issue 15; defaults = the behaviour above): `lambda_init`,
+`lambda_lr`, `lambda_optimizer: sgd`, `b_init: unit`. Each round logs λ's diagnostics per
+client (fedlora.diagnostics) and, on the server, ‖A_FT − A‖/‖A‖ and the held-out public loss.
+
 Decisions where the paper is silent (README, "AFLoRA: our decisions"): Λ and H are per
 target module (each LoRA adapter prunes its own dimensions, and eq. 12 uses that module's
 rank); the default pruning threshold is mean − βσ (option `pruning_rule`); σ is the
@@ -227,7 +231,8 @@ class AFLoRA(Algorithm):
         """Option b_init: unit: each module's unit-norm B start, seeded by (seed, client)."""
         if self.options.b_init == "zeros":
             return None
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.setup.seed, client_id]).generate_state(1)[0]))
+        seed = int(np.random.SeedSequence([self.setup.seed, client_id]).generate_state(1)[0])
+        g = torch.Generator().manual_seed(seed)
         r1 = self.setup.client_max_ranks[client_id]
         return {name: unit_columns(m, r1, g) for name, (m, _) in self.setup.module_shapes.items()}
 
@@ -333,7 +338,8 @@ class AFLoRA(Algorithm):
                 [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
             )
             after_ft = server.heldout_loss()
-            moved = sum(float((l.A.detach() - state[f"{n}.A"]).pow(2).sum()) for n, l in zip(self.setup.module_shapes, layers))
+            moved = sum(float((layer.A.detach() - state[f"{name}.A"]).pow(2).sum())
+                        for name, layer in zip(self.setup.module_shapes, layers))
             for name, layer in zip(self.setup.module_shapes, layers):
                 new_state[f"{name}.A"] = fuse(state[f"{name}.A"], layer.A.detach(), opts.alpha)
             server.adapters.clear()
