@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from fedlora.plots import accuracy_curves, metric_by_round, ranks_per_client
+from fedlora.runtime.files import read_json
 from fedlora.runtime.outputs import read_metrics
 
 
@@ -24,7 +24,7 @@ def write_report(run_dir: Path) -> Path:
     if not records:
         raise FileNotFoundError(f"report: {run_dir}/metrics.jsonl has no rounds yet")
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_json(summary_path) if summary_path.exists() else {}
     label = summary.get("method", run_dir.name)
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
