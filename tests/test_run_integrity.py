@@ -21,13 +21,13 @@ from conftest import tiny_tree
 from safetensors.torch import load_file
 
 from fedlora.cli import main
-from fedlora.config import build_config
+from fedlora.config import build_config, dump_config
 from fedlora.flower.records import checked_run_key
 from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, merge_path
 from fedlora.runtime.files import DiskFullError, RunFileError, atomic_write, read_json
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_metrics
-from fedlora.runtime.rundir import run_lock
+from fedlora.runtime.rundir import run_lock, verify_run
 
 TREE = tiny_tree(federation={"rounds": 2, "eval_every": 1})
 
@@ -178,6 +178,26 @@ def test_more_rounds_extend_a_finished_run_like_an_uninterrupted_one(run_copy, t
     assert [r["accuracy"] for r in read_metrics(run_copy)] == [r["accuracy"] for r in read_metrics(tmp_path / "three")]
     capsys.readouterr()
     assert main(["run", "--quiet", "--resume", str(run_copy)]) == 0  # the extended config is the run's now
+
+
+def test_extension_interrupted_before_its_checkpoint_resumes(run_copy, capsys):
+    """config.yaml already names the new rounds, the checkpoint not yet: the same command goes on."""
+    longer = build_config(TREE, {"federation.rounds": 3})
+    (run_copy / "config.yaml").write_text(dump_config(longer))
+    ckpt, merges = verify_run(run_copy, longer)
+    assert ckpt.round == 2 and len(merges) == 2
+    _refused(capsys, ["run", "--resume", str(run_copy)], "config.yaml", "federation.rounds")
+
+
+def test_flower_server_app_verifies_on_resume(run_copy, tmp_path, monkeypatch):
+    from test_flower import _loopback_run
+
+    shutil.copytree(run_copy, tmp_path / "flower")
+    merge_path(tmp_path / "flower", 2).unlink()
+    run, grid = _loopback_run(TREE, tmp_path, monkeypatch)
+    grid.push_messages = None  # no client may be contacted
+    with pytest.raises(RunFileError, match="round_0002.safetensors: missing"):
+        run.run(resume=True)
 
 
 def test_garbled_checkpoint_header_is_refused_without_allocating(run_copy, capsys):

@@ -20,8 +20,8 @@ import yaml
 from torch import Tensor
 
 from fedlora.config import ConfigError, RunConfig, build_config, dump_config
-from fedlora.runtime.checkpoint import Checkpoint, has_checkpoint, load_merges
-from fedlora.runtime.files import RunFileError, atomic_write, read_bounded
+from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, has_checkpoint, load_merges
+from fedlora.runtime.files import RunFileError, atomic_write, read_bounded, sha256_bytes
 
 LOCK = "run.lock"
 CONFIG = "config.yaml"
@@ -60,7 +60,15 @@ def refuse_existing_run(run_dir: Path) -> None:
 def saved_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """The config a `--resume RUN_DIR [--set ...]` continues with: the checkpoint's own (the
     config the finished rounds ran with), with the overrides applied; checked by verify_run."""
-    return build_config(yaml.safe_load(Checkpoint.load(run_dir).config), overrides)
+    return _recorded_config(run_dir, Checkpoint.load(run_dir), overrides)
+
+
+def _recorded_config(run_dir: Path, ckpt: Checkpoint, overrides: dict[str, Any] | None = None) -> RunConfig:
+    try:
+        tree = yaml.safe_load(ckpt.config)
+    except yaml.YAMLError:
+        raise RunFileError(f"run error: {run_dir / CHECKPOINT}: damaged config record") from None
+    return build_config(tree if isinstance(tree, dict) else {}, overrides)
 
 
 def changed_fields(old: RunConfig, new: RunConfig) -> list[str]:
@@ -82,12 +90,13 @@ def verify_run(run_dir: Path, cfg: RunConfig) -> tuple[Checkpoint, list[dict[str
     """The checkpoint and its verified merges, if `cfg` may continue the run in `run_dir`;
     else one line naming the file or the config fields at fault. Writes nothing."""
     ckpt = Checkpoint.load(run_dir)
-    saved = build_config(yaml.safe_load(ckpt.config))
+    saved = _recorded_config(run_dir, ckpt)
     wanted = dump_config(cfg)
-    on_disk = read_bounded(run_dir / CONFIG, MAX_CONFIG_BYTES).decode(errors="replace")
-    if on_disk not in (ckpt.config, wanted):  # `wanted`: an extension interrupted before its next checkpoint
-        raise RunFileError(f"run error: {run_dir / CONFIG}: edited since the checkpoint "
-                           f"(SHA-256 differs from the record{_edited_fields(saved, on_disk)}); restore it")
+    on_disk = read_bounded(run_dir / CONFIG, MAX_CONFIG_BYTES)
+    # `wanted` too: an extension interrupted after writing config.yaml, before its next checkpoint
+    if sha256_bytes(on_disk) not in (ckpt.config_sha256, sha256_bytes(wanted.encode())):
+        raise RunFileError(f"run error: {run_dir / CONFIG}: edited since the checkpoint (SHA-256 differs "
+                           f"from the record{_edited_fields(saved, on_disk.decode(errors='replace'))}); restore it")
     changed = changed_fields(saved, cfg)
     grown = cfg.federation.rounds > saved.federation.rounds
     if set(changed) - EXTENSIBLE or (changed and not grown):
