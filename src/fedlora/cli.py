@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from datetime import datetime
@@ -13,22 +14,20 @@ from fedlora.config import PAPER_CLIENT_RANKS, ConfigError, load_config, parse_o
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedlora.runtime.inprocess import Simulation
+    from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
 
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_config(run_dir / "config.yaml")
-        if args.config:
-            given = load_config(args.config, parse_overrides(args.set))
-            if given.model_dump(mode="json") != cfg.model_dump(mode="json"):
-                raise ConfigError(f"config error: --resume {run_dir}: the config differs from the run's config.yaml")
+        cfg = (load_config(args.config, parse_overrides(args.set)) if args.config
+               else saved_config(run_dir, parse_overrides(args.set)))
+        verify_run(run_dir, cfg)  # one line before the model loads; the run checks again
     else:
         if not args.config:
             raise ConfigError("config error: give a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, parse_overrides(args.set))
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{cfg.algorithm.name}-{stamp}")
-        if (run_dir / "checkpoint.pt").exists():
-            raise ConfigError(f"config error: --out {run_dir}: holds a run already (use --resume {run_dir})")
+        refuse_existing_run(run_dir)
     cfg.check_files()
     summary = Simulation(cfg, run_dir, progress=not args.quiet).run(resume=bool(args.resume))
     print(f"run directory: {run_dir}")
@@ -130,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. federation.rounds=3 (repeatable)")
     run.add_argument("--out", help="run directory (default runs/<method>-<time>)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run (verified first); with --set federation.rounds=N, extend it")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
@@ -206,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:
         print(str(err), file=sys.stderr)
+        return 2
+    except OSError as err:  # a write outside atomic_write (figures, exports) on a full disk
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"disk full: could not write {err.filename or 'a file'}; free some space and retry", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,6 @@ config fields for it alone, e.g. `methods: {flora: {set: {federation.lr: 0.01}}}
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import shlex
 import statistics
@@ -38,7 +37,10 @@ from fedlora.config import (
     resolve_data_dir,
 )
 from fedlora.plots import accuracy_curves, ranks_per_client
+from fedlora.runtime.checkpoint import has_checkpoint
+from fedlora.runtime.files import read_bounded, read_json
 from fedlora.runtime.outputs import environment, read_metrics, write_json
+from fedlora.runtime.rundir import MAX_CONFIG_BYTES, verify_run
 from fedlora.tta import write_tta
 
 log = logging.getLogger("fedlora")
@@ -113,7 +115,7 @@ def method_configs(path: Path, methods: list[str], seeds: list[int], overrides: 
 def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
     """A comparison directory never mixes runs of different configs."""
     saved = run_dir / "config.yaml"
-    if saved.exists() and saved.read_text() != dump_config(cfg):
+    if saved.exists() and read_bounded(saved, MAX_CONFIG_BYTES).decode(errors="replace") != dump_config(cfg):
         raise ConfigError(f"config error: {run_dir}: holds a run with a different config (use another --out)")
 
 
@@ -124,7 +126,9 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
 
     configs = method_configs(config, methods, seeds, overrides, variants)
     runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
-    for run in runs:
+    for run in runs:  # every run directory is checked before any run starts
+        if has_checkpoint(run.run_dir) and not run.done:
+            verify_run(run.run_dir, configs[(run.method, run.seed)])  # names an edited file first
         check_not_mixed(configs[(run.method, run.seed)], run.run_dir)
         configs[(run.method, run.seed)].check_files()
     out.mkdir(parents=True, exist_ok=True)
@@ -132,10 +136,12 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
         if run.done:
             log.info("%s seed %d: finished earlier, reading %s", run.method, run.seed, run.run_dir)
             continue
-        resume = (run.run_dir / "checkpoint.pt").exists()
+        resume = has_checkpoint(run.run_dir)
         log.info("%s seed %d: %s in %s", run.method, run.seed, "resuming" if resume else "running", run.run_dir)
         try:
             Simulation(configs[(run.method, run.seed)], run.run_dir, progress=progress).run(resume=resume)
+        except ConfigError:  # a run directory in use or damaged, a full disk: stop with its one line
+            raise
         except Exception as err:  # one failing method must not cost the others their results
             log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
             run.error = f"{type(err).__name__}: {err}"
@@ -225,7 +231,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     for run in runs:
         if run.done:
             histories[run.method].append(read_metrics(run.run_dir))
-            algorithm[run.method] = json.loads((run.run_dir / "summary.json").read_text()).get("method", run.method)
+            algorithm[run.method] = read_json(run.run_dir / "summary.json").get("method", run.method)
     rows = [method_row(m, h) for m, h in histories.items() if h]
     with (out / "comparison.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from fedlora.plots import (
     metrics_by_round,
     ranks_per_client,
 )
+from fedlora.runtime.files import read_json
 from fedlora.runtime.outputs import read_metrics
 
 
@@ -81,7 +81,7 @@ def write_report(run_dir: Path) -> Path:
     if not records:
         raise FileNotFoundError(f"report: {run_dir}/metrics.jsonl has no rounds yet")
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_json(summary_path) if summary_path.exists() else {}
     label = summary.get("method", run_dir.name)
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
