@@ -129,6 +129,8 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
         log.info("%s seed %d: %s in %s", run.method, run.seed, "resuming" if resume else "running", run.run_dir)
         try:
             Simulation(configs[(run.method, run.seed)], run.run_dir, progress=progress).run(resume=resume)
+        except ConfigError:
+            raise  # a bad config or data file: one line and exit 2, not one traceback per method
         except Exception as err:  # one failing method must not cost the others their results
             log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
             run.error = f"{type(err).__name__}: {err}"

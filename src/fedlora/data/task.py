@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data.alpaca import as_prompt_response, load_alpaca, public_indices
+from fedlora.data.alpaca import ALPACA_FILE, as_prompt_response, load_alpaca, public_indices
+from fedlora.data.checks import check_examples, warn_small_clients
 from fedlora.data.encode import (
     Encoded,
     encode_classification,
@@ -18,6 +19,7 @@ from fedlora.data.encode import (
 from fedlora.data.instruct import encode_instruction_data
 from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_subset
 from fedlora.data.partition import partition_indices
+from fedlora.data.reading import reading
 from fedlora.data.sources import load_source
 
 if TYPE_CHECKING:
@@ -46,9 +48,11 @@ class FederatedTask:
 
 
 def build_mmlu(ev: EvaluationConfig, data_dir, tokenizer: PreTrainedTokenizerBase, seed: int) -> MMLUSet:
-    test = load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name)
+    field, what = ("evaluation.mmlu_hub_name", ev.mmlu_hub_name) if ev.mmlu_hub_name else ("evaluation.mmlu", data_dir / "mmlu")
+    with reading(field, what):
+        test = load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name)
+        dev = load_mmlu("dev", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name) if ev.mmlu_shots else None
     test = per_subject_subset(test, ev.mmlu_per_subject, seed)
-    dev = load_mmlu("dev", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name) if ev.mmlu_shots else None
     return encode_mmlu(test, dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
 
 
@@ -58,10 +62,12 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
     public: list[Encoded] = []
     exclude: list[int] = []
     if cfg.algorithm.uses_public_data:
-        records = load_alpaca(d.data_dir, cfg.public_data.hub_name)
+        hub = cfg.public_data.hub_name
+        with reading("public_data.hub_name" if hub else "public_data.dataset", hub or d.data_dir / ALPACA_FILE):
+            records = load_alpaca(d.data_dir, hub)
+            pairs = [as_prompt_response(r) for r in records]  # every record has its fields
         idx = public_indices(len(records), cfg.public_data.fraction, cfg.seed)
-        pairs = [as_prompt_response(records[i]) for i in idx]
-        public = encode_instruction(pairs, tokenizer, cfg.public_data.max_length)
+        public = encode_instruction([pairs[i] for i in idx], tokenizer, cfg.public_data.max_length)
         if d.dataset == "alpaca" and d.hub_name == cfg.public_data.hub_name:
             exclude = idx  # the public draw is disjoint from the clients' data
 
@@ -74,16 +80,15 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
     test = src.test.shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
 
     labels = list(train["label"])
+    check_examples(d, labels, list(test["label"]), src.names)
     parts = partition_indices(
         labels, cfg.federation.num_clients, d.partition, d.labels_per_client, cfg.seed,
         alpha=d.dirichlet_alpha, epsilon=d.epsilon, min_partition_size=d.min_partition_size,
         size_distribution=d.size_distribution,
     )
+    warn_small_clients([len(p) for p in parts], cfg.federation.batch_size)
     if d.task == "classification":
-        words = d.label_words or src.names
-        if len(words) != len(src.names):
-            raise ValueError(f"data.label_words: {len(words)} words for {len(src.names)} classes")
-        label_ids = label_token_ids(tokenizer, words)
+        label_ids = label_token_ids(tokenizer, d.label_words or src.names)
         encoded = encode_classification(list(train["text"]), labels, tokenizer, d.prompt, d.max_length)
         test_enc = encode_classification(
             list(test["text"]), list(test["label"]), tokenizer, d.prompt, d.max_length
