@@ -29,7 +29,7 @@ def _read(path: Path, field: str) -> Dataset:
     return ds
 
 
-def _require(ds: Dataset, columns: dict[str, str | None], where: str | Path) -> None:
+def _require(ds: Dataset, columns: dict[str, str | None], field: str, where: str | Path) -> None:
     """Every configured column exists, and its cells are filled (an empty CSV cell would
     otherwise become the text or class "None")."""
     for key, name in columns.items():
@@ -42,7 +42,7 @@ def _require(ds: Dataset, columns: dict[str, str | None], where: str | Path) -> 
             continue  # an empty input is normal
         empty = next((i for i, v in enumerate(ds[name]) if v is None), None)
         if empty is not None:
-            raise DataError(f"data error: {where}: row {empty + 1} has no value in column {name!r}")
+            raise DataError(f"data error: {field}: {where}: data row {empty + 1} has no value in column {name!r}")
 
 
 def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
@@ -64,9 +64,11 @@ def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
     group_col = c.label if d.task == "classification" else c.category
     needed = ({"text": c.text, "label": c.label} if d.task == "classification" else
               {"instruction": c.instruction, "input": c.input, "response": c.response, "category": c.category})
-    _require(raw_train, needed, d.train_file or f"hub dataset {d.hub_name} (train)")
+    hub = ("data.hub_name", f"{d.hub_name} (train split)")
+    _require(raw_train, needed, *(("data.train_file", d.train_file) if d.train_file else hub))
     if raw_test is not None:
-        _require(raw_test, needed, d.test_file or f"hub dataset {d.hub_name} (test)")
+        _require(raw_test, needed, *(("data.test_file", d.test_file) if d.test_file else
+                                     ("data.hub_name", f"{d.hub_name} (test split)")))
 
     # Class / category names: the hub's ClassLabel names, else the sorted distinct values.
     feature = raw_train.features.get(group_col) if group_col else None

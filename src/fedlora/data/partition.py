@@ -84,6 +84,8 @@ def partition_indices(
 
     `options`: alpha, epsilon, min_partition_size, size_distribution (see make_partitioner).
     """
+    if len(labels) < num_clients:
+        raise _without_data(scheme, num_clients - len(labels), num_clients, len(labels))
     distinct = len(set(labels))
     if scheme in ("label_skew", "dirichlet", "category_skew") and distinct < 2:
         raise ConfigError(f"config error: data.partition: {scheme} needs labels or categories; this data has one")
@@ -111,9 +113,13 @@ def partition_indices(
         ) from None
     empty = [k for k, p in enumerate(parts) if not p]
     if empty:
-        raise ConfigError(
-            f"config error: data.partition: {scheme} leaves {len(empty)} of {num_clients} clients without "
-            f"data (first: client {empty[0]}; {len(labels)} training examples); use more data or fewer clients"
-        )
+        raise _without_data(scheme, len(empty), num_clients, len(labels))
     return parts
+
+
+def _without_data(scheme: str, empty: int, num_clients: int, examples: int) -> ConfigError:
+    return ConfigError(
+        f"config error: data.partition: {scheme} leaves {empty} of {num_clients} clients without data "
+        f"({examples} training examples); use more data or fewer clients"
+    )
 
