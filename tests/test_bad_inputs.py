@@ -358,3 +358,14 @@ def test_label_skew_first_label_is_the_clients_index_the_rest_seeded():
     assert all(len(h) == 2 and k % 4 in h for d in draws for k, h in enumerate(d))
     assert held(0) == draws[0]  # seeded
     assert len({str(d) for d in draws}) > 1  # the other label is drawn, not i+1
+
+
+def test_flower_run_checks_the_data_before_starting_flower(tmp_path, capsys, monkeypatch):
+    """`fedlora flower run` judges the data in the CLI, not later inside the Flower apps."""
+    import fedlora.flower.launch as launch
+
+    monkeypatch.setattr(launch, "LocalFederation", lambda *a, **k: pytest.fail("Flower was started"))
+    args, expect = CASES["csv_single_class"][0](tmp_path)
+    code = cli.main(["flower", "run", *args, "--local", "2", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and all(e in err for e in expect), err

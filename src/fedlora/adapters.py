@@ -55,8 +55,8 @@ def find_targets(
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
-        raise ConfigError(f"config error: {field}: {missing[0]!r} is no nn.Linear/Conv1D module of the model "
-                          f"(it has: {', '.join(names)})")
+        raise ConfigError(f"config error: {field}: {missing[0]!r} not found among the model's nn.Linear/Conv1D "
+                          f"modules (it has: {', '.join(names)})")
     return found
 
 

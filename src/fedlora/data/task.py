@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.alpaca import ALPACA_FILE, as_prompt_response, load_alpaca, public_indices
@@ -56,18 +57,32 @@ def build_mmlu(ev: EvaluationConfig, data_dir, tokenizer: PreTrainedTokenizerBas
     return encode_mmlu(test, dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
 
 
-def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
-    """Same seed ⇒ same shards, same test subset, same public set, whatever the method."""
+@dataclass
+class DataPool:
+    """A run's data before tokenisation: everything `check_data` can judge without a model."""
+
+    train: Dataset
+    test: Dataset
+    names: list[str]
+    parts: list[list[int]]
+    """Indices into `train` of each client's shard."""
+    public_pairs: list[tuple[str, str]] = field(default_factory=list)
+    """The server's public (prompt, response) pairs (AFLoRA's A fine-tuning)."""
+
+
+def check_data(cfg: RunConfig) -> DataPool:
+    """Load, check and partition the run's data (no tokenizer, no model): a bad file or a
+    partition that cannot work stops here with one line. Same seed ⇒ same pool and shards."""
     d = cfg.data
-    public: list[Encoded] = []
+    pairs: list[tuple[str, str]] = []
     exclude: list[int] = []
     if cfg.algorithm.uses_public_data:
         hub = cfg.public_data.hub_name
         with reading("public_data.hub_name" if hub else "public_data.dataset", hub or d.data_dir / ALPACA_FILE):
             records = load_alpaca(d.data_dir, hub)
-            pairs = [as_prompt_response(r) for r in records]  # every record has its fields
+            every = [as_prompt_response(r) for r in records]  # every record has its fields
         idx = public_indices(len(records), cfg.public_data.fraction, cfg.seed)
-        public = encode_instruction([pairs[i] for i in idx], tokenizer, cfg.public_data.max_length)
+        pairs = [every[i] for i in idx]
         if d.dataset == "alpaca" and d.hub_name == cfg.public_data.hub_name:
             exclude = idx  # the public draw is disjoint from the clients' data
 
@@ -87,8 +102,18 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         size_distribution=d.size_distribution,
     )
     warn_small_clients([len(p) for p in parts], cfg.federation.batch_size)
+    return DataPool(train, test, list(src.names), parts, pairs)
+
+
+def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
+    """Same seed ⇒ same shards, same test subset, same public set, whatever the method."""
+    d = cfg.data
+    pool = check_data(cfg)
+    train, test, parts = pool.train, pool.test, pool.parts
+    public = encode_instruction(pool.public_pairs, tokenizer, cfg.public_data.max_length)
+    labels = list(train["label"])
     if d.task == "classification":
-        label_ids = label_token_ids(tokenizer, d.label_words or src.names)
+        label_ids = label_token_ids(tokenizer, d.label_words or pool.names)
         encoded = encode_classification(list(train["text"]), labels, tokenizer, d.prompt, d.max_length)
         test_enc = encode_classification(
             list(test["text"]), list(test["label"]), tokenizer, d.prompt, d.max_length
@@ -104,7 +129,7 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         label_ids=label_ids,
         public=public,
         kind=d.task,
-        names=list(src.names),
+        names=pool.names,
         client_labels=[[labels[i] for i in idx] for idx in parts],
         mmlu=mmlu,
     )
