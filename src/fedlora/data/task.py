@@ -9,7 +9,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data.alpaca import ALPACA_FILE, as_prompt_response, load_alpaca, public_indices
+from fedlora.data.alpaca import ALPACA_FILE, as_prompt_response, heldout_indices, load_alpaca, public_indices
 from fedlora.data.checks import check_examples, warn_small_clients
 from fedlora.data.encode import (
     Encoded,
@@ -22,6 +22,7 @@ from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_subse
 from fedlora.data.partition import partition_indices
 from fedlora.data.reading import reading
 from fedlora.data.sources import load_source
+from fedlora.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedlora.config import EvaluationConfig, RunConfig
@@ -33,6 +34,8 @@ class FederatedTask:
     test: list[Encoded]
     label_ids: list[int]
     public: list[Encoded] = field(default_factory=list)
+    public_heldout: list[Encoded] = field(default_factory=list)
+    """Public examples the server never trains on (measures its A fine-tuning)."""
     kind: str = "classification"
     """`classification` (label-token loss, accuracy) or `instruction` (response-token loss)."""
     names: list[str] = field(default_factory=list)
@@ -68,6 +71,8 @@ class DataPool:
     """Indices into `train` of each client's shard."""
     public_pairs: list[tuple[str, str]] = field(default_factory=list)
     """The server's public (prompt, response) pairs (AFLoRA's A fine-tuning)."""
+    heldout_pairs: list[tuple[str, str]] = field(default_factory=list)
+    """Public pairs never trained on (the server's held-out loss)."""
 
 
 def check_data(cfg: RunConfig) -> DataPool:
@@ -75,6 +80,7 @@ def check_data(cfg: RunConfig) -> DataPool:
     partition that cannot work stops here with one line. Same seed ⇒ same pool and shards."""
     d = cfg.data
     pairs: list[tuple[str, str]] = []
+    heldout: list[tuple[str, str]] = []
     exclude: list[int] = []
     if cfg.algorithm.uses_public_data:
         hub = cfg.public_data.hub_name
@@ -82,17 +88,32 @@ def check_data(cfg: RunConfig) -> DataPool:
             records = load_alpaca(d.data_dir, hub)
             every = [as_prompt_response(r) for r in records]  # every record has its fields
         idx = public_indices(len(records), cfg.public_data.fraction, cfg.seed)
-        pairs = [every[i] for i in idx]
+        held = heldout_indices(len(records), idx, cfg.public_data.heldout_examples, cfg.seed)
+        pairs, heldout = [every[i] for i in idx], [every[i] for i in held]
         if d.dataset == "alpaca" and d.hub_name == cfg.public_data.hub_name:
-            exclude = idx  # the public draw is disjoint from the clients' data
+            exclude = sorted(idx + held)  # the public draw is disjoint from the clients' data
 
     src = load_source(d, exclude)
     # Local files are grouped (by class, category or client): shuffle (seeded) before capping
     # or splitting.
     train = src.train.shuffle(seed=cfg.seed)
+    if d.validation_examples is not None:
+        # Tuning (`fedlora tune`): carve a validation set off the training pool before capping
+        # or partitioning, so no client trains on it, and evaluate on it: the test split is
+        # never touched.
+        if d.validation_examples >= len(train):
+            raise ConfigError(
+                f"config error: data.validation_examples: {d.validation_examples} leaves no training data "
+                f"(the pool has {len(train)} examples)"
+            )
+        validation = train.select(range(d.validation_examples))
+        train = train.select(range(d.validation_examples, len(train)))
     if d.train_examples is not None:
         train = train.select(range(min(d.train_examples, len(train))))
-    test = src.test.shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
+    if d.validation_examples is None:
+        test = src.test.shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
+    else:
+        test = validation
 
     labels = list(train["label"])
     check_examples(d, labels, list(test["label"]), src.names)
@@ -102,7 +123,7 @@ def check_data(cfg: RunConfig) -> DataPool:
         size_distribution=d.size_distribution,
     )
     warn_small_clients([len(p) for p in parts], cfg.federation.batch_size)
-    return DataPool(train, test, list(src.names), parts, pairs)
+    return DataPool(train, test, list(src.names), parts, pairs, heldout)
 
 
 def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
@@ -111,6 +132,7 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
     pool = check_data(cfg)
     train, test, parts = pool.train, pool.test, pool.parts
     public = encode_instruction(pool.public_pairs, tokenizer, cfg.public_data.max_length)
+    heldout = encode_instruction(pool.heldout_pairs, tokenizer, cfg.public_data.max_length)
     labels = list(train["label"])
     if d.task == "classification":
         label_ids = label_token_ids(tokenizer, d.label_words or pool.names)
@@ -128,6 +150,7 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         test=test_enc,
         label_ids=label_ids,
         public=public,
+        public_heldout=heldout,
         kind=d.task,
         names=pool.names,
         client_labels=[[labels[i] for i in idx] for idx in parts],
