@@ -69,7 +69,8 @@ def test_alpaca_counts_and_public_draw_disjoint_from_clients(data_dir):
     public = {tuple(e.input_ids) for e in task.public}
     clients = {tuple(e.input_ids) for c in task.clients for e in c} | {tuple(e.input_ids) for e in task.test}
     assert len(task.public) == 100
-    assert sum(len(c) for c in task.clients) + len(task.test) == 4900  # the 100 public rows left out
+    held = cfg.public_data.heldout_examples  # the server's held-out public rows are left out too
+    assert sum(len(c) for c in task.clients) + len(task.test) == 4900 - held  # the 100 public rows left out
     idx = set(public_indices(5000, 0.02, 0))
     kept = [r for i, r in enumerate(records) if i not in idx]
     assert len(kept) == 4900 and len(public & clients) <= 5  # identical prompts only by coincidence

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from fedlora.errors import ConfigError
+
 FACTORS = ("A", "B", "lam", "mask")
 
 
@@ -38,8 +40,11 @@ def layer_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_targets(model: nn.Module, target_modules: Iterable[str]) -> dict[str, nn.Module]:
-    """Linear/Conv1D modules whose name is, or ends with, one of `target_modules` (PEFT's rule)."""
+def find_targets(
+    model: nn.Module, target_modules: Iterable[str], field: str = "model.target_modules"
+) -> dict[str, nn.Module]:
+    """Linear/Conv1D modules whose name is, or ends with, one of `target_modules` (PEFT's rule);
+    a name that matches none is a ConfigError naming `field` and the model's candidates."""
     targets = list(target_modules)
     found = {
         name: module
@@ -49,7 +54,9 @@ def find_targets(model: nn.Module, target_modules: Iterable[str]) -> dict[str, n
     }
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
     if missing:
-        raise ValueError(f"target modules not found in the model: {missing}")
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+        raise ConfigError(f"config error: {field}: {missing[0]!r} not found among the model's nn.Linear/Conv1D "
+                          f"modules (it has: {', '.join(names)})")
     return found
 
 

@@ -10,6 +10,12 @@ from datetime import datetime
 from pathlib import Path
 
 from fedlora.config import PAPER_CLIENT_RANKS, ConfigError, load_config, parse_overrides
+from fedlora.errors import one_line
+
+# Errors a user can fix (a bad config, data file or path), shown as one line with exit
+# code 2. ConfigError (and DataError) messages name the field or file; the OS errors carry
+# the path. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -204,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(str(err), file=sys.stderr)
+    except INPUT_ERRORS as err:
+        print(one_line(err), file=sys.stderr)
         return 2
     except OSError as err:  # a write outside atomic_write (figures, exports) on a full disk
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -140,8 +140,8 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
         log.info("%s seed %d: %s in %s", run.method, run.seed, "resuming" if resume else "running", run.run_dir)
         try:
             Simulation(configs[(run.method, run.seed)], run.run_dir, progress=progress).run(resume=resume)
-        except ConfigError:  # a run directory in use or damaged, a full disk: stop with its one line
-            raise
+        except ConfigError:  # a bad config or data file, a run directory in use or damaged, a full
+            raise            # disk: one line and exit 2, not one traceback per method
         except Exception as err:  # one failing method must not cost the others their results
             log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
             run.error = f"{type(err).__name__}: {err}"

@@ -21,13 +21,10 @@ from pydantic import (
 
 from fedlora.algorithms import AlgorithmOptions
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
+from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.hardware import preferred_compute_dtype
 
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any work starts."""
 
 
 class Strict(BaseModel):
@@ -62,6 +59,7 @@ AG_NEWS_PROMPT = (
     "Classify the news article as World, Sports, Business or Technology.\n"
     "Article: {text}\nTopic:"
 )
+CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -77,8 +75,18 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "dolly": {"task": "instruction", "max_length": 256, "partition": "category_skew"},
     "alpaca": {"task": "instruction", "max_length": 256, "partition": "iid"},
-    "custom": {},
+    # Your own data: its own class names, and a prompt that names no AG News topics.
+    "custom": {"prompt": CUSTOM_PROMPT, "label_words": None},
 }
+
+DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+"""Readers (`datasets` builders) of a custom data file, by suffix (before an optional .gz)."""
+
+
+def data_file_builder(path: Path) -> str | None:
+    """The builder that reads `path`, None for a format fedlora does not read."""
+    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
+    return DATA_FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
 
 
 class ColumnsConfig(Strict):
@@ -135,7 +143,7 @@ class DataConfig(Strict):
     label_words: list[str] | None = Field(
         default_factory=lambda: ["World", "Sports", "Business", "Technology"], min_length=2
     )
-    """None (custom only): the dataset's class names."""
+    """None: the dataset's class names (the default of `custom`)."""
     loss: Literal["classes", "vocab"] = "classes"
     """`classes`: cross-entropy over the label words' logits (paper eq. 10, |L| classes);
     `vocab`: cross-entropy of the label token over the whole vocabulary."""
@@ -150,6 +158,25 @@ class DataConfig(Strict):
         if isinstance(data, dict) and data.get("dataset") in DATASET_DEFAULTS:
             data = {**DATASET_DEFAULTS[data["dataset"]], **data}
         return data
+
+    @field_validator("label_words")
+    @classmethod
+    def _distinct_words(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if any(not w.strip() for w in v):
+            raise ValueError("a label word is empty")
+        twice = sorted({w for w in v if v.count(w) > 1})
+        if twice:
+            raise ValueError(f"{twice[0]!r} appears more than once (one word per class)")
+        return v
+
+    @field_validator("train_file", "test_file")
+    @classmethod
+    def _readable_format(cls, v: Path | None) -> Path | None:
+        if v is not None and data_file_builder(v) is None:
+            raise ValueError(f"{v}: expected a .csv, .json or .jsonl file (optionally .gz)")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -171,6 +198,9 @@ class DataConfig(Strict):
             raise ValueError("dataset custom needs train_file or hub_name")
         if self.dataset in ("dolly", "alpaca") and self.task != "instruction":
             raise ValueError(f"dataset {self.dataset} is instruction data (task: instruction)")
+        for name in ("train_file", "test_file"):
+            if self.dataset != "custom" and getattr(self, name) is not None:
+                raise ValueError(f"data.{name}: only for dataset custom ({self.dataset} is read from data_dir)")
         return self
 
 
@@ -287,6 +317,16 @@ class RunConfig(Strict):
             raise ValueError(f"devices.assign: {len(assign)} entries for {n} clients")
         return self
 
+    @model_validator(mode="after")
+    def _ranks_fit_the_clients(self) -> RunConfig:
+        """A method's rank options against the weakest client (before any model loads)."""
+        weakest = min(self.federation.client_max_ranks)
+        for key in ("rank", "min_rank"):
+            value = getattr(self.algorithm, key, None)
+            if value is not None and value > weakest:
+                raise ValueError(f"algorithm.{key}: {value} exceeds the smallest client max rank {weakest}")
+        return self
+
     def device_profiles(self) -> list[DeviceProfile]:
         """Each client's DeviceProfile (seeded; the reference preset when no devices are given)."""
         return resolve_profiles(self.devices, self.federation.num_clients, self.seed)
@@ -302,7 +342,10 @@ class RunConfig(Strict):
         """Fail before any work when a data file the run needs is missing."""
         from fedlora.data import required_files
 
-        for field, path in required_files(self):
+        needed = required_files(self)
+        if self.model.name.endswith(".gguf"):
+            needed.append(("model.name", Path(self.model.name)))
+        for field, path in needed:
             if not path.exists():
                 raise ConfigError(f"config error: {field}: file not found: {path}")
 
@@ -313,13 +356,17 @@ def _format_error(err: ValidationError, algorithm_name: str | None) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    if not loc and msg.split(":", 1)[0].replace("_", "").replace(".", "").isalnum():
-        return f"config error: {msg}"  # a whole-config check that names its field itself
-    return f"config error: {'.'.join(loc) or '<root>'}: {msg}"
+    head, where = msg.split(":", 1)[0], ".".join(loc)
+    names_itself = not where or head == where or head.startswith(where + ".")
+    if names_itself and head.replace("_", "").replace(".", "").isalnum():
+        return f"config error: {msg}"  # a check that names its field itself
+    return f"config error: {where or '<root>'}: {msg}"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"config error: --set {dotted}: empty key (expected section.key=value)")
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -335,7 +382,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"config error: --set {pair}: expected key=value")
         key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not a YAML value"
+            raise ConfigError(f"config error: --set {pair}: {problem} (quote strings: key='value')") from None
     return out
 
 
@@ -365,8 +416,17 @@ def read_tree(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config error: {path}: file not found")
-    with path.open() as fh:
-        tree = yaml.safe_load(fh) or {}
+    if path.is_dir():
+        raise ConfigError(f"config error: {path}: is a folder, not a YAML file")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config error: {path}: not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "cannot parse"
+        raise ConfigError(f"config error: {path}: invalid YAML{where}: {problem}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config error: {path}: top level must be a mapping")
     return tree

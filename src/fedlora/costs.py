@@ -65,7 +65,7 @@ def architecture_shapes(arch: str, targets: list[str] | None = None) -> Architec
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    shapes = {name: module_shape(mod) for name, mod in find_targets(model, targets).items()}
+    shapes = {name: module_shape(mod) for name, mod in find_targets(model, targets, "--targets").items()}
     return ArchitectureShapes(arch, total, shapes)
 
 

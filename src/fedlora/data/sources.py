@@ -18,6 +18,7 @@ from fedlora.data.alpaca import alpaca_dataset, load_alpaca
 from fedlora.data.custom import load_custom
 from fedlora.data.dolly import DOLLY_CATEGORIES, load_dolly
 from fedlora.data.financial_phrasebank import FPB_CLASSES, load_financial_phrasebank
+from fedlora.data.reading import reading
 from fedlora.data.splits import seeded_split
 
 if TYPE_CHECKING:
@@ -42,7 +43,19 @@ def _split(ds: Dataset, d: DataConfig) -> tuple[Dataset, Dataset]:
 
 
 def load_source(d: DataConfig, exclude: Collection[int] = ()) -> Source:
-    """The dataset of `d`; `exclude` drops Alpaca rows (the server's public draw) first."""
+    """The dataset of `d`; `exclude` drops Alpaca rows (the server's public draw) first. A
+    file or hub dataset that cannot be read gives a DataError naming it."""
+    if d.dataset == "custom":
+        train, test, names = load_custom(d)
+        if test is None:
+            train, test = _split(train, d)
+        return Source(train, test, names)
+    field, what = ("data.hub_name", d.hub_name) if d.hub_name else ("data.data_dir", d.data_dir / d.dataset)
+    with reading(field, what):
+        return _load_builtin(d, exclude)
+
+
+def _load_builtin(d: DataConfig, exclude: Collection[int]) -> Source:
     if d.dataset == "ag_news":
         return Source(load_ag_news("train", d.data_dir, d.hub_name),
                       load_ag_news("test", d.data_dir, d.hub_name), list(AG_NEWS_CLASSES))
@@ -57,7 +70,4 @@ def load_source(d: DataConfig, exclude: Collection[int] = ()) -> Source:
         skip = set(exclude)
         full = alpaca_dataset([r for i, r in enumerate(records) if i not in skip])
         return Source(*_split(full, d), ["all"])
-    train, test, names = load_custom(d)
-    if test is None:
-        train, test = _split(train, d)
-    return Source(train, test, names)
+    raise ValueError(f"unknown dataset {d.dataset!r}")

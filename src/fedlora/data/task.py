@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data.alpaca import as_prompt_response, heldout_indices, load_alpaca, public_indices
+from fedlora.data.alpaca import ALPACA_FILE, as_prompt_response, heldout_indices, load_alpaca, public_indices
+from fedlora.data.checks import check_examples, warn_small_clients
 from fedlora.data.encode import (
     Encoded,
     encode_classification,
@@ -18,9 +20,9 @@ from fedlora.data.encode import (
 from fedlora.data.instruct import encode_instruction_data
 from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_subset
 from fedlora.data.partition import partition_indices
+from fedlora.data.reading import reading
 from fedlora.data.sources import load_source
-
-from fedlora.config import ConfigError
+from fedlora.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedlora.config import EvaluationConfig, RunConfig
@@ -50,26 +52,44 @@ class FederatedTask:
 
 
 def build_mmlu(ev: EvaluationConfig, data_dir, tokenizer: PreTrainedTokenizerBase, seed: int) -> MMLUSet:
-    test = load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name)
+    field, what = ("evaluation.mmlu_hub_name", ev.mmlu_hub_name) if ev.mmlu_hub_name else ("evaluation.mmlu", data_dir / "mmlu")
+    with reading(field, what):
+        test = load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name)
+        dev = load_mmlu("dev", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name) if ev.mmlu_shots else None
     test = per_subject_subset(test, ev.mmlu_per_subject, seed)
-    dev = load_mmlu("dev", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name) if ev.mmlu_shots else None
     return encode_mmlu(test, dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
 
 
-def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
-    """Same seed ⇒ same shards, same test subset, same public set, whatever the method."""
+@dataclass
+class DataPool:
+    """A run's data before tokenisation: everything `check_data` can judge without a model."""
+
+    train: Dataset
+    test: Dataset
+    names: list[str]
+    parts: list[list[int]]
+    """Indices into `train` of each client's shard."""
+    public_pairs: list[tuple[str, str]] = field(default_factory=list)
+    """The server's public (prompt, response) pairs (AFLoRA's A fine-tuning)."""
+    heldout_pairs: list[tuple[str, str]] = field(default_factory=list)
+    """Public pairs never trained on (the server's held-out loss)."""
+
+
+def check_data(cfg: RunConfig) -> DataPool:
+    """Load, check and partition the run's data (no tokenizer, no model): a bad file or a
+    partition that cannot work stops here with one line. Same seed ⇒ same pool and shards."""
     d = cfg.data
-    public: list[Encoded] = []
-    heldout: list[Encoded] = []
+    pairs: list[tuple[str, str]] = []
+    heldout: list[tuple[str, str]] = []
     exclude: list[int] = []
     if cfg.algorithm.uses_public_data:
-        records = load_alpaca(d.data_dir, cfg.public_data.hub_name)
+        hub = cfg.public_data.hub_name
+        with reading("public_data.hub_name" if hub else "public_data.dataset", hub or d.data_dir / ALPACA_FILE):
+            records = load_alpaca(d.data_dir, hub)
+            every = [as_prompt_response(r) for r in records]  # every record has its fields
         idx = public_indices(len(records), cfg.public_data.fraction, cfg.seed)
         held = heldout_indices(len(records), idx, cfg.public_data.heldout_examples, cfg.seed)
-        encode = lambda ids: encode_instruction(
-            [as_prompt_response(records[i]) for i in ids], tokenizer, cfg.public_data.max_length
-        )
-        public, heldout = encode(idx), encode(held)
+        pairs, heldout = [every[i] for i in idx], [every[i] for i in held]
         if d.dataset == "alpaca" and d.hub_name == cfg.public_data.hub_name:
             exclude = sorted(idx + held)  # the public draw is disjoint from the clients' data
 
@@ -96,16 +116,26 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         test = validation
 
     labels = list(train["label"])
+    check_examples(d, labels, list(test["label"]), src.names)
     parts = partition_indices(
         labels, cfg.federation.num_clients, d.partition, d.labels_per_client, cfg.seed,
         alpha=d.dirichlet_alpha, epsilon=d.epsilon, min_partition_size=d.min_partition_size,
         size_distribution=d.size_distribution,
     )
+    warn_small_clients([len(p) for p in parts], cfg.federation.batch_size)
+    return DataPool(train, test, list(src.names), parts, pairs, heldout)
+
+
+def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
+    """Same seed ⇒ same shards, same test subset, same public set, whatever the method."""
+    d = cfg.data
+    pool = check_data(cfg)
+    train, test, parts = pool.train, pool.test, pool.parts
+    public = encode_instruction(pool.public_pairs, tokenizer, cfg.public_data.max_length)
+    heldout = encode_instruction(pool.heldout_pairs, tokenizer, cfg.public_data.max_length)
+    labels = list(train["label"])
     if d.task == "classification":
-        words = d.label_words or src.names
-        if len(words) != len(src.names):
-            raise ValueError(f"data.label_words: {len(words)} words for {len(src.names)} classes")
-        label_ids = label_token_ids(tokenizer, words)
+        label_ids = label_token_ids(tokenizer, d.label_words or pool.names)
         encoded = encode_classification(list(train["text"]), labels, tokenizer, d.prompt, d.max_length)
         test_enc = encode_classification(
             list(test["text"]), list(test["label"]), tokenizer, d.prompt, d.max_length
@@ -122,7 +152,7 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         public=public,
         public_heldout=heldout,
         kind=d.task,
-        names=list(src.names),
+        names=pool.names,
         client_labels=[[labels[i] for i in idx] for idx in parts],
         mmlu=mmlu,
     )

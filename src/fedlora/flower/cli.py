@@ -34,6 +34,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.min_clients < 1:
         raise ConfigError("config error: --min-clients: must be >= 1")
     cfg.check_files()
+    from fedlora.data.task import check_data
+
+    check_data(cfg)  # a bad data file stops here with one line, not inside the Flower apps
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = {

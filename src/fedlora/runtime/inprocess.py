@@ -10,7 +10,10 @@ uninterrupted one.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +39,12 @@ from fedlora.algorithms.base import (
     first_non_finite,
 )
 from fedlora.clock import device_setup, simulated_round
-from fedlora.config import RunConfig, dump_config
+from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
 from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_task
-from fedlora.models import base_parameter_count, load_base_model
+from fedlora.models import base_parameter_count, load_model, load_tokenizer
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.runtime.files import atomic_write, tensors_to_bytes
@@ -50,6 +53,18 @@ from fedlora.runtime.rounds import accept_update
 from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock, verify_run
 
 log = logging.getLogger("fedlora")
+
+
+@contextmanager
+def option_errors() -> Iterator[None]:
+    """A method's own check of an option against this federation (it raises a ValueError
+    that names the option) becomes a one-line ConfigError; other errors are bugs."""
+    try:
+        yield
+    except ValueError as err:
+        if not re.match(r"(algorithm|model)[.:]", str(err)):
+            raise
+        raise ConfigError(f"config error: {err}") from None
 
 
 def clients_per_round(num_clients: int, fraction: float) -> int:
@@ -80,13 +95,16 @@ class Federation:
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
+        """Files, model name and data are checked before the (slow) model load; target
+        modules right after it, before any training."""
         cfg.check_files()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        model, tokenizer = load_base_model(cfg.model.name, seed=cfg.seed)
+        tokenizer = load_tokenizer(cfg.model.name)
+        task = build_task(cfg, tokenizer)
+        model = load_model(cfg.model.name, cfg.seed, len(tokenizer))
         total = base_parameter_count(model)
         adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
-        task = build_task(cfg, tokenizer)
         profiles = cfg.device_profiles()
         setup = FederationSetup(
             module_shapes=adapters.shapes(),
@@ -96,7 +114,8 @@ class Federation:
             seed=cfg.seed,
             **device_setup(cfg, model, adapters, task, profiles),
         )
-        algorithm = build_algorithm(cfg.algorithm, setup)
+        with option_errors():
+            algorithm = build_algorithm(cfg.algorithm, setup)
         return cls(cfg, model, tokenizer, adapters, task, algorithm, total, profiles)
 
     @property
@@ -177,10 +196,12 @@ class Simulation:
             sampler.bit_generator.state = ckpt.sampler_state
             log.info("resuming %s after round %d", self.run_dir, ckpt.round)
         else:
+            with option_errors():  # before the run directory is written
+                init = fed.algorithm.init_state()
             write_run_header(self.run_dir, cfg, fed.task.partition_table(), fed.task.names)
             report_partition(self.run_dir, fed.task.partition_table(), fed.task.names, show=self.progress)
             sampler = np.random.default_rng(cfg.seed)
-            ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state,
+            ckpt = Checkpoint(0, init, {}, sampler.bit_generator.state,
                               threads=torch.get_num_threads(), config=dump_config(cfg))
         write_metrics(self.run_dir, ckpt.history)
 
