@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,8 @@ class MMLUSet:
     examples: list[Encoded]
     subjects: list[str]
     label_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    """Per question, its row in the loaded test split (the key of per-item records)."""
 
 
 def encode_mmlu(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.alpaca import as_prompt_response, load_alpaca, public_indices
@@ -23,6 +24,8 @@ from fedlora.data.sources import load_source
 if TYPE_CHECKING:
     from fedlora.config import EvaluationConfig, RunConfig
 
+ROW_ID = "_fedlora_row"  # a column name no dataset of ours uses
+
 
 @dataclass
 class FederatedTask:
@@ -37,6 +40,9 @@ class FederatedTask:
     client_labels: list[list[int]] = field(default_factory=list)
     """Per client, the class / category index of each of its examples (same order)."""
     mmlu: MMLUSet | None = None
+    test_ids: list[int] = field(default_factory=list)
+    """Per test example, its row in the dataset's test split: the key that pairs two runs'
+    per-item records."""
 
     def partition_table(self) -> list[list[int]]:
         """Examples per client per class (or category)."""
@@ -46,10 +52,17 @@ class FederatedTask:
 
 
 def build_mmlu(ev: EvaluationConfig, data_dir, tokenizer: PreTrainedTokenizerBase, seed: int) -> MMLUSet:
-    test = load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name)
+    test = with_row_ids(load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name))
     test = per_subject_subset(test, ev.mmlu_per_subject, seed)
     dev = load_mmlu("dev", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name) if ev.mmlu_shots else None
-    return encode_mmlu(test, dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
+    mmlu = encode_mmlu(test, dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
+    mmlu.ids = list(test[ROW_ID])
+    return mmlu
+
+
+def with_row_ids(ds: Dataset) -> Dataset:
+    """`ds` with a column of its row numbers, carried through any shuffle or selection."""
+    return ds.add_column(ROW_ID, list(range(len(ds))))
 
 
 def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
@@ -71,7 +84,7 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
     train = src.train.shuffle(seed=cfg.seed)
     if d.train_examples is not None:
         train = train.select(range(min(d.train_examples, len(train))))
-    test = src.test.shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
+    test = with_row_ids(src.test).shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
 
     labels = list(train["label"])
     parts = partition_indices(
@@ -102,4 +115,5 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         names=list(src.names),
         client_labels=[[labels[i] for i in idx] for idx in parts],
         mmlu=mmlu,
+        test_ids=list(test[ROW_ID]),
     )

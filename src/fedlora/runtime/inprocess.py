@@ -46,7 +46,7 @@ from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
-from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
+from fedlora.runtime.outputs import write_eval_items, write_json, write_metrics, write_run_header
 from fedlora.runtime.rounds import accept_update
 
 log = logging.getLogger("fedlora")
@@ -124,7 +124,8 @@ class Federation:
             compute_dtype=self.cfg.model.compute_dtype,
         )
 
-    def evaluate(self, state: Tensors) -> dict[str, float]:
+    def evaluate(self, state: Tensors) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task)."""
         self.adapters.load(self.algorithm.eval_factors(state))
         try:
             return evaluate_task(
@@ -219,7 +220,8 @@ class Simulation:
 
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
-            ev = fed.evaluate(state)
+            ev, items = fed.evaluate(state)
+            write_eval_items(self.run_dir, t, items)
             record.update(test_loss=ev.pop("loss"), **ev)  # "accuracy" unless loss is all there is
         n = len(clients)
         record.update(

