@@ -12,7 +12,7 @@ from fedlora.config import build_config
 from fedlora.data.encode import encode_instruction
 from fedlora.data.mmlu import load_mmlu
 from fedlora.data.sources import load_source
-from fedlora.data.task import build_mmlu, with_row_ids
+from fedlora.data.task import build_mmlu, draw_test_rows
 from fedlora.evaluate import evaluate_lm, evaluate_mmlu, lm_items, mmlu_items
 from fedlora.models import load_base_model, tiny_tokenizer
 from fedlora.runtime.inprocess import Simulation
@@ -43,13 +43,14 @@ def test_classes_missing_from_the_test_set():
     assert np.isnan(client_accuracy(np.array([np.nan, 0.5]), [[3, 0]])[0])
 
 
-def test_test_ids_follow_the_seeded_test_subset(data_dir):
+def test_test_ids_are_the_rows_of_the_seeded_test_subset(data_dir):
+    """test_rows draws exactly the subset `shuffle(seed)` drew before, with its row numbers."""
     cfg = build_config(tiny_tree())
     src = load_source(cfg.data)
-    plain = src.test.shuffle(seed=3).select(range(20))
-    ided = with_row_ids(src.test).shuffle(seed=3).select(range(20))
-    assert list(ided["text"]) == list(plain["text"])  # the subset is the one drawn before
-    assert [src.test[int(i)]["text"] for i in ided["_fedlora_row"]] == list(plain["text"])
+    shuffled = src.test.shuffle(seed=3).select(range(20))
+    rows = draw_test_rows(len(src.test), 20, 3)
+    assert list(src.test.select(rows)["text"]) == list(shuffled["text"])
+    assert sorted(draw_test_rows(10, 50, 0)) == list(range(10))
 
 
 def test_every_evaluation_saves_per_item_records(data_dir, tmp_path):

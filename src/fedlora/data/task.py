@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.alpaca import as_prompt_response, load_alpaca, public_indices
@@ -17,14 +16,12 @@ from fedlora.data.encode import (
     label_token_ids,
 )
 from fedlora.data.instruct import encode_instruction_data
-from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_subset
+from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_rows
 from fedlora.data.partition import partition_indices
 from fedlora.data.sources import load_source
 
 if TYPE_CHECKING:
     from fedlora.config import EvaluationConfig, RunConfig
-
-ROW_ID = "_fedlora_row"  # a column name no dataset of ours uses
 
 
 @dataclass
@@ -52,17 +49,19 @@ class FederatedTask:
 
 
 def build_mmlu(ev: EvaluationConfig, data_dir, tokenizer: PreTrainedTokenizerBase, seed: int) -> MMLUSet:
-    test = with_row_ids(load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name))
-    test = per_subject_subset(test, ev.mmlu_per_subject, seed)
+    test = load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name)
+    rows = per_subject_rows(list(test["subject"]), ev.mmlu_per_subject, seed)
     dev = load_mmlu("dev", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name) if ev.mmlu_shots else None
-    mmlu = encode_mmlu(test, dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
-    mmlu.ids = list(test[ROW_ID])
+    mmlu = encode_mmlu(test.select(rows), dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
+    mmlu.ids = rows
     return mmlu
 
 
-def with_row_ids(ds: Dataset) -> Dataset:
-    """`ds` with a column of its row numbers, carried through any shuffle or selection."""
-    return ds.add_column(ROW_ID, list(range(len(ds))))
+def draw_test_rows(size: int, examples: int, seed: int) -> list[int]:
+    """The seeded test subset: rows of the test split, in order. The same draw as
+    `Dataset.shuffle(seed=seed)` followed by the first `examples` rows (which permutes with
+    numpy's default_rng(seed)), made explicit so every item keeps its row number."""
+    return np.random.default_rng(seed).permutation(size)[:examples].tolist()
 
 
 def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
@@ -84,7 +83,8 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
     train = src.train.shuffle(seed=cfg.seed)
     if d.train_examples is not None:
         train = train.select(range(min(d.train_examples, len(train))))
-    test = with_row_ids(src.test).shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
+    rows = draw_test_rows(len(src.test), d.test_examples, cfg.seed)
+    test = src.test.select(rows)
 
     labels = list(train["label"])
     parts = partition_indices(
@@ -115,5 +115,5 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         names=list(src.names),
         client_labels=[[labels[i] for i in idx] for idx in parts],
         mmlu=mmlu,
-        test_ids=list(test[ROW_ID]),
+        test_ids=rows,
     )
