@@ -57,16 +57,8 @@ Items = dict[str, np.ndarray]
 """Per-item records of one evaluation (saved as eval/round_NNNN.npz): numpy arrays only."""
 
 
-def classification_items(
-    model: nn.Module,
-    examples: Sequence[Encoded],
-    label_ids: Sequence[int],
-    pad_id: int,
-    batch_size: int = 32,
-    compute_dtype: str = "float32",
-) -> Items:
+def classification_items(examples: Sequence[Encoded], preds: np.ndarray, logprobs: np.ndarray) -> Items:
     """Per example: `label`, `prediction`, `correct`, `logprob` (over the label words)."""
-    preds, logprobs = predict_classes(model, examples, label_ids, pad_id, batch_size, compute_dtype)
     labels = np.array([e.target for e in examples], dtype=np.int64)
     return {"label": labels, "prediction": preds, "correct": preds == labels, "logprob": logprobs}
 
@@ -87,9 +79,8 @@ def evaluate_classification(
     compute_dtype: str = "float32",
 ) -> dict[str, float]:
     """{"accuracy", "loss"} (loss: cross-entropy over the label words)."""
-    return classification_metrics(
-        classification_items(model, examples, label_ids, pad_id, batch_size, compute_dtype)
-    )
+    preds, logprobs = predict_classes(model, examples, label_ids, pad_id, batch_size, compute_dtype)
+    return classification_metrics(classification_items(examples, preds, logprobs))
 
 
 def mmlu_items(
@@ -176,7 +167,8 @@ def evaluate_task(
     confusion and worst-client fields of fedlora.class_metrics) plus the MMLU details when
     enabled; and the per-item records (`id`: the test items' rows in the test split)."""
     if task.kind == "classification":
-        items = classification_items(model, task.test, task.label_ids, pad_id, batch_size, compute_dtype)
+        preds, logprobs = predict_classes(model, task.test, task.label_ids, pad_id, batch_size, compute_dtype)
+        items = classification_items(task.test, preds, logprobs)
         out: dict[str, Any] = classification_metrics(items)
         names = task.names or [str(c) for c in range(len(task.label_ids))]
         out.update(classification_breakdown(items["label"], items["prediction"], names, task.partition_table()))
