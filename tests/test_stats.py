@@ -80,6 +80,7 @@ def test_one_seed_paired_interval_is_the_item_bootstrap():
     se = np.sqrt(0.1 * 0.9 / N)  # the paired differences are 1 on 50 items, 0 elsewhere
     assert diff.low == pytest.approx(0.1 - 1.96 * se, abs=0.006)
     assert diff.high == pytest.approx(0.1 + 1.96 * se, abs=0.006)
+    assert diff.seed_low is None and diff.seed_high is None  # no t interval from one seed
 
 
 def test_seed_to_seed_spread_widens_the_hierarchical_interval():
@@ -89,6 +90,8 @@ def test_seed_to_seed_spread_widens_the_hierarchical_interval():
     diff = paired_bootstrap([_better(r, g) for r, g in zip(refs, (0.0, 0.1, 0.2))], refs, seed=0)
     assert diff.mean == pytest.approx(0.1)
     assert diff.low < 0.05 and diff.high > 0.15
+    half = 4.302652729749464 * 0.1 / np.sqrt(3)  # t interval of the per-seed differences 0, .1, .2
+    assert (diff.seed_low, diff.seed_high) == pytest.approx((0.1 - half, 0.1 + half))
 
 
 def test_mcnemar_and_p_value_by_hand():
@@ -143,6 +146,7 @@ def test_compare_writes_intervals_and_paired_differences(tmp_path):
     assert float(flora["diff_vs_reference"]) == 0 and float(flora["p_value"]) == 1 and flora["significant"] == "False"
     assert flex["interval"] == "t over seeds" and flex["paired_seeds"] == "3"
     assert float(flex["final_accuracy_ci_low"]) == pytest.approx(0.9) == float(flex["final_accuracy_ci_high"])
+    assert float(flex["diff_seed_t_low"]) == pytest.approx(0.1) == pytest.approx(float(flex["diff_seed_t_high"]))
     assert float(flex["worst_class_accuracy"]) == 0.6 and flex["worst_client"] == "3;3;3"
     md = (tmp_path / "comparison.md").read_text()
     assert "| flexlora | 3 |" in md and "+0.1000*" in md and "+0.0000 " in md and "Δ final vs fedit" in md

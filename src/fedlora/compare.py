@@ -55,7 +55,7 @@ COLUMNS = [
     "final_accuracy_ci_low", "final_accuracy_ci_high", "best_accuracy_ci_low", "best_accuracy_ci_high",
     "interval", "worst_class_accuracy", "worst_client_accuracy", "worst_client",
     "reference", "paired_seeds", "diff_vs_reference", "diff_ci_low", "diff_ci_high", "p_value", "significant",
-    "mcnemar_p",
+    "diff_seed_t_low", "diff_seed_t_high", "mcnemar_p",
 ]
 STATS_SEED = 0  # the bootstrap's generator: the same runs give the same intervals and p-values
 
@@ -278,7 +278,8 @@ def paired_columns(diff: PairedDifference | None, reference: str) -> dict[str, A
     return {
         "reference": reference, "paired_seeds": diff.seeds, "diff_vs_reference": diff.mean,
         "diff_ci_low": diff.low, "diff_ci_high": diff.high, "p_value": diff.p_value,
-        "significant": diff.significant, "mcnemar_p": ";".join(f"{p:.4g}" for p in diff.mcnemar),
+        "significant": diff.significant, "diff_seed_t_low": diff.seed_low, "diff_seed_t_high": diff.seed_high,
+        "mcnemar_p": ";".join(f"{p:.4g}" for p in diff.mcnemar),
     }
 
 
@@ -292,8 +293,8 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
     ref = reference or "–"
     lines = [
         f"| method | seeds | final accuracy [95% CI] | best accuracy [95% CI] | interval | worst class "
-        f"| worst client (which) | Δ final vs {ref} [95% CI] | p | McNemar p per seed |",
-        "|" + "---|" * 10,
+        f"| worst client (which) | Δ final vs {ref} [95% CI] | p | Δ: t over seeds | McNemar p per seed |",
+        "|" + "---|" * 11,
     ]
     for r in rows:
         def acc(key: str) -> str:
@@ -304,10 +305,11 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
             star = "*" if r["significant"] else ""
             diff = f"{r['diff_vs_reference']:+.4f}{star}{_ci(r['diff_ci_low'], r['diff_ci_high'])}"
             p, mc = f"{r['p_value']:.4f}", r["mcnemar_p"]
+            t = _ci(r["diff_seed_t_low"], r["diff_seed_t_high"]).strip() or "–"
         else:
-            diff, p, mc = ("reference" if r["method"] == reference else "–"), "–", "–"
+            diff, p, t, mc = ("reference" if r["method"] == reference else "–"), "–", "–", "–"
         lines.append(f"| {r['method']} | {r['seeds']} | {acc('final_accuracy')} | {acc('best_accuracy')} "
-                     f"| {r['interval'] or '–'} | {wc} | {wl} | {diff} | {p} | {mc} |")
+                     f"| {r['interval'] or '–'} | {wc} | {wl} | {diff} | {p} | {t} | {mc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +322,9 @@ STATISTICS_NOTE = (
     "(client id per seed); both of the final evaluation, means over seeds. Δ: final accuracy minus the "
     "reference's on the same test items, mean over seeds; its interval is a hierarchical paired "
     "bootstrap (seeds resampled, then items within each seed; 10,000 resamples, seeded) and p the "
-    "two-sided bootstrap p-value that inverts it (* : p < 0.05). McNemar: the exact test per seed on the "
+    "two-sided bootstrap p-value that inverts it (* : p < 0.05). With few seeds the bootstrap's "
+    "seed level cannot show more spread than those seeds have: \"Δ: t over seeds\" is the Student-t "
+    "interval of the per-seed differences, the conservative check. McNemar: the exact test per seed on the "
     "items exactly one of the two methods gets right (conditional on the trained models).\n"
 )
 

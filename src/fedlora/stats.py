@@ -9,7 +9,9 @@ Small pure functions over arrays, seeded and deterministic (`fedlora compare` us
 - `paired_bootstrap`: the mean paired difference of two methods over seeds, its percentile
   interval from a hierarchical bootstrap (seeds resampled, then test items within each drawn
   seed, both with replacement; the two methods always keep the same items, so the pairing is
-  kept), and the two-sided bootstrap p-value that inverts that interval.
+  kept), and the two-sided bootstrap p-value that inverts that interval; with several seeds
+  also the Student-t interval of the per-seed differences, the conservative check when seeds
+  are few (the bootstrap's seed level cannot show more spread than the few seeds have).
 - `mcnemar_exact`: the exact McNemar test of one seed (binomial test on the discordant items).
 """
 
@@ -93,6 +95,8 @@ class PairedDifference:
     p_value: float
     seeds: int
     mcnemar: tuple[float, ...]  # exact McNemar p per seed
+    seed_low: float | None = None  # Student-t interval of the per-seed differences (≥ 2 seeds)
+    seed_high: float | None = None
 
     @property
     def significant(self) -> bool:
@@ -114,8 +118,13 @@ def paired_bootstrap(method: Sequence[np.ndarray], reference: Sequence[np.ndarra
     reps = hierarchical_means(diffs, np.random.default_rng(seed), resamples)
     tail = (1 - confidence) / 2
     low, high = np.quantile(reps, [tail, 1 - tail])
+    per_seed = np.array([d.mean() for d in diffs])
+    seed_low = seed_high = None
+    if len(per_seed) > 1:
+        _, seed_low, seed_high = (float(v) for v in seed_interval(per_seed, confidence))
     return PairedDifference(
-        mean=float(np.mean([d.mean() for d in diffs])), low=float(low), high=float(high),
+        mean=float(per_seed.mean()), low=float(low), high=float(high),
         p_value=bootstrap_p_value(reps), seeds=len(diffs),
         mcnemar=tuple(mcnemar_exact(a, b) for a, b in zip(method, reference)),
+        seed_low=seed_low, seed_high=seed_high,
     )
