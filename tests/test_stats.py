@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fedlora.compare import MethodRun, write_comparison
-from fedlora.runtime.outputs import write_eval_items, write_json, write_metrics
+from fedlora.config import ConfigError
+from fedlora.runtime.outputs import read_eval_items, write_eval_items, write_json, write_metrics
 from fedlora.stats import (
     bootstrap_p_value,
     item_interval,
@@ -185,3 +186,7 @@ def test_eval_records_round_trip_without_pickle(tmp_path):
     with np.load(path, allow_pickle=False) as npz:
         assert sorted(npz.files) == sorted(items) and all(np.array_equal(npz[k], v) for k, v in items.items())
     assert not list((tmp_path / "eval").glob("*.tmp"))
+    path.write_bytes(path.read_bytes()[:40])  # truncated: one line naming the file, no traceback
+    with pytest.raises(ConfigError, match="round_0007.npz: not a readable per-item record"):
+        read_eval_items(tmp_path, 7)
+    assert read_eval_items(tmp_path, 8) is None

@@ -224,10 +224,9 @@ def _scored_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
     items = read_eval_items(run_dir, round_)
     if items is None:
         return None
-    if "correct" in items:
-        return {"id": items["id"], "correct": items["correct"]}
-    if "mmlu_correct" in items:
-        return {"id": items["mmlu_id"], "correct": items["mmlu_correct"]}
+    for ids, correct in (("id", "correct"), ("mmlu_id", "mmlu_correct")):
+        if ids in items and correct in items and items[ids].shape == items[correct].shape:
+            return {"id": items[ids], "correct": items[correct]}
     return None
 
 

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora.config import RunConfig, dump_config
+from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.runtime.checkpoint import atomic_write
 
@@ -103,5 +104,8 @@ def read_eval_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
     path = eval_items_path(run_dir, round_)
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        raise ConfigError(f"run error: {path}: not a readable per-item record (truncated or damaged)") from None
