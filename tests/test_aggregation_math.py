@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from fedlora.algorithms.aflora import (
+    AFLoRA,
+    AFLoRAOptions,
     client_upload,
     column_norm_penalty,
     fuse,
@@ -14,7 +16,7 @@ from fedlora.algorithms.aflora import (
     rank_weights,
     zero_pad,
 )
-from fedlora.algorithms.base import weighted_sum
+from fedlora.algorithms.base import FederationSetup, Update, weighted_sum
 
 
 def _clients(seed=0, m=24, n=20, ranks=(8, 4, 4, 2)):
@@ -31,7 +33,7 @@ def _clients(seed=0, m=24, n=20, ranks=(8, 4, 4, 2)):
     return A_global, clients, r_max
 
 
-@pytest.mark.parametrize("mode", ["normalized", "paper-literal"])
+@pytest.mark.parametrize("mode", ["normalized", "paper-literal", "data"])
 def test_padded_aggregation_equals_sum_of_client_products(mode):
     A_global, clients, r_max = _clients()
     ranks = [int(mask.sum()) for _, _, mask, _ in clients]
@@ -104,6 +106,26 @@ def test_rank_weights_eq12():
     logs = [math.log1p(r) for r in ranks]
     assert lit == pytest.approx([lr / sum(logs) * d / sum(sizes) for lr, d in zip(logs, sizes)])
     assert sum(lit) < 1
+    assert rank_weights(ranks, sizes, "data") == pytest.approx([0.1, 0.3, 0.6])  # |D_k| / Σ|D|, ranks ignored
+
+
+def test_aflora_data_weighting_aggregates_by_data_size_alone():
+    """`weighting: data` end to end: B_global = Σ |D_k|/Σ|D| · pad(B'_k), by hand; the default
+    (rank-aware) gives the rank-2 client more than its data share."""
+    setup = FederationSetup(module_shapes={"m": (3, 2)}, client_max_ranks=[2, 1], num_examples=[30, 10],
+                            scaling=1.0, seed=0)
+    updates = [Update(0, {"m.B": torch.full((3, 2), 4.0), "m.mask": torch.ones(2)}, 30),
+               Update(1, {"m.B": torch.full((3, 1), 8.0), "m.mask": torch.ones(1)}, 10)]
+
+    def aggregate(weighting):
+        algo = AFLoRA(AFLoRAOptions(weighting=weighting, dlf=False), setup)
+        return algo.aggregate(algo.init_state(), updates, None).state["m.B"]
+
+    # column 0: 0.75·4 + 0.25·8 = 5; column 1: 0.75·4 + 0.25·0 = 3
+    assert aggregate("data").tolist() == [[5.0, 3.0]] * 3
+    p0 = 30 * math.log(3) / (30 * math.log(3) + 10 * math.log(2))
+    torch.testing.assert_close(aggregate("normalized")[:, 1], torch.full((3,), 4 * p0))
+    assert p0 > 0.75
 
 
 def test_global_A_rows_have_norm_C_and_fuse_is_eq11():

@@ -115,10 +115,22 @@ def test_compare_writes_table_and_figures_and_resumes(data_dir, tmp_path):
     parts = {m: (out / "seed_0" / m / "partition.json").read_text() for m in ("aflora", "hetlora", "fedit")}
     assert len(set(parts.values())) == 1
 
+    # statistics: intervals over the two seeds, paired differences against fedit (the default)
+    for r in rows:
+        assert r["interval"] == "t over seeds"
+        assert float(r["final_accuracy_ci_low"]) <= float(r["final_accuracy_mean"]) <= float(r["final_accuracy_ci_high"])
+        assert 0 <= float(r["worst_class_accuracy"]) <= float(r["worst_client_accuracy"]) <= 1
+    assert rows[2]["diff_vs_reference"] == "" and all(r["reference"] == "fedit" for r in rows[:2])
+    assert all(r["paired_seeds"] == "2" and 0 < float(r["p_value"]) <= 1 for r in rows[:2])
+    assert "Δ final vs fedit" in (out / "comparison.md").read_text()
+    assert (out / "seed_1" / "aflora" / "eval" / "round_0002.npz").exists()
+
     stamp = (out / "seed_0" / "fedit" / "metrics.jsonl").stat().st_mtime_ns
-    again = _cli(*args)
+    again = _cli(*args, "--reference", "hetlora")
     assert again.returncode == 0 and "finished earlier" in again.stderr
     assert (out / "seed_0" / "fedit" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["reference"] for r in rows] == ["hetlora", "", "hetlora"] and rows[1]["diff_vs_reference"] == ""
 
     changed = _cli(*args, "--set", "federation.lr=0.5")
     assert changed.returncode == 2 and "different config" in changed.stderr

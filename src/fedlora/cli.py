@@ -80,7 +80,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.target is not None and not 0 < args.target <= 1:
         raise ConfigError(f"config error: --target: accuracy in (0, 1], got {args.target}")
     runs = run_comparison(Path(args.config), methods, seeds, out, args.set, progress=not args.quiet,
-                          target=args.target)
+                          target=args.target, reference=args.reference)
     print((out / "comparison.md").read_text())
     print(f"comparison directory: {out}")
     failed = [r for r in runs if r.error]
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.add_argument("--target", type=float, help="accuracy for the time-to-accuracy table "
                      "(default: 0.95 × the lowest best accuracy over the methods)")
+    cmp.add_argument("--reference", default="fedit",
+                     help="method the paired differences and p-values are taken against (default fedit; "
+                     "skipped when it did not run)")
     cmp.set_defaults(func=_cmd_compare)
 
     tune = sub.add_parser("tune", help="choose every method's lr and settings on a validation split, equal budgets")

@@ -13,6 +13,10 @@ own: `methods: {hier-speed: {name: hierfedlora, speed_weight: 0.1}}` with
 `--methods hierfedlora,hier-speed`. A method's (or variant's) `set:` mapping overrides other
 config fields for it alone, e.g. `methods: {flora: {set: {federation.lr: 0.01}}}` (what
 `fedlora tune` writes for each method's chosen learning rate).
+
+The statistics (fedlora.stats) read each run's per-item records (`eval/round_NNNN.npz`):
+intervals on final and best accuracy, and paired differences against a reference method on
+the same test items of the same seeds.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedlora.algorithms import ALGORITHMS
 from fedlora.config import (
@@ -39,8 +45,9 @@ from fedlora.config import (
 from fedlora.plots import accuracy_curves, ranks_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded, read_json
-from fedlora.runtime.outputs import environment, read_metrics, write_json
+from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, write_json
 from fedlora.runtime.rundir import MAX_CONFIG_BYTES, verify_run
+from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
 from fedlora.tta import write_tta
 
 log = logging.getLogger("fedlora")
@@ -49,7 +56,12 @@ COLUMNS = [
     "method", "seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean",
     "best_accuracy_std", "client_cost_percent", "uplink_bytes_per_client_round",
     "downlink_bytes_per_client_round", "server_seconds_per_round", "wall_seconds",
+    "final_accuracy_ci_low", "final_accuracy_ci_high", "best_accuracy_ci_low", "best_accuracy_ci_high",
+    "interval", "worst_class_accuracy", "worst_client_accuracy", "worst_client",
+    "reference", "paired_seeds", "diff_vs_reference", "diff_ci_low", "diff_ci_high", "p_value", "significant",
+    "diff_seed_t_low", "diff_seed_t_high", "mcnemar_p",
 ]
+STATS_SEED = 0  # the bootstrap's generator: the same runs give the same intervals and p-values
 
 
 @dataclass
@@ -121,7 +133,8 @@ def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
 
 def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path,
                    overrides: list[str], progress: bool = True, target: float | None = None,
-                   variants: dict[str, dict[str, Any]] | None = None) -> list[MethodRun]:
+                   variants: dict[str, dict[str, Any]] | None = None,
+                   reference: str | None = "fedit") -> list[MethodRun]:
     from fedlora.runtime.inprocess import Simulation
 
     configs = method_configs(config, methods, seeds, overrides, variants)
@@ -145,7 +158,7 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
         except Exception as err:  # one failing method must not cost the others their results
             log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
             run.error = f"{type(err).__name__}: {err}"
-    write_comparison(out, runs, methods, target)
+    write_comparison(out, runs, methods, target, reference)
     return runs
 
 
@@ -190,6 +203,144 @@ def method_row(method: str, histories: list[list[dict[str, Any]]]) -> dict[str, 
     }
 
 
+# --- statistics ---------------------------------------------------------------------------
+
+
+@dataclass
+class SeedResult:
+    """What one finished run gives the statistics: its metrics and the per-item records of its
+    final and its best evaluation (None when the run saved none)."""
+
+    seed: int
+    history: list[dict[str, Any]]
+    final: dict[str, np.ndarray] | None
+    best: dict[str, np.ndarray] | None
+
+    @classmethod
+    def read(cls, run: MethodRun) -> SeedResult:
+        history = read_metrics(run.run_dir)
+        evaluated = [r for r in history if r.get("accuracy") is not None]
+        if not evaluated:
+            return cls(run.seed, history, None, None)
+        best = max(evaluated, key=lambda r: r["accuracy"])  # the first of equal bests, as in summary.json
+        return cls(run.seed, history, _scored_items(run.run_dir, evaluated[-1]["round"]),
+                   _scored_items(run.run_dir, best["round"]))
+
+    @property
+    def final_record(self) -> dict[str, Any]:
+        return [r for r in self.history if r.get("accuracy") is not None][-1]
+
+
+def _scored_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
+    """`id` and `correct` of the items the run's accuracy is computed on (MMLU's questions for an
+    instruction task judged on MMLU), or None without per-item records."""
+    items = read_eval_items(run_dir, round_)
+    if items is None:
+        return None
+    for ids, correct in (("id", "correct"), ("mmlu_id", "mmlu_correct")):
+        if ids in items and correct in items and items[ids].shape == items[correct].shape:
+            return {"id": items[ids], "correct": items[correct]}
+    return None
+
+
+def _interval(values: list[float], items: list[dict[str, np.ndarray] | None]) -> tuple[Any, Any, str]:
+    """(low, high, how): Student t over seeds, or with one seed the bootstrap over test items."""
+    if len(values) > 1:
+        _, low, high = seed_interval(np.array(values))
+        return float(low), float(high), "t over seeds"
+    if len(values) == 1 and items[0] is not None:
+        return (*item_interval(items[0]["correct"], STATS_SEED), "bootstrap over items")
+    return None, None, ""
+
+
+def accuracy_statistics(results: list[SeedResult]) -> dict[str, Any]:
+    """Per method: the 95% intervals of final and best accuracy, the worst class's and worst
+    client's accuracy of the final evaluation (means over seeds) and the worst client of each seed."""
+    scored = [r for r in results if any(h.get("accuracy") is not None for h in r.history)]
+    finals = [r.final_record["accuracy"] for r in scored]
+    bests = [max(h["accuracy"] for h in r.history if h.get("accuracy") is not None) for r in scored]
+    f_low, f_high, how = _interval(finals, [r.final for r in scored])
+    b_low, b_high, _ = _interval(bests, [r.best for r in scored])
+    worst_class = [min(v for v in r.final_record["class_accuracy"].values() if v is not None)
+                   for r in scored if any(v is not None for v in r.final_record.get("class_accuracy", {}).values())]
+    worst_client = [r.final_record for r in scored if r.final_record.get("worst_client_accuracy") is not None]
+    return {
+        "final_accuracy_ci_low": f_low, "final_accuracy_ci_high": f_high,
+        "best_accuracy_ci_low": b_low, "best_accuracy_ci_high": b_high, "interval": how,
+        "worst_class_accuracy": _mean(worst_class),
+        "worst_client_accuracy": _mean([r["worst_client_accuracy"] for r in worst_client]),
+        "worst_client": ";".join(str(r["worst_client"]) for r in worst_client),
+    }
+
+
+def paired_statistics(results: list[SeedResult], reference: list[SeedResult]) -> PairedDifference | None:
+    """Final accuracy of a method minus the reference's, over the seeds where both saved per-item
+    records of the same test items; None when there is no such seed."""
+    ref = {r.seed: r.final for r in reference if r.final is not None}
+    pairs = [(r.final["correct"], ref[r.seed]["correct"]) for r in results
+             if r.final is not None and r.seed in ref and np.array_equal(r.final["id"], ref[r.seed]["id"])]
+    if not pairs:
+        return None
+    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], STATS_SEED)
+
+
+def paired_columns(diff: PairedDifference | None, reference: str) -> dict[str, Any]:
+    if diff is None:
+        return {"reference": reference}
+    return {
+        "reference": reference, "paired_seeds": diff.seeds, "diff_vs_reference": diff.mean,
+        "diff_ci_low": diff.low, "diff_ci_high": diff.high, "p_value": diff.p_value,
+        "significant": diff.significant, "diff_seed_t_low": diff.seed_low, "diff_seed_t_high": diff.seed_high,
+        "mcnemar_p": ";".join(f"{p:.4g}" for p in diff.mcnemar),
+    }
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    return "" if low is None else f" [{low:.4f}, {high:.4f}]"
+
+
+def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
+    """Intervals, worst class / client, and paired differences against the reference (* marks
+    p < 0.05)."""
+    ref = reference or "–"
+    lines = [
+        f"| method | seeds | final accuracy [95% CI] | best accuracy [95% CI] | interval | worst class "
+        f"| worst client (which) | Δ final vs {ref} [95% CI] | p | Δ: t over seeds | McNemar p per seed |",
+        "|" + "---|" * 11,
+    ]
+    for r in rows:
+        def acc(key: str) -> str:
+            return "–" if r[f"{key}_mean"] is None else f"{r[f'{key}_mean']:.4f}{_ci(r[f'{key}_ci_low'], r[f'{key}_ci_high'])}"
+        wc = "–" if r["worst_class_accuracy"] is None else f"{r['worst_class_accuracy']:.4f}"
+        wl = "–" if r["worst_client_accuracy"] is None else f"{r['worst_client_accuracy']:.4f} ({r['worst_client']})"
+        if r.get("diff_vs_reference") is not None:
+            star = "*" if r["significant"] else ""
+            diff = f"{r['diff_vs_reference']:+.4f}{star}{_ci(r['diff_ci_low'], r['diff_ci_high'])}"
+            p, mc = f"{r['p_value']:.4f}", r["mcnemar_p"]
+            t = _ci(r["diff_seed_t_low"], r["diff_seed_t_high"]).strip() or "–"
+        else:
+            diff, p, t, mc = ("reference" if r["method"] == reference else "–"), "–", "–", "–"
+        lines.append(f"| {r['method']} | {r['seeds']} | {acc('final_accuracy')} | {acc('best_accuracy')} "
+                     f"| {r['interval'] or '–'} | {wc} | {wl} | {diff} | {p} | {t} | {mc} |")
+    return "\n".join(lines) + "\n"
+
+
+STATISTICS_NOTE = (
+    "## Accuracy statistics\n\n"
+    "95% intervals: with several seeds, Student's t over the seeds' accuracies (assumes independent, "
+    "roughly normal seeds; few seeds give wide intervals); with one seed, the percentile bootstrap over "
+    "test items (assumes independent items; it ignores training-seed variance). Worst class: the "
+    "lowest per-class accuracy; worst client: the lowest accuracy re-weighted to a client's label mix "
+    "(client id per seed); both of the final evaluation, means over seeds. Δ: final accuracy minus the "
+    "reference's on the same test items, mean over seeds; its interval is a hierarchical paired "
+    "bootstrap (seeds resampled, then items within each seed; 10,000 resamples, seeded) and p the "
+    "two-sided bootstrap p-value that inverts it (* : p < 0.05). With few seeds the bootstrap's "
+    "seed level cannot show more spread than those seeds have: \"Δ: t over seeds\" is the Student-t "
+    "interval of the per-seed differences, the conservative check. McNemar: the exact test per seed on the "
+    "items exactly one of the two methods gets right (conditional on the trained models).\n"
+)
+
+
 def _fmt_bytes(x: float | None) -> str:
     if x is None:
         return "–"
@@ -223,16 +374,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
-                     target: float | None = None) -> list[dict[str, Any]]:
+                     target: float | None = None, reference: str | None = "fedit") -> list[dict[str, Any]]:
     """comparison.csv, comparison.md and the PNG figures from the finished runs in `out`
-    (with time to `target` accuracy on the simulated clock: fedlora.tta)."""
-    histories: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
+    (with time to `target` accuracy on the simulated clock: fedlora.tta, and paired differences
+    against `reference` when it ran)."""
+    results: dict[str, list[SeedResult]] = {m: [] for m in methods}
     algorithm = {}  # label → method (a variant's label differs from its method's name)
     for run in runs:
         if run.done:
-            histories[run.method].append(read_metrics(run.run_dir))
+            results[run.method].append(SeedResult.read(run))
             algorithm[run.method] = read_json(run.run_dir / "summary.json").get("method", run.method)
-    rows = [method_row(m, h) for m, h in histories.items() if h]
+    histories = {m: [r.history for r in rs] for m, rs in results.items()}
+    has_reference = bool(results.get(reference or ""))
+    rows = []
+    for m, rs in results.items():
+        if not rs:
+            continue
+        row = {**method_row(m, histories[m]), **accuracy_statistics(rs)}
+        if has_reference and m != reference:
+            row.update(paired_columns(paired_statistics(rs, results[reference]), reference))
+        rows.append(row)
     with (out / "comparison.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
@@ -262,6 +423,10 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
          "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),
         markdown_table(rows),
+        STATISTICS_NOTE,
+        (f"No paired differences: the reference method {reference!r} has no finished run here "
+         "(choose one with --reference).\n" if not has_reference else ""),
+        statistics_table(rows, reference if has_reference else None),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, done, target) if done else "",
     ]

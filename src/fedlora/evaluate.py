@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlora.class_metrics import classification_breakdown
 from fedlora.data.encode import Encoded, length_sorted_batches
 from fedlora.data.mmlu import MMLUSet
 from fedlora.train import autocast, hidden_states, last_position, project
@@ -39,16 +40,34 @@ def predict_classes(
     batch_size: int = 32,
     compute_dtype: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, cross-entropy over the label words) per example, in input order."""
+    """(predicted class, log-probabilities over the label words: n × classes) per example, in
+    input order. The cross-entropy over the label words is −logprob[target]."""
     preds = np.zeros(len(examples), dtype=np.int64)
-    losses = np.zeros(len(examples), dtype=np.float64)
+    logprobs = np.zeros((len(examples), len(label_ids)), dtype=np.float32)
     for idx, batch in length_sorted_batches(list(examples), batch_size, pad_id):
         with autocast(compute_dtype):
             h = last_position(hidden_states(model, batch), batch)
         logits = project(model, h.float(), label_ids)
         preds[idx] = logits.argmax(-1).numpy()
-        losses[idx] = F.cross_entropy(logits, batch["target"], reduction="none").double().numpy()
-    return preds, losses
+        logprobs[idx] = F.log_softmax(logits, -1).numpy()
+    return preds, logprobs
+
+
+Items = dict[str, np.ndarray]
+"""Per-item records of one evaluation (saved as eval/round_NNNN.npz): numpy arrays only."""
+
+
+def classification_items(examples: Sequence[Encoded], preds: np.ndarray, logprobs: np.ndarray) -> Items:
+    """Per example: `label`, `prediction`, `correct`, `logprob` (over the label words)."""
+    labels = np.array([e.target for e in examples], dtype=np.int64)
+    return {"label": labels, "prediction": preds, "correct": preds == labels, "logprob": logprobs}
+
+
+def classification_metrics(items: Items) -> dict[str, float]:
+    """{"accuracy", "loss"} (loss: mean cross-entropy over the label words)."""
+    n = max(1, len(items["label"]))
+    target_logprob = np.take_along_axis(items["logprob"], items["label"][:, None], 1)[:, 0]
+    return {"accuracy": float(items["correct"].sum()) / n, "loss": float(-target_logprob.astype(np.float64).sum()) / n}
 
 
 def evaluate_classification(
@@ -60,22 +79,33 @@ def evaluate_classification(
     compute_dtype: str = "float32",
 ) -> dict[str, float]:
     """{"accuracy", "loss"} (loss: cross-entropy over the label words)."""
-    preds, losses = predict_classes(model, examples, label_ids, pad_id, batch_size, compute_dtype)
-    targets = np.array([e.target for e in examples])
-    n = max(1, len(examples))
-    return {"accuracy": float((preds == targets).sum()) / n, "loss": float(losses.sum()) / n}
+    preds, logprobs = predict_classes(model, examples, label_ids, pad_id, batch_size, compute_dtype)
+    return classification_metrics(classification_items(examples, preds, logprobs))
 
 
-def evaluate_mmlu(
+def mmlu_items(
     model: nn.Module, mmlu: MMLUSet, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32"
-) -> dict[str, Any]:
-    """Macro (mean over subjects) and micro accuracy, per-subject accuracy, questions/second."""
+) -> tuple[Items, float]:
+    """Per question: `mmlu_id`, `mmlu_subject`, `mmlu_label`, `mmlu_prediction`, `mmlu_correct`;
+    and the seconds the scoring took."""
     t0 = time.perf_counter()
     preds, _ = predict_classes(model, mmlu.examples, mmlu.label_ids, pad_id, batch_size, compute_dtype)
     seconds = time.perf_counter() - t0
-    correct = preds == np.array([e.target for e in mmlu.examples])
-    subjects = np.array(mmlu.subjects)
-    per_subject = {s: float(correct[subjects == s].mean()) for s in sorted(set(mmlu.subjects))}
+    labels = np.array([e.target for e in mmlu.examples], dtype=np.int64)
+    items = {
+        "mmlu_id": np.asarray(mmlu.ids or range(len(labels)), dtype=np.int64),
+        "mmlu_subject": np.array(mmlu.subjects, dtype=str),
+        "mmlu_label": labels,
+        "mmlu_prediction": preds,
+        "mmlu_correct": preds == labels,
+    }
+    return items, seconds
+
+
+def mmlu_metrics(items: Items, seconds: float) -> dict[str, Any]:
+    """Macro (mean over subjects) and micro accuracy, per-subject accuracy, questions/second."""
+    correct, subjects = items["mmlu_correct"], items["mmlu_subject"]
+    per_subject = {str(s): float(correct[subjects == s].mean()) for s in sorted(set(subjects.tolist()))}
     return {
         "mmlu_accuracy": float(np.mean(list(per_subject.values()))),
         "mmlu_micro_accuracy": float(correct.mean()),
@@ -85,40 +115,71 @@ def evaluate_mmlu(
     }
 
 
+def evaluate_mmlu(
+    model: nn.Module, mmlu: MMLUSet, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32"
+) -> dict[str, Any]:
+    """Macro (mean over subjects) and micro accuracy, per-subject accuracy, questions/second."""
+    return mmlu_metrics(*mmlu_items(model, mmlu, pad_id, batch_size, compute_dtype))
+
+
 @torch.inference_mode()
+def lm_items(
+    model: nn.Module, examples: Sequence[Encoded], pad_id: int, batch_size: int = 32,
+    compute_dtype: str = "float32",
+) -> Items:
+    """Per example: `loss` (mean causal-LM loss per response token) and `tokens` (response tokens)."""
+    sums = np.zeros(len(examples), dtype=np.float64)
+    tokens = np.zeros(len(examples), dtype=np.int64)
+    for idx, batch in length_sorted_batches(list(examples), batch_size, pad_id):
+        with autocast(compute_dtype):
+            h = hidden_states(model, batch)[:, :-1]
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        rows = np.asarray(idx)[keep.nonzero()[:, 0].numpy()]
+        h, targets = h[keep].float(), targets[keep]
+        for start in range(0, len(targets), LM_CHUNK):
+            logits = project(model, h[start : start + LM_CHUNK])
+            losses = F.cross_entropy(logits, targets[start : start + LM_CHUNK], reduction="none")
+            np.add.at(sums, rows[start : start + LM_CHUNK], losses.double().numpy())
+        np.add.at(tokens, rows, 1)
+    return {"loss": sums / np.maximum(tokens, 1), "tokens": tokens}
+
+
+def lm_metrics(items: Items) -> dict[str, float]:
+    """Held-out loss per response token (token-weighted mean over items) and its perplexity."""
+    loss = float((items["loss"] * items["tokens"]).sum()) / max(1, int(items["tokens"].sum()))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
 def evaluate_lm(
     model: nn.Module, examples: Sequence[Encoded], pad_id: int, batch_size: int = 32,
     compute_dtype: str = "float32",
 ) -> dict[str, float]:
     """Held-out causal-LM loss per response token (token-weighted mean) and its perplexity."""
-    total, tokens = 0.0, 0
-    for _, batch in length_sorted_batches(list(examples), batch_size, pad_id):
-        with autocast(compute_dtype):
-            h = hidden_states(model, batch)[:, :-1]
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100
-        h, targets = h[keep].float(), targets[keep]
-        for start in range(0, len(targets), LM_CHUNK):
-            logits = project(model, h[start : start + LM_CHUNK])
-            total += float(F.cross_entropy(logits, targets[start : start + LM_CHUNK], reduction="sum"))
-        tokens += len(targets)
-    loss = total / max(1, tokens)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return lm_metrics(lm_items(model, examples, pad_id, batch_size, compute_dtype))
 
 
 def evaluate_task(
     model: nn.Module, task: FederatedTask, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32"
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Items]:
     """The task's own evaluation ("loss" always; "accuracy" for classification, or MMLU's
-    macro accuracy for instruction tasks judged on MMLU) plus the MMLU details when enabled."""
+    macro accuracy for instruction tasks judged on MMLU; classification adds the per-class,
+    confusion and worst-client fields of fedlora.class_metrics) plus the MMLU details when
+    enabled; and the per-item records (`id`: the test items' rows in the test split)."""
     if task.kind == "classification":
-        out: dict[str, Any] = evaluate_classification(
-            model, task.test, task.label_ids, pad_id, batch_size, compute_dtype
-        )
+        preds, logprobs = predict_classes(model, task.test, task.label_ids, pad_id, batch_size, compute_dtype)
+        items = classification_items(task.test, preds, logprobs)
+        out: dict[str, Any] = classification_metrics(items)
+        names = task.names or [str(c) for c in range(len(task.label_ids))]
+        out.update(classification_breakdown(items["label"], items["prediction"], names, task.partition_table()))
     else:
-        out = evaluate_lm(model, task.test, pad_id, batch_size, compute_dtype)
+        items = lm_items(model, task.test, pad_id, batch_size, compute_dtype)
+        out = lm_metrics(items)
+    items["id"] = np.asarray(task.test_ids or range(len(task.test)), dtype=np.int64)
     if task.mmlu is not None:
-        out.update(evaluate_mmlu(model, task.mmlu, pad_id, batch_size, compute_dtype))
+        mmlu, seconds = mmlu_items(model, task.mmlu, pad_id, batch_size, compute_dtype)
+        out.update(mmlu_metrics(mmlu, seconds))
+        items.update(mmlu)
         if task.kind != "classification":
             out["accuracy"] = out["mmlu_accuracy"]
-    return out
+    return out, items

@@ -2,7 +2,7 @@
 
 Each `series` argument maps a label (a method, or one run) to its list of metrics.jsonl
 records (one per round); with several seeds, `runs` maps a label to one list per seed and
-the figure shows the mean with a min–max band.
+the figure shows the mean with its 95% interval over seeds (Student t, fedlora.stats).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from fedlora.stats import seed_interval
 
 Records = list[dict[str, Any]]
 
@@ -52,7 +54,8 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
         y = np.array([ys[:n] for _, ys in curves])
         ax.plot(x, y.mean(0), marker="o", ms=3, label=label)
         if len(seeds) > 1:
-            ax.fill_between(x, y.min(0), y.max(0), alpha=0.15)
+            _, low, high = seed_interval(y)
+            ax.fill_between(x, low, high, alpha=0.15)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)

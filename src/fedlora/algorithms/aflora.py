@@ -73,9 +73,10 @@ class AFLoRAOptions(MethodOptions):
     server_steps: int = Field(5, ge=0)
     server_lr: float = Field(1e-3, gt=0)
     server_batch_size: int = Field(4, ge=1)
-    weighting: Literal["normalized", "paper-literal"] = "normalized"
-    """`normalized`: p ∝ log(1+r)|D|, Σp = 1; `paper-literal`: eq. 12 as printed (two
-    separately normalised factors multiplied; Σp < 1)."""
+    weighting: Literal["normalized", "paper-literal", "data"] = "normalized"
+    """`normalized`: p ∝ log(1+r)|D|, Σp = 1 (rank-aware, the paper's); `paper-literal`: eq. 12
+    as printed (two separately normalised factors multiplied; Σp < 1); `data`: p ∝ |D|, Σp = 1
+    (FedAvg's weights: no tilt towards high-rank clients)."""
     ddr: bool = True
     """Diagonal-based dynamic rank assignment; false = the paper's "w/o DDR" ablation."""
     dlf: bool = True
@@ -162,7 +163,9 @@ def zero_pad(B_up: Tensor, mask: Tensor, r_max: int) -> Tensor:
 
 
 def rank_weights(ranks: list[int], sizes: list[int], mode: str = "normalized") -> list[float]:
-    """Eq. 12: p_k ∝ log(1 + r_k) · |D_k|."""
+    """Eq. 12: p_k ∝ log(1 + r_k) · |D_k|  (`data`: p_k ∝ |D_k|, ranks ignored)."""
+    if mode == "data":
+        return [d / sum(sizes) for d in sizes]
     logs = [math.log1p(r) for r in ranks]
     if mode == "paper-literal":
         return [(lr / sum(logs)) * (d / sum(sizes)) for lr, d in zip(logs, sizes)]

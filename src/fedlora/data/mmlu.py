@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +49,24 @@ def load_mmlu(
     return Dataset.from_dict(cols)
 
 
+def per_subject_rows(subjects: list[str], per_subject: int | None, seed: int) -> list[int]:
+    """A seeded draw of at most `per_subject` rows of each subject (sorted; all without a cap)."""
+    if per_subject is None:
+        return list(range(len(subjects)))
+    rng = np.random.default_rng(seed)
+    names = np.array(subjects)
+    keep: list[int] = []
+    for s in sorted(set(subjects)):
+        idx = np.flatnonzero(names == s)
+        keep += sorted(rng.choice(idx, size=min(per_subject, len(idx)), replace=False).tolist())
+    return sorted(keep)
+
+
 def per_subject_subset(ds: Dataset, per_subject: int | None, seed: int) -> Dataset:
     """A seeded draw of at most `per_subject` questions from each subject (order kept)."""
     if per_subject is None:
         return ds
-    rng = np.random.default_rng(seed)
-    subjects = np.array(list(ds["subject"]))
-    keep: list[int] = []
-    for s in sorted(set(subjects.tolist())):
-        idx = np.flatnonzero(subjects == s)
-        keep += sorted(rng.choice(idx, size=min(per_subject, len(idx)), replace=False).tolist())
-    return ds.select(sorted(keep))
+    return ds.select(per_subject_rows(list(ds["subject"]), per_subject, seed))
 
 
 def format_question(question: str, choices: list[str], answer: int | None = None) -> str:
@@ -79,6 +86,8 @@ class MMLUSet:
     examples: list[Encoded]
     subjects: list[str]
     label_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    """Per question, its row in the loaded test split (the key of per-item records)."""
 
 
 def encode_mmlu(

@@ -18,7 +18,7 @@ from fedlora.data.encode import (
     label_token_ids,
 )
 from fedlora.data.instruct import encode_instruction_data
-from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_subset
+from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_rows
 from fedlora.data.partition import partition_indices
 from fedlora.data.reading import reading
 from fedlora.data.sources import load_source
@@ -43,6 +43,9 @@ class FederatedTask:
     client_labels: list[list[int]] = field(default_factory=list)
     """Per client, the class / category index of each of its examples (same order)."""
     mmlu: MMLUSet | None = None
+    test_ids: list[int] = field(default_factory=list)
+    """Per test example, its row in the dataset's test split: the key that pairs two runs'
+    per-item records."""
 
     def partition_table(self) -> list[list[int]]:
         """Examples per client per class (or category)."""
@@ -56,8 +59,17 @@ def build_mmlu(ev: EvaluationConfig, data_dir, tokenizer: PreTrainedTokenizerBas
     with reading(field, what):
         test = load_mmlu("test", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name)
         dev = load_mmlu("dev", data_dir, ev.mmlu_subjects, ev.mmlu_hub_name) if ev.mmlu_shots else None
-    test = per_subject_subset(test, ev.mmlu_per_subject, seed)
-    return encode_mmlu(test, dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
+    rows = per_subject_rows(list(test["subject"]), ev.mmlu_per_subject, seed)
+    mmlu = encode_mmlu(test.select(rows), dev, ev.mmlu_shots, tokenizer, ev.mmlu_max_length)
+    mmlu.ids = rows
+    return mmlu
+
+
+def draw_test_rows(size: int, examples: int, seed: int) -> list[int]:
+    """The seeded test subset: rows of the test split, in order. The same draw as
+    `Dataset.shuffle(seed=seed)` followed by the first `examples` rows (which permutes with
+    numpy's default_rng(seed)), made explicit so every item keeps its row number."""
+    return np.random.default_rng(seed).permutation(size)[:examples].tolist()
 
 
 @dataclass
@@ -111,8 +123,10 @@ def check_data(cfg: RunConfig) -> DataPool:
     if d.train_examples is not None:
         train = train.select(range(min(d.train_examples, len(train))))
     if d.validation_examples is None:
-        test = src.test.shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
-    else:
+        rows = draw_test_rows(len(src.test), d.test_examples, cfg.seed)
+        test = src.test.select(rows)
+    else:  # validation items, numbered by their position in the seeded training pool
+        rows = list(range(d.validation_examples))
         test = validation
 
     labels = list(train["label"])
@@ -155,4 +169,5 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         names=pool.names,
         client_labels=[[labels[i] for i in idx] for idx in parts],
         mmlu=mmlu,
+        test_ids=rows,
     )

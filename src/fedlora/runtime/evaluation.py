@@ -30,7 +30,7 @@ def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Pat
     results, seconds, qps = [], [], []
     for _ in range(repeat):
         t = time.perf_counter()
-        results.append(fed.evaluate(state) if state else _untuned(fed))
+        results.append((fed.evaluate(state) if state else _untuned(fed))[0])
         seconds.append(time.perf_counter() - t)
         if results[-1].get("mmlu_questions_per_second"):
             qps.append(results[-1]["mmlu_questions_per_second"])
@@ -60,7 +60,7 @@ def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Pat
     return report
 
 
-def _untuned(fed: Federation) -> dict[str, Any]:
+def _untuned(fed: Federation) -> tuple[dict[str, Any], dict[str, Any]]:
     """The base model as loaded: no adapter factors loaded, so the LoRA layers pass through."""
     from fedlora.evaluate import evaluate_task
 

@@ -48,7 +48,7 @@ from fedlora.models import base_parameter_count, load_model, load_tokenizer
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.runtime.files import atomic_write, tensors_to_bytes
-from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
+from fedlora.runtime.outputs import write_eval_items, write_json, write_metrics, write_run_header
 from fedlora.runtime.rounds import accept_update
 from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock, verify_run
 
@@ -143,7 +143,8 @@ class Federation:
             compute_dtype=self.cfg.model.compute_dtype,
         )
 
-    def evaluate(self, state: Tensors) -> dict[str, float]:
+    def evaluate(self, state: Tensors) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task)."""
         self.adapters.load(self.algorithm.eval_factors(state))
         try:
             return evaluate_task(
@@ -249,7 +250,8 @@ class Simulation:
 
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
-            ev = fed.evaluate(state)
+            ev, items = fed.evaluate(state)
+            write_eval_items(self.run_dir, t, items)
             record.update(test_loss=ev.pop("loss"), **ev)  # "accuracy" unless loss is all there is
         n = len(clients)
         record.update(

