@@ -81,3 +81,24 @@ def test_peft_export_reproduces_the_real_model(data_dir, tmp_path, method):
         theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft"))(**inputs).logits
     assert (ours - untrained).abs().max() > 1e-3  # the run changed the model
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=2e-4)
+
+
+def test_dequantised_cache_equals_the_gguf_load(data_dir, tmp_path, monkeypatch):
+    """The cached float32 folder holds exactly what transformers de-quantises from the GGUF
+    file: same weights bit for bit, same token ids, same chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.data.ag_news import load_ag_news
+    from fedlora.models import load_base_model, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    direct_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
+    cached, tok = load_base_model("smollm2-135m")
+    assert "quantization_config" not in cached.config.to_dict()
+    a, b = direct.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    texts = load_ag_news("test", data_dir)["text"][:300]
+    assert tok(texts)["input_ids"] == direct_tok(texts)["input_ids"]
+    assert tok.chat_template == direct_tok.chat_template and tok.eos_token == direct_tok.eos_token

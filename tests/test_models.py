@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fedlora.models import load_base_model
@@ -22,3 +23,46 @@ def test_tiny_models_are_seeded():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_cached_folder_builds_once_and_rebuilds_when_altered(tmp_path, monkeypatch):
+    from fedlora.models import cached_folder
+
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "weights.gguf"
+    source.write_bytes(b"v1")
+    builds = []
+
+    def build(out):
+        builds.append(out)
+        (out / "w.bin").write_bytes(source.read_bytes() * 3)
+
+    assert cached_folder(source, build, "kind", build_missing=False) is None and not builds
+    first = cached_folder(source, build, "kind")
+    assert (first / "w.bin").read_bytes() == b"v1v1v1" and len(builds) == 1
+    assert cached_folder(source, build, "kind") == first and len(builds) == 1  # hit
+    (first / "w.bin").write_bytes(b"tampered")
+    assert (cached_folder(source, build, "kind") / "w.bin").read_bytes() == b"v1v1v1"
+    assert len(builds) == 2  # an altered cache file is rebuilt, not trusted
+    source.write_bytes(b"v2")
+    second = cached_folder(source, build, "kind")
+    assert second != first and (second / "w.bin").read_bytes() == b"v2v2v2"
+    assert not list((tmp_path / "cache" / "kind").glob(".*.tmp"))  # no temporary left
+
+
+def test_cached_folder_can_be_turned_off_and_failed_builds_leave_nothing(tmp_path, monkeypatch):
+    from fedlora.models import cached_folder
+
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"x")
+    monkeypatch.setenv("FEDLORA_CACHE", "off")
+    assert cached_folder(source, lambda out: None, "kind") is None
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
+
+    def broken(out):
+        (out / "half").write_bytes(b"...")
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError):
+        cached_folder(source, broken, "kind")
+    assert list((tmp_path / "cache" / "kind").iterdir()) == []

