@@ -152,6 +152,7 @@ def fuse(A: Tensor, A_ft: Tensor, alpha: float) -> Tensor:
 class AFLoRA(Algorithm):
     name = "aflora"
     trains = "B+lam"
+    unbounded_keys = (".mask",)
     options: AFLoRAOptions
 
     def __init__(self, options: AFLoRAOptions, setup: FederationSetup) -> None:

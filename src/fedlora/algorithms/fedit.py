@@ -28,7 +28,6 @@ from fedlora.algorithms.base import (
     data_weights,
     lora_init,
     train_loaded,
-    weighted_sum,
 )
 
 
@@ -41,6 +40,7 @@ class FedITOptions(MethodOptions):
 class FedIT(Algorithm):
     name = "fedit"
     homogeneous = True
+    supports_trimmed_mean = True
 
     def __init__(self, options: FedITOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
@@ -63,7 +63,7 @@ class FedIT(Algorithm):
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)
-        new = {key: weighted_sum([u.tensors[key] for u in updates], p) for key in state}
+        new = {key: self.average([u.tensors[key] for u in updates], p) for key in state}
         return Aggregate(state=new)
 
     def eval_factors(self, state: Tensors) -> Tensors:

@@ -29,7 +29,6 @@ from fedlora.algorithms.base import (
     data_weights,
     kaiming_rows,
     train_loaded,
-    weighted_sum,
 )
 
 
@@ -49,6 +48,7 @@ class FFALoRA(Algorithm):
     name = "ffa"
     trains = "B"
     homogeneous = True
+    supports_trimmed_mean = True
 
     def __init__(self, options: FFALoRAOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
@@ -72,7 +72,7 @@ class FFALoRA(Algorithm):
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)
-        return Aggregate(state={k: weighted_sum([u.tensors[k] for u in updates], p) for k in state})
+        return Aggregate(state={k: self.average([u.tensors[k] for u in updates], p) for k in state})
 
     def eval_factors(self, state: Tensors) -> Tensors:
         return {**self.A, **state}
