@@ -6,6 +6,8 @@
 Clients start each round from the global A and B and train both. Averaging A and B
 separately is not averaging B A: (Σ p B)(Σ p A) ≠ Σ p B A, the aggregation interference
 the heterogeneous methods avoid. The global LoRA is kept across rounds, never merged.
+With `aggregation.trimmed_mean` each of A and B is a coordinate-wise trimmed mean instead
+(`Algorithm.average`), the kept clients' p_k renormalised per coordinate.
 """
 
 from __future__ import annotations

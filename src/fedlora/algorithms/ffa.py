@@ -6,6 +6,7 @@
 Because every client holds the same A, averaging B is averaging B A: the aggregation is
 exact, at one homogeneous rank. A is never sent: every party rebuilds it from the seed,
 so the payload is B alone. The global LoRA is kept across rounds, never merged.
+With `aggregation.trimmed_mean` B is a coordinate-wise trimmed mean instead (`Algorithm.average`).
 """
 
 from __future__ import annotations

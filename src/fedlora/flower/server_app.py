@@ -104,8 +104,11 @@ class FlowerRun(Simulation):
             if reply.has_error():
                 log.warning("node %d did not say which partition it serves: %s", node, reply.error.reason)
                 continue
-            info = reply.content.config_records["info"]
-            k, n = int(info["partition-id"]), int(info["num-partitions"])
+            info = reply.content.config_records.get("info") or {}
+            k, n = info.get("partition-id"), info.get("num-partitions")
+            if not (isinstance(k, int) and isinstance(n, int)) or isinstance(k, bool) or isinstance(n, bool):
+                log.warning("node %d: malformed answer to which partition it serves (%s); ignored", node, dict(info))
+                continue
             if n != self.cfg.federation.num_clients or not 0 <= k < n:
                 log.warning("node %d: partition-id=%d num-partitions=%d does not fit federation.num_clients=%d; "
                             "ignored", node, k, n, self.cfg.federation.num_clients)
