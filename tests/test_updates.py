@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from fedlora.algorithms.aflora import AFLoRA
 from fedlora.algorithms.base import (
     FederationSetup,
-    InvalidUpdate,
     Message,
     Update,
     trimmed_mean,
@@ -124,7 +123,7 @@ def test_norm_bound_rejects_the_outlier_with_its_numbers():
     rejected: list[dict] = []
     kept = screen_norms(fake_fed(fedit()), 4, ten_updates(), rejected)
     assert [a.update.client_id for a in kept] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
-    ((entry),) = rejected
+    (entry,) = rejected
     assert entry["client"] == 3
     assert entry["reason"].startswith("update norm ") and "exceeds 10 × the round's median update norm" in entry["reason"]
 
