@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from fedlora.flower.launch import (
     make_certificates,
     make_node_keys,
 )
-from fedlora.flower.server_app import _last_accepted
+from fedlora.algorithms.base import InvalidUpdate
+from fedlora.flower.server_app import _last_accepted, update_from_reply
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_metrics
 
@@ -116,6 +118,7 @@ class LoopbackGrid:
         self.down: dict[int, set[int]] = {}
         self.replies: dict = {}
         self.after_train = lambda node: None
+        self.tamper = lambda node, msg, reply: reply  # what a faulty client replies instead
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -133,7 +136,7 @@ class LoopbackGrid:
                 continue
             self.identity._node_id = node
             handler = {"query": client_app.query, "train": client_app.train}[msg.metadata.message_type]
-            self.replies[mid] = handler(msg, self.contexts[node])
+            self.replies[mid] = self.tamper(node, msg, handler(msg, self.contexts[node]))
             self.identity._node_id = 0
             if msg.metadata.message_type == "train":
                 self.after_train(node)
@@ -265,6 +268,140 @@ def test_stopped_flower_run_resumes_to_the_inprocess_result(data_dir, tmp_path, 
     a = load_file(str(tmp_path / "inprocess/final_state.safetensors"))
     b = load_file(str(tmp_path / "flower/final_state.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _set_tensor(reply, fn):
+    """Replace the reply's update by fn(tensors)."""
+    from flwr.app import ArrayRecord
+
+    tensors = dict(reply.content.array_records["update"].to_torch_state_dict())
+    reply.content["update"] = ArrayRecord(torch_state_dict=fn(tensors))
+
+
+def _first(tensors):
+    return next(iter(tensors))
+
+
+def _with_info(reply, **changes):
+    from flwr.app import ConfigRecord
+
+    reply.content["info"] = ConfigRecord({**dict(reply.content.config_records["info"]), **changes})
+
+
+def _without_metric(reply, key):
+    from flwr.app import MetricRecord
+
+    reply.content["metrics"] = MetricRecord({k: v for k, v in reply.content.metric_records["metrics"].items()
+                                             if k != key})
+
+
+def _error_reply(msg):
+    from flwr.app import Error, Message
+
+    return Message(Error(code=0, reason="ClientApp raised RuntimeError: out of memory"), reply_to=msg)
+
+
+def _drop(reply, key):
+    del reply.content[key]
+    return reply
+
+
+MALFORMED = {  # kind → (how client 1 breaks its reply, the reason the server logs)
+    "no trained_params": (lambda m, r: _without_metric(r, "trained_params") or r, "metrics: trained_params missing"),
+    "nan": (lambda m, r: _set_tensor(r, lambda t: {**t, _first(t): t[_first(t)] * float("nan")}) or r,
+            "contains NaN or Inf"),
+    "no info record": (lambda m, r: _drop(r, "info"), "reply: record 'info' missing"),
+    "no metrics record": (lambda m, r: _drop(r, "metrics"), "reply: record 'metrics' missing"),
+    "wrong shape": (lambda m, r: _set_tensor(r, lambda t: {**t, _first(t): t[_first(t)][:, :-1]}) or r,
+                    "expected"),
+    "int64": (lambda m, r: _set_tensor(r, lambda t: {**t, _first(t): t[_first(t)].long()}) or r,
+              "dtype torch.int64, expected a real floating-point tensor"),
+    "extra tensor": (lambda m, r: _set_tensor(r, lambda t: {**t, "extra.A": torch.zeros(2)}) or r,
+                     "unexpected ['extra.A']"),
+    "negative num-examples": (lambda m, r: _with_info(r, **{"num-examples": -5}) or r,
+                              "num_examples -5 differs from the partition table's"),
+    "huge num-examples": (lambda m, r: _with_info(r, **{"num-examples": 10**9}) or r,
+                          "num_examples 1000000000 differs from the partition table's"),
+    "x1e6": (lambda m, r: _set_tensor(r, lambda t: {k: v * 1e6 for k, v in t.items()}) or r,
+             "exceeds 10 × the round's median update norm"),
+    "error reply": (lambda m, r: _error_reply(m), "client error: ClientApp raised RuntimeError: out of memory"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_server_app_survives_a_malformed_reply(data_dir, tmp_path, monkeypatch, fast_builds, kind):
+    """Client 1 sends a broken reply: the ServerApp rejects it with the reason (logged, in the
+    round's `rejected`) and the round goes on with client 0."""
+    tamper, reason = MALFORMED[kind]
+    run, grid = _loopback_run(_tree("fedit", rounds=1, nodes=2), tmp_path, monkeypatch, min_clients=1)
+    grid.tamper = lambda node, msg, reply: (tamper(msg, reply) if node == 101 and msg.metadata.message_type == "train"
+                                            else reply)
+    run.run()
+    (record,) = read_metrics(tmp_path / "flower")
+    assert [r["client"] for r in record["rejected"]] == [1]
+    assert reason in record["rejected"][0]["reason"]
+    assert [c["id"] for c in record["clients"]] == [0]
+    final = load_file(str(tmp_path / "flower/final_state.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_a_malformed_partition_answer_is_ignored(data_dir, tmp_path, monkeypatch, fast_builds):
+    """A node that does not say properly which partition it serves is left out (logged); the
+    run goes on with the others."""
+    run, grid = _loopback_run(_tree("fedit", rounds=1, nodes=2), tmp_path, monkeypatch, min_clients=1)
+    grid.tamper = lambda node, msg, reply: (_drop(reply, "info") if node == 101 and msg.metadata.message_type == "query"
+                                            else reply)
+    run.run()
+    (record,) = read_metrics(tmp_path / "flower")
+    assert [c["id"] for c in record["clients"]] == [0]
+    assert record["rejected"] == [{"client": 1, "reason": "no SuperNode serves partition 1"}]
+
+
+def _reply(**changes):
+    """The content of a well-formed train reply of partition 1, with `changes` (None: drop)."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    records = {
+        "update": ArrayRecord(torch_state_dict={"m.A": torch.zeros(2, 3)}),
+        "metrics": MetricRecord({"train_loss": 1.0, "trained_params": 6.0, "uploaded_params": 6.0, "flops": 1e6}),
+        "info": ConfigRecord({"partition-id": 1, "num-examples": 40}),
+        **changes,
+    }
+    return SimpleNamespace(content=RecordDict({k: v for k, v in records.items() if v is not None}))
+
+
+def test_update_from_reply_reads_a_well_formed_reply():
+    update, flops = update_from_reply(_reply(), 1)
+    assert (update.client_id, update.num_examples, flops) == (1, 40, 1e6)
+    assert "flops" not in update.metrics and update.tensors["m.A"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"update": None}, "reply: record 'update' missing or of the wrong kind"),
+    ({"update": "metrics"}, "reply: record 'update' missing or of the wrong kind"),
+    ({"extra": "metrics"}, "reply: unexpected record 'extra'"),
+    ({"info": {"partition-id": 0, "num-examples": 40}}, "reply: partition-id 0, expected 1"),
+    ({"info": {"partition-id": 1, "num-examples": 1e9}}, "reply: num-examples 1000000000.0 is not an integer"),
+    ({"info": {"partition-id": 1, "num-examples": True}}, "reply: num-examples True is not an integer"),
+    ({"metrics": {"trained_params": 1.0, "flops": float("nan")}}, "reply: flops nan is not a finite count"),
+    ({"metrics": {"trained_params": 1.0, "flops": -1.0}}, "reply: flops -1.0 is not a finite count"),
+])
+def test_update_from_reply_names_what_is_malformed(changes, reason):
+    """The reply kinds the loopback runs above do not cover, at the parser."""
+    from flwr.app import ConfigRecord, MetricRecord
+
+    whole = _reply()
+    built = {}
+    for key, value in changes.items():
+        if value == "metrics":  # a record of the wrong kind under this name
+            built[key] = whole.content.metric_records["metrics"]
+        elif isinstance(value, dict):
+            built[key] = (ConfigRecord if key == "info" else MetricRecord)(value)
+        else:
+            built[key] = value
+    with pytest.raises(InvalidUpdate) as err:
+        update_from_reply(_reply(**built), 1)
+    assert str(err.value) == reason
 
 
 # -- slow: real SuperLink and SuperNodes ------------------------------------------------------

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from fedlora.algorithms import AlgorithmOptions
+from fedlora.algorithms import ALGORITHMS, AlgorithmOptions
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.hardware import preferred_compute_dtype
@@ -272,6 +272,19 @@ class FederationConfig(Strict):
         return self
 
 
+class AggregationConfig(Strict):
+    """How the server screens and combines the clients' updates (README "Reliability")."""
+
+    norm_bound: float | None = Field(10.0, gt=1)
+    """An update whose norm exceeds norm_bound × the median update norm of its round is
+    rejected or clipped (`norm_action`); None: no norm bound."""
+    norm_action: Literal["reject", "clip"] = "reject"
+    """`reject`: the update is left out of the round; `clip`: it is scaled down to the bound."""
+    trimmed_mean: float = Field(0.0, ge=0, lt=0.5)
+    """Coordinate-wise trimmed mean dropping this share of the updates at each end (FedIT,
+    FFA-LoRA); 0: the methods' weighted mean."""
+
+
 class RunConfig(Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
@@ -285,6 +298,8 @@ class RunConfig(Strict):
     algorithm: AlgorithmOptions = Field(discriminator="name")
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    """The server's checks and combination of client updates (norm bound, trimmed mean)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -325,6 +340,14 @@ class RunConfig(Strict):
             value = getattr(self.algorithm, key, None)
             if value is not None and value > weakest:
                 raise ValueError(f"algorithm.{key}: {value} exceeds the smallest client max rank {weakest}")
+        return self
+
+    @model_validator(mode="after")
+    def _trimmed_mean_fits_method(self) -> RunConfig:
+        if self.aggregation.trimmed_mean > 0 and not ALGORITHMS[self.algorithm.name].supports_trimmed_mean:
+            able = ", ".join(n for n, cls in ALGORITHMS.items() if cls.supports_trimmed_mean)
+            raise ValueError(f"aggregation.trimmed_mean: {self.algorithm.name} does not average same-shaped "
+                             f"updates; only {able} support it")
         return self
 
     def device_profiles(self) -> list[DeviceProfile]:

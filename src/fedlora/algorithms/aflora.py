@@ -190,6 +190,7 @@ def unit_columns(m: int, r: int, generator: torch.Generator) -> Tensor:
 class AFLoRA(Algorithm):
     name = "aflora"
     trains = "B+lam"
+    unbounded_keys = (".mask",)
     options: AFLoRAOptions
 
     def __init__(self, options: AFLoRAOptions, setup: FederationSetup) -> None:

@@ -27,8 +27,13 @@ ParamGroups = list[tuple[list[Tensor], float] | tuple[list[Tensor], float, str]]
 """(parameters, lr) trained with Adam, or (parameters, lr, "adam" | "sgd")."""
 
 
+REAL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes a client may upload: an int, bool or complex tensor is refused before any
+arithmetic touches it (a complex NaN is not caught by a real finiteness check)."""
+
+
 class InvalidUpdate(ValueError):
-    """A client update the server refuses (wrong shapes, NaN/Inf, bad mask)."""
+    """A client update the server refuses (wrong dtype or shapes, NaN/Inf, bad mask, outlier norm)."""
 
 
 @dataclass
@@ -75,6 +80,9 @@ class FederationSetup:
     train_flops: Callable[[int, int], float] | None = None
     """FLOPs of one client's local training with LoRA of rank r trained in the last d layers:
     train_flops(d, r) (a planning estimate from the simulated clock)."""
+    trimmed_mean: float = 0.0
+    """Share of the updates dropped at each end, per coordinate, by methods whose aggregation
+    is a weighted mean of same-shaped tensors (`supports_trimmed_mean`); 0: the weighted mean."""
 
 
 class ClientContext(Protocol):
@@ -124,6 +132,12 @@ class Algorithm(ABC):
     """What a client trains and uploads ("AB", "B" or "B+lam"): the static cost figure."""
     homogeneous: ClassVar[bool] = False
     """True when every client trains at the weakest client's rank."""
+    supports_trimmed_mean: ClassVar[bool] = False
+    """True when `aggregate` is a data-weighted mean of same-shaped tensors that `average`
+    may replace by a trimmed mean (config `aggregation.trimmed_mean`)."""
+    unbounded_keys: ClassVar[tuple[str, ...]] = ()
+    """Suffixes of uploaded tensors that are not part of the update's norm (AFLoRA's 0/1
+    masks): the server's norm bound screens and clips the rest."""
 
     def __init__(self, options: MethodOptions, setup: FederationSetup) -> None:
         self.options = options
@@ -170,8 +184,19 @@ class Algorithm(ABC):
         """The state after an intermediate stage (every stage but the last)."""
         raise NotImplementedError(f"{self.name} has single-stage rounds")
 
+    def average(self, tensors: list[Tensor], weights: list[float]) -> Tensor:
+        """The weighted mean Σ p_k t_k, or the trimmed mean when the config asks for one."""
+        if self.setup.trimmed_mean > 0:
+            return trimmed_mean(tensors, weights, self.setup.trimmed_mean)
+        return weighted_sum(tensors, weights)
+
     def validate(self, state: Tensors, update: Update) -> None:
-        """Raise InvalidUpdate when the update cannot be aggregated."""
+        """Raise InvalidUpdate when the update cannot be aggregated: real floating-point
+        tensors only, the method's names and shapes, finite values, at least one example."""
+        for key, t in update.tensors.items():
+            if not isinstance(t, Tensor) or t.dtype not in REAL_FLOAT_DTYPES:
+                kind = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise InvalidUpdate(f"{key}: dtype {kind}, expected a real floating-point tensor")
         expected = self.expected_shapes(state, update)
         missing = sorted(set(expected) - set(update.tensors))
         extra = sorted(set(update.tensors) - set(expected))
@@ -189,9 +214,14 @@ class Algorithm(ABC):
 
 
 def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
-    """Name of the first floating tensor holding NaN or Inf, or None."""
+    """Name of the first floating (or complex) tensor holding NaN or Inf, or None. A float64
+    value beyond float32's range counts too: the server aggregates in float32."""
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+        elif not t.is_complex():
+            continue
+        if not bool(torch.isfinite(t).all()):
             return key
     return None
 
@@ -207,6 +237,21 @@ def weighted_sum(tensors: list[Tensor], weights: list[float]) -> Tensor:
     for t, w in zip(tensors, weights):
         out.add_(t.to(torch.float32), alpha=w)
     return out
+
+
+def trimmed_mean(tensors: list[Tensor], weights: list[float], trim: float) -> Tensor:
+    """Coordinate-wise weighted trimmed mean: per coordinate, drop the ⌊trim·K⌋ smallest and
+    ⌊trim·K⌋ largest of the K values, average the rest with their weights renormalised. With
+    nothing to drop (⌊trim·K⌋ = 0) it is `weighted_sum`, bit for bit."""
+    cut = int(trim * len(tensors))
+    if cut == 0:
+        return weighted_sum(tensors, weights)
+    values = torch.stack([t.to(torch.float32) for t in tensors])
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    order = values.argsort(dim=0)
+    kept = slice(cut, len(tensors) - cut)
+    v, wk = values.gather(0, order)[kept], w.gather(0, order)[kept]
+    return (v * wk).sum(0) / wk.sum(0)
 
 
 def common_rank(requested: int | None, client_max_ranks: list[int]) -> int:

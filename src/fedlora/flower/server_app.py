@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -35,14 +36,14 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.algorithms.base import Update
+from fedlora.algorithms.base import InvalidUpdate, Update
 from fedlora.config import build_config, dump_config
 from fedlora.flower.records import checked_run_key, from_arrays, merge_key, to_arrays
 from fedlora.runtime.checkpoint import merge_path
 from fedlora.runtime.files import RunFileError, load_tensors, read_json
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import write_json
-from fedlora.runtime.rounds import accept_update
+from fedlora.runtime.rounds import Accepted, accept_update, reject, screen_norms
 
 log = logging.getLogger("fedlora")
 
@@ -106,8 +107,11 @@ class FlowerRun(Simulation):
             if reply.has_error():
                 log.warning("node %d did not say which partition it serves: %s", node, reply.error.reason)
                 continue
-            info = reply.content.config_records["info"]
-            k, n = int(info["partition-id"]), int(info["num-partitions"])
+            info = reply.content.config_records.get("info") or {}
+            k, n = info.get("partition-id"), info.get("num-partitions")
+            if not (isinstance(k, int) and isinstance(n, int)) or isinstance(k, bool) or isinstance(n, bool):
+                log.warning("node %d: malformed answer to which partition it serves (%s); ignored", node, dict(info))
+                continue
             if n != self.cfg.federation.num_clients or not 0 <= k < n:
                 log.warning("node %d: partition-id=%d num-partitions=%d does not fit federation.num_clients=%d; "
                             "ignored", node, k, n, self.cfg.federation.num_clients)
@@ -184,7 +188,7 @@ class FlowerRun(Simulation):
             sent[node] = (lane, k, payload)
 
         replies = self._exchange(messages)
-        updates: list[Update] = []
+        accepted: list[Accepted] = []
         for node, (lane, k, payload) in sent.items():  # in plan order: same sums as in-process
             reply, seconds = replies.get(node, (None, 0.0))
             if reply is None or reply.has_error():
@@ -195,17 +199,20 @@ class FlowerRun(Simulation):
                 self.partition_node.pop(k, None)  # ask again next round: it may be gone or replaced
                 on_client()
                 continue
-            info = reply.content.config_records["info"]
-            metrics = dict(reply.content.metric_records["metrics"])
-            flops = metrics.pop("flops", 0.0)  # for the clock, not part of the method's update
-            update = Update(k, from_arrays(reply.content.array_records["update"]), int(info["num-examples"]), metrics)
             self.merged_through[k] = t - 1
+            try:
+                update, flops = update_from_reply(reply, k)
+            except InvalidUpdate as err:
+                reject(t, k, str(err), rejected)
+                on_client()
+                continue
             record = accept_update(fed, state, t, update, payload, seconds, rejected)
             if record is not None:
-                updates.append(update)
-                clients.append({**record, "flops": flops, "stage": stage, "lane": lane})
+                accepted.append(Accepted(update, {**record, "flops": flops, "stage": stage, "lane": lane}))
             on_client()
-        return updates
+        kept = screen_norms(fed, t, accepted, rejected)
+        clients.extend(a.record for a in kept)
+        return [a.update for a in kept]
 
     def _exchange(self, messages: list[Message]) -> dict[int, tuple[Message, float]]:
         """Push, then pull replies until all are in or round-timeout passed;
@@ -225,6 +232,38 @@ class FlowerRun(Simulation):
             if not pending or time.perf_counter() - start >= self.round_timeout:
                 return out
             time.sleep(0.2)
+
+
+REPLY_RECORDS = {"update", "metrics", "info"}
+
+
+def update_from_reply(reply: Message, partition: int) -> tuple[Update, float]:
+    """A train reply as the method's Update, and the client's training FLOPs (for the simulated
+    clock); InvalidUpdate naming what is malformed. Only the form is checked here: the
+    update's content goes through `accept_update` like an in-process one."""
+    content = reply.content
+    extra = sorted(set(content) - REPLY_RECORDS)
+    if extra:
+        raise InvalidUpdate(f"reply: unexpected record {extra[0]!r}")
+    for key, records in (("update", content.array_records), ("metrics", content.metric_records),
+                         ("info", content.config_records)):
+        if key not in records:
+            raise InvalidUpdate(f"reply: record {key!r} missing or of the wrong kind")
+    info = content.config_records["info"]
+    if info.get("partition-id") != partition:
+        raise InvalidUpdate(f"reply: partition-id {info.get('partition-id')!r}, expected {partition}")
+    num_examples = info.get("num-examples")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+        raise InvalidUpdate(f"reply: num-examples {num_examples!r} is not an integer")
+    metrics = dict(content.metric_records["metrics"])
+    flops = metrics.pop("flops", 0.0)  # for the clock, not part of the method's update
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
+        raise InvalidUpdate(f"reply: flops {flops!r} is not a finite count")
+    try:
+        tensors = from_arrays(content.array_records["update"])
+    except Exception as err:  # noqa: BLE001 - whatever a client's arrays break, the round goes on
+        raise InvalidUpdate(f"reply: update arrays unreadable: {type(err).__name__}: {err}") from None
+    return Update(partition, tensors, num_examples, metrics), float(flops)
 
 
 def _last_accepted(history: list[dict[str, Any]], client: int) -> int:

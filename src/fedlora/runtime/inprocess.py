@@ -49,7 +49,7 @@ from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.runtime.files import atomic_write, tensors_to_bytes
 from fedlora.runtime.outputs import write_eval_items, write_json, write_metrics, write_run_header
-from fedlora.runtime.rounds import accept_update
+from fedlora.runtime.rounds import Accepted, accept_update, screen_norms
 from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock, verify_run
 
 log = logging.getLogger("fedlora")
@@ -112,6 +112,7 @@ class Federation:
             num_examples=[len(c) for c in task.clients],
             scaling=cfg.scaling,
             seed=cfg.seed,
+            trimmed_mean=cfg.aggregation.trimmed_mean,
             **device_setup(cfg, model, adapters, task, profiles),
         )
         with option_errors():
@@ -288,15 +289,24 @@ class Simulation:
         update's record, the rejections and the new client states."""
         algo = fed.algorithm
         client_states = dict(ckpt.client_states)
-        updates: list[Update] = []
         clients: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
         stages = algo.stages(ckpt.state, selected)  # one stage, one lane unless the method has more
         plan = [(s, lane, k) for s, lanes in enumerate(stages) for lane, ks in lanes.items() for k in ks]
-        state, current = ckpt.state, 0
+        state, current, pending = ckpt.state, 0, []
+
+        def close_stage() -> list[Update]:
+            """The stage's updates that also pass the norm bound; their records and states kept."""
+            kept = screen_norms(fed, t, pending, rejected)
+            for a in kept:
+                client_states[a.update.client_id] = a.client_state
+                clients.append(a.record)
+            return [a.update for a in kept]
+
         for stage, lane, k in plan:
             if stage != current:  # aggregate the previous stage within its lanes (groups)
-                state, updates, current = algo.aggregate_stage(state, updates, current), [], stage
+                state, current = algo.aggregate_stage(state, close_stage(), current), stage
+                pending = []
             c0 = time.perf_counter()
             ctx = fed.client(k, t, stage)
             payload = algo.payload(state, k)
@@ -304,11 +314,10 @@ class Simulation:
             fed.adapters.clear()
             record = accept_update(fed, state, t, update, payload, time.perf_counter() - c0, rejected)
             if record is not None:
-                client_states[k] = new_client_state
-                updates.append(update)
-                clients.append({**record, "flops": ctx.flops, "stage": stage, "lane": lane})
+                record.update(flops=ctx.flops, stage=stage, lane=lane)
+                pending.append(Accepted(update, record, new_client_state))
             on_client()
-        return state, updates, clients, rejected, client_states
+        return state, close_stage(), clients, rejected, client_states
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]

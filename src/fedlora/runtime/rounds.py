@@ -3,29 +3,76 @@
 The transports differ only in how a payload reaches a client and how its update comes
 back; the server validates it and records it here, the same way whichever way it came,
 so a Flower run and an in-process run of the same config produce the same numbers.
+
+Nothing a client sends is trusted: `accept_update` checks one update on its own (dtype,
+names, shapes, finiteness, its metrics, its example count against the server's partition
+table), `screen_norms` checks the updates of one round (stage) against each other (the
+norm bound relative to their median). A refused update is logged with its reason and
+listed in the round's `rejected` record of metrics.jsonl; the round goes on with the others.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
 
 from fedlora.algorithms.base import InvalidUpdate, Message, Tensors, Update
 from fedlora.costs import cost_percent, tensor_bytes
 
 log = logging.getLogger("fedlora")
 
+REQUIRED_METRICS = ("train_loss", "trained_params", "uploaded_params")
+
+
+@dataclass
+class Accepted:
+    """An update that passed the per-update checks, its per-client record, and (in-process)
+    the client's new private state, kept only if the update also passes the round's checks."""
+
+    update: Update
+    record: dict[str, Any]
+    client_state: Tensors | None = None
+
+
+def reject(round_: int, client: int, reason: str, rejected: list[dict[str, Any]]) -> None:
+    """Log a refused update (or a failed client) and list it in the round's `rejected`."""
+    log.warning("round %d: rejected the update of client %d: %s", round_, client, reason)
+    rejected.append({"client": client, "reason": reason})
+
+
+def check_metrics(metrics: dict[str, Any]) -> None:
+    """The client's reported metrics feed the round's records and costs: finite numbers, the
+    required ones present, parameter counts not negative."""
+    missing = [k for k in REQUIRED_METRICS if k not in metrics]
+    if missing:
+        raise InvalidUpdate(f"metrics: {missing[0]} missing")
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidUpdate(f"metrics: {key}={value!r} is not a finite number")
+    for key in ("trained_params", "uploaded_params"):
+        if metrics[key] < 0:
+            raise InvalidUpdate(f"metrics: {key}={metrics[key]!r} is negative")
+
 
 def accept_update(
     fed: Any, state: Tensors, round_: int, update: Update, payload: Message, seconds: float,
     rejected: list[dict[str, Any]],
 ) -> dict[str, Any] | None:
-    """Validate one client's update; its per-client record, or None (logged in `rejected`)."""
+    """Validate one client's update; its per-client record, or None (logged in `rejected`).
+    The example count that weights it is the server's own (partition table); a client
+    reporting another is refused."""
+    expected = fed.algorithm.setup.num_examples[update.client_id]
     try:
+        if isinstance(update.num_examples, bool) or update.num_examples != expected:
+            raise InvalidUpdate(f"num_examples {update.num_examples!r} differs from the partition table's {expected}")
         fed.algorithm.validate(state, update)
+        check_metrics(update.metrics)
     except InvalidUpdate as err:
-        log.warning("round %d: rejected the update of client %d: %s", round_, update.client_id, err)
-        rejected.append({"client": update.client_id, "reason": str(err)})
+        reject(round_, update.client_id, str(err), rejected)
         return None
     m = update.metrics
     standard = {"rank", "next_rank", "train_loss", "trained_params", "uploaded_params"}
@@ -42,3 +89,42 @@ def accept_update(
         "seconds": seconds,
         **{k: v for k, v in m.items() if k not in standard},  # a method's diagnostics (AFLoRA's λ)
     }
+
+
+def update_norm(tensors: Tensors, unbounded: tuple[str, ...] = ()) -> float:
+    """ℓ2 norm of all uploaded tensors together (in float64: no overflow), except those whose
+    name ends with one of `unbounded` (e.g. AFLoRA's 0/1 masks)."""
+    squares = [torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
+               for k, t in tensors.items() if not k.endswith(unbounded)]
+    return float(sum(squares, torch.tensor(0.0, dtype=torch.float64)).sqrt())
+
+
+def screen_norms(fed: Any, round_: int, accepted: list[Accepted], rejected: list[dict[str, Any]]) -> list[Accepted]:
+    """The norm bound (config `aggregation`): an update whose norm exceeds norm_bound × the
+    median norm of the updates accepted with it (the lower median for an even count; a
+    method with intra-round stages: those of its stage) is rejected, or with norm_action
+    `clip` scaled down to the bound (noted as `clipped` in its client record). With a zero
+    median (nothing trained) there is no scale to compare with and every update passes."""
+    opts = fed.cfg.aggregation
+    if opts.norm_bound is None or not accepted:
+        return accepted
+    unbounded = fed.algorithm.unbounded_keys
+    norms = [update_norm(a.update.tensors, unbounded) for a in accepted]
+    median = float(torch.tensor(norms, dtype=torch.float64).median())
+    bound = opts.norm_bound * median
+    kept: list[Accepted] = []
+    for a, norm in zip(accepted, norms):
+        if median == 0 or norm <= bound:
+            kept.append(a)
+            continue
+        why = f"update norm {norm:.4g} exceeds {opts.norm_bound:g} × the round's median update norm {median:.4g}"
+        if opts.norm_action == "reject":
+            reject(round_, a.update.client_id, why, rejected)
+            continue
+        scale = bound / norm
+        tensors = {k: t if k.endswith(unbounded) else t * scale for k, t in a.update.tensors.items()}
+        log.warning("round %d: clipped the update of client %d: %s; scaled by %.3g", round_,
+                    a.update.client_id, why, scale)
+        kept.append(replace(a, update=replace(a.update, tensors=tensors),
+                            record={**a.record, "clipped": f"{why}; scaled by {scale:.3g}"}))
+    return kept
