@@ -1,17 +1,32 @@
-"""`fedlora run | eval | compare | export | report | costs`: the command line."""
+"""`fedlora run | eval | compare | export | report | costs`: the command line.
+
+Heavy modules (torch, transformers, the config models that import them) are imported inside
+the commands, so `fedlora --help` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from fedlora.config import PAPER_CLIENT_RANKS, ConfigError, load_config, parse_overrides
+from fedlora import __version__
+from fedlora.errors import ConfigError
+
+
+def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The finished run's summary; its last line says what to do next."""
+    print(f"run directory: {run_dir}")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+    print(f"next: fedlora report {run_dir}  (figures)  ·  "
+          f"fedlora export {run_dir} --format peft|merged  (use the model)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.config import load_config, parse_overrides
     from fedlora.runtime.inprocess import Simulation
 
     if args.resume:
@@ -31,16 +46,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"config error: --out {run_dir}: holds a run already (use --resume {run_dir})")
     cfg.check_files()
     summary = Simulation(cfg, run_dir, progress=not args.quiet).run(resume=bool(args.resume))
-    print(f"run directory: {run_dir}")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
+    print_summary(run_dir, summary)
     return 0
 
 
 def _cmd_costs(args: argparse.Namespace) -> int:
+    from fedlora.config import PAPER_CLIENT_RANKS
     from fedlora.costs import architecture_shapes, method_cost_rows
 
-    ranks = [int(r) for r in args.ranks.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else PAPER_CLIENT_RANKS
     if any(r < 1 for r in ranks):
         raise ConfigError("config error: --ranks: ranks must be >= 1")
     targets = args.targets.split(",") if args.targets else None
@@ -57,6 +71,7 @@ def _cmd_costs(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.config import load_config, parse_overrides
     from fedlora.runtime.evaluation import evaluate_command
 
     if args.repeat < 1:
@@ -105,7 +120,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated fine-tuning in one process")
@@ -153,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     costs = sub.add_parser("costs", help="client-side cost %% of each method for an architecture")
     costs.add_argument("--arch", default="gpt2", help="gpt2 | tinyllama | qwen2.5-3b | hub name | folder")
     costs.add_argument("--targets", help="comma-separated target modules (default: the paper's)")
-    costs.add_argument("--ranks", default=",".join(map(str, PAPER_CLIENT_RANKS)))
+    costs.add_argument("--ranks", help="comma-separated client ranks (default: the paper's 64,32,16,16,8,8,4,4,4,4)")
     costs.add_argument("--total-params", type=int,
                        help="denominator override (the paper divides by 124M / 1.1B / 3B)")
     costs.set_defaults(func=_cmd_costs)
@@ -165,10 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    from fedlora.runtime.progress import setup_logging
+
+    setup_logging()
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:

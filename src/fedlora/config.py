@@ -21,13 +21,10 @@ from pydantic import (
 
 from fedlora.algorithms import AlgorithmOptions
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
+from fedlora.errors import ConfigError  # noqa: F401 (re-exported: modules import it from here)
 from fedlora.hardware import preferred_compute_dtype
 
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any work starts."""
 
 
 class Strict(BaseModel):
@@ -235,6 +232,14 @@ class FederationConfig(Strict):
         return self
 
 
+class LoggingConfig(Strict):
+    """Where a run's metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = False
+    """Also write every numeric metrics.jsonl field as TensorBoard scalars in RUN_DIR/tb/
+    (needs the `tensorboard` extra: pip install 'fedlora[tensorboard]')."""
+
+
 class RunConfig(Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
@@ -248,6 +253,7 @@ class RunConfig(Strict):
     algorithm: AlgorithmOptions = Field(discriminator="name")
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="before")
     @classmethod

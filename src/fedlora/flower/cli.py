@@ -9,10 +9,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedlora.config import ConfigError, dump_config, load_config, parse_overrides
+from fedlora.errors import ConfigError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.cli import print_summary
+    from fedlora.config import dump_config, load_config, parse_overrides
     from fedlora.flower.launch import LocalFederation, flwr_run
 
     if args.resume:
@@ -52,9 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"the Flower run did not finish (flwr exit code {proc.returncode}); "
               f"see its log above; resume with: fedlora flower run --resume {run_dir} ...")
         return 1
-    print(f"run directory: {run_dir}")
-    for key, value in json.loads(summary.read_text()).items():
-        print(f"  {key}: {value}")
+    print_summary(run_dir, json.loads(summary.read_text()))
     return 0
 
 

@@ -17,14 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from safetensors.torch import save_file
 
 from fedlora.adapters import Adapters
@@ -47,6 +40,8 @@ from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
+from fedlora.runtime.progress import progress_bars, round_line
+from fedlora.runtime.tensorboard import TensorBoardLog
 from fedlora.runtime.rounds import accept_update
 
 log = logging.getLogger("fedlora")
@@ -155,6 +150,7 @@ class Simulation:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.fed: Federation | None = None
+        self.tensorboard: TensorBoardLog | None = None
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
@@ -174,26 +170,28 @@ class Simulation:
             ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state,
                               threads=torch.get_num_threads())
         write_metrics(self.run_dir, ckpt.history)
+        if cfg.logging.tensorboard:
+            self.tensorboard = TensorBoardLog(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
         per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
-        with self._progress() as bar:
-            t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
-            t_clients = bar.add_task("clients", total=per_round)
-            for t in range(ckpt.round + 1, rounds + 1):
-                bar.reset(t_clients, total=per_round)
-                ckpt = self._round(fed, t, ckpt, sampler, lambda: bar.advance(t_clients))
-                bar.advance(t_rounds)
+        try:
+            with self._progress() as bar:
+                t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
+                t_clients = bar.add_task("clients", total=per_round)
+                for t in range(ckpt.round + 1, rounds + 1):
+                    bar.reset(t_clients, total=per_round)
+                    ckpt = self._round(fed, t, ckpt, sampler, lambda: bar.advance(t_clients))
+                    bar.advance(t_rounds)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         final = {k: v.contiguous() for k, v in ckpt.state.items()}
         atomic_write(self.run_dir / "final_state.safetensors", lambda p: save_file(final, str(p)))
         return self._summary(ckpt.history)
 
     def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            disable=not self.progress, transient=False,
-        )
+        return progress_bars(self.progress)
 
     def _round(self, fed: Federation, t: int, ckpt: Checkpoint, sampler, on_client) -> Checkpoint:
         cfg, algo = self.cfg, fed.algorithm
@@ -243,8 +241,9 @@ class Simulation:
         )
         new.save(self.run_dir)
         write_metrics(self.run_dir, new.history)
-        if "accuracy" in record:
-            log.info("round %d: accuracy %.4f", t, record["accuracy"])
+        if self.tensorboard is not None:
+            self.tensorboard.add(record)
+        log.info("%s", round_line(record, cfg.federation.rounds))
         return new
 
     def _train_clients(
@@ -280,6 +279,8 @@ class Simulation:
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
+        evaluated = [r for r in history if r.get("test_loss") is not None]
+        last_eval = evaluated[-1] if evaluated else {}
         costs = [r["client_cost_percent"] for r in history if r["client_cost_percent"] is not None]
         summary = {
             "method": self.cfg.algorithm.name,
@@ -287,6 +288,8 @@ class Simulation:
             "final_accuracy": accs[-1][1] if accs else None,
             "best_accuracy": max(a for _, a in accs) if accs else None,
             "best_round": max(accs, key=lambda x: x[1])[0] if accs else None,
+            "final_test_loss": last_eval.get("test_loss"),
+            **({"final_perplexity": last_eval["perplexity"]} if "perplexity" in last_eval else {}),
             "mean_client_cost_percent": float(np.mean(costs)) if costs else None,
             "total_uplink_bytes": int(sum(r["uplink_bytes"] for r in history)),
             "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in history)),
