@@ -84,14 +84,26 @@ def test_time_to_accuracy_figure_has_target_seconds_on_log_axis_and_untuned_line
     assert "untuned model 0.25" in [line.get_label() for line in by_title["Test accuracy by round"].get_lines()]
 
 
-def test_twenty_clients_get_distinct_colours_and_the_legend_is_outside(figures, tmp_path):
-    ranks = {str(c): float(2 + c) for c in range(20)}
-    plots.ranks_per_client({"aflora": _records([0.5, 0.6], ranks=ranks)}, tmp_path / "r.png")
+def test_twenty_clients_get_distinct_colours_panels_per_rank_tier_and_legends_outside(figures, tmp_path):
+    caps = [64, 16, 4, 4] * 5
+    records = [{"round": t, "ranks": {str(c): cap - (t - 1) * (c % 3) / 10 for c, cap in enumerate(caps)}}
+               for t in (1, 2, 3)]
+    plots.ranks_per_client({"aflora": records}, tmp_path / "r.png")
     fig = figures[0]
-    colours = {mcolors.to_hex(line.get_color()) for line in fig.axes[0].get_lines()}
-    assert len(colours) == 20
-    legend_box = fig.legends[0].get_window_extent()
-    assert legend_box.x0 >= fig.axes[0].get_window_extent().x1  # right of the panel, covering no line
+    assert [ax.get_title() for ax in fig.axes] == [f"aflora: clients starting at rank {r}" for r in (64, 16, 4)]
+    colours = [mcolors.to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines()]
+    assert len(colours) == len(set(colours)) == 20
+    for ax in fig.axes:  # each tier's legend lists its own clients, right of its panel
+        legend = ax.get_legend()
+        assert len(legend.get_texts()) == len(ax.get_lines())
+        assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
+    assert all(float(x).is_integer() for x in fig.axes[-1].get_xticks())
+
+    ten = [{"round": 1, "ranks": {str(c): float(2 ** (c % 5 + 2)) for c in range(10)}}]
+    plots.ranks_per_client({"aflora": ten, "hetlora": ten}, tmp_path / "r10.png")
+    small = figures[1]
+    assert len(small.axes) == 2 and small.axes[0].get_yscale() == "log"  # few clients: one panel per method
+    assert small.legends[0].get_window_extent().x0 >= small.axes[-1].get_window_extent().x1
 
 
 def test_byte_axes_read_in_kb_and_mb(figures, tmp_path):

@@ -187,29 +187,54 @@ def _distinct_colours(n: int) -> list:
     return [plt.get_cmap("viridis")(i / (n - 1)) for i in range(n)]
 
 
-def ranks_per_client(series: Mapping[str, Records], path: Path, setting: str = "") -> Path:
-    """The rank each client trained at, round by round (one panel per label); a distinct colour
-    per client and one legend outside the panels."""
-    fig, axes = plt.subplots(1, len(series), figsize=(4.6 * len(series) + 1.6, 3.9), squeeze=False)
-    clients_all = sorted({c for recs in series.values() for r in recs for c in r.get("ranks", {})}, key=int)
-    colour = dict(zip(clients_all, _distinct_colours(len(clients_all))))
-    for ax, (label, recs) in zip(axes[0], series.items()):
-        for c in clients_all:
-            pts = [(r["round"], r["ranks"][c]) for r in recs if r.get("ranks", {}).get(c) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", color=colour[c], label=f"client {c}")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("round")
-        _round_axis(ax.xaxis)
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("rank (mean over modules)")
-    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
-    ncol = 1 if len(handles) <= 12 else 2
-    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
-               fontsize=7, frameon=False, ncol=ncol)
-    fig.suptitle("Rank each client trained at" + ("\n" + _wrap(setting, 100) if setting else ""),
-                 fontsize=10)
+def _rank_tiers(series: Mapping[str, Records], clients: list[str]) -> list[tuple[float, list[str]]]:
+    """(rank, clients) groups by the first rank each client trained at (its cap), highest first."""
+    first: dict[str, float] = {}
+    for recs in series.values():
+        for r in recs:
+            for c, rank in r.get("ranks", {}).items():
+                first.setdefault(c, rank)
+    return [(t, [c for c in clients if first[c] == t]) for t in sorted({first[c] for c in clients}, reverse=True)]
+
+
+def ranks_per_client(series: Mapping[str, Records], path: Path, setting: str = "",
+                     small_multiples_above: int = 10) -> Path:
+    """The rank each client trained at, round by round, one column per label. Up to
+    `small_multiples_above` clients share one panel (log₂ axis, one legend outside); with more,
+    each starting-rank tier (2 to 5 of them) gets its own row and legend, since a tier's lines
+    would lie on top of each other on a shared axis. Every client has a colour of its own."""
+    clients = sorted({c for recs in series.values() for r in recs for c in r.get("ranks", {})}, key=int)
+    colour = dict(zip(clients, _distinct_colours(len(clients))))
+    tiers = _rank_tiers(series, clients) if len(clients) > small_multiples_above else []
+    if not 1 < len(tiers) <= 5:  # a panel per client would be no easier to read
+        tiers = [(None, clients)]
+    rows, cols = len(tiers), len(series)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols + 1.6, 3.9 if rows == 1 else 2.4 * rows + 0.8),
+                             squeeze=False, sharex=True)
+    for j, (label, recs) in enumerate(series.items()):
+        for i, (tier_rank, tier) in enumerate(tiers):
+            ax = axes[i][j]
+            for c in tier:
+                pts = [(r["round"], r["ranks"][c]) for r in recs if r.get("ranks", {}).get(c) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", color=colour[c], label=f"client {c}")
+            ax.set_title(label if tier_rank is None else f"{label}: clients starting at rank {tier_rank:g}",
+                         fontsize=9)
+            _round_axis(ax.xaxis)
+            if tier_rank is None:  # ranks 4 … 64 on one axis: powers of two
+                ax.set_yscale("log", base=2)
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.grid(alpha=0.3)
+            if tier_rank is not None and j == cols - 1:
+                _legend_outside(ax, ncol=1 if len(tier) <= 6 else 2)
+        axes[-1][j].set_xlabel("round")
+    for row in axes:
+        row[0].set_ylabel("rank (mean over modules)" if rows == 1 else "rank")
+    if rows == 1:
+        handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=7, frameon=False, ncol=1 if len(handles) <= 12 else 2)
+    fig.suptitle("Rank each client trained at (mean over modules)"
+                 + ("\n" + _wrap(setting, 100) if setting else ""), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
