@@ -1,16 +1,20 @@
-"""`fedlora run | eval | compare | tune | export | report | costs`: the command line."""
+"""`fedlora run | eval | compare | tune | export | report | costs`: the command line.
+
+Heavy modules (torch, transformers, the config models that import them) are imported inside
+the commands, so `fedlora --help` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from fedlora.config import PAPER_CLIENT_RANKS, ConfigError, load_config, parse_overrides
-from fedlora.errors import one_line
+from fedlora import __version__
+from fedlora.errors import ConfigError, one_line
 
 # Errors a user can fix (a bad config, data file or path), shown as one line with exit
 # code 2. ConfigError (and DataError) messages name the field or file; the OS errors carry
@@ -18,7 +22,17 @@ from fedlora.errors import one_line
 INPUT_ERRORS = (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The finished run's summary; its last line says what to do next."""
+    print(f"run directory: {run_dir}")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+    print(f"next: fedlora report {run_dir}  (figures)  ·  "
+          f"fedlora export {run_dir} --format peft|merged  (use the model)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.config import load_config, parse_overrides
     from fedlora.runtime.inprocess import Simulation
     from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
 
@@ -36,16 +50,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         refuse_existing_run(run_dir)
     cfg.check_files()
     summary = Simulation(cfg, run_dir, progress=not args.quiet).run(resume=bool(args.resume))
-    print(f"run directory: {run_dir}")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
+    print_summary(run_dir, summary)
     return 0
 
 
 def _cmd_costs(args: argparse.Namespace) -> int:
+    from fedlora.config import PAPER_CLIENT_RANKS
     from fedlora.costs import architecture_shapes, method_cost_rows
 
-    ranks = [int(r) for r in args.ranks.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else PAPER_CLIENT_RANKS
     if any(r < 1 for r in ranks):
         raise ConfigError("config error: --ranks: ranks must be >= 1")
     targets = args.targets.split(",") if args.targets else None
@@ -62,6 +75,7 @@ def _cmd_costs(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.config import load_config, parse_overrides
     from fedlora.runtime.evaluation import evaluate_command
 
     if args.repeat < 1:
@@ -120,14 +134,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from fedlora.compare import rebuild_comparison
     from fedlora.report import write_report
 
-    print(f"wrote {write_report(Path(args.run_dir))}")
+    path = Path(args.run_dir)
+    if args.target is not None and not 0 < args.target <= 1:
+        raise ConfigError(f"config error: --target: accuracy in (0, 1], got {args.target}")
+    if any(path.glob("seed_*/*/metrics.jsonl")):  # a `fedlora compare` directory
+        rebuild_comparison(path, args.target)
+        print(f"wrote {path / 'comparison.md'} and its figures from the runs' metrics")
+    else:
+        print(f"wrote {write_report(path)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated fine-tuning in one process")
@@ -188,14 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", help="output folder (default RUN_DIR/export-<format>[-r<R>])")
     exp.set_defaults(func=_cmd_export)
 
-    rep = sub.add_parser("report", help="markdown report with figures of one run")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="markdown report with figures of one run, or a comparison's "
+                         "tables and figures rebuilt from its runs' metrics (no training)")
+    rep.add_argument("run_dir", help="a run directory, or a `fedlora compare` output directory")
+    rep.add_argument("--target", type=float, help="comparison: accuracy for time-to-accuracy "
+                     "(default: the recorded command's --target, else as in compare)")
     rep.set_defaults(func=_cmd_report)
 
     costs = sub.add_parser("costs", help="client-side cost %% of each method for an architecture")
     costs.add_argument("--arch", default="gpt2", help="gpt2 | tinyllama | qwen2.5-3b | hub name | folder")
     costs.add_argument("--targets", help="comma-separated target modules (default: the paper's)")
-    costs.add_argument("--ranks", default=",".join(map(str, PAPER_CLIENT_RANKS)))
+    costs.add_argument("--ranks", help="comma-separated client ranks (default: the paper's 64,32,16,16,8,8,4,4,4,4)")
     costs.add_argument("--total-params", type=int,
                        help="denominator override (the paper divides by 124M / 1.1B / 3B)")
     costs.set_defaults(func=_cmd_costs)
@@ -207,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    from fedlora.runtime.progress import setup_logging
+
+    setup_logging()
     try:
         return args.func(args)
     except INPUT_ERRORS as err:

@@ -42,13 +42,14 @@ from fedlora.config import (
     read_tree,
     resolve_data_dir,
 )
-from fedlora.plots import accuracy_curves, ranks_per_client
+from fedlora.plots import accuracy_curves, ranks_per_client, setting_caption, untuned_accuracy
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded, read_json
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, write_json
 from fedlora.runtime.rundir import MAX_CONFIG_BYTES, verify_run
 from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
 from fedlora.tta import write_tta
+from fedlora.units import format_bytes
 
 log = logging.getLogger("fedlora")
 
@@ -158,7 +159,8 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
         except Exception as err:  # one failing method must not cost the others their results
             log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
             run.error = f"{type(err).__name__}: {err}"
-    write_comparison(out, runs, methods, target, reference)
+    write_comparison(out, runs, methods, target, reference=reference)
+    write_json(out / "environment.json", environment())
     return runs
 
 
@@ -341,15 +343,6 @@ STATISTICS_NOTE = (
 )
 
 
-def _fmt_bytes(x: float | None) -> str:
-    if x is None:
-        return "–"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if x >= size:
-            return f"{x / size:.2f} {unit}"
-    return f"{x:.0f} B"
-
-
 def _pm(mean: float | None, std: float | None, n: int) -> str:
     if mean is None:
         return "–"
@@ -367,17 +360,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['method']} | {r['seeds']} | {_pm(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} "
             f"| {_pm(r['best_accuracy_mean'], r['best_accuracy_std'], r['seeds'])} | {cost} "
-            f"| {_fmt_bytes(r['uplink_bytes_per_client_round'])} | {_fmt_bytes(r['downlink_bytes_per_client_round'])} "
+            f"| {format_bytes(r['uplink_bytes_per_client_round'])} | {format_bytes(r['downlink_bytes_per_client_round'])} "
             f"| {server} | {wall} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
-                     target: float | None = None, reference: str | None = "fedit") -> list[dict[str, Any]]:
+                     target: float | None = None, reference: str | None = "fedit",
+                     command: str | None = None) -> list[dict[str, Any]]:
     """comparison.csv, comparison.md and the PNG figures from the finished runs in `out`
     (with time to `target` accuracy on the simulated clock: fedlora.tta, and paired differences
-    against `reference` when it ran)."""
+    against `reference` when it ran). `command` is the command line recorded in comparison.md
+    (default: this process's, if it is `compare`)."""
+    if command is None and sys.argv[1:2] == ["compare"]:
+        command = shlex.join(["fedlora", *sys.argv[1:]])
     results: dict[str, list[SeedResult]] = {m: [] for m in methods}
     algorithm = {}  # label → method (a variant's label differs from its method's name)
     for run in runs:
@@ -400,21 +397,26 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         writer.writerows(rows)
 
     done = {m: h for m, h in histories.items() if h}
+    finished = [r.run_dir for r in runs if r.done]
+    setting = setting_caption(finished, [r.seed for r in runs if r.done])
+    untuned = untuned_accuracy(finished)
     figures = []
     if done:
-        figures.append(accuracy_curves(done, out / "accuracy_vs_round.png"))
-        figures.append(accuracy_curves(done, out / "accuracy_vs_uplink.png", x_key="uplink_bytes",
-                                       xlabel="cumulative uplink, all clients (MB)", scale=1e-6))
+        figures.append(accuracy_curves(done, out / "accuracy_vs_round.png", setting=setting, untuned=untuned,
+                                       title="Test accuracy by round"))
+        figures.append(accuracy_curves(done, out / "accuracy_vs_uplink.png", x_key="uplink_bytes", x_unit="bytes",
+                                       xlabel="cumulative uplink, all clients (log scale)", setting=setting,
+                                       untuned=untuned, title="Test accuracy by uplink traffic"))
         ranked = {m: h[0] for m, h in done.items() if algorithm[m] in ("aflora", "hetlora")}
         if ranked:
-            figures.append(ranks_per_client(ranked, out / "ranks_per_client.png"))
+            figures.append(ranks_per_client(ranked, out / "ranks_per_client.png", setting=setting))
 
     failed = [r for r in runs if r.error]
     first = next((r for r in runs if r.done), None)
     cfg_note = f"`{first.run_dir.relative_to(out)}/config.yaml`" if first else "each run's config.yaml"
     text = [
         "# Comparison\n",
-        f"Command: `{shlex.join(['fedlora', *sys.argv[1:]])}`\n" if sys.argv[1:2] == ["compare"] else "",
+        f"Command: `{command}`\n" if command else "",
         (f"Seeds: {sorted({r.seed for r in runs})}. Every method ran on the same client partition, test "
          f"subset and budget; the resolved configs are in each run directory (e.g. {cfg_note}).\n"),
         ("Accuracy is on the test subset after the last round (final) and the best evaluated round "
@@ -428,10 +430,34 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "(choose one with --reference).\n" if not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
-        write_tta(out, done, target) if done else "",
+        write_tta(out, done, target, setting, untuned) if done else "",
     ]
     if failed:
         text.append("\n## Failed runs\n\n" + "".join(f"- {r.method} seed {r.seed}: {r.error}\n" for r in failed))
     (out / "comparison.md").write_text("\n".join(t for t in text if t))
-    write_json(out / "environment.json", environment())
     return rows
+
+
+def rebuild_comparison(out: Path, target: float | None = None) -> list[dict[str, Any]]:
+    """A comparison directory's tables and figures again from its finished runs' metrics,
+    without training (`fedlora report COMPARE_DIR`). Methods keep comparison.csv's order, the
+    recorded command line and its --target are kept unless `target` is given."""
+    out = Path(out)
+    seeds = sorted(int(d.name[5:]) for d in out.glob("seed_*") if d.is_dir() and d.name[5:].isdigit())
+    if not seeds:
+        raise FileNotFoundError(f"report: {out}: no seed_*/ run directories (not a comparison directory)")
+    found = sorted({d.name for s in seeds for d in (out / f"seed_{s}").iterdir() if (d / "metrics.jsonl").exists()})
+    table = out / "comparison.csv"
+    listed = [r["method"] for r in csv.DictReader(table.open())] if table.exists() else []
+    methods = [m for m in listed if m in found] + [m for m in found if m not in listed]
+    command = None
+    md = out / "comparison.md"
+    if md.exists():
+        command = next((line.removeprefix("Command: `").rstrip("`") for line in md.read_text().splitlines()
+                        if line.startswith("Command: `")), None)
+    words = shlex.split(command) if command else []
+    if target is None and "--target" in words[:-1]:
+        target = float(words[words.index("--target") + 1])
+    reference = words[words.index("--reference") + 1] if "--reference" in words[:-1] else "fedit"
+    runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
+    return write_comparison(out, runs, methods, target, reference, command)

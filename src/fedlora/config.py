@@ -219,6 +219,9 @@ class EvaluationConfig(Strict):
     """Online only: e.g. `cais/mmlu` instead of the local copy."""
     mmlu_max_length: int = Field(2048, ge=16)
     """Longer prompts keep their end (the question), dropping the first exemplars' text."""
+    untuned: bool = False
+    """Also evaluate the untuned model once before round 1 (RUN_DIR/untuned.json): the
+    reference line of the accuracy figures."""
 
 
 class PublicDataConfig(Strict):
@@ -285,6 +288,14 @@ class AggregationConfig(Strict):
     FFA-LoRA); 0: the methods' weighted mean."""
 
 
+class LoggingConfig(Strict):
+    """Where a run's metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = False
+    """Also write every numeric metrics.jsonl field as TensorBoard scalars in RUN_DIR/tb/
+    (needs the `tensorboard` extra: pip install 'fedlora[tensorboard]')."""
+
+
 class RunConfig(Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
@@ -300,6 +311,7 @@ class RunConfig(Strict):
     """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     """The server's checks and combination of client updates (norm bound, trimmed mean)."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="before")
     @classmethod

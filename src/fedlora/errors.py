@@ -1,5 +1,7 @@
 """The errors a user can fix: a bad config, a bad data file. The CLI prints their message,
-one line naming the field or file, and exits with code 2; anything else is a bug."""
+one line naming the field or file, and exits with code 2; anything else is a bug. This
+module imports nothing heavy, so `fedlora --help` and the CLI's error handling never pull
+in torch."""
 
 from __future__ import annotations
 

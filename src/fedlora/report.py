@@ -11,6 +11,8 @@ from fedlora.plots import (
     metric_by_round,
     metrics_by_round,
     ranks_per_client,
+    setting_caption,
+    untuned_accuracy,
 )
 from fedlora.runtime.files import read_json
 from fedlora.runtime.outputs import read_metrics
@@ -86,16 +88,25 @@ def write_report(run_dir: Path) -> Path:
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     one = {label: records}
+    setting = setting_caption([run_dir])
     made = [
-        ("Test accuracy", accuracy_curves({label: [records]}, figures / "accuracy.png")),
+        ("Test accuracy", accuracy_curves({label: [records]}, figures / "accuracy.png", setting=setting,
+                                          untuned=untuned_accuracy([run_dir]))),
         ("Training loss (mean over the round's clients)",
-         metric_by_round(one, "train_loss", figures / "train_loss.png", "train loss")),
-        ("Test loss", metric_by_round(one, "test_loss", figures / "test_loss.png", "test loss")),
-        ("Rank each client trained at", ranks_per_client(one, figures / "ranks.png")),
+         metric_by_round(one, "train_loss", figures / "train_loss.png", "train loss",
+                         title="Training loss (mean over the round's clients)", setting=setting)),
+        ("Test loss", metric_by_round(one, "test_loss", figures / "test_loss.png", "test loss",
+                                      title="Test loss", setting=setting)),
+        *([("Test perplexity", metric_by_round(one, "perplexity", figures / "perplexity.png", "perplexity",
+                                                title="Test perplexity", setting=setting))]
+          if any(r.get("perplexity") is not None for r in records) else []),
+        ("Rank each client trained at", ranks_per_client(one, figures / "ranks.png", setting=setting)),
         ("Uplink bytes per round (all clients)",
-         metric_by_round(one, "uplink_bytes", figures / "uplink.png", "bytes", log=True)),
+         metric_by_round(one, "uplink_bytes", figures / "uplink.png", "uplink per round, all clients", log=True,
+                         unit="bytes", title="Uplink bytes per round", setting=setting)),
         ("Downlink bytes per round (all clients)",
-         metric_by_round(one, "downlink_bytes", figures / "downlink.png", "bytes", log=True)),
+         metric_by_round(one, "downlink_bytes", figures / "downlink.png", "downlink per round, all clients",
+                         log=True, unit="bytes", title="Downlink bytes per round", setting=setting)),
     ]
     made += _diagnostic_figures(records, figures)
     rejected = [(r["round"], x) for r in records for x in r.get("rejected", [])]

@@ -85,6 +85,8 @@ class DataPool:
     """The server's public (prompt, response) pairs (AFLoRA's A fine-tuning)."""
     heldout_pairs: list[tuple[str, str]] = field(default_factory=list)
     """Public pairs never trained on (the server's held-out loss)."""
+    test_ids: list[int] = field(default_factory=list)
+    """Each test item's row in the test split (validation: its position in the pool)."""
 
 
 def check_data(cfg: RunConfig) -> DataPool:
@@ -137,7 +139,7 @@ def check_data(cfg: RunConfig) -> DataPool:
         size_distribution=d.size_distribution,
     )
     warn_small_clients([len(p) for p in parts], cfg.federation.batch_size)
-    return DataPool(train, test, list(src.names), parts, pairs, heldout)
+    return DataPool(train, test, list(src.names), parts, pairs, heldout, rows)
 
 
 def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
@@ -169,5 +171,5 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         names=pool.names,
         client_labels=[[labels[i] for i in idx] for idx in parts],
         mmlu=mmlu,
-        test_ids=rows,
+        test_ids=pool.test_ids,
     )

@@ -8,10 +8,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedlora.config import ConfigError, dump_config, load_config, parse_overrides
+from fedlora.errors import ConfigError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.cli import print_summary
+    from fedlora.config import dump_config, load_config, parse_overrides
     from fedlora.flower.launch import LocalFederation, flwr_run
     from fedlora.runtime.files import read_json
     from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
@@ -57,9 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"the Flower run did not finish (flwr exit code {proc.returncode}); "
               f"see its log above; resume with: fedlora flower run --resume {run_dir} ...")
         return 1
-    print(f"run directory: {run_dir}")
-    for key, value in read_json(summary).items():
-        print(f"  {key}: {value}")
+    print_summary(run_dir, read_json(summary))
     return 0
 
 

@@ -30,7 +30,7 @@ def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Pat
     results, seconds, qps = [], [], []
     for _ in range(repeat):
         t = time.perf_counter()
-        results.append((fed.evaluate(state) if state else _untuned(fed))[0])
+        results.append(fed.evaluate(state)[0] if state else fed.evaluate_untuned())
         seconds.append(time.perf_counter() - t)
         if results[-1].get("mmlu_questions_per_second"):
             qps.append(results[-1]["mmlu_questions_per_second"])
@@ -59,11 +59,3 @@ def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Pat
         write_json(out, report)
     return report
 
-
-def _untuned(fed: Federation) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The base model as loaded: no adapter factors loaded, so the LoRA layers pass through."""
-    from fedlora.evaluate import evaluate_task
-
-    fed.adapters.clear()
-    return evaluate_task(fed.model, fed.task, fed.pad_id, fed.cfg.federation.eval_batch_size,
-                         fed.cfg.model.compute_dtype)

