@@ -21,7 +21,14 @@ from pydantic import (
 
 from fedlora.algorithms import AlgorithmOptions
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
-from fedlora.hardware import preferred_compute_dtype
+from fedlora.hardware import (
+    DEVICE_CHOICES,
+    DEVICE_NAMES,
+    DeviceUnavailable,
+    accelerator_compute_dtype,
+    preferred_compute_dtype,
+    resolve_device,
+)
 
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
@@ -39,16 +46,45 @@ class ModelConfig(Strict):
     """`smollm2-135m` (the offline wheel), `tiny-llama` / `tiny-gpt2` (random, for tests),
     a hub name, a local model folder, or a path to a `.gguf` file."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
+    device: str = "auto"
+    """Where training and evaluation run: `auto` (cuda, else mps, else cpu), `cpu`, `cuda`,
+    `cuda:N` or `mps`. Kept as written in config.yaml, so each host resolves `auto` itself."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Autocast dtype of forward/backward; weights, adapters and merges stay float32. `auto`
-    becomes bfloat16 where the CPU computes it natively (AMX or AVX512-BF16), else float32
-    (elsewhere torch emulates bfloat16, many times slower); the run's config.yaml records
-    the dtype it resolved to."""
+    becomes bfloat16 on CUDA GPUs that compute it and where the CPU computes it natively (AMX or
+    AVX512-BF16), else float32 (elsewhere torch emulates bfloat16, many times slower); the
+    run's config.yaml records the dtype it resolved to."""
 
-    @field_validator("compute_dtype")
+    @model_validator(mode="before")
     @classmethod
-    def _resolve_auto(cls, value: str) -> str:
-        return preferred_compute_dtype() if value == "auto" else value
+    def _resolve_auto_dtype(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("compute_dtype", "auto") == "auto":
+            device = str(data.get("device", "auto"))
+            dtype = accelerator_compute_dtype(device) or preferred_compute_dtype()
+            data = {**data, "compute_dtype": dtype}
+        return data
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_NAMES.fullmatch(value):
+            raise ValueError(f"must be {DEVICE_CHOICES}, got {value!r}")
+        return value
+
+    def torch_device(self) -> str:
+        """The device this process computes on (`auto` resolved here), or a one-line ConfigError."""
+        return torch_device(self.device)
+
+
+def torch_device(name: str, field: str = "model.device") -> str:
+    """`name` (auto, cpu, cuda, cuda:N, mps) as a device available here, or a one-line
+    ConfigError naming `field`."""
+    if not DEVICE_NAMES.fullmatch(name):
+        raise ConfigError(f"config error: {field}: must be {DEVICE_CHOICES}, got {name!r}")
+    try:
+        return resolve_device(name)
+    except DeviceUnavailable as err:
+        raise ConfigError(f"config error: {field}: {err}") from None
 
 
 class LoRAConfig(Strict):

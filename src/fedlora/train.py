@@ -19,14 +19,25 @@ from torch import Tensor, nn
 Batch = dict[str, Tensor]
 
 
-def autocast(compute_dtype: str):
+def autocast(compute_dtype: str, device: torch.device | str = "cpu"):
+    """bfloat16 autocast on the device computing (CPU or GPU); float32 needs none."""
     if compute_dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on the model's device (batches are built on the CPU; a no-op there)."""
+    return {key: t.to(device) for key, t in batch.items()}
+
+
 def hidden_states(model: nn.Module, batch: Batch) -> Tensor:
-    """Last hidden states (batch × time × hidden) from the decoder body, no output layer."""
+    """Last hidden states (batch × time × hidden) from the decoder body, no output layer.
+    `batch` must be on the model's device (`on_device`)."""
     body = getattr(model, model.base_model_prefix)
     out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return out.last_hidden_state
@@ -52,15 +63,17 @@ def classification_loss(model: nn.Module, batch: Batch, label_ids: Sequence[int]
     `classes`: softmax over the label words only (the paper's eq. 10, |L| classes);
     `vocab`: softmax over the whole vocabulary, target = the label word's token.
     """
+    batch = on_device(batch, model_device(model))
     h = last_position(hidden_states(model, batch), batch)
     if mode == "classes":
         return F.cross_entropy(project(model, h, label_ids), batch["target"])
-    targets = torch.tensor(label_ids)[batch["target"]]
+    targets = torch.tensor(label_ids, device=h.device)[batch["target"]]
     return F.cross_entropy(project(model, h), targets)
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     """Causal-LM cross-entropy on the labelled (response) tokens only."""
+    batch = on_device(batch, model_device(model))
     h = hidden_states(model, batch)[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != -100
@@ -82,9 +95,10 @@ def train_steps(
     if not groups:
         raise ValueError("nothing to train: no trainable parameters")
     opt = torch.optim.Adam(groups, weight_decay=0.0)
+    device = groups[0]["params"][0].device  # the trained factors sit on the model's device
     losses = []
     for batch in batches:
-        with autocast(compute_dtype):
+        with autocast(compute_dtype, device):
             loss = loss_fn(batch)
         total = loss if regulariser is None else loss + regulariser()
         total.backward()

@@ -220,8 +220,9 @@ class AFLoRA(Algorithm):
         new_state: Tensors = {}
         trained = uploaded = 0
         ranks, next_ranks = [], []
-        for name, layer in zip(self.setup.module_shapes, layers):
-            lam, mask, B = layer.lam.detach(), layer.mask, layer.B.detach()
+        trained_factors = ctx.adapters.state()
+        for name in self.setup.module_shapes:
+            lam, mask, B = (trained_factors[f"{name}.{key}"] for key in ("lam", "mask", "B"))
             new_mask = (
                 prune_mask(lam, mask, opts.beta, opts.min_rank, opts.pruning_rule) if opts.ddr else mask
             )
@@ -278,8 +279,9 @@ class AFLoRA(Algorithm):
             losses = server.train_public(
                 [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
             )
-            for name, layer in zip(self.setup.module_shapes, layers):
-                new_state[f"{name}.A"] = fuse(state[f"{name}.A"], layer.A.detach(), opts.alpha)
+            tuned = server.adapters.state()
+            for name in self.setup.module_shapes:
+                new_state[f"{name}.A"] = fuse(state[f"{name}.A"], tuned[f"{name}.A"], opts.alpha)
             server.adapters.clear()
             metrics["server_loss"] = sum(losses) / len(losses)
         merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
