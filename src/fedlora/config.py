@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -49,20 +50,18 @@ class ModelConfig(Strict):
     device: str = "auto"
     """Where training and evaluation run: `auto` (cuda, else mps, else cpu), `cpu`, `cuda`,
     `cuda:N` or `mps`. Kept as written in config.yaml, so each host resolves `auto` itself."""
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
     """Autocast dtype of forward/backward; weights, adapters and merges stay float32. `auto`
     becomes bfloat16 on CUDA GPUs that compute it and where the CPU computes it natively (AMX or
     AVX512-BF16), else float32 (elsewhere torch emulates bfloat16, many times slower); the
     run's config.yaml records the dtype it resolved to."""
 
-    @model_validator(mode="before")
+    @field_validator("compute_dtype")
     @classmethod
-    def _resolve_auto_dtype(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("compute_dtype", "auto") == "auto":
-            device = str(data.get("device", "auto"))
-            dtype = accelerator_compute_dtype(device) or preferred_compute_dtype()
-            data = {**data, "compute_dtype": dtype}
-        return data
+    def _resolve_auto(cls, value: str, info: ValidationInfo) -> str:
+        if value != "auto":
+            return value
+        return accelerator_compute_dtype(str(info.data.get("device", "auto"))) or preferred_compute_dtype()
 
     @field_validator("device")
     @classmethod

@@ -54,7 +54,7 @@ def project(model: nn.Module, h: Tensor, rows: Sequence[int] | None = None) -> T
 
 
 def last_position(h: Tensor, batch: Batch) -> Tensor:
-    return h[torch.arange(h.shape[0]), batch["last"]]
+    return h[torch.arange(h.shape[0], device=h.device), batch["last"]]
 
 
 def classification_loss(model: nn.Module, batch: Batch, label_ids: Sequence[int], mode: str) -> Tensor:
