@@ -37,7 +37,7 @@ def main() -> None:
             cmd += ["--set", o]
         if (run_dir / "summary.json").exists():
             pass  # finished earlier
-        elif (run_dir / "checkpoint.pt").exists():
+        elif (run_dir / "checkpoint.safetensors").exists():
             subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--quiet", "--resume", str(run_dir)], check=True)
         else:
             subprocess.run(cmd, check=True)

@@ -30,6 +30,7 @@ from fedlora.algorithms.hetlora import (
 )
 from fedlora.config import build_config
 from fedlora.models import load_base_model
+from fedlora.runtime.checkpoint import Checkpoint
 from fedlora.runtime.inprocess import Simulation
 
 SHAPES = {"m0": (12, 10), "m1": (6, 10)}
@@ -222,12 +223,12 @@ def test_ffa_lora_trains_b_only_and_a_never_changes(data_dir, tmp_path):
     algo = sim.fed.algorithm
     fresh = FFALoRA(FFALoRAOptions(), algo.setup)
     assert all(torch.equal(algo.A[k], fresh.A[k]) for k in fresh.A)  # redrawn from the seed alone
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert all(k.endswith(".B") for k in ckpt["state"]) and any(v.abs().sum() > 0 for v in ckpt["state"].values())
-    evaluated = algo.eval_factors(ckpt["state"])
+    state = Checkpoint.load(tmp_path).state
+    assert all(k.endswith(".B") for k in state) and any(v.abs().sum() > 0 for v in state.values())
+    evaluated = algo.eval_factors(state)
     assert all(torch.equal(evaluated[k], fresh.A[k]) for k in fresh.A)
     ctx = FakeClient(sim.fed.adapters)
-    algo.client_train(ctx, algo.payload(ckpt["state"], 0), {})
+    algo.client_train(ctx, algo.payload(state, 0), {})
     assert all(p.shape[1] == algo.rank for p in ctx.seen["params"])  # only B (m × r) is trainable
 
 

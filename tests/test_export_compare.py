@@ -19,6 +19,7 @@ from fedlora.compare import method_configs, parse_methods
 from fedlora.config import ConfigError, build_config
 from fedlora.export import compress, export_run, load_run, write_peft
 from fedlora.models import load_base_model
+from fedlora.runtime.checkpoint import Checkpoint
 from fedlora.runtime.inprocess import Simulation
 
 IDS = torch.randint(0, 60, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -27,7 +28,7 @@ IDS = torch.randint(0, 60, (3, 16), generator=torch.Generator().manual_seed(0))
 def trained_logits(sim: Simulation) -> torch.Tensor:
     """The in-process global model as evaluated: merged base plus the method's eval factors."""
     fed = sim.fed
-    state = {k: v for k, v in torch.load(sim.run_dir / "checkpoint.pt", weights_only=False)["state"].items()}
+    state = Checkpoint.load(sim.run_dir).state
     fed.adapters.load(fed.algorithm.eval_factors(state))
     with torch.no_grad():
         out = fed.model(IDS).logits

@@ -246,7 +246,7 @@ def test_too_few_clients_stops_the_run_resumable(data_dir, tmp_path, monkeypatch
     grid.down = {101: {1}}
     with pytest.raises(RuntimeError, match="fewer than min-clients=3"):
         run.run()
-    assert not (tmp_path / "flower/checkpoint.pt").exists()
+    assert not (tmp_path / "flower/checkpoint.safetensors").exists()
 
 
 def test_stopped_flower_run_resumes_to_the_inprocess_result(data_dir, tmp_path, monkeypatch, fast_builds):

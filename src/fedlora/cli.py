@@ -1,8 +1,9 @@
-"""`fedlora run | eval | compare | export | generate | report | costs`: the command line."""
+"""`fedlora run | eval | compare | tune | export | generate | report | costs`: the command line."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from datetime import datetime
@@ -13,22 +14,20 @@ from fedlora.config import PAPER_CLIENT_RANKS, ConfigError, load_config, parse_o
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedlora.runtime.inprocess import Simulation
+    from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
 
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_config(run_dir / "config.yaml")
-        if args.config:
-            given = load_config(args.config, parse_overrides(args.set))
-            if given.model_dump(mode="json") != cfg.model_dump(mode="json"):
-                raise ConfigError(f"config error: --resume {run_dir}: the config differs from the run's config.yaml")
+        cfg = (load_config(args.config, parse_overrides(args.set)) if args.config
+               else saved_config(run_dir, parse_overrides(args.set)))
+        verify_run(run_dir, cfg)  # one line before the model loads; the run checks again
     else:
         if not args.config:
             raise ConfigError("config error: give a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, parse_overrides(args.set))
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{cfg.algorithm.name}-{stamp}")
-        if (run_dir / "checkpoint.pt").exists():
-            raise ConfigError(f"config error: --out {run_dir}: holds a run already (use --resume {run_dir})")
+        refuse_existing_run(run_dir)
     cfg.check_files()
     summary = Simulation(cfg, run_dir, progress=not args.quiet).run(resume=bool(args.resume))
     print(f"run directory: {run_dir}")
@@ -82,6 +81,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from fedlora.compare import parse_methods, parse_seeds
+    from fedlora.tune import read_grid, run_tuning
+
+    methods, test_seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    grid = read_grid(args.grid, methods)
+    if args.validation_examples < 1:
+        raise ConfigError("config error: --validation-examples: must be >= 1")
+    out = Path(args.out or f"runs/tune-{Path(args.config).stem}")
+    command = run_tuning(Path(args.config), methods, grid, out, args.validation_examples, args.seed,
+                         test_seeds, args.set, progress=not args.quiet)
+    print((out / "tuning.md").read_text())
+    print(f"tuning directory: {out}")
+    print(f"next, the chosen settings at {len(test_seeds)} seeds on the test set:\n  {command}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from fedlora.export import export_run
 
@@ -127,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. federation.rounds=3 (repeatable)")
     run.add_argument("--out", help="run directory (default runs/<method>-<time>)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run (verified first); with --set federation.rounds=N, extend it")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
@@ -152,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--target", type=float, help="accuracy for the time-to-accuracy table "
                      "(default: 0.95 × the lowest best accuracy over the methods)")
     cmp.set_defaults(func=_cmd_compare)
+
+    tune = sub.add_parser("tune", help="choose every method's lr and settings on a validation split, equal budgets")
+    tune.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
+    tune.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
+                      help="comma-separated methods or variants (default: the six)")
+    tune.add_argument("--grid", help="YAML: lr: [client lrs] (default 1e-3, 3e-3, 1e-2), "
+                      "settings: {method: [{option: value}, ...]}, max_settings: N (the same cap for every method)")
+    tune.add_argument("--validation-examples", type=int, default=200,
+                      help="examples carved off the training pool to choose by (default 200)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the tuning runs")
+    tune.add_argument("--seeds", default="0,1,2", help="seeds of the printed test-set compare command")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field for the tuning runs only, e.g. a reduced budget")
+    tune.add_argument("--out", help="tuning directory (default runs/tune-<config name>); rerunning into it resumes")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(func=_cmd_tune)
 
     exp = sub.add_parser("export", help="a finished run as a PEFT adapter or a merged model")
     exp.add_argument("run_dir")
@@ -203,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:
         print(str(err), file=sys.stderr)
+        return 2
+    except OSError as err:  # a write outside atomic_write (figures, exports) on a full disk
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"disk full: could not write {err.filename or 'a file'}; free some space and retry", file=sys.stderr)
         return 2
 
 

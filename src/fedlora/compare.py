@@ -10,13 +10,14 @@ it names, and an optional top-level `methods:` mapping gives options per method,
 `methods: {aflora: {beta: 1.0}, hetlora: {reg: 0.01}}`. Methods not named run with their
 defaults. A key that is not a method's name defines a variant, compared like a method of its
 own: `methods: {hier-speed: {name: hierfedlora, speed_weight: 0.1}}` with
-`--methods hierfedlora,hier-speed`.
+`--methods hierfedlora,hier-speed`. A method's (or variant's) `set:` mapping overrides other
+config fields for it alone, e.g. `methods: {flora: {set: {federation.lr: 0.01}}}` (what
+`fedlora tune` writes for each method's chosen learning rate).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import shlex
 import statistics
@@ -36,7 +37,10 @@ from fedlora.config import (
     resolve_data_dir,
 )
 from fedlora.plots import accuracy_curves, ranks_per_client
+from fedlora.runtime.checkpoint import has_checkpoint
+from fedlora.runtime.files import read_bounded, read_json
 from fedlora.runtime.outputs import environment, read_metrics, write_json
+from fedlora.runtime.rundir import MAX_CONFIG_BYTES, verify_run
 from fedlora.tta import write_tta
 
 log = logging.getLogger("fedlora")
@@ -76,11 +80,12 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"config error: --seeds: expected integers like 0,1,2, got {text!r}") from None
 
 
-def method_configs(path: Path, methods: list[str], seeds: list[int],
-                   overrides: list[str]) -> dict[tuple[str, int], RunConfig]:
-    """One resolved config per (method, seed); every error is reported before any run starts."""
+def method_configs(path: Path, methods: list[str], seeds: list[int], overrides: list[str],
+                   variants: dict[str, dict[str, Any]] | None = None) -> dict[tuple[str, int], RunConfig]:
+    """One resolved config per (method, seed); every error is reported before any run starts.
+    `variants` adds entries to the config's `methods:` mapping (what `fedlora tune` runs)."""
     tree = read_tree(path)
-    per_method = tree.pop("methods", None) or {}
+    per_method = {**(tree.pop("methods", None) or {}), **(variants or {})}
 
     def algorithm_of(label: str) -> str:  # a variant names its method: {name: hierfedlora, ...}
         return (per_method.get(label) or {}).get("name", label)
@@ -98,8 +103,11 @@ def method_configs(path: Path, methods: list[str], seeds: list[int],
         options = dict(base_algo) if base_algo.get("name") == name else {}
         options.update(per_method.get(method) or {})
         options["name"] = name
+        method_sets = options.pop("set", None) or {}
+        if not isinstance(method_sets, dict):
+            raise ConfigError(f"config error: methods.{method}.set: expected a mapping like {{federation.lr: 0.003}}")
         for seed in seeds:
-            sets = {**parse_overrides(overrides), "algorithm": options, "seed": seed}
+            sets = {**parse_overrides(overrides), **method_sets, "algorithm": options, "seed": seed}
             configs[(method, seed)] = resolve_data_dir(build_config(tree, sets), path)
     return configs
 
@@ -107,17 +115,20 @@ def method_configs(path: Path, methods: list[str], seeds: list[int],
 def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
     """A comparison directory never mixes runs of different configs."""
     saved = run_dir / "config.yaml"
-    if saved.exists() and saved.read_text() != dump_config(cfg):
+    if saved.exists() and read_bounded(saved, MAX_CONFIG_BYTES).decode(errors="replace") != dump_config(cfg):
         raise ConfigError(f"config error: {run_dir}: holds a run with a different config (use another --out)")
 
 
 def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path,
-                   overrides: list[str], progress: bool = True, target: float | None = None) -> list[MethodRun]:
+                   overrides: list[str], progress: bool = True, target: float | None = None,
+                   variants: dict[str, dict[str, Any]] | None = None) -> list[MethodRun]:
     from fedlora.runtime.inprocess import Simulation
 
-    configs = method_configs(config, methods, seeds, overrides)
+    configs = method_configs(config, methods, seeds, overrides, variants)
     runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
-    for run in runs:
+    for run in runs:  # every run directory is checked before any run starts
+        if has_checkpoint(run.run_dir) and not run.done:
+            verify_run(run.run_dir, configs[(run.method, run.seed)])  # names an edited file first
         check_not_mixed(configs[(run.method, run.seed)], run.run_dir)
         configs[(run.method, run.seed)].check_files()
     out.mkdir(parents=True, exist_ok=True)
@@ -125,10 +136,12 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
         if run.done:
             log.info("%s seed %d: finished earlier, reading %s", run.method, run.seed, run.run_dir)
             continue
-        resume = (run.run_dir / "checkpoint.pt").exists()
+        resume = has_checkpoint(run.run_dir)
         log.info("%s seed %d: %s in %s", run.method, run.seed, "resuming" if resume else "running", run.run_dir)
         try:
             Simulation(configs[(run.method, run.seed)], run.run_dir, progress=progress).run(resume=resume)
+        except ConfigError:  # a run directory in use or damaged, a full disk: stop with its one line
+            raise
         except Exception as err:  # one failing method must not cost the others their results
             log.exception("%s seed %d failed; continuing with the next method", run.method, run.seed)
             run.error = f"{type(err).__name__}: {err}"
@@ -218,7 +231,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     for run in runs:
         if run.done:
             histories[run.method].append(read_metrics(run.run_dir))
-            algorithm[run.method] = json.loads((run.run_dir / "summary.json").read_text()).get("method", run.method)
+            algorithm[run.method] = read_json(run.run_dir / "summary.json").get("method", run.method)
     rows = [method_row(m, h) for m, h in histories.items() if h]
     with (out / "comparison.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)

@@ -161,6 +161,10 @@ class DataConfig(Strict):
     train_examples: int | None = Field(None, ge=1)
     """Seeded cap on the training pool before partitioning (None: all of it)."""
     test_examples: int = Field(1000, ge=1)
+    validation_examples: int | None = Field(None, ge=1)
+    """Tuning only (`fedlora tune` sets it): carve this many examples off the training pool
+    (seeded, before train_examples caps it) and evaluate on them instead of the test set, which
+    is then never evaluated. None: evaluate on the test set."""
     max_length: int = Field(64, ge=8)
     prompt: str = AG_NEWS_PROMPT
     label_words: list[str] | None = Field(
@@ -231,6 +235,9 @@ class PublicDataConfig(Strict):
     max_length: int = Field(128, ge=16)
     hub_name: str | None = None
     """Online only: draw from this hub dataset (e.g. `tatsu-lab/alpaca`, the paper's 52k)."""
+    heldout_examples: int = Field(16, ge=0)
+    """Seeded public examples outside the public set, never trained on: the server's loss on
+    them before and after its A fine-tuning is logged every round (0: not measured)."""
 
 
 class FederationConfig(Strict):

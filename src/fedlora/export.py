@@ -19,22 +19,21 @@ the hub original instead (for SmolLM2, the unquantised weights the GGUF was made
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import FederationSetup, Tensors
-from fedlora.config import ConfigError, RunConfig, load_config
+from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
-from fedlora.runtime.checkpoint import load_merges
+from fedlora.runtime.files import atomic_write, load_tensors, read_json, tensors_to_bytes
+from fedlora.runtime.rundir import saved_config, verify_run
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
 BASE_CHOICES = ("auto", "local", "hub")
@@ -108,7 +107,7 @@ def compress(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
 def _client_sizes(run_dir: Path, num_clients: int) -> list[int]:
     path = run_dir / "partition.json"
     if path.exists():
-        table = json.loads(path.read_text()).get("examples_per_client_per_label")
+        table = read_json(path).get("examples_per_client_per_label")
         if table:
             return [max(1, sum(row)) for row in table]
     return [1] * num_clients
@@ -117,7 +116,8 @@ def _client_sizes(run_dir: Path, num_clients: int) -> list[int]:
 def load_run(run_dir: Path) -> RunModel:
     """Rebuild the run's base model and stack every update it learned (merges, then final)."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = saved_config(run_dir)
+    _, merges = verify_run(run_dir, cfg)  # the checkpoint, config.yaml and every merge file
     final_path = run_dir / "final_state.safetensors"
     if not final_path.exists():
         raise FileNotFoundError(f"export: {run_dir} has no final_state.safetensors (the run did not finish)")
@@ -126,9 +126,9 @@ def load_run(run_dir: Path) -> RunModel:
     shapes = adapters.shapes()
     setup = FederationSetup(shapes, list(cfg.federation.client_max_ranks),
                             _client_sizes(run_dir, cfg.federation.num_clients), cfg.scaling, cfg.seed)
-    final = build_algorithm(cfg.algorithm, setup).eval_factors(load_file(str(final_path)))
+    final = build_algorithm(cfg.algorithm, setup).eval_factors(load_tensors(final_path)[0])
     final_pairs = {name: pair for name in shapes if (pair := fold_diagonal(final, name)) is not None}
-    parts = [*load_merges(run_dir, cfg.federation.rounds), final_pairs]
+    parts = [*merges, final_pairs]
     return RunModel(cfg, model, tokenizer, adapters, stack_updates(parts, shapes))
 
 
@@ -183,7 +183,7 @@ def write_peft(folder: Path, run: RunModel, update: Factors, base: str | None = 
     for name, (B, A) in update.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (run.scaling * B).contiguous()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    atomic_write(folder / "adapter_model.safetensors", tensors_to_bytes(tensors))
 
 
 def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None, base: str = "auto") -> dict[str, Any]:

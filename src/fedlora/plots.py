@@ -92,3 +92,21 @@ def ranks_per_client(series: Mapping[str, Records], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def client_metric_by_round(records: Records, key: str, path: Path, ylabel: str) -> Path:
+    """A per-client diagnostic (in each round's `clients` list) by round, one line per client."""
+    ids = sorted({c["id"] for r in records for c in r.get("clients", []) if c.get(key) is not None})
+    series = {
+        f"client {cid}": [{"round": r["round"], key: c[key]} for r in records for c in r.get("clients", [])
+                          if c["id"] == cid and c.get(key) is not None]
+        for cid in ids
+    }
+    return metric_by_round(series, key, path, ylabel)
+
+
+def metrics_by_round(records: Records, keys: Mapping[str, str], path: Path, ylabel: str) -> Path:
+    """Several per-round scalars of one run (label → key) in one figure."""
+    series = {label: [{"round": r["round"], "value": r[key]} for r in records if r.get(key) is not None]
+              for label, key in keys.items()}
+    return metric_by_round(series, "value", path, ylabel)

@@ -80,29 +80,56 @@ def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     return F.cross_entropy(project(model, h[keep]), targets[keep])
 
 
+def optimizers(param_groups: list[tuple]) -> list[torch.optim.Optimizer]:
+    """Adam (no weight decay) over the groups `(params, lr)` and `(params, lr, "adam")`; plain SGD
+    over the groups `(params, lr, "sgd")` (a step proportional to the gradient, e.g. for AFLoRA's
+    λ, whose Adam steps are about lr whatever its gradient)."""
+    by_kind: dict[str, list[dict]] = {"adam": [], "sgd": []}
+    for ps, lr, *kind in param_groups:
+        if ps:
+            by_kind[kind[0] if kind else "adam"].append({"params": ps, "lr": lr})
+    if not by_kind["adam"] and not by_kind["sgd"]:
+        raise ValueError("nothing to train: no trainable parameters")
+    opts: list[torch.optim.Optimizer] = []
+    if by_kind["adam"]:
+        opts.append(torch.optim.Adam(by_kind["adam"], weight_decay=0.0))
+    if by_kind["sgd"]:
+        opts.append(torch.optim.SGD(by_kind["sgd"]))
+    return opts
+
+
 def train_steps(
-    param_groups: list[tuple[list[Tensor], float]],
+    param_groups: list[tuple],
     batches: Iterable[Batch],
     loss_fn: Callable[[Batch], Tensor],
     regulariser: Callable[[], Tensor] | None = None,
     compute_dtype: str = "float32",
 ) -> list[float]:
-    """Adam (no weight decay) on the given parameters; returns the task loss per step.
-
-    The regulariser is added in float32 outside autocast; reported losses exclude it.
+    """Adam (no weight decay; SGD for groups marked "sgd") on the given parameters; returns the
+    task loss per step. The regulariser is added in float32 outside autocast; reported losses
+    exclude it.
     """
-    groups = [{"params": ps, "lr": lr} for ps, lr in param_groups if ps]
-    if not groups:
-        raise ValueError("nothing to train: no trainable parameters")
-    opt = torch.optim.Adam(groups, weight_decay=0.0)
-    device = groups[0]["params"][0].device  # the trained factors sit on the model's device
+    opts = optimizers(param_groups)
+    device = opts[0].param_groups[0]["params"][0].device  # the trained factors sit on the model's device
     losses = []
     for batch in batches:
         with autocast(compute_dtype, device):
             loss = loss_fn(batch)
         total = loss if regulariser is None else loss + regulariser()
         total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
+
+
+@torch.no_grad()
+def mean_loss(batches: Iterable[Batch], loss_fn: Callable[[Batch], Tensor], compute_dtype: str = "float32",
+              device: torch.device | str = "cpu") -> float:
+    """Mean task loss over batches, no gradients (a measurement, not a step)."""
+    losses = []
+    for batch in batches:
+        with autocast(compute_dtype, device):
+            losses.append(float(loss_fn(batch)))
+    return sum(losses) / len(losses)

@@ -17,6 +17,10 @@ Server, round t (zero-padding rank-aware aggregation, server-side A fine-tuning)
     A' = α A_global + (1 − α) A_FT                                (eq. 11)
     W ← W + s B_global A';  next round A_global = A', clients restart B at zero.
 
+Options for an informative λ (issue 15; defaults = the behaviour above): `lambda_init`,
+`lambda_lr`, `lambda_optimizer: sgd`, `b_init: unit`. Each round logs λ's diagnostics per
+client (fedlora.diagnostics) and, on the server, ‖A_FT − A‖/‖A‖ and the held-out public loss.
+
 Decisions where the paper is silent (README, "AFLoRA: our decisions"): Λ and H are per
 target module (each LoRA adapter prunes its own dimensions, and eq. 12 uses that module's
 rank); the default pruning threshold is mean − βσ (option `pruning_rule`); σ is the
@@ -29,8 +33,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from fedlora.algorithms.base import (
@@ -46,6 +51,7 @@ from fedlora.algorithms.base import (
     Update,
     weighted_sum,
 )
+from fedlora.diagnostics import lambda_diagnostics, mean_over_modules, pruning_loss_increase
 
 
 class AFLoRAOptions(MethodOptions):
@@ -76,14 +82,37 @@ class AFLoRAOptions(MethodOptions):
     """Server-side A fine-tuning; false = the paper's "w/o DLF" ablation (A stays fixed)."""
     lambda_lr: float | None = Field(None, gt=0)
     """Learning rate of λ (None: federation.lr)."""
+    lambda_init: float = Field(1.0, ge=0)
+    """λ's start (paper: 1): the first round's, and every round's when λ does not persist."""
+    lambda_optimizer: Literal["adam", "sgd"] = "adam"
+    """`adam` (default): λ in the clients' Adam, which moves every λ_j by about its lr per step
+    whatever its gradient; `sgd`: plain SGD on λ, a step proportional to the gradient, so
+    λ_j² accumulates what dimension j is worth to the loss."""
     lambda_persist: bool = True
-    """Keep λ across rounds as client state (false: reset to ones every round)."""
+    """Keep λ across rounds as client state (false: reset to lambda_init every round)."""
+    b_init: Literal["zeros", "unit"] = "zeros"
+    """B's start every round: `zeros` (paper); `unit`: seeded random columns of norm 1, so
+    eq. 10's premise ‖b_j‖ = 1 holds from the start and λ (which must then start at 0 every
+    round: lambda_init 0, lambda_persist false) carries each dimension's magnitude."""
     upload_mask: Literal["trained", "pruned"] = "trained"
     """Upload the columns trained this round, or only those that survive this round's pruning."""
+    pruning_check: int = Field(0, ge=0)
+    """Measure, per client and round, the loss increase of switching off the columns DDR prunes
+    against as many random active columns (this many random draws, on the client's own
+    batches; 0: off; costs 1 + 1 + draws forward passes over the round's batches)."""
 
     @property
     def uses_public_data(self) -> bool:
         return self.dlf and self.server_steps > 0
+
+    @model_validator(mode="after")
+    def _unit_b_starts_at_zero(self) -> AFLoRAOptions:
+        if self.b_init == "unit" and (self.lambda_init != 0 or self.lambda_persist):
+            raise ValueError(
+                "b_init: unit needs lambda_init: 0 and lambda_persist: false (a round must start "
+                "from the global model: B Λ = 0)"
+            )
+        return self
 
 
 # --- the paper's equations, one function each -------------------------------------------
@@ -146,6 +175,12 @@ def fuse(A: Tensor, A_ft: Tensor, alpha: float) -> Tensor:
     return alpha * A + (1.0 - alpha) * A_ft
 
 
+def unit_columns(m: int, r: int, generator: torch.Generator) -> Tensor:
+    """Random m × r matrix whose columns have ℓ2 norm 1 (option b_init: unit)."""
+    B = torch.randn(m, r, generator=generator)
+    return B / B.norm(dim=0, keepdim=True)
+
+
 # --- the method -------------------------------------------------------------------------
 
 
@@ -188,20 +223,30 @@ class AFLoRA(Algorithm):
         r1 = self.setup.client_max_ranks[client_id]
         out: Tensors = {}
         for name in self.setup.module_shapes:
-            out[f"{name}.lam"] = torch.ones(r1)
+            out[f"{name}.lam"] = torch.full((r1,), self.options.lambda_init)
             out[f"{name}.mask"] = torch.ones(r1)
         return out
+
+    def _b_start(self, client_id: int) -> dict[str, Tensor] | None:
+        """Option b_init: unit: each module's unit-norm B start, seeded by (seed, client)."""
+        if self.options.b_init == "zeros":
+            return None
+        seed = int(np.random.SeedSequence([self.setup.seed, client_id]).generate_state(1)[0])
+        g = torch.Generator().manual_seed(seed)
+        r1 = self.setup.client_max_ranks[client_id]
+        return {name: unit_columns(m, r1, g) for name, (m, _) in self.setup.module_shapes.items()}
 
     def client_train(
         self, ctx: ClientContext, payload: Message, client_state: Tensors
     ) -> tuple[Update, Tensors]:
         opts = self.options
         state = client_state or self.initial_client_state(ctx.client_id)
+        b_start = self._b_start(ctx.client_id)
         factors: Tensors = {}
         for name, (m, _) in self.setup.module_shapes.items():
             A = payload.tensors[f"{name}.A"]
             factors[f"{name}.A"] = A
-            factors[f"{name}.B"] = torch.zeros(m, A.shape[0])
+            factors[f"{name}.B"] = torch.zeros(m, A.shape[0]) if b_start is None else b_start[name]
             factors[f"{name}.lam"] = state[f"{name}.lam"]
             factors[f"{name}.mask"] = state[f"{name}.mask"]
         ctx.adapters.load(factors, trainable={"B", "lam"})
@@ -210,40 +255,53 @@ class AFLoRA(Algorithm):
         def regulariser() -> Tensor:
             return sum(column_norm_penalty(l.B, l.mask, opts.gamma) for l in layers)
 
+        lam_group = ([l.lam for l in layers], opts.lambda_lr or ctx.lr)
         groups = [
             ([l.B for l in layers], ctx.lr),
-            ([l.lam for l in layers], opts.lambda_lr or ctx.lr),
+            lam_group if opts.lambda_optimizer == "adam" else (*lam_group, "sgd"),
         ]
         losses = ctx.train(groups, regulariser if opts.gamma > 0 else None)
 
         upload: Tensors = {}
         new_state: Tensors = {}
         trained = uploaded = 0
-        ranks, next_ranks = [], []
-        trained_factors = ctx.adapters.state()
+        ranks, next_ranks, pruned, diagnostics = [], [], [], []
+        trained_factors = ctx.adapters.state()  # on the CPU, whatever device trained them
         for name in self.setup.module_shapes:
-            lam, mask, B = (trained_factors[f"{name}.{key}"] for key in ("lam", "mask", "B"))
+            lam, mask, B, A = (trained_factors[f"{name}.{key}"] for key in ("lam", "mask", "B", "A"))
             new_mask = (
                 prune_mask(lam, mask, opts.beta, opts.min_rank, opts.pruning_rule) if opts.ddr else mask
             )
             sent = mask if opts.upload_mask == "trained" else new_mask
             upload[f"{name}.B"] = client_upload(B, lam, sent)
             upload[f"{name}.mask"] = sent.clone()
-            new_state[f"{name}.lam"] = lam.clone() if opts.lambda_persist else torch.ones_like(lam)
+            persist = opts.lambda_persist
+            new_state[f"{name}.lam"] = lam.clone() if persist else torch.full_like(lam, opts.lambda_init)
             new_state[f"{name}.mask"] = new_mask
             r = int(mask.sum())
             ranks.append(r)
             next_ranks.append(int(new_mask.sum()))
+            pruned.append(new_mask)
+            diagnostics.append(
+                lambda_diagnostics(state[f"{name}.lam"], lam, B, A, mask, self.setup.scaling)
+            )
             trained += r * (B.shape[0] + 1)  # active columns of B and their λ
             uploaded += upload[f"{name}.B"].numel()
-        ctx.adapters.clear()
         metrics = {
             "train_loss": sum(losses) / len(losses),
             "rank": sum(ranks) / len(ranks),
             "next_rank": sum(next_ranks) / len(next_ranks),
             "trained_params": trained,
             "uploaded_params": uploaded,
+            "pruned": float(sum(ranks) - sum(next_ranks)),  # columns over all modules
+            **mean_over_modules(diagnostics),
         }
+        if opts.pruning_check:
+            g = torch.Generator().manual_seed(self.setup.seed + ctx.client_id)
+            check = pruning_loss_increase(layers, pruned, ctx.loss, g, opts.pruning_check)
+            if check is not None:
+                metrics["prune_loss_ddr"], metrics["prune_loss_random"] = check
+        ctx.adapters.clear()
         return Update(ctx.client_id, upload, ctx.num_examples, metrics), new_state
 
     def expected_shapes(self, state: Tensors, update: Update) -> dict[str, tuple[int, ...]]:
@@ -276,13 +334,24 @@ class AFLoRA(Algorithm):
         if opts.uses_public_data:
             server.adapters.load(new_state, trainable={"A"})
             layers = [server.adapters.layers[name] for name in self.setup.module_shapes]
+            before = server.heldout_loss()  # a measurement (no step, no randomness)
             losses = server.train_public(
                 [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
             )
-            tuned = server.adapters.state()
+            after_ft = server.heldout_loss()
+            tuned = server.adapters.state()  # on the CPU, whatever device trained them
+            moved = sum(float((tuned[f"{name}.A"] - state[f"{name}.A"]).pow(2).sum())
+                        for name in self.setup.module_shapes)
             for name in self.setup.module_shapes:
                 new_state[f"{name}.A"] = fuse(state[f"{name}.A"], tuned[f"{name}.A"], opts.alpha)
             server.adapters.clear()
             metrics["server_loss"] = sum(losses) / len(losses)
+            norm = sum(float(state[f"{n}.A"].pow(2).sum()) for n in self.setup.module_shapes)
+            metrics["server_a_change"] = math.sqrt(moved / norm)  # ‖A_FT − A‖_F / ‖A‖_F, all modules
+            if before is not None:
+                server.adapters.load(new_state)
+                metrics.update(server_heldout_before=before, server_heldout_ft=after_ft,
+                               server_heldout_after=server.heldout_loss())
+                server.adapters.clear()
         merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
         return Aggregate(state=new_state, merge=merge, metrics=metrics)

@@ -23,7 +23,8 @@ from fedlora.devices import DeviceProfile
 
 Tensors = dict[str, Tensor]
 Scalar = int | float | str | bool
-ParamGroups = list[tuple[list[Tensor], float]]
+ParamGroups = list[tuple[list[Tensor], float] | tuple[list[Tensor], float, str]]
+"""(parameters, lr) trained with Adam, or (parameters, lr, "adam" | "sgd")."""
 
 
 class InvalidUpdate(ValueError):
@@ -88,12 +89,20 @@ class ClientContext(Protocol):
         """Run the configured local steps on this client's data; losses per step."""
         ...
 
+    def loss(self) -> float:
+        """Mean loss of the current adapters on this round's batches (the ones `train` used), no step."""
+        ...
+
 
 class ServerContext(Protocol):
     adapters: Adapters
 
     def train_public(self, param_groups: ParamGroups, steps: int, batch_size: int) -> list[float]:
         """Run `steps` LM steps on the server's public data; losses per step."""
+        ...
+
+    def heldout_loss(self) -> float | None:
+        """LM loss of the current adapters on held-out public examples (None: none held out)."""
         ...
 
 

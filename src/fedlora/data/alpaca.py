@@ -32,6 +32,14 @@ def public_indices(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=size, replace=False).tolist())
 
 
+def heldout_indices(n: int, public: list[int], size: int, seed: int) -> list[int]:
+    """A seeded draw of `size` records outside the public set (the server's held-out measure;
+    the public draw itself is unchanged), sorted."""
+    taken = set(public)
+    rest = [i for i in np.random.default_rng([seed, 1]).permutation(n).tolist() if i not in taken]
+    return sorted(rest[:size])
+
+
 def public_subset(records: list[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
     return [records[i] for i in public_indices(len(records), fraction, seed)]
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data.alpaca import as_prompt_response, load_alpaca, public_indices
+from fedlora.data.alpaca import as_prompt_response, heldout_indices, load_alpaca, public_indices
 from fedlora.data.encode import (
     Encoded,
     encode_classification,
@@ -20,6 +20,8 @@ from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_subse
 from fedlora.data.partition import partition_indices
 from fedlora.data.sources import load_source
 
+from fedlora.config import ConfigError
+
 if TYPE_CHECKING:
     from fedlora.config import EvaluationConfig, RunConfig
 
@@ -30,6 +32,8 @@ class FederatedTask:
     test: list[Encoded]
     label_ids: list[int]
     public: list[Encoded] = field(default_factory=list)
+    public_heldout: list[Encoded] = field(default_factory=list)
+    """Public examples the server never trains on (measures its A fine-tuning)."""
     kind: str = "classification"
     """`classification` (label-token loss, accuracy) or `instruction` (response-token loss)."""
     names: list[str] = field(default_factory=list)
@@ -56,22 +60,40 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
     """Same seed ⇒ same shards, same test subset, same public set, whatever the method."""
     d = cfg.data
     public: list[Encoded] = []
+    heldout: list[Encoded] = []
     exclude: list[int] = []
     if cfg.algorithm.uses_public_data:
         records = load_alpaca(d.data_dir, cfg.public_data.hub_name)
         idx = public_indices(len(records), cfg.public_data.fraction, cfg.seed)
-        pairs = [as_prompt_response(records[i]) for i in idx]
-        public = encode_instruction(pairs, tokenizer, cfg.public_data.max_length)
+        held = heldout_indices(len(records), idx, cfg.public_data.heldout_examples, cfg.seed)
+        encode = lambda ids: encode_instruction(
+            [as_prompt_response(records[i]) for i in ids], tokenizer, cfg.public_data.max_length
+        )
+        public, heldout = encode(idx), encode(held)
         if d.dataset == "alpaca" and d.hub_name == cfg.public_data.hub_name:
-            exclude = idx  # the public draw is disjoint from the clients' data
+            exclude = sorted(idx + held)  # the public draw is disjoint from the clients' data
 
     src = load_source(d, exclude)
     # Local files are grouped (by class, category or client): shuffle (seeded) before capping
     # or splitting.
     train = src.train.shuffle(seed=cfg.seed)
+    if d.validation_examples is not None:
+        # Tuning (`fedlora tune`): carve a validation set off the training pool before capping
+        # or partitioning, so no client trains on it, and evaluate on it: the test split is
+        # never touched.
+        if d.validation_examples >= len(train):
+            raise ConfigError(
+                f"config error: data.validation_examples: {d.validation_examples} leaves no training data "
+                f"(the pool has {len(train)} examples)"
+            )
+        validation = train.select(range(d.validation_examples))
+        train = train.select(range(d.validation_examples, len(train)))
     if d.train_examples is not None:
         train = train.select(range(min(d.train_examples, len(train))))
-    test = src.test.shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
+    if d.validation_examples is None:
+        test = src.test.shuffle(seed=cfg.seed).select(range(min(d.test_examples, len(src.test))))
+    else:
+        test = validation
 
     labels = list(train["label"])
     parts = partition_indices(
@@ -98,6 +120,7 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         test=test_enc,
         label_ids=label_ids,
         public=public,
+        public_heldout=heldout,
         kind=d.task,
         names=list(src.names),
         client_labels=[[labels[i] for i in idx] for idx in parts],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import time
 from datetime import datetime
@@ -14,17 +13,20 @@ from fedlora.config import ConfigError, dump_config, load_config, parse_override
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedlora.flower.launch import LocalFederation, flwr_run
+    from fedlora.runtime.files import read_json
+    from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
 
-    if args.resume:
+    if args.resume:  # verified here for a one-line error; the ServerApp verifies again
         run_dir = Path(args.resume)
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = (load_config(args.config, parse_overrides(args.set)) if args.config
+               else saved_config(run_dir, parse_overrides(args.set)))
+        verify_run(run_dir, cfg)
     else:
         if not args.config:
             raise ConfigError("config error: give a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, parse_overrides(args.set))
         run_dir = Path(args.out or f"runs/flower-{cfg.algorithm.name}-{datetime.now():%Y%m%d-%H%M%S}")
-        if (run_dir / "checkpoint.pt").exists():
-            raise ConfigError(f"config error: --out {run_dir}: holds a run already (use --resume {run_dir})")
+        refuse_existing_run(run_dir)
     if bool(args.local) == bool(args.superlink):
         raise ConfigError("config error: give --superlink HOST:PORT or --local N (not both)")
     if args.superlink and bool(args.root_certificates) == bool(args.insecure):
@@ -53,7 +55,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"see its log above; resume with: fedlora flower run --resume {run_dir} ...")
         return 1
     print(f"run directory: {run_dir}")
-    for key, value in json.loads(summary.read_text()).items():
+    for key, value in read_json(summary).items():
         print(f"  {key}: {value}")
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.flower.records import MERGE_PREFIX, from_arrays, to_arrays
+from fedlora.flower.records import MERGE_PREFIX, checked_run_key, from_arrays, to_arrays
 
 log = logging.getLogger("fedlora")
 
@@ -61,22 +61,20 @@ class ClientStore:
         self.root = root
 
     def save_merges(self, content: RecordDict) -> None:
-        from safetensors.torch import save_file
-
-        from fedlora.runtime.checkpoint import atomic_write, merge_path
+        from fedlora.runtime.checkpoint import merge_path
+        from fedlora.runtime.files import atomic_write, tensors_to_bytes
 
         for key, record in content.array_records.items():
             if key.startswith(MERGE_PREFIX):
                 path = merge_path(self.root, int(key[len(MERGE_PREFIX):]))
                 path.parent.mkdir(parents=True, exist_ok=True)
-                flat = from_arrays(record)
-                atomic_write(path, lambda p, flat=flat: save_file(flat, str(p)))
+                atomic_write(path, tensors_to_bytes(from_arrays(record)))
 
     def state_path(self, round_: int) -> Path:
         return self.root / "state" / f"round_{round_:04d}.safetensors"
 
     def load_state(self, round_: int):
-        from safetensors.torch import load_file
+        from fedlora.runtime.files import load_tensors
 
         if round_ == 0:
             return {}
@@ -85,18 +83,15 @@ class ClientStore:
             log.warning("client state of round %d not found in %s: starting from the initial state",
                         round_, path.parent)
             return {}
-        return load_file(str(path))
+        return load_tensors(path)[0]
 
     def save_state(self, round_: int, state, keep_from: int) -> None:
         """Save the state after `round_`; drop states older than `keep_from` (never needed again)."""
-        from safetensors.torch import save_file
-
-        from fedlora.runtime.checkpoint import atomic_write
+        from fedlora.runtime.files import atomic_write, tensors_to_bytes
 
         path = self.state_path(round_)
         path.parent.mkdir(parents=True, exist_ok=True)
-        flat = {k: v.contiguous() for k, v in state.items()}
-        atomic_write(path, lambda p: save_file(flat, str(p)))
+        atomic_write(path, tensors_to_bytes(state))
         for old in path.parent.glob("round_*.safetensors"):
             if int(old.stem.split("_")[1]) < keep_from:
                 old.unlink(missing_ok=True)
@@ -124,7 +119,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"node config: num-partitions={n}, but the run has federation.num_clients="
                          f"{cfg.federation.num_clients}")
     state_dir = Path(os.path.expanduser(str(context.node_config.get("state-dir", DEFAULT_STATE_DIR))))
-    store = ClientStore(state_dir / str(conf["run-key"]) / f"partition-{k}")
+    store = ClientStore(state_dir / checked_run_key(conf["run-key"]) / f"partition-{k}")
     store.save_merges(msg.content)
 
     fed = Federation.build(cfg)

@@ -3,11 +3,21 @@ float32/int tensors methods exchange), scalars as ConfigRecord/MetricRecord valu
 
 from __future__ import annotations
 
+import re
+
 from flwr.app import ArrayRecord
 
 from fedlora.algorithms.base import Tensors
 
 MERGE_PREFIX = "merge-"
+RUN_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: also a safe directory name on the client
+
+
+def checked_run_key(key: object) -> str:
+    """The run key, if it is one: it names a directory, so `../x` or `/etc` must never pass."""
+    if not isinstance(key, str) or not RUN_KEY.fullmatch(key):
+        raise ValueError(f"run-key {str(key)[:80]!r}: not a run key (32 lowercase hex digits); refused")
+    return key
 
 
 def to_arrays(tensors: Tensors) -> ArrayRecord:

@@ -34,13 +34,14 @@ from typing import Any
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file
 
 from fedlora.algorithms.base import Update
 from fedlora.config import build_config, dump_config
-from fedlora.flower.records import from_arrays, merge_key, to_arrays
+from fedlora.flower.records import checked_run_key, from_arrays, merge_key, to_arrays
 from fedlora.runtime.checkpoint import merge_path
+from fedlora.runtime.files import RunFileError, load_tensors, read_json
 from fedlora.runtime.inprocess import Simulation
+from fedlora.runtime.outputs import write_json
 from fedlora.runtime.rounds import accept_update
 
 log = logging.getLogger("fedlora")
@@ -81,13 +82,15 @@ class FlowerRun(Simulation):
         self.partition_node: dict[int, int] = {}  # partition-id → node id
         self.merged_through: dict[int, int] = {}  # partition-id → last round's base it holds
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _run(self, resume: bool) -> dict[str, Any]:  # under the run directory's lock
         key_file = self.run_dir / RUN_KEY_FILE
         if not key_file.exists():
-            key_file.write_text(json.dumps({"run_key": uuid.uuid4().hex}) + "\n")
-        self.run_key = json.loads(key_file.read_text())["run_key"]
-        return super().run(resume=resume)
+            write_json(key_file, {"run_key": uuid.uuid4().hex})
+        try:
+            self.run_key = checked_run_key(read_json(key_file, 10_000).get("run_key"))
+        except (ValueError, AttributeError) as err:
+            raise RunFileError(f"run error: {key_file}: {err}") from None
+        return super()._run(resume)
 
     # -- which node serves which partition -------------------------------------------------
     def _discover(self) -> None:
@@ -176,7 +179,7 @@ class FlowerRun(Simulation):
             })
             for r in range(self.merged_through.get(k, 0) + 1, t):
                 if merge_path(self.run_dir, r).exists():
-                    content[merge_key(r)] = to_arrays(load_file(str(merge_path(self.run_dir, r))))
+                    content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r))[0])
             messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
             sent[node] = (lane, k, payload)
 

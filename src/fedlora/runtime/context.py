@@ -7,7 +7,7 @@ asks for is identical wherever it runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import Tensor, nn
@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from fedlora.adapters import Adapters
 from fedlora.algorithms.base import ParamGroups
 from fedlora.clock import train_flops
-from fedlora.data.encode import Encoded, sample_batches
-from fedlora.train import classification_loss, lm_loss, train_steps
+from fedlora.data.encode import Encoded, collate, sample_batches
+from fedlora.train import classification_loss, lm_loss, mean_loss, model_device, train_steps
 
 
 def round_seed(seed: int, round_: int, stream: int) -> np.random.SeedSequence:
@@ -51,24 +51,32 @@ class LocalClient:
     def num_examples(self) -> int:
         return len(self.examples)
 
+    def _batches(self):
+        return sample_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
+
+    def _loss_fn(self) -> Callable:
+        if self.task == "instruction":
+            return lambda b: lm_loss(self.model, b)
+        return lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode)
+
     def train(
         self, param_groups: ParamGroups, regulariser: Callable[[], Tensor] | None = None
     ) -> list[float]:
-        batches = sample_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
-        if self.task == "instruction":
-            loss_fn = lambda b: lm_loss(self.model, b)
-            rows = None  # the vocabulary at response positions
-        else:
-            loss_fn = lambda b: classification_loss(self.model, b, self.label_ids, self.loss_mode)
-            rows = len(self.label_ids) if self.loss_mode == "classes" else None
+        batches = self._batches()
+        # output-layer rows the loss projects on: the vocabulary at response positions, or the classes
+        rows = len(self.label_ids) if self.task != "instruction" and self.loss_mode == "classes" else None
         self.flops += train_flops(self.model, self.adapters, batches, rows)
         return train_steps(
             param_groups,
             batches,
-            loss_fn,
+            self._loss_fn(),
             regulariser,
             self.compute_dtype,
         )
+
+    def loss(self) -> float:
+        """Mean loss of the loaded adapters on this round's batches (the same seeded draw as train)."""
+        return mean_loss(self._batches(), self._loss_fn(), self.compute_dtype, model_device(self.model))
 
 
 @dataclass
@@ -81,6 +89,14 @@ class PublicServer:
     pad_id: int
     seed: np.random.SeedSequence
     compute_dtype: str = "float32"
+    heldout: list[Encoded] = field(default_factory=list)
+    """Public examples never trained on: measure whether the server's steps help."""
+
+    def heldout_loss(self) -> float | None:
+        if not self.heldout:
+            return None
+        return mean_loss([collate(self.heldout, self.pad_id)], lambda b: lm_loss(self.model, b), self.compute_dtype,
+                         model_device(self.model))
 
     def train_public(self, param_groups: ParamGroups, steps: int, batch_size: int) -> list[float]:
         if not self.examples:

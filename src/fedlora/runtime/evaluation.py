@@ -9,25 +9,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
 from fedlora.config import RunConfig
-from fedlora.runtime.checkpoint import load_merges
+from fedlora.runtime.checkpoint import Checkpoint, load_merges
+from fedlora.runtime.files import load_tensors
 from fedlora.runtime.inprocess import Federation
 from fedlora.runtime.outputs import environment, write_json
 
 
 def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Path | None) -> dict[str, Any]:
+    merges, state = [], {}
+    if run_dir is not None:  # read (and verified: SHA-256 of each merge) before the model loads
+        ckpt = Checkpoint.load(run_dir)
+        merges = load_merges(run_dir, ckpt.round, ckpt.merges)
+        state = load_tensors(run_dir / "final_state.safetensors")[0]
     t0 = time.perf_counter()
     fed = Federation.build(cfg)
     build_seconds = time.perf_counter() - t0
-    if run_dir is not None:
-        rounds = len((run_dir / "metrics.jsonl").read_text().splitlines())
-        for merge in load_merges(run_dir, rounds):
-            fed.adapters.merge(merge)
-        state = load_file(str(run_dir / "final_state.safetensors"))
-    else:
-        state = {}
+    for merge in merges:
+        fed.adapters.merge(merge)
     results, seconds, qps = [], [], []
     for _ in range(repeat):
         t = time.perf_counter()

@@ -29,8 +29,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors.torch import save_file
-
 from fedlora.adapters import Adapters
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import (
@@ -42,16 +40,18 @@ from fedlora.algorithms.base import (
     first_non_finite,
 )
 from fedlora.clock import device_setup, simulated_round
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, dump_config
 from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
 from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_base_model
-from fedlora.runtime.checkpoint import Checkpoint, atomic_write, load_merges, save_merge
+from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
+from fedlora.runtime.files import atomic_write, tensors_to_bytes
 from fedlora.runtime.outputs import write_json, write_metrics, write_run_header
 from fedlora.runtime.rounds import accept_update
+from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock, verify_run
 
 log = logging.getLogger("fedlora")
 
@@ -126,7 +126,7 @@ class Federation:
     def server(self, round_: int) -> PublicServer:
         return PublicServer(
             adapters=self.adapters, model=self.model, examples=self.task.public,
-            pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, SERVER_STREAM),
+            heldout=self.task.public_heldout, pad_id=self.pad_id, seed=round_seed(self.cfg.seed, round_, SERVER_STREAM),
             compute_dtype=self.cfg.model.compute_dtype,
         )
 
@@ -163,12 +163,21 @@ class Simulation:
         self.fed: Federation | None = None
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run (or resume) to cfg.federation.rounds, holding the run directory's lock throughout."""
+        with run_lock(self.run_dir):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
+        if resume:
+            ckpt, merges = verify_run(self.run_dir, cfg)  # before the model loads: fail fast
+        else:
+            refuse_existing_run(self.run_dir)
         fed = self.fed = Federation.build(cfg)
         if resume:
-            ckpt = Checkpoint.load(self.run_dir)
+            adopt_config(self.run_dir, ckpt, cfg)
             torch.set_num_threads(ckpt.threads)
-            for merge in load_merges(self.run_dir, ckpt.round):
+            for merge in merges:
                 fed.adapters.merge(merge)
             sampler = np.random.default_rng()
             sampler.bit_generator.state = ckpt.sampler_state
@@ -178,7 +187,7 @@ class Simulation:
             report_partition(self.run_dir, fed.task.partition_table(), fed.task.names, show=self.progress)
             sampler = np.random.default_rng(cfg.seed)
             ckpt = Checkpoint(0, fed.algorithm.init_state(), {}, sampler.bit_generator.state,
-                              threads=torch.get_num_threads())
+                              threads=torch.get_num_threads(), config=dump_config(cfg))
         write_metrics(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
@@ -190,8 +199,7 @@ class Simulation:
                 bar.reset(t_clients, total=per_round)
                 ckpt = self._round(fed, t, ckpt, sampler, lambda: bar.advance(t_clients))
                 bar.advance(t_rounds)
-        final = {k: v.contiguous() for k, v in ckpt.state.items()}
-        atomic_write(self.run_dir / "final_state.safetensors", lambda p: save_file(final, str(p)))
+        atomic_write(self.run_dir / "final_state.safetensors", tensors_to_bytes(ckpt.state))
         return self._summary(ckpt.history)
 
     def _progress(self) -> Progress:
@@ -209,13 +217,14 @@ class Simulation:
 
         s0 = time.perf_counter()
         server_metrics: dict[str, Any] = {}
+        merges = ckpt.merges
         if clients:
             agg = algo.aggregate(state, updates, fed.server(t))
             fed.adapters.clear()
             _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
             if agg.merge:
-                save_merge(self.run_dir, t, agg.merge)
+                merges = {**merges, t: save_merge(self.run_dir, t, agg.merge)}
                 fed.adapters.merge(agg.merge)
         else:
             state = ckpt.state
@@ -245,7 +254,7 @@ class Simulation:
         new = Checkpoint(
             round=t, state=state, client_states=client_states,
             sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],
-            threads=ckpt.threads,
+            threads=ckpt.threads, config=ckpt.config, merges=merges,
         )
         new.save(self.run_dir)
         write_metrics(self.run_dir, new.history)

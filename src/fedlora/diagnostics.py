@@ -1,0 +1,103 @@
+"""Does AFLoRA's λ rank the dimensions by what they contribute? Measurements, not maths.
+
+AFLoRA reads λ_j² as the information content of dimension j (paper, eq. 7: I_j = ‖λ_j b_j a_jᵀ‖²_F
+= C² λ_j² only when ‖b_j‖ = 1). These functions measure whether that holds on a trained
+client: the rank correlation between λ_j² and the column's real contribution, λ's spread,
+and whether pruning the columns DDR prunes costs less loss than pruning random active ones.
+They are shared by the method's per-round diagnostics and by studies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.adapters import LoRALayer
+
+
+def ranks(x: Tensor) -> Tensor:
+    """Ranks 1..n of the entries of x, ties sharing their average rank."""
+    values, inverse = torch.unique(x.double(), return_inverse=True)  # sorted unique values
+    counts = torch.bincount(inverse, minlength=values.numel()).double()
+    ends = counts.cumsum(0)
+    average = ends - (counts - 1) / 2  # mean of the ranks a tied group occupies
+    return average[inverse]
+
+
+def spearman(x: Tensor, y: Tensor) -> float | None:
+    """Spearman's rank correlation of two vectors (None when either is constant or n < 2)."""
+    if x.numel() < 2:
+        return None
+    rx, ry = ranks(x.flatten()), ranks(y.flatten())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / denom if denom > 0 else None
+
+
+def column_contributions(B: Tensor, lam: Tensor, A: Tensor, scaling: float) -> Tensor:
+    """‖s · λ_j b_j a_jᵀ‖_F = s |λ_j| ‖b_j‖ ‖a_j‖ for every dimension j (a rank-1 matrix's norm)."""
+    return scaling * lam.abs() * B.norm(dim=0) * A.norm(dim=1)
+
+
+def lambda_diagnostics(
+    lam_start: Tensor, lam: Tensor, B: Tensor, A: Tensor, mask: Tensor, scaling: float
+) -> dict[str, float]:
+    """One module's λ after a round, over its active dimensions: the population std of λ², the
+    largest move of λ in the round, and Spearman(λ², contribution) (absent when undefined)."""
+    active = mask > 0
+    energy = lam[active] ** 2
+    out = {
+        "lambda_sq_std": float(energy.std(unbiased=False)) if energy.numel() else 0.0,
+        "lambda_moved": float((lam - lam_start)[active].abs().max()) if energy.numel() else 0.0,
+    }
+    rho = spearman(energy, column_contributions(B, lam, A, scaling)[active])
+    if rho is not None:
+        out["lambda_spearman"] = rho
+    return out
+
+
+def mean_over_modules(per_module: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each key's mean over the modules that report it (one client's summary)."""
+    keys = {k for d in per_module for k in d}
+    return {k: sum(d[k] for d in per_module if k in d) / sum(k in d for d in per_module) for k in sorted(keys)}
+
+
+def pruning_loss_increase(
+    layers: Sequence[LoRALayer],
+    pruned_masks: Sequence[Tensor],
+    loss: Callable[[], float],
+    generator: torch.Generator,
+    draws: int = 4,
+) -> tuple[float, float] | None:
+    """(loss increase when the columns DDR prunes are switched off, mean increase over `draws`
+    random choices of the same number of active columns per module), with the layers loaded
+    with a client's trained factors and `loss` computed on the client's own batches. None when
+    DDR prunes nothing. The layers' masks are restored afterwards."""
+    masks = [layer.mask.clone() for layer in layers]
+    counts = [int(m.sum() - p.sum()) for m, p in zip(masks, pruned_masks)]
+    if sum(counts) == 0:
+        return None
+
+    def loss_with(new_masks: Sequence[Tensor]) -> float:
+        for layer, m in zip(layers, new_masks):
+            object.__setattr__(layer, "mask", m.to(device=layer.device, dtype=torch.float32))
+        return loss()
+
+    try:
+        base = loss_with(masks)
+        ddr = loss_with(pruned_masks) - base
+        random_total = 0.0
+        for _ in range(draws):
+            drawn = []
+            for m, n in zip(masks, counts):
+                active = torch.nonzero(m > 0).flatten()
+                off = active[torch.randperm(active.numel(), generator=generator)[:n]]
+                r = m.clone()
+                r[off] = 0
+                drawn.append(r)
+            random_total += loss_with(drawn) - base
+    finally:
+        loss_with(masks)
+    return ddr, random_total / draws

@@ -1,0 +1,123 @@
+"""Who may write a run directory, and what a resume may continue from.
+
+One process at a time: `run_lock` holds an exclusive `flock` on RUN_DIR/run.lock for the whole
+run (the OS drops it when the process dies, so a killed run never blocks the next one).
+A resume continues only from files it can vouch for (`verify_run`): the checkpoint
+(safetensors, no pickle), every merge file it records (SHA-256), and the config, which must
+be the checkpoint's; the one change allowed is more rounds (`--set federation.rounds=N`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import Tensor
+
+from fedlora.config import ConfigError, RunConfig, build_config, dump_config
+from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, has_checkpoint, load_merges
+from fedlora.runtime.files import RunFileError, atomic_write, read_bounded, sha256_bytes
+
+LOCK = "run.lock"
+CONFIG = "config.yaml"
+MAX_CONFIG_BYTES = 10_000_000
+EXTENSIBLE = {"federation.rounds"}
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive use of `run_dir` while the block runs; a second process stops with one line."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RunFileError(f"run error: {run_dir}: another fedlora process is writing this run directory "
+                           f"(it holds {run_dir / LOCK}); wait for it to end or choose another --out") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")  # for a human asking "who?"; the lock is the flock
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes over a run directory that holds a checkpoint."""
+    if has_checkpoint(run_dir):
+        raise ConfigError(f"config error: --out {run_dir}: holds a run already (use --resume {run_dir})")
+
+
+def saved_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The config a `--resume RUN_DIR [--set ...]` continues with: the checkpoint's own (the
+    config the finished rounds ran with), with the overrides applied; checked by verify_run."""
+    return _recorded_config(run_dir, Checkpoint.load(run_dir), overrides)
+
+
+def _recorded_config(run_dir: Path, ckpt: Checkpoint, overrides: dict[str, Any] | None = None) -> RunConfig:
+    try:
+        tree = yaml.safe_load(ckpt.config)
+    except yaml.YAMLError:
+        raise RunFileError(f"run error: {run_dir / CHECKPOINT}: damaged config record") from None
+    return build_config(tree if isinstance(tree, dict) else {}, overrides)
+
+
+def changed_fields(old: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted names of the config fields whose values differ."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def verify_run(run_dir: Path, cfg: RunConfig) -> tuple[Checkpoint, list[dict[str, tuple[Tensor, Tensor]]]]:
+    """The checkpoint and its verified merges, if `cfg` may continue the run in `run_dir`;
+    else one line naming the file or the config fields at fault. Writes nothing."""
+    ckpt = Checkpoint.load(run_dir)
+    saved = _recorded_config(run_dir, ckpt)
+    wanted = dump_config(cfg)
+    on_disk = read_bounded(run_dir / CONFIG, MAX_CONFIG_BYTES)
+    # `wanted` too: an extension interrupted after writing config.yaml, before its next checkpoint
+    if sha256_bytes(on_disk) not in (ckpt.config_sha256, sha256_bytes(wanted.encode())):
+        raise RunFileError(f"run error: {run_dir / CONFIG}: edited since the checkpoint (SHA-256 differs "
+                           f"from the record{_edited_fields(saved, on_disk.decode(errors='replace'))}); restore it")
+    changed = changed_fields(saved, cfg)
+    grown = cfg.federation.rounds > saved.federation.rounds
+    if set(changed) - EXTENSIBLE or (changed and not grown):
+        raise ConfigError(
+            f"config error: --resume {run_dir}: the config differs from the run's in {', '.join(changed)}; "
+            "a resume may only raise federation.rounds (e.g. --set federation.rounds=N)")
+    return ckpt, load_merges(run_dir, ckpt.round, ckpt.merges)
+
+
+def adopt_config(run_dir: Path, ckpt: Checkpoint, cfg: RunConfig) -> None:
+    """After verify_run allowed an extension: config.yaml, then the checkpoint's record
+    (at its next save), name the new rounds (a crash between the two is accepted on resume)."""
+    wanted = dump_config(cfg)
+    if ckpt.config != wanted:
+        atomic_write(run_dir / CONFIG, wanted)
+        ckpt.config = wanted
+
+
+def _edited_fields(saved: RunConfig, text: str) -> str:
+    try:
+        fields = changed_fields(saved, build_config(yaml.safe_load(text)))
+    except (ValueError, yaml.YAMLError, AttributeError, TypeError):
+        return ""
+    return f"; changed: {', '.join(fields)}" if fields else ""

@@ -1,0 +1,110 @@
+"""`fedlora tune` (issue 15, item 5): validation carved off the training pool, equal budgets,
+choice by validation score, resumable, and the test set never evaluated."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+from conftest import tiny_tree
+
+import fedlora.runtime.inprocess as inprocess
+from fedlora.cli import main
+from fedlora.config import ConfigError, build_config, load_config
+from fedlora.data.task import build_task
+from fedlora.models import load_base_model
+from fedlora.tune import Point, choose, read_grid
+
+
+def _ids(examples) -> set[tuple[int, ...]]:
+    return {tuple(e.input_ids) for e in examples}
+
+
+def test_tune_chooses_by_validation_and_never_touches_the_test_set(data_dir, tmp_path, monkeypatch, capsys):
+    tree = tiny_tree(federation={"rounds": 1, "local_steps": 1})
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"lr": [0.001, 0.05], "settings": {"aflora": [{"beta": 0.5}]}}))
+    evaluated = []
+    real = inprocess.evaluate_task
+    monkeypatch.setattr(inprocess, "evaluate_task", lambda model, task, *a: evaluated.append(task) or real(model, task, *a))
+    out = tmp_path / "tune"
+    args = ["tune", str(cfg), "--methods", "aflora,fedit", "--grid", str(grid), "--validation-examples", "24",
+            "--out", str(out), "--quiet", "--set", "federation.rounds=1"]
+    assert main(args) == 0
+
+    # every evaluation saw the validation set: disjoint from the test set and from every client's data
+    _, tokenizer = load_base_model("tiny-llama", seed=0)
+    test = _ids(build_task(load_config(cfg), tokenizer).test)
+    assert len(evaluated) == 4
+    for task in evaluated:
+        validation = _ids(task.test)
+        assert len(task.test) == 24 and not validation & test
+        assert not validation & set().union(*(_ids(c) for c in task.clients))
+
+    rows = list(csv.DictReader((out / "tuning.csv").open()))
+    assert [(r["method"], float(r["lr"])) for r in rows] == [("aflora", 0.001), ("aflora", 0.05),
+                                                             ("fedit", 0.001), ("fedit", 0.05)]
+    for method in ("aflora", "fedit"):
+        mine = [r for r in rows if r["method"] == method]
+        best = max(mine, key=lambda r: (float(r["validation_accuracy"]), -float(r["validation_loss"])))
+        assert [r["chosen"] for r in mine] == [str(r is best) for r in mine]
+    tuned = yaml.safe_load((out / "tuned.yaml").read_text())
+    chosen = {r["method"]: float(r["lr"]) for r in rows if r["chosen"] == "True"}
+    assert tuned["methods"]["aflora"]["beta"] == 0.5
+    assert {m: tuned["methods"][m]["set"]["federation.lr"] for m in chosen} == chosen
+    assert "validation_examples" not in tuned["data"]
+    printed = capsys.readouterr().out
+    assert f"fedlora compare {out / 'tuned.yaml'} --methods aflora,fedit --seeds 0,1,2" in printed
+    assert "| method | setting |" in (out / "tuning.md").read_text()
+
+    # the printed command's configs: the chosen lr, the test set, the config's own budget
+    from fedlora.compare import method_configs
+
+    configs = method_configs(out / "tuned.yaml", ["aflora", "fedit"], [1], [])
+    assert configs[("fedit", 1)].federation.lr == chosen["fedit"]
+    assert configs[("aflora", 1)].data.validation_examples is None
+
+    evaluated.clear()  # resumes: nothing runs again
+    assert main(args) == 0 and evaluated == []
+
+
+def test_choice_follows_the_scores():
+    pts = [Point("a", 0, {}, 0.1, 0.5, 1.0), Point("a", 0, {}, 0.2, 0.7, 2.0), Point("a", 1, {}, 0.1, 0.7, 1.5),
+           Point("a", 1, {}, 0.3, 0.9, 0.1, error="boom"), Point("b", 0, {}, 0.1, None, 3.0),
+           Point("b", 0, {}, 0.2, None, 2.0)]
+    best = choose(pts)
+    assert best["a"] is pts[2]  # accuracy ties break by the lower loss; failed runs never win
+    assert best["b"] is pts[5]  # no accuracy: the lowest loss
+    assert [p.chosen for p in pts] == [False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"lr": []}, "lr: expected a list of distinct positive numbers"),
+        ({"lr": [0.1, -1]}, "lr: expected a list of distinct positive numbers"),
+        ({"settings": {"hetlora": [{"gamma": 0.5}]}}, "settings.hetlora: not among --methods"),
+        ({"settings": {"aflora": [{"beta": 1}, {"beta": 2}]}, "max_settings": 1},
+         "settings.aflora: 2 settings exceed max_settings 1"),
+        ({"settings": {"aflora": [{"name": "fedit"}]}}, "a setting holds the method's options only"),
+        ({"lrs": [0.1]}, "unknown key 'lrs'"),
+    ],
+)
+def test_bad_grids_give_one_line(tmp_path, grid, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match=message):
+        read_grid(str(path), ["aflora", "fedit"])
+
+
+def test_validation_carve_too_large_is_one_line(data_dir, tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_tree()))
+    assert main(["tune", str(cfg), "--methods", "fedit", "--validation-examples", "0", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "config error: --validation-examples: must be >= 1"
+    with pytest.raises(ConfigError, match="data.validation_examples: 10000000 leaves no training data"):
+        _, tokenizer = load_base_model("tiny-llama", seed=0)
+        build_task(build_config(tiny_tree(data={"validation_examples": 10_000_000})), tokenizer)
