@@ -10,6 +10,7 @@ from torch import nn
 from fedlora.adapters import LoRALayer
 from fedlora.cli import main
 from fedlora.config import ConfigError, build_config, torch_device
+from fedlora.runtime.checkpoint import Checkpoint
 from fedlora.runtime.inprocess import Simulation
 
 CUDA = torch.cuda.is_available()
@@ -63,8 +64,7 @@ def _tiny_run(tmp_path, method, device, dtype="float32"):
                      federation={"rounds": 1}, algorithm=algo)
     sim = Simulation(build_config(tree), tmp_path / f"{method}-{device}-{dtype}", progress=False)
     summary = sim.run()
-    ckpt = torch.load(sim.run_dir / "checkpoint.pt", weights_only=False)
-    return sim, summary, ckpt
+    return sim, summary, Checkpoint.load(sim.run_dir)
 
 
 @pytest.mark.gpu
@@ -74,11 +74,11 @@ def _tiny_run(tmp_path, method, device, dtype="float32"):
 def test_one_tiny_round_on_cuda_matches_the_cpu(tmp_path, method):
     sim, summary, ckpt = _tiny_run(tmp_path, method, "cuda")
     assert next(sim.fed.model.parameters()).device.type == "cuda"
-    tensors = [*ckpt["state"].values(), *(t for s in ckpt["client_states"].values() for t in s.values())]
+    tensors = [*ckpt.state.values(), *(t for s in ckpt.client_states.values() for t in s.values())]
     assert {t.device.type for t in tensors} == {"cpu"}, "checkpointed state left the CPU"
     _, cpu_summary, cpu_ckpt = _tiny_run(tmp_path, method, "cpu")
-    for key, value in cpu_ckpt["state"].items():
-        torch.testing.assert_close(ckpt["state"][key], value, rtol=1e-3, atol=1e-4)
+    for key, value in cpu_ckpt.state.items():
+        torch.testing.assert_close(ckpt.state[key], value, rtol=1e-3, atol=1e-4)
     assert summary["final_accuracy"] == pytest.approx(cpu_summary["final_accuracy"], abs=0.05)
 
 
@@ -89,6 +89,6 @@ def test_bfloat16_autocast_round_on_cuda_and_generation(tmp_path):
     from fedlora.generate import generate
 
     sim, summary, ckpt = _tiny_run(tmp_path, "fedit", "cuda", "bfloat16")
-    losses = [c["train_loss"] for r in ckpt["history"] for c in r["clients"]]
+    losses = [c["train_loss"] for r in ckpt.history for c in r["clients"]]
     assert losses and all(loss == loss for loss in losses) and summary["final_accuracy"] is not None
     assert generate(sim.run_dir, "Sports news", max_new_tokens=4, device="cuda").strip()
