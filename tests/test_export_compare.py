@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_tree
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedlora.compare import method_configs, parse_methods
@@ -46,8 +46,11 @@ def test_peft_and_merged_exports_reproduce_our_logits(data_dir, tmp_path, method
         untrained = base(IDS).logits
     assert (ours - untrained).abs().max() > 1e-4, "the run learned nothing: the test would prove nothing"
 
-    export_run(tmp_path / "run", "peft", tmp_path / "peft")
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    info = export_run(tmp_path / "run", "peft", tmp_path / "peft")
+    # a random tiny model has no hub name: its base is written beside the adapter, and the
+    # adapter names it, so transformers + peft alone rebuild our model
+    assert info["base_written"] and info["base"] == str((tmp_path / "peft" / "base").resolve())
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft"))
     with torch.no_grad():
         theirs = peft_model(IDS).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
@@ -76,6 +79,18 @@ def test_per_module_ranks_reach_peft(data_dir, tmp_path):
         torch.testing.assert_close(theirs, run.model(IDS).logits, rtol=1e-4, atol=1e-5)
     info = export_run(tmp_path / "run", "peft", tmp_path / "peft3", rank=3)
     assert info["ranks"] == [3] and 0 < info["relative_error"] < 1
+    with pytest.raises(ConfigError, match="--base hub: no hub name is known for model tiny-llama"):
+        export_run(tmp_path / "run", "peft", tmp_path / "peft4", base="hub")
+
+
+def test_peft_base_names_exactly_the_weights_trained_on(tmp_path):
+    from fedlora.models import SMOLLM2_HUB_ID, hub_reference
+
+    assert hub_reference("smollm2-135m") == (SMOLLM2_HUB_ID, False)  # the GGUF is its Q4_1 copy
+    assert hub_reference("gpt2") == ("gpt2", True)
+    assert hub_reference(str(tmp_path)) == (str(tmp_path.resolve()), True)
+    assert hub_reference("tiny-llama") == (None, False)
+    assert hub_reference(str(tmp_path / "model.Q8_0.gguf")) == (None, False)
 
 
 def test_compress_error_is_the_discarded_singular_values():

@@ -5,6 +5,9 @@ calls on one shared model, so the layer is ours. One `Adapters` object wraps the
 modules of ONE base model; simulated clients load their factors into it in turn, so the
 base weights exist once in memory.
 
+Factors live on the base weight's device (a GPU when the run computes there); what leaves
+the layers (`Adapters.state()`: updates, client state, checkpoints) is on the CPU.
+
 Factor shapes follow the papers: A is (r × n), B is (m × r), λ and h are (r,), for a
 base weight W of shape (m × n) = (out × in). GPT-2's `Conv1D` stores W transposed; the
 layer handles both.
@@ -77,6 +80,10 @@ class LoRALayer(nn.Module):
             p.requires_grad_(False)
 
     @property
+    def device(self) -> torch.device:
+        return self.base.weight.device
+
+    @property
     def rank(self) -> int:
         return 0 if self.A is None else self.A.shape[0]
 
@@ -88,7 +95,8 @@ class LoRALayer(nn.Module):
         mask: Tensor | None = None,
         trainable: Iterable[str] = (),
     ) -> None:
-        """Load factors (copied, float32) and mark which of A, B, lam receive gradients."""
+        """Load factors (copied, float32, on the base's device) and mark which of A, B, lam
+        receive gradients."""
         trainable = set(trainable)
         unknown = trainable - {"A", "B", "lam"}
         if unknown:
@@ -106,10 +114,12 @@ class LoRALayer(nn.Module):
                 if vec is not None and vec.shape != (r,):
                     raise ValueError(f"{name} must have shape ({r},), got {tuple(vec.shape)}")
 
+        device = self.device
+
         def own(t: Tensor | None, grad: bool) -> Tensor | None:
             if t is None:
                 return None
-            t = t.detach().to(torch.float32).clone()
+            t = t.detach().to(device=device, dtype=torch.float32, copy=True)
             return nn.Parameter(t) if grad else t
 
         # Plain attributes, not registered parameters: the base model's parameters() and
@@ -147,7 +157,7 @@ class LoRALayer(nn.Module):
     def delta_weight(self) -> Tensor:
         """s · B diag(λ ⊙ h) A of the loaded factors, as an (m × n) matrix."""
         if self.A is None:
-            return torch.zeros(self.out_features, self.in_features)
+            return torch.zeros(self.out_features, self.in_features, device=self.device)
         diag = self.diagonal()
         B = self.B if diag is None else self.B * diag
         return self.scaling * (B.detach() @ self.A.detach())
@@ -164,7 +174,8 @@ class LoRALayer(nn.Module):
 
     def merge_update(self, B: Tensor, A: Tensor) -> None:
         """W ← W + s · B A: a round's global update folded into the shared base."""
-        self._add_to_weight(self.scaling * (B.to(torch.float32) @ A.to(torch.float32)))
+        B, A = (t.to(device=self.device, dtype=torch.float32) for t in (B, A))
+        self._add_to_weight(self.scaling * (B @ A))
 
 
 class Adapters:
@@ -209,13 +220,13 @@ class Adapters:
             )
 
     def state(self) -> dict[str, Tensor]:
-        """Current factors as named tensors (detached copies)."""
+        """Current factors as named tensors (detached copies, on the CPU)."""
         out: dict[str, Tensor] = {}
         for name, layer in self.layers.items():
             for key in FACTORS:
                 t = getattr(layer, key)
                 if t is not None:
-                    out[f"{name}.{key}"] = t.detach().clone()
+                    out[f"{name}.{key}"] = t.detach().to("cpu", copy=True)
         return out
 
     def clear(self) -> None:

@@ -1,4 +1,4 @@
-"""`fedlora run | eval | compare | tune | export | report | costs`: the command line.
+"""`fedlora run | eval | compare | tune | export | generate | report | costs`: the command line.
 
 Heavy modules (torch, transformers, the config models that import them) are imported inside
 the commands, so `fedlora --help` answers at once.
@@ -126,10 +126,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("config error: --rank: must be >= 1")
     suffix = "" if args.rank is None else f"-r{args.rank}"
     out = Path(args.out or run_dir / f"export-{args.format}{suffix}")
-    info = export_run(run_dir, args.format, out, args.rank)
+    info = export_run(run_dir, args.format, out, args.rank, args.base)
     print(f"wrote {info['format']} to {info['out']}: {info['modules']} modules, ranks {info['ranks']}")
     if args.rank is not None:
         print(f"relative error of the rank-{args.rank} update: {info['relative_error']:.3e}")
+    if args.format == "peft":
+        written = " (written there: the base as the run trained on it)" if info["base_written"] else ""
+        print(f"base model: {info['base']}{written}")
+        if not info["base_exact"]:
+            print("note: not the exact weights the run trained on (a GGUF's unquantised original): "
+                  "logits differ slightly; --base local writes the exact base")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fedlora.generate import generate
+
+    print(generate(Path(args.run_dir), args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                   args.seed, args.raw, args.device))
     return 0
 
 
@@ -209,7 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["peft", "merged"], default="peft")
     exp.add_argument("--rank", type=int, help="SVD-compress the update to this rank (prints the error)")
     exp.add_argument("--out", help="output folder (default RUN_DIR/export-<format>[-r<R>])")
+    exp.add_argument("--base", choices=["auto", "local", "hub"], default="auto",
+                     help="peft: the adapter's base model: `local` writes it to OUT/base (exact); `hub` "
+                     "names the hub original; `auto` (default): the run's hub name or folder when that is "
+                     "exactly its base, else local")
     exp.set_defaults(func=_cmd_export)
+
+    gen = sub.add_parser("generate", help="text from a finished run's model")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True, help="an instruction (chat template where the tokenizer has "
+                     "one), or a classification run's text to classify")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as typed (no template)")
+    gen.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default: the run's model.device)")
+    gen.set_defaults(func=_cmd_generate)
 
     rep = sub.add_parser("report", help="markdown report with figures of one run, or a comparison's "
                          "tables and figures rebuilt from its runs' metrics (no training)")

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -22,7 +23,14 @@ from pydantic import (
 from fedlora.algorithms import ALGORITHMS, AlgorithmOptions
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
-from fedlora.hardware import preferred_compute_dtype
+from fedlora.hardware import (
+    DEVICE_CHOICES,
+    DEVICE_NAMES,
+    DeviceUnavailable,
+    accelerator_compute_dtype,
+    preferred_compute_dtype,
+    resolve_device,
+)
 
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
@@ -36,16 +44,43 @@ class ModelConfig(Strict):
     """`smollm2-135m` (the offline wheel), `tiny-llama` / `tiny-gpt2` (random, for tests),
     a hub name, a local model folder, or a path to a `.gguf` file."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    device: str = "auto"
+    """Where training and evaluation run: `auto` (cuda, else mps, else cpu), `cpu`, `cuda`,
+    `cuda:N` or `mps`. Kept as written in config.yaml, so each host resolves `auto` itself."""
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
     """Autocast dtype of forward/backward; weights, adapters and merges stay float32. `auto`
-    becomes bfloat16 where the CPU computes it natively (AMX or AVX512-BF16), else float32
-    (elsewhere torch emulates bfloat16, many times slower); the run's config.yaml records
-    the dtype it resolved to."""
+    becomes bfloat16 on CUDA GPUs that compute it and where the CPU computes it natively (AMX or
+    AVX512-BF16), else float32 (elsewhere torch emulates bfloat16, many times slower); the
+    run's config.yaml records the dtype it resolved to."""
 
     @field_validator("compute_dtype")
     @classmethod
-    def _resolve_auto(cls, value: str) -> str:
-        return preferred_compute_dtype() if value == "auto" else value
+    def _resolve_auto(cls, value: str, info: ValidationInfo) -> str:
+        if value != "auto":
+            return value
+        return accelerator_compute_dtype(str(info.data.get("device", "auto"))) or preferred_compute_dtype()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_NAMES.fullmatch(value):
+            raise ValueError(f"must be {DEVICE_CHOICES}, got {value!r}")
+        return value
+
+    def torch_device(self) -> str:
+        """The device this process computes on (`auto` resolved here), or a one-line ConfigError."""
+        return torch_device(self.device)
+
+
+def torch_device(name: str, field: str = "model.device") -> str:
+    """`name` (auto, cpu, cuda, cuda:N, mps) as a device available here, or a one-line
+    ConfigError naming `field`."""
+    if not DEVICE_NAMES.fullmatch(name):
+        raise ConfigError(f"config error: {field}: must be {DEVICE_CHOICES}, got {name!r}")
+    try:
+        return resolve_device(name)
+    except DeviceUnavailable as err:
+        raise ConfigError(f"config error: {field}: {err}") from None
 
 
 class LoRAConfig(Strict):

@@ -82,7 +82,7 @@ def pruning_loss_increase(
 
     def loss_with(new_masks: Sequence[Tensor]) -> float:
         for layer, m in zip(layers, new_masks):
-            object.__setattr__(layer, "mask", m.to(torch.float32))
+            object.__setattr__(layer, "mask", m.to(device=layer.device, dtype=torch.float32))
         return loss()
 
     try:

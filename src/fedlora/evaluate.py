@@ -23,7 +23,7 @@ from torch import nn
 from fedlora.class_metrics import classification_breakdown
 from fedlora.data.encode import Encoded, length_sorted_batches
 from fedlora.data.mmlu import MMLUSet
-from fedlora.train import autocast, hidden_states, last_position, project
+from fedlora.train import autocast, hidden_states, last_position, model_device, on_device, project
 
 if TYPE_CHECKING:
     from fedlora.data.task import FederatedTask
@@ -44,12 +44,14 @@ def predict_classes(
     input order. The cross-entropy over the label words is −logprob[target]."""
     preds = np.zeros(len(examples), dtype=np.int64)
     logprobs = np.zeros((len(examples), len(label_ids)), dtype=np.float32)
+    device = model_device(model)
     for idx, batch in length_sorted_batches(list(examples), batch_size, pad_id):
-        with autocast(compute_dtype):
+        batch = on_device(batch, device)
+        with autocast(compute_dtype, device):
             h = last_position(hidden_states(model, batch), batch)
         logits = project(model, h.float(), label_ids)
-        preds[idx] = logits.argmax(-1).numpy()
-        logprobs[idx] = F.log_softmax(logits, -1).numpy()
+        preds[idx] = logits.argmax(-1).cpu().numpy()
+        logprobs[idx] = F.log_softmax(logits, -1).cpu().numpy()
     return preds, logprobs
 
 
@@ -130,17 +132,19 @@ def lm_items(
     """Per example: `loss` (mean causal-LM loss per response token) and `tokens` (response tokens)."""
     sums = np.zeros(len(examples), dtype=np.float64)
     tokens = np.zeros(len(examples), dtype=np.int64)
+    device = model_device(model)
     for idx, batch in length_sorted_batches(list(examples), batch_size, pad_id):
-        with autocast(compute_dtype):
+        batch = on_device(batch, device)
+        with autocast(compute_dtype, device):
             h = hidden_states(model, batch)[:, :-1]
         targets = batch["labels"][:, 1:]
         keep = targets != -100
-        rows = np.asarray(idx)[keep.nonzero()[:, 0].numpy()]
+        rows = np.asarray(idx)[keep.nonzero()[:, 0].cpu().numpy()]
         h, targets = h[keep].float(), targets[keep]
         for start in range(0, len(targets), LM_CHUNK):
             logits = project(model, h[start : start + LM_CHUNK])
             losses = F.cross_entropy(logits, targets[start : start + LM_CHUNK], reduction="none")
-            np.add.at(sums, rows[start : start + LM_CHUNK], losses.double().numpy())
+            np.add.at(sums, rows[start : start + LM_CHUNK], losses.double().cpu().numpy())
         np.add.at(tokens, rows, 1)
     return {"loss": sums / np.maximum(tokens, 1), "tokens": tokens}
 

@@ -10,7 +10,11 @@ which is exact up to float rounding.
 
 The PEFT adapter folds s into B and sets each module's alpha to its rank (PEFT scaling
 alpha / r = 1), with per-module ranks in `rank_pattern`; `PeftModel.from_pretrained(base,
-folder)` then computes W x + B A x, our model's output.
+folder)` then computes W x + B A x, our model's output. Its `base_model_name_or_path` must
+name exactly the weights the run trained on, or the logits differ: a hub name or folder is
+itself; a GGUF base (SmolLM2) or a tiny random model is written beside the adapter, in
+`base/`, de-quantised, as a plain transformers folder (`--base local`). `--base hub` names
+the hub original instead (for SmolLM2, the unquantised weights the GGUF was made from).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from fedlora.adapters import Adapters
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import FederationSetup, Tensors
 from fedlora.config import ConfigError, RunConfig
-from fedlora.models import load_base_model
+from fedlora.models import hub_reference, load_base_model
 from fedlora.runtime.files import atomic_write, load_tensors, read_json, tensors_to_bytes
 from fedlora.runtime.rundir import saved_config, verify_run
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
+BASE_CHOICES = ("auto", "local", "hub")
 
 
 @dataclass
@@ -47,6 +52,18 @@ class RunModel:
     @property
     def scaling(self) -> float:
         return self.cfg.scaling
+
+    def merged_model(self) -> nn.Module:
+        """The plain transformers model with ΔW folded into the base (our LoRA layers removed)."""
+        self.adapters.merge(self.update)
+        self.adapters.unwrap()
+        return self.model
+
+    def save(self, folder: Path) -> None:
+        """The model as it stands (LoRA layers removed) and its tokenizer, as a transformers folder."""
+        self.adapters.unwrap()
+        self.model.save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
 
 
 def fold_diagonal(factors: Tensors, name: str) -> tuple[Tensor, Tensor] | None:
@@ -128,7 +145,24 @@ def compress_update(update: Factors, rank: int) -> tuple[Factors, float]:
     return out, (num / den) ** 0.5 if den > 0 else 0.0
 
 
-def write_peft(folder: Path, run: RunModel, update: Factors) -> None:
+def peft_base(run: RunModel, out: Path, choice: str = "auto") -> tuple[str, bool, bool]:
+    """(the PEFT config's base_model_name_or_path, whether the export writes that base to
+    OUT/base, whether it holds exactly the weights the run trained on). `auto`: the run's base
+    by name when the name resolves to exactly its weights, else `local`."""
+    reference, exact = hub_reference(run.cfg.model.name)
+    if choice == "hub":
+        if reference is None:
+            raise ConfigError(f"export error: --base hub: no hub name is known for model "
+                              f"{run.cfg.model.name}; use --base local")
+        return reference, False, exact
+    if choice == "auto" and exact:
+        return reference, False, True
+    return str((out / "base").resolve()), True, True
+
+
+def write_peft(folder: Path, run: RunModel, update: Factors, base: str | None = None) -> None:
+    """adapter_config.json and adapter_model.safetensors; `base` is base_model_name_or_path
+    (default: the run's model name)."""
     folder.mkdir(parents=True, exist_ok=True)
     ranks = {name: int(A.shape[0]) for name, (_, A) in update.items()}
     default = max(ranks.values())
@@ -142,7 +176,7 @@ def write_peft(folder: Path, run: RunModel, update: Factors) -> None:
         bias="none",
         task_type="CAUSAL_LM",
         fan_in_fan_out=any(layer.transposed for layer in run.adapters.layers.values()),
-        base_model_name_or_path=run.cfg.model.name,
+        base_model_name_or_path=base or run.cfg.model.name,
     )
     config.save_pretrained(str(folder))
     tensors = {}
@@ -152,20 +186,23 @@ def write_peft(folder: Path, run: RunModel, update: Factors) -> None:
     atomic_write(folder / "adapter_model.safetensors", tensors_to_bytes(tensors))
 
 
-def write_merged(folder: Path, run: RunModel, update: Factors) -> None:
-    """The base with ΔW folded in, as a plain transformers model folder (safetensors)."""
-    run.adapters.merge(update)
-    run.adapters.unwrap()
-    run.model.save_pretrained(str(folder), safe_serialization=True)
-    run.tokenizer.save_pretrained(str(folder))
-
-
-def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> dict[str, Any]:
+def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None, base: str = "auto") -> dict[str, Any]:
+    """Write the run as `peft` (adapter, plus its base in OUT/base when needed: see `peft_base`)
+    or `merged` (a plain transformers folder). Returns what was written."""
     run = load_run(run_dir)
     if not run.update:
         raise ConfigError(f"export error: {run_dir} learned no update (no merges and no final adapter)")
     update, error = (compress_update(run.update, rank) if rank else (run.update, 0.0))
-    (write_peft if fmt == "peft" else write_merged)(out, run, update)
-    ranks = sorted({int(A.shape[0]) for _, A in update.values()})
-    return {"format": fmt, "out": str(out), "modules": len(update), "ranks": ranks,
-            "relative_error": error}
+    info: dict[str, Any] = {"format": fmt, "out": str(out), "modules": len(update),
+                            "ranks": sorted({int(A.shape[0]) for _, A in update.values()}),
+                            "relative_error": error}
+    if fmt == "peft":
+        name, write_base, exact = peft_base(run, out, base)
+        write_peft(out, run, update, name)
+        if write_base:
+            run.save(out / "base")  # nothing merged: the base exactly as the run trained on it
+        info.update(base=name, base_written=write_base, base_exact=exact)
+    else:
+        run.adapters.merge(update)
+        run.save(out)
+    return info

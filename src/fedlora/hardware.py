@@ -1,8 +1,10 @@
-"""What this CPU is, and which compute dtype pays off on it.
+"""Which device a run computes on, what this CPU is, and which compute dtype pays off there.
 
-bfloat16 autocast halves a training step on CPUs with native bfloat16 (Intel AMX, AVX512-BF16)
-but is emulated, several times slower than float32, on others (AVX2-only CPUs such as AMD EPYC
-Zen 2/3): docs/benchmarks.md has both measured. So `compute_dtype: auto` asks the CPU.
+`model.device: auto` takes a CUDA GPU if torch sees one, else Apple's MPS, else the CPU. On CUDA,
+bfloat16 autocast is the common choice where the GPU computes it (Ampere and later). On the CPU,
+bfloat16 halves a training step with native bfloat16 (Intel AMX, AVX512-BF16) but is emulated,
+several times slower than float32, on others (AVX2-only CPUs such as AMD EPYC Zen 2/3):
+docs/benchmarks.md has both measured. So `compute_dtype: auto` asks the device.
 """
 
 from __future__ import annotations
@@ -11,6 +13,48 @@ import re
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
+DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+class DeviceUnavailable(ValueError):
+    """A device named explicitly that this machine (or this torch build) does not have."""
+
+
+def resolve_device(name: str) -> str:
+    """The torch device for `model.device`: `auto` is cuda, else mps, else cpu; an explicit
+    device must exist here (DeviceUnavailable says why not)."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if name.startswith("cuda"):
+        if not cuda:
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device found"
+            raise DeviceUnavailable(f"{name} is not available ({build}, torch {torch.__version__}); "
+                                    "use cpu or auto, or install a CUDA build of torch (README: GPUs)")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise DeviceUnavailable(f"{name} is not available: this machine has {count} CUDA device(s)")
+    if name == "mps" and not mps:
+        raise DeviceUnavailable("mps is not available (Apple silicon with an MPS build of torch only)")
+    return name
+
+
+def accelerator_compute_dtype(device: str) -> str | None:
+    """`compute_dtype: auto` on a GPU: bfloat16 where the CUDA device computes it, else float32
+    (older CUDA GPUs, MPS); None when the run computes on the CPU (the CPU rule applies)."""
+    try:
+        device = resolve_device(device)
+    except DeviceUnavailable:
+        return None  # the run will stop on the device itself, before any dtype matters
+    if device.startswith("cuda"):
+        import torch
+
+        major, _ = torch.cuda.get_device_capability(torch.device(device))
+        return "bfloat16" if major >= 8 else "float32"  # native bfloat16 from Ampere (8.0) on
+    return "float32" if device == "mps" else None
 
 
 def _cpuinfo(path: Path) -> str:

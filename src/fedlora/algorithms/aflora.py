@@ -270,8 +270,9 @@ class AFLoRA(Algorithm):
         new_state: Tensors = {}
         trained = uploaded = 0
         ranks, next_ranks, pruned, diagnostics = [], [], [], []
-        for name, layer in zip(self.setup.module_shapes, layers):
-            lam, mask, B = layer.lam.detach(), layer.mask, layer.B.detach()
+        trained_factors = ctx.adapters.state()  # on the CPU, whatever device trained them
+        for name in self.setup.module_shapes:
+            lam, mask, B, A = (trained_factors[f"{name}.{key}"] for key in ("lam", "mask", "B", "A"))
             new_mask = (
                 prune_mask(lam, mask, opts.beta, opts.min_rank, opts.pruning_rule) if opts.ddr else mask
             )
@@ -286,7 +287,7 @@ class AFLoRA(Algorithm):
             next_ranks.append(int(new_mask.sum()))
             pruned.append(new_mask)
             diagnostics.append(
-                lambda_diagnostics(state[f"{name}.lam"], lam, B, layer.A, mask, self.setup.scaling)
+                lambda_diagnostics(state[f"{name}.lam"], lam, B, A, mask, self.setup.scaling)
             )
             trained += r * (B.shape[0] + 1)  # active columns of B and their λ
             uploaded += upload[f"{name}.B"].numel()
@@ -342,10 +343,11 @@ class AFLoRA(Algorithm):
                 [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
             )
             after_ft = server.heldout_loss()
-            moved = sum(float((layer.A.detach() - state[f"{name}.A"]).pow(2).sum())
-                        for name, layer in zip(self.setup.module_shapes, layers))
-            for name, layer in zip(self.setup.module_shapes, layers):
-                new_state[f"{name}.A"] = fuse(state[f"{name}.A"], layer.A.detach(), opts.alpha)
+            tuned = server.adapters.state()  # on the CPU, whatever device trained them
+            moved = sum(float((tuned[f"{name}.A"] - state[f"{name}.A"]).pow(2).sum())
+                        for name in self.setup.module_shapes)
+            for name in self.setup.module_shapes:
+                new_state[f"{name}.A"] = fuse(state[f"{name}.A"], tuned[f"{name}.A"], opts.alpha)
             server.adapters.clear()
             metrics["server_loss"] = sum(losses) / len(losses)
             norm = sum(float(state[f"{n}.A"].pow(2).sum()) for n in self.setup.module_shapes)

@@ -132,9 +132,10 @@ class HETLoRA(Algorithm):
         if opts.prune and start < r and previous is not None and norm < previous:
             new_rank = max(start, opts.min_rank)
         tensors: Tensors = {}
-        for name, layer in zip(self.setup.module_shapes, layers):
-            tensors[f"{name}.A"] = layer.A.detach()[:new_rank].clone()
-            tensors[f"{name}.B"] = layer.B.detach()[:, :new_rank].clone()
+        current = ctx.adapters.state()
+        for name in self.setup.module_shapes:
+            tensors[f"{name}.A"] = current[f"{name}.A"][:new_rank].clone()
+            tensors[f"{name}.B"] = current[f"{name}.B"][:, :new_rank].clone()
         ctx.adapters.clear()
         trained = sum(r * (m + n) for m, n in self.setup.module_shapes.values())
         metrics = {

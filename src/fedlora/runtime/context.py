@@ -16,7 +16,7 @@ from fedlora.adapters import Adapters
 from fedlora.algorithms.base import ParamGroups
 from fedlora.clock import train_flops
 from fedlora.data.encode import Encoded, collate, sample_batches
-from fedlora.train import classification_loss, lm_loss, mean_loss, train_steps
+from fedlora.train import classification_loss, lm_loss, mean_loss, model_device, train_steps
 
 
 def round_seed(seed: int, round_: int, stream: int) -> np.random.SeedSequence:
@@ -76,7 +76,7 @@ class LocalClient:
 
     def loss(self) -> float:
         """Mean loss of the loaded adapters on this round's batches (the same seeded draw as train)."""
-        return mean_loss(self._batches(), self._loss_fn(), self.compute_dtype)
+        return mean_loss(self._batches(), self._loss_fn(), self.compute_dtype, model_device(self.model))
 
 
 @dataclass
@@ -95,7 +95,8 @@ class PublicServer:
     def heldout_loss(self) -> float | None:
         if not self.heldout:
             return None
-        return mean_loss([collate(self.heldout, self.pad_id)], lambda b: lm_loss(self.model, b), self.compute_dtype)
+        return mean_loss([collate(self.heldout, self.pad_id)], lambda b: lm_loss(self.model, b), self.compute_dtype,
+                         model_device(self.model))
 
     def train_public(self, param_groups: ParamGroups, steps: int, batch_size: int) -> list[float]:
         if not self.examples:

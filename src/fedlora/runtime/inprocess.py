@@ -1,5 +1,9 @@
 """The in-process runtime: every simulated client shares ONE base model, one after another.
 
+The model and the clients' training, the server's public-data steps and evaluation run on
+`model.device`; the global state, updates, aggregation and checkpoints stay on the CPU (small
+tensors: cheap there, and a checkpoint is the same whatever device wrote it).
+
 Per-client memory is only what the method keeps (AFLoRA: λ and the mask per module);
 factors are loaded into the shared LoRA layers for a client's turn and cleared after.
 All randomness comes from (seed, round, client) streams and one checkpointed sampler, so
@@ -95,9 +99,11 @@ class Federation:
         cfg.check_files()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        device = cfg.model.torch_device()  # an unavailable device stops here, before the load
         tokenizer = load_tokenizer(cfg.model.name)
         task = build_task(cfg, tokenizer)
         model = load_model(cfg.model.name, cfg.seed, len(tokenizer))
+        model.to(device)  # the one base model every simulated client shares
         total = base_parameter_count(model)
         adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
         profiles = cfg.device_profiles()
