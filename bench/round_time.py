@@ -10,8 +10,9 @@ and targets (issue 13, item 4):
   `TrainingArguments` + `transformers.Trainer` per client per round (max_steps = local steps,
   constant lr, AdamW without weight decay, no evaluation, no saving, report_to none) on the
   SAME examples our client draws in its round, formatted as causal-LM prompt + label word.
-  Favourable to the Trainer: the PEFT model is built once (FlowerTune's client_fn builds it
-  per round), examples arrive tokenised, no gradient checkpointing.
+  Favourable to the Trainer: the PEFT model is built once (FlowerTune's ClientApp builds it in
+  every training call), examples arrive tokenised, no gradient checkpointing (FlowerTune's
+  template turns it on).
 - step: a one-step client round of ours vs a plain PEFT step (`bench/step_time.py`'s) on the
   first batch of that round.
 - evaluation: our scoring (`Federation.evaluate`: label rows at the last position) vs full-logit
