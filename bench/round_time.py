@@ -138,12 +138,12 @@ def main() -> None:
     ap.add_argument("--out", default="docs/bench/round_time.json")
     args = ap.parse_args()
 
-    base_cfg = load_config(args.config)
+    user = parse_overrides(args.set)
+    num_clients = user.get("federation.num_clients") or load_config(args.config).federation.num_clients
     overrides = {
         "model.name": args.model, "data.train_examples": args.train_examples,
         "data.test_examples": max(args.eval_examples, 1),
-        "federation.client_max_ranks": [args.rank] * base_cfg.federation.num_clients,
-        **parse_overrides(args.set),
+        "federation.client_max_ranks": [args.rank] * num_clients, **user,
     }
     methods = args.methods.split(",")
     feds = federations(args.config, overrides, methods)
@@ -152,6 +152,10 @@ def main() -> None:
     dtype, pad_id, f = cfg.model.compute_dtype, fed.pad_id, cfg.federation
 
     base, _ = load_base_model(cfg.model.name, seed=cfg.seed)
+    # transformers marks a GGUF-loaded model as quantised (GGUF) although its weights are
+    # dequantised float32, and Trainer then refuses to train it: clear the marker
+    if getattr(base, "hf_quantizer", None) is not None:
+        base.hf_quantizer.remove_quantization_config(base)
     peft_model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                                                  target_modules=list(cfg.model.target_modules)))
     client_batches = sample_batches(fed.task.clients[args.client], f.batch_size, f.local_steps,
