@@ -99,7 +99,10 @@ def instrument(sections: Sections) -> None:
     s = sections
     s.patch(inprocess.Simulation, "run", "run")
     s.patch(inprocess.Federation, "build", "start-up")
-    s.patch_function(inprocess.load_base_model, "model load")
+    for loader, label in (("load_base_model", "model load"), ("load_model", "model load"),
+                          ("load_tokenizer", "tokenizer load")):  # whichever the runtime imports
+        if hasattr(inprocess, loader):
+            s.patch_function(getattr(inprocess, loader), label)
     s.patch_function(inprocess.build_task, "data reading and partition")
     s.patch_function(encode.encode_classification, "tokenising")
     s.patch_function(encode.encode_instruction, "tokenising")
