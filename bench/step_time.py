@@ -25,7 +25,7 @@ from fedlora.adapters import Adapters
 from fedlora.algorithms.aflora import column_norm_penalty
 from fedlora.config import build_config
 from fedlora.hardware import cpu_model, preferred_compute_dtype
-from fedlora.data.encode import collate, length_sorted_batches
+from fedlora.data.encode import Encoded, collate, length_sorted_batches
 from fedlora.data.task import build_task
 from fedlora.evaluate import evaluate_classification
 from fedlora.models import load_base_model
@@ -41,6 +41,33 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def causal_lm_examples(examples: list[Encoded], label_ids: list[int]) -> list[Encoded]:
+    """Each prompt followed by its label word, loss on that word only: how a PEFT / FedIT /
+    OpenFedLLM client formats a classification example for causal-LM training."""
+    return [Encoded([*e.input_ids, label_ids[e.target]], e.target, len(e.input_ids)) for e in examples]
+
+
+def peft_step(model, optimizer, lm_batch: dict, dtype: str) -> None:
+    """One plain PEFT step: full-vocabulary logits at every position, causal-LM loss."""
+    with autocast(dtype):
+        loss = model(input_ids=lm_batch["input_ids"], attention_mask=lm_batch["attention_mask"],
+                     labels=lm_batch["labels"]).loss
+    loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+
+def full_logit_eval(model, examples: list[Encoded], label_ids: list[int], pad_id: int, dtype: str) -> int:
+    """Correct predictions when scoring as usually done: the model's logits at every position,
+    log-softmax over the vocabulary, then the label tokens at the last prompt position."""
+    correct = 0
+    with torch.inference_mode():
+        for _, b in length_sorted_batches(examples, 32, pad_id):
+            with autocast(dtype):
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            ll = F.log_softmax(logits.float(), -1)[torch.arange(len(b["last"])), b["last"]]
+            correct += int((ll[:, label_ids].argmax(-1) == b["target"]).sum())
+    return correct
 
 
 def main() -> None:
@@ -60,10 +87,7 @@ def main() -> None:
     examples = [e for e in task.clients[0] if len(e.input_ids) == LENGTH][:BATCH]
     batch = collate(examples, tok.pad_token_id)
     # PEFT trains causal-LM style on prompt + label word; HF computes logits at all positions
-    label_tok = torch.tensor(task.label_ids)[batch["target"]]
-    lm_ids = torch.cat([batch["input_ids"], label_tok[:, None]], 1)
-    lm_labels = torch.full_like(lm_ids, -100)
-    lm_labels[:, -1] = lm_ids[:, -1]
+    lm_batch = collate(causal_lm_examples(examples, task.label_ids), tok.pad_token_id)
 
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS))
     peft_opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
@@ -79,26 +103,11 @@ def main() -> None:
     layers = list(adapters.layers.values())
     our_opt = torch.optim.Adam(adapters.trainable_parameters(), lr=1e-4)
 
-    def peft_step(dtype):
-        with autocast(dtype):
-            loss = peft_model(input_ids=lm_ids, labels=lm_labels).loss
-        loss.backward(); peft_opt.step(); peft_opt.zero_grad()
-
     def our_step(dtype):
         with autocast(dtype):
             loss = classification_loss(ours, batch, task.label_ids, "classes")
         loss = loss + sum(column_norm_penalty(l.B, l.mask, 0.01) for l in layers)
         loss.backward(); our_opt.step(); our_opt.zero_grad()
-
-    def full_logit_eval(dtype):
-        correct = 0
-        with torch.inference_mode():
-            for _, b in length_sorted_batches(task.test, 32, tok.pad_token_id):
-                with autocast(dtype):
-                    logits = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                ll = F.log_softmax(logits.float(), -1)[torch.arange(len(b["last"])), b["last"]]
-                correct += int((ll[:, task.label_ids].argmax(-1) == b["target"]).sum())
-        return correct
 
     def our_eval(dtype):
         return evaluate_classification(ours, task.test, task.label_ids, tok.pad_token_id, 32, dtype)
@@ -111,17 +120,17 @@ def main() -> None:
                          "eval_examples": len(task.test)}}
     dtypes = args.dtypes.split(",")
     for dtype in dtypes:
-        peft_step(dtype); our_step(dtype)  # warm-up
+        peft_step(peft_model, peft_opt, lm_batch, dtype); our_step(dtype)  # warm-up
         p, o = [], []
         for _ in range(args.repeats):
-            p += timed(lambda: peft_step(dtype), 1)
+            p += timed(lambda: peft_step(peft_model, peft_opt, lm_batch, dtype), 1)
             o += timed(lambda: our_step(dtype), 1)
         results[dtype] = {"peft_step_s": statistics.median(p), "our_step_s": statistics.median(o),
                           "step_ratio": statistics.median(o) / statistics.median(p), "peft_runs": p, "our_runs": o}
         if args.eval_repeats:
             fe, oe = [], []
             for _ in range(args.eval_repeats):
-                fe += timed(lambda: full_logit_eval(dtype), 1)
+                fe += timed(lambda: full_logit_eval(peft_model, task.test, task.label_ids, tok.pad_token_id, dtype), 1)
                 oe += timed(lambda: our_eval(dtype), 1)
             n = len(task.test)
             results[dtype].update(full_logit_eval_per_s=n / statistics.median(fe), our_eval_per_s=n / statistics.median(oe),

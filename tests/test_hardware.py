@@ -1,0 +1,24 @@
+"""The float32 peak the benchmarks divide by: FLOPs/cycle from the CPU flags, GHz from cpuinfo."""
+
+import pytest
+
+from fedlora.hardware import float32_peak_gflops
+
+
+@pytest.mark.parametrize(
+    "flags, per_cycle",
+    [("fpu sse2 avx avx2 fma", 32), ("sse2 avx512f avx2 fma", 64), ("sse2 avx", 16), ("sse2", 8), ("avx avx2", 16)],
+)
+def test_peak_from_flags_and_clock(tmp_path, flags, per_cycle):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\ncpu MHz\t\t: 2450.000\nflags\t\t: {flags}\n")
+    peak, why = float32_peak_gflops(2, cpuinfo=cpuinfo)
+    assert peak == pytest.approx(2 * 2.45 * per_cycle)
+    assert f"{per_cycle} FLOPs/cycle" in why and "2.45 GHz" in why
+
+
+def test_given_clock_wins_and_missing_cpuinfo_gives_zero(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("cpu MHz\t: 1000\nflags\t: avx2 fma\n")
+    assert float32_peak_gflops(1, ghz=3.0, cpuinfo=cpuinfo)[0] == pytest.approx(96)
+    assert float32_peak_gflops(2, cpuinfo=tmp_path / "missing")[0] == 0.0
