@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install run test test-slow test-all bench clean
+.PHONY: install run test test-slow test-all mutation bench clean
 
 install: $(STAMP)
 
@@ -34,8 +34,15 @@ test-slow: install
 
 test-all: test test-slow
 
+# Mutation testing of the methods and the LoRA layer (docs/mutation.md): one child process,
+# niced, each mutant runs only the fast tests that cover it ([tool.mutmut] in pyproject.toml).
+mutation: install
+	rm -rf mutants
+	FEDLORA_DATA_DIR=$(abspath ../shared/data) OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children 1
+	$(BIN)/mutmut results --all true > mutants/results.txt; tail -n 3 mutants/results.txt
+
 bench: install
 	$(BIN)/python bench/step_time.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs mutants
