@@ -12,7 +12,9 @@ from conftest import tiny_tree
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms import ALGORITHMS, build_algorithm
+from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions
 from fedlora.algorithms.base import FederationSetup, Update, data_weights
+from fedlora.algorithms.fedit import FedITOptions
 from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
 from fedlora.algorithms.flexlora import (
     FlexLoRA,
@@ -264,3 +266,30 @@ def test_the_learning_bound_fails_without_learning(data_dir, synthetic_task, tmp
 def test_homogeneous_rank_cannot_exceed_the_weakest_client():
     with pytest.raises(ValueError, match="smallest client max rank"):
         build_algorithm(FFALoRAOptions(rank=4), setup(ranks=[8, 4, 2]))
+
+
+@pytest.mark.parametrize("method", ["aflora", "hetlora"])
+def test_min_rank_may_equal_but_not_exceed_the_smallest_max_rank(method):
+    options = {"aflora": AFLoRAOptions, "hetlora": HETLoRAOptions}[method]
+    build_algorithm(options(min_rank=2), setup(ranks=[8, 4, 2]))  # equal: accepted
+    with pytest.raises(ValueError, match="algorithm.min_rank: .*exceeds the smallest client max rank"):
+        build_algorithm(options(min_rank=3), setup(ranks=[8, 4, 2]))
+
+
+def test_fedit_takes_the_requested_rank_and_aflora_draws_a_from_the_seed():
+    assert build_algorithm(FedITOptions(rank=1), setup()).rank == 1
+    a, b = (AFLoRA(AFLoRAOptions(row_norm=2.0), setup()).init_state() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded
+    torch.testing.assert_close(a["m0.A"].norm(dim=1), torch.full((8,), 2.0))
+
+
+def test_aflora_paper_literal_weighting_reaches_the_aggregate():
+    algo = AFLoRA(AFLoRAOptions(weighting="paper-literal", dlf=False), setup())
+    ups = []
+    for k, (r, d) in enumerate(zip(RANKS, (30, 10, 20))):
+        ups.append(Update(k, {f"{n}.B": torch.ones(m, r) for n, (m, _) in SHAPES.items()}
+                          | {f"{n}.mask": torch.ones(r) for n in SHAPES}, d))
+    B = algo.aggregate(algo.init_state(), ups, server=None).state["m0.B"]
+    logs = [math.log1p(r) for r in RANKS]
+    p = [lg / sum(logs) * d / 60 for lg, d in zip(logs, (30, 10, 20))]  # Σ p < 1
+    torch.testing.assert_close(B[0], torch.tensor([sum(p[k] for k, r in enumerate(RANKS) if j < r) for j in range(8)]))

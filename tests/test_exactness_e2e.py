@@ -45,11 +45,15 @@ class Round:
         self.trained: dict[int, dict[str, torch.Tensor]] = {}  # factors at the end of local training
         self.reg: dict[int, tuple[float, float] | None] = {}  # (regulariser, eq. 10 by hand)
         self.a_ft: dict[str, torch.Tensor] = {}  # the server's A after its public steps
+        self.losses: dict[int, list[float]] = {}
+        self.reg_passed: dict[int, bool] = {}
         client_train, server_train = LocalClient.train, PublicServer.train_public
 
         def spy_client(ctx, groups, regulariser=None):
             losses = client_train(ctx, groups, regulariser)
+            self.losses[ctx.client_id] = losses
             self.trained[ctx.client_id] = ctx.adapters.state()
+            self.reg_passed[ctx.client_id] = regulariser is not None
             if fed.cfg.algorithm.name == "aflora":
                 self.reg[ctx.client_id] = None if regulariser is None else (float(regulariser().detach()), self._eq10(ctx))
             return losses
@@ -102,6 +106,15 @@ class Round:
     def upload(self, k: int, key: str) -> torch.Tensor:
         return self.updates[k].tensors[key]
 
+    def assert_metrics(self, k: int, rank: float, trained: int) -> None:
+        """What the client reports: mean loss, rank, parameters trained and uploaded."""
+        u = self.updates[k]
+        assert u.metrics["train_loss"] == pytest.approx(sum(self.losses[k]) / len(self.losses[k]))
+        assert u.metrics["rank"] == pytest.approx(rank)
+        assert u.metrics["trained_params"] == trained
+        # AFLoRA's 0/1 mask is not counted as parameters
+        assert u.metrics["uploaded_params"] == sum(t.numel() for k, t in u.tensors.items() if not k.endswith(".mask"))
+
     def assert_base_unchanged(self) -> None:
         assert self.agg.merge is None
         assert all(torch.equal(self.before[n], self.after[n]) for n in self.before)
@@ -138,6 +151,8 @@ def test_fedit_round_is_data_weighted_fedavg_of_a_and_b(build, monkeypatch):
             close(rnd.agg.state[key], expected)  # eq. 2: p_k = |D_k| / Σ|D|
             assert far(sum(ups) / 3, expected), "uniform and data weights agree: the test cannot tell them apart"
     assert not torch.equal(rnd.upload(0, f"{name}.B"), rnd.payloads[0].tensors[f"{name}.B"])  # B trained
+    for k in range(3):
+        rnd.assert_metrics(k, r, sum(r * (m + n) for m, n in rnd.modules.values()))
     rnd.assert_base_unchanged()
     assert fed.algorithm.eval_factors(rnd.agg.state) is rnd.agg.state
 
@@ -165,6 +180,8 @@ def test_ffa_round_averages_b_over_the_frozen_seeded_a(build, monkeypatch):
         assert far(sum(ups) / 3, expected)
         close(evaluated[f"{name}.A"], frozen[f"{name}.A"])
         close(evaluated[key], expected)
+    for k in range(3):
+        rnd.assert_metrics(k, r, sum(r * m for m, _ in rnd.modules.values()))
     rnd.assert_base_unchanged()
 
 
@@ -183,12 +200,18 @@ def test_flora_round_merges_the_data_weighted_sum_of_products(build, monkeypatch
         assert B.shape == (m, sum(RANKS)) and A.shape == (sum(RANKS), n)  # the stack is broadcast
         close(B @ A, ideal)
         assert far(sum(b @ a for a, b in zip(As, Bs)) / 3, ideal)
+    for k, r in enumerate(RANKS):
+        rnd.assert_metrics(k, r, sum(r * (m + n) for m, n in rnd.modules.values()))
+    nxt = fed.algorithm.payload(rnd.agg.state, 0)  # round 2 carries round 1's stack
+    assert nxt.config == {"round": 2}
+    assert all(torch.equal(nxt.tensors[k], v) for k, v in rnd.agg.state.items() if k != "round")
     assert fed.algorithm.eval_factors(rnd.agg.state) == {}
 
 
 def test_flexlora_round_keeps_the_weighted_sum_and_hands_out_svd_truncations(build, monkeypatch):
     fed = build("flexlora")
     rnd = Round(fed, monkeypatch)
+    errors = []
     for name in rnd.modules:
         As = [rnd.upload(k, f"{name}.A") for k in range(3)]
         Bs = [rnd.upload(k, f"{name}.B") for k in range(3)]
@@ -203,6 +226,15 @@ def test_flexlora_round_keeps_the_weighted_sum_and_hands_out_svd_truncations(bui
             assert mine[f"{name}.A"].shape[0] == r
             if r < len(S) and float(S[r]) > 1e-6:
                 assert float((ideal - best).norm()) > 0  # the truncation really drops something
+        m, n = rnd.modules[name]
+        keep = min(m, n, max(max(RANKS), sum(RANKS)))  # the exact rank of Σ p B A, at least r_max
+        assert rnd.agg.state[f"{name}.B"].shape == (m, keep) and rnd.agg.state[f"{name}.A"].shape == (keep, n)
+        assert rnd.agg.state[f"{name}.B"].dtype == rnd.agg.state[f"{name}.A"].dtype == torch.float32
+        S32 = torch.linalg.svdvals(ideal)
+        errors.append(float(S32[min(RANKS):].norm() / S32.norm()))  # the smallest client's truncation
+    assert rnd.agg.metrics["truncation_error_min_rank"] == pytest.approx(sum(errors) / len(errors), rel=1e-3)
+    for k, r in enumerate(RANKS):
+        rnd.assert_metrics(k, r, sum(r * (m + n) for m, n in rnd.modules.values()))
     rnd.assert_base_unchanged()
 
 
@@ -230,6 +262,14 @@ def test_hetlora_round_pads_and_weights_a_and_b_by_update_norm(build, monkeypatc
             close(mine[f"{name}.A"], expected_A[:r])
             close(mine[f"{name}.B"], expected_B[:, :r])
     assert rnd.agg.state["ranks"].tolist() == RANKS  # round 1: no previous tail norm, no pruning
+    for k, r in enumerate(RANKS):
+        rnd.assert_metrics(k, r, sum(r * (m + n) for m, n in rnd.modules.values()))
+        start = math.floor(0.99 * r)  # the tail ⌊γ r⌋ … r−1, γ = 0.99
+        norm = sum(float(rnd.trained[k][f"{name}.A"][start:].norm() * rnd.trained[k][f"{name}.B"][:, start:].norm())
+                   for name in rnd.modules)
+        assert rnd.updates[k].metrics["tail_norm"] == pytest.approx(norm, rel=1e-5)
+        assert float(rnd.client_states[k]["tail_norm"]) == pytest.approx(norm, rel=1e-5)
+        assert rnd.reg_passed[k], "HETLoRA trained without its tail-norm penalty"
     rnd.assert_base_unchanged()
 
 
@@ -280,6 +320,16 @@ def test_aflora_round_from_trained_b_and_lambda_to_the_merged_base(build, monkey
         A_new = alpha * A_global + (1 - alpha) * A_ft  # eq. 11
         close(rnd.agg.state[f"{name}.A"], A_new)
         rnd.assert_base_moved_by(name, s * B_global @ A_new)  # W ← W + s B_global A'
+        for k, r in enumerate(RANKS):  # round 2: A'[:r], and the base update for a client's own copy
+            nxt = fed.algorithm.payload(rnd.agg.state, k)
+            assert nxt.config == {"max_rank": r}
+            close(nxt.tensors[f"{name}.A"], A_new[:r])
+            close(nxt.tensors[f"{name}.merge.B"], B_global)
+            close(nxt.tensors[f"{name}.merge.A_tail"], A_new[r:])
+    for k, r in enumerate(RANKS):
+        rnd.assert_metrics(k, r, sum(r * (m + 1) for m, _ in rnd.modules.values()))  # active B columns and λ
+        nexts = [int(rnd.client_states[k][f"{name}.mask"].sum()) for name in rnd.modules]
+        assert rnd.updates[k].metrics["next_rank"] == pytest.approx(sum(nexts) / len(nexts))
 
 
 def test_hierfedlora_round_averages_each_layer_over_the_groups_that_trained_it(build, monkeypatch):
