@@ -106,6 +106,10 @@ class Round:
     def upload(self, k: int, key: str) -> torch.Tensor:
         return self.updates[k].tensors[key]
 
+    def uploaded_factors(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every client's uploaded A and B of one module."""
+        return [self.upload(k, f"{name}.A") for k in range(3)], [self.upload(k, f"{name}.B") for k in range(3)]
+
     def assert_metrics(self, k: int, rank: float, trained: int) -> None:
         """What the client reports: mean loss, rank, parameters trained and uploaded."""
         u = self.updates[k]
@@ -190,8 +194,7 @@ def test_flora_round_merges_the_data_weighted_sum_of_products(build, monkeypatch
     rnd = Round(fed, monkeypatch)
     s = scaling(fed)
     for name, (m, n) in rnd.modules.items():
-        As = [rnd.upload(k, f"{name}.A") for k in range(3)]
-        Bs = [rnd.upload(k, f"{name}.B") for k in range(3)]
+        As, Bs = rnd.uploaded_factors(name)
         assert [a.shape for a in As] == [(r, n) for r in RANKS] and [b.shape for b in Bs] == [(m, r) for r in RANKS]
         assert not torch.equal(As[1][:2], As[2][:2])  # every client draws its own A
         ideal = sum(pk * B @ A for pk, A, B in zip(rnd.p, As, Bs))
@@ -213,8 +216,7 @@ def test_flexlora_round_keeps_the_weighted_sum_and_hands_out_svd_truncations(bui
     rnd = Round(fed, monkeypatch)
     errors = []
     for name in rnd.modules:
-        As = [rnd.upload(k, f"{name}.A") for k in range(3)]
-        Bs = [rnd.upload(k, f"{name}.B") for k in range(3)]
+        As, Bs = rnd.uploaded_factors(name)
         ideal = sum(pk * B.double() @ A.double() for pk, A, B in zip(rnd.p, As, Bs))
         global_BA = rnd.agg.state[f"{name}.B"] @ rnd.agg.state[f"{name}.A"]
         torch.testing.assert_close(global_BA.double(), ideal, rtol=1e-4, atol=1e-6)  # Σ r_k ≤ min(m, n): exact
@@ -243,8 +245,7 @@ def test_hetlora_round_pads_and_weights_a_and_b_by_update_norm(build, monkeypatc
     rnd = Round(fed, monkeypatch)
     r_max = max(RANKS)
     for name, (m, n) in rnd.modules.items():
-        As = [rnd.upload(k, f"{name}.A") for k in range(3)]
-        Bs = [rnd.upload(k, f"{name}.B") for k in range(3)]
+        As, Bs = rnd.uploaded_factors(name)
         for k, r in enumerate(RANKS):
             assert torch.equal(As[k], rnd.trained[k][f"{name}.A"][:r]) and torch.equal(Bs[k], rnd.trained[k][f"{name}.B"])
         norms = [float(torch.linalg.matrix_norm(B @ A)) for A, B in zip(As, Bs)]
