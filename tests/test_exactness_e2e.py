@@ -353,4 +353,9 @@ def test_hierfedlora_round_averages_each_layer_over_the_groups_that_trained_it(b
             if f == "B" and len(covering) > 1:
                 assert far(sum(rnd.upload(k, key) for k in covering) / len(covering), expected)
     assert any(len([k for k in range(3) if l >= layers - depth[groups[k]]]) < 3 for l in range(layers))
+    r = min(RANKS)
+    for k in range(3):
+        trained = [name for name in rnd.modules if int(name.split(".")[2]) >= layers - depth[groups[k]]]
+        rnd.assert_metrics(k, r, sum(r * sum(rnd.modules[name]) for name in trained))
+        assert rnd.updates[k].metrics["group"] == groups[k] and rnd.updates[k].metrics["depth"] == depth[groups[k]]
     rnd.assert_base_unchanged()
