@@ -8,8 +8,8 @@ from fedlora.models import load_base_model
 
 
 def _factors(m, n, r, g):
-    return (torch.randn(r, n, generator=g), torch.randn(m, r, generator=g),
-            torch.rand(r, generator=g) + 0.5, (torch.rand(r, generator=g) > 0.4).float())
+    mask = torch.tensor([1.0, 0.0] * r)[:r]  # active and pruned dims (a random mask was all zeros)
+    return (torch.randn(r, n, generator=g), torch.randn(m, r, generator=g), torch.rand(r, generator=g) + 0.5, mask)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -83,3 +83,21 @@ def test_delta_weight_is_the_dense_update():
     A, B, lam, h = _factors(6, 5, 3, g)
     layer.set_factors(A, B, lam, h)
     torch.testing.assert_close(layer.delta_weight(), 0.7 * B @ torch.diag(lam * h) @ A)
+
+
+def test_plain_and_empty_layers():
+    """No diagonal: ΔW = s B A; no factors: ΔW = 0 of the weight's shape, merge is a no-op."""
+    g = torch.Generator().manual_seed(3)
+    layer = LoRALayer(nn.Linear(5, 6), 0.7)
+    assert layer.rank == 0 and layer.diagonal() is None
+    assert torch.equal(layer.delta_weight(), torch.zeros(6, 5))
+    before = layer.base.weight.clone()
+    layer.merge()
+    assert torch.equal(layer.base.weight, before)
+    A, B = torch.randn(3, 5, generator=g), torch.randn(6, 3, generator=g)
+    layer.set_factors(A, B)
+    assert layer.rank == 3
+    torch.testing.assert_close(layer.delta_weight(), 0.7 * B @ A)
+    layer.merge()
+    torch.testing.assert_close(layer.base.weight, before + 0.7 * B @ A)
+    assert layer.A is None and layer.B is None

@@ -17,6 +17,7 @@ from fedlora.algorithms.aflora import (
     zero_pad,
 )
 from fedlora.algorithms.base import FederationSetup, Update, weighted_sum
+from fedlora.algorithms.fedit import FedIT, FedITOptions
 
 
 def _clients(seed=0, m=24, n=20, ranks=(8, 4, 4, 2)):
@@ -48,14 +49,22 @@ def test_padded_aggregation_equals_sum_of_client_products(mode):
 
 
 def test_fedit_separate_averaging_interferes():
+    """FedIT's own aggregation averages A and B separately: the global product is
+    (Σ p B)(Σ p A), not the clients' Σ p B A (eq. 2's interference)."""
     g = torch.Generator().manual_seed(0)
     m, n, r, K = 24, 20, 4, 5
-    A = [torch.randn(r, n, generator=g) for _ in range(K)]
-    B = [torch.randn(m, r, generator=g) for _ in range(K)]
-    p = [1 / K] * K
-    separate = weighted_sum(B, p) @ weighted_sum(A, p)
+    setup = FederationSetup({"w": (m, n)}, [r] * K, [10 * (k + 1) for k in range(K)], scaling=1.0, seed=0)
+    fedit = FedIT(FedITOptions(), setup)
+    updates = [Update(k, {"w.A": torch.randn(r, n, generator=g), "w.B": torch.randn(m, r, generator=g)}, 10 * (k + 1))
+               for k in range(K)]
+    state = fedit.aggregate(fedit.init_state(), updates, server=None).state
+    p = [u.num_examples / sum(v.num_examples for v in updates) for u in updates]
+    A = [u.tensors["w.A"] for u in updates]
+    B = [u.tensors["w.B"] for u in updates]
+    separate = sum(pk * b for pk, b in zip(p, B)) @ sum(pk * a for pk, a in zip(p, A))
+    torch.testing.assert_close(state["w.B"] @ state["w.A"], separate)
     ideal = sum(pk * b @ a for pk, a, b in zip(p, A, B))
-    rel = float((separate - ideal).norm() / ideal.norm())
+    rel = float((state["w.B"] @ state["w.A"] - ideal).norm() / ideal.norm())
     assert rel > 0.5, rel  # measured interference on random factors (≈0.9 here)
 
 

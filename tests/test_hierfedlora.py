@@ -258,3 +258,42 @@ def test_speed_weight_groups_devices_of_like_speed_so_fast_groups_do_more():
             assert _mean_distance(table, groups, "kl") >= label_only
             assert work > work_label_only
     assert spread[0.5] < 0.5 * spread[0.0], spread
+
+
+def test_aggregate_keeps_untrained_modules_groups_and_reports_depths():
+    """Modules no group trained keep their value; groups stay unless regrouping is due; the
+    metrics count the aggregated groups and their mean depth."""
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", depth=[1, 2]), _setup())
+    state = algo.init_state()
+    members = algo.members(state)
+    updates = []
+    for g, ms in enumerate(members[:1]):  # only group 0 (depth 1) reports
+        for k in ms:
+            keys = algo.expected_shapes(state, Update(k, {}, 10))
+            updates.append(Update(k, {key: torch.full(s, 1.0 + k) for key, s in keys.items()}, 10))
+    agg = algo.aggregate(state, updates, None)
+    low = "model.layers.0.self_attn.q_proj.A"
+    assert torch.equal(agg.state[low], state[low])  # no group trained layer 0
+    assert torch.equal(agg.state["groups"], state["groups"])
+    assert agg.metrics == {"groups_aggregated": 1.0, "mean_depth": 1.0}
+    empty = algo.aggregate(state, [], None)
+    assert empty.metrics == {"groups_aggregated": 0.0, "mean_depth": 0.0}
+    assert all(torch.equal(empty.state[k], state[k]) for k in algo.factor_keys())
+
+
+def test_regroup_every_n_rounds_draws_the_grouping_of_that_epoch():
+    counts = _skewed_table(k=9).tolist()  # a table whose epoch-0 and epoch-1 groupings differ
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", regroup_every=2), _setup(counts=counts))
+    state = algo.init_state()
+    expected = {}
+    for epoch in (0, 1):
+        g = torch.zeros(9, dtype=torch.long)
+        for j, ms in enumerate(near_iid_groups(counts, 2, None, "kl", [0, epoch])):
+            g[ms] = j
+        expected[epoch] = g
+    assert not torch.equal(expected[0], expected[1])
+    assert torch.equal(state["groups"], expected[0])
+    after1 = algo.aggregate(state, [], None).state  # round 1: not due
+    assert torch.equal(after1["groups"], expected[0]) and int(after1["round"]) == 1
+    after2 = algo.aggregate(after1, [], None).state  # round 2: regroup with epoch 2 // 2 = 1
+    assert torch.equal(after2["groups"], expected[1]) and int(after2["round"]) == 2
