@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from fedlora.errors import ConfigError, describe
+from fedlora.runtime.files import read_json, sha256_file
 
 log = logging.getLogger("fedlora")
 
@@ -195,20 +196,12 @@ def cache_root() -> Path | None:
     return Path(value) if value else Path.home() / ".cache" / "fedlora"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _folder_is_intact(folder: Path, key: str) -> bool:
     """The manifest names this key and every file it lists has the recorded hash."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_json(folder / MANIFEST, 1 << 20)
         return manifest.get("key") == key and all(
-            file_sha256(folder / name) == digest for name, digest in manifest["files"].items()
+            sha256_file(folder / name) == digest for name, digest in manifest["files"].items()
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
@@ -227,7 +220,7 @@ def cached_folder(source: Path, build: Callable[[Path], None], kind: str, build_
     if root is None:
         return None
     versions = {lib: importlib.metadata.version(lib) for lib in ("transformers", "gguf", "torch")}
-    key = hashlib.sha256(json.dumps([file_sha256(source), versions]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([sha256_file(source), versions]).encode()).hexdigest()
     folder = root / kind / key[:32]
     if _folder_is_intact(folder, key):
         return folder
@@ -240,7 +233,7 @@ def cached_folder(source: Path, build: Callable[[Path], None], kind: str, build_
         tmp.mkdir()
         try:
             build(tmp)
-            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"key": key, "source": str(source), "versions": versions, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from fedlora.config import ConfigError
+from fedlora.errors import ConfigError
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on its JSON header
 MAX_JSON_BYTES = 100_000_000
