@@ -302,7 +302,7 @@ def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, capsys, caplog, mon
     assert all(e in lines[0] for e in ([expect] if isinstance(expect, str) else expect)), lines[0]
     assert "Traceback" not in err
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-    assert not (out / "checkpoint.pt").exists() and not (out / "config.yaml").exists()
+    assert not out.exists(), sorted(p.name for p in out.iterdir())  # nothing written, not even the lock
 
 
 def test_a_users_terminal_shows_one_line(tmp_path):

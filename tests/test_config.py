@@ -101,3 +101,21 @@ def test_a_compare_config_runs_its_algorithm_section():
 
     cfg = load_config(ROOT / "configs" / "hierfedlora_tta.yaml")  # has a `methods:` mapping for compare
     assert cfg.algorithm.name == "hierfedlora" and cfg.algorithm.speed_weight == 0.0
+
+
+def test_a_methods_set_never_leaks_into_the_next_method(tmp_path):
+    """compare builds every method's config from one tree: one method's `set:` (applied as
+    overrides) must not change the tree the next method is built from."""
+    from fedlora.compare import method_configs
+
+    tree = tiny_tree(algorithm={"name": "fedit"})
+    tree["methods"] = {"flora": {"set": {"federation.local_steps": 8}}}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    configs = method_configs(path, ["flora", "fedit", "ffa"], [0], [])
+    assert configs[("flora", 0)].federation.local_steps == 8
+    assert configs[("fedit", 0)].federation.local_steps == 2 and configs[("ffa", 0)].federation.local_steps == 2
+    before = tiny_tree()
+    after = tiny_tree()
+    build_config(after, {"federation.local_steps": 8})
+    assert after == before

@@ -43,7 +43,7 @@ def test_real_model_trains_for_a_few_steps(data_dir, tmp_path, method):
     algo = {"server_steps": 1, "server_batch_size": 2} if method == "aflora" else {}
     cfg = _cfg(method, **algo)
     cfg.federation.local_steps = 8
-    untuned = Federation.build(cfg).evaluate({})["accuracy"]  # no adapter: the pretrained model, same items
+    untuned = Federation.build(cfg).evaluate_untuned()["accuracy"]  # no adapter: the pretrained model, same items
     summary = Simulation(cfg, tmp_path, progress=False).run()
     records = read_metrics(tmp_path)
     assert len(records) == 2

@@ -6,6 +6,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -461,7 +462,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def build_config(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
-    tree = dict(tree or {})
+    """The validated config of `tree` with dotted `overrides` applied (to a deep copy: the
+    caller's tree, e.g. one compare builds every method's config from, stays as it was)."""
+    tree = copy.deepcopy(tree or {})
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     algo = tree.get("algorithm")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,10 @@ EXTENSIBLE = {"federation.rounds"}
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Exclusive use of `run_dir` while the block runs; a second process stops with one line."""
+    """Exclusive use of `run_dir` while the block runs; a second process stops with one line.
+    A directory this call created is removed again if the block wrote nothing into it (a
+    bad config or data file found before the run starts leaves no trace)."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     fh = open(run_dir / LOCK, "a+")
     try:
@@ -49,6 +53,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def refuse_existing_run(run_dir: Path) -> None:
