@@ -58,6 +58,9 @@ def test_a_classification_run_gets_its_prompt_template(run_dir):
     dressed = dress_prompt(PROMPT, run.cfg, run.tokenizer)
     assert dressed == run.cfg.data.prompt.format(text=PROMPT) and dressed.endswith("Topic:")
     assert dress_prompt(PROMPT, run.cfg, run.tokenizer, raw=True) == PROMPT
+    braces = run.cfg.model_copy(deep=True)
+    braces.data.prompt = 'Reply as {"label": ...}. Article: {text}\nTopic:'  # braces are text, not fields
+    assert dress_prompt("Oil up", braces, run.tokenizer) == 'Reply as {"label": ...}. Article: Oil up\nTopic:'
 
 
 def test_cli_prints_the_completion_and_names_bad_options(run_dir, capsys):

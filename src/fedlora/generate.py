@@ -23,8 +23,9 @@ def dress_prompt(prompt: str, cfg, tokenizer, raw: bool = False) -> str:
     """The text the model sees: the prompt in the format the run trained on (see module doc)."""
     if raw:
         return prompt
-    if cfg.data.task == "classification":
-        return cfg.data.prompt.format(text=prompt)
+    if cfg.data.task == "classification":  # as encode_classification fills it: other braces stay literal
+        prefix, suffix = cfg.data.prompt.split("{text}", 1)
+        return prefix + prompt + suffix
     return format_prompt(prompt, "", cfg.data, tokenizer)
 
 
