@@ -427,7 +427,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         markdown_table(rows),
         STATISTICS_NOTE,
         (f"No paired differences: the reference method {reference!r} has no finished run here "
-         "(choose one with --reference).\n" if not has_reference else ""),
+         "(choose one with --reference).\n" if reference and not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, done, target, setting, untuned) if done else "",

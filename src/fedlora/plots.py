@@ -10,7 +10,6 @@ integer ticks, byte axes kB/MB, and legends sit outside the axes so they cover n
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import yaml
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, read_bounded, read_json
 from fedlora.runtime.outputs import UNTUNED_FILE
 from fedlora.units import format_bytes
 
@@ -37,7 +37,12 @@ def setting_caption(run_dirs: Sequence[Path], seeds: Sequence[int] | None = None
     path = next((Path(d) / "config.yaml" for d in run_dirs if (Path(d) / "config.yaml").exists()), None)
     if path is None:
         return ""
-    cfg = yaml.safe_load(path.read_text())
+    try:  # a caption is cosmetic: a damaged config.yaml (resume refuses it) just drops it
+        cfg = yaml.safe_load(read_bounded(path, MAX_JSON_BYTES))
+    except (RunFileError, yaml.YAMLError):
+        return ""
+    if not isinstance(cfg, dict):
+        return ""
     data, fed = cfg.get("data", {}), cfg.get("federation", {})
     partition = data.get("partition", "")
     if partition == "label_skew":
@@ -60,7 +65,8 @@ def untuned_accuracy(run_dirs: Sequence[Path]) -> float | None:
     for d in run_dirs:
         path = Path(d) / UNTUNED_FILE
         if path.exists():
-            return json.loads(path.read_text()).get("accuracy")
+            value = read_json(path)
+            return value.get("accuracy") if isinstance(value, dict) else None
     return None
 
 

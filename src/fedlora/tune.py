@@ -160,7 +160,7 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
         config, [p.label for p in points], [seed], out / "validation",
         # MMLU is a test set too: tuning scores only the validation carve
         [*overrides, f"data.validation_examples={validation_examples}", "evaluation.mmlu=false"], progress=progress,
-        variants=variants,
+        variants=variants, reference=None,  # grid points are compared by their scores, not pairwise
     )
     for p, run in zip(points, runs):
         p.error = run.error
