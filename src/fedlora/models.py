@@ -196,12 +196,26 @@ def cache_root() -> Path | None:
     return Path(value) if value else Path.home() / ".cache" / "fedlora"
 
 
+_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
+def _content_hash(path: Path) -> str:
+    """SHA-256 of a file, computed once per process for each (path, inode, size, mtime): the
+    tokenizer and the model both check the same 0.5 GB cache, and a Flower client builds its
+    federation every round."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
 def _folder_is_intact(folder: Path, key: str) -> bool:
     """The manifest names this key and every file it lists has the recorded hash."""
     try:
         manifest = read_json(folder / MANIFEST, 1 << 20)
         return manifest.get("key") == key and all(
-            sha256_file(folder / name) == digest for name, digest in manifest["files"].items()
+            _content_hash(folder / name) == digest for name, digest in manifest["files"].items()
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
@@ -220,7 +234,7 @@ def cached_folder(source: Path, build: Callable[[Path], None], kind: str, build_
     if root is None:
         return None
     versions = {lib: importlib.metadata.version(lib) for lib in ("transformers", "gguf", "torch")}
-    key = hashlib.sha256(json.dumps([sha256_file(source), versions]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([_content_hash(source), versions]).encode()).hexdigest()
     folder = root / kind / key[:32]
     if _folder_is_intact(folder, key):
         return folder
