@@ -384,6 +384,9 @@ def test_eval_command_reproduces_a_runs_final_accuracy(data_dir, tmp_path):
     untuned = json.loads((tmp_path / "u.json").read_text())
     assert untuned["results"]["mmlu_questions"] == 2 and len(untuned["mmlu_questions_per_second_all"]) == 2
     assert main(["eval", str(tmp_path / "c.yaml"), "--repeat", "0"]) == 2
+    # another method's config cannot evaluate this run's factors: one line, not a traceback
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**tree, "algorithm": {"name": "aflora"}}))
+    assert main(["eval", str(tmp_path / "other.yaml"), "--run", str(tmp_path / "run")]) == 2
 
 
 # Hub rows in each hub dataset's own schema (column names as on the Hugging Face hub).

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     ev = sub.add_parser("eval", help="evaluate the untuned model (or a run's final model) on a config's test set / MMLU")
-    ev.add_argument("config", help="YAML config: data, evaluation and model sections are used")
+    ev.add_argument("config", help="YAML config: its data and evaluation sections (with --run: its model, lora and algorithm must be the run's)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ev.add_argument("--run", metavar="RUN_DIR", help="evaluate this run's final global model instead")
     ev.add_argument("--repeat", type=int, default=1, help="repeat N times; report the median time")

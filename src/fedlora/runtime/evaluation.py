@@ -9,17 +9,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import RunConfig
+from fedlora.config import ConfigError, RunConfig
 from fedlora.runtime.checkpoint import Checkpoint, load_merges
 from fedlora.runtime.files import load_tensors
 from fedlora.runtime.inprocess import Federation
 from fedlora.runtime.outputs import environment, write_json
+from fedlora.runtime.rundir import changed_fields, saved_config
+
+# What a run's factors and merges are only valid for; data and evaluation may differ (another
+# test set), and so may the compute device and dtype.
+MODEL_SECTIONS = ("model.", "lora.", "algorithm.")
+FREE_MODEL_FIELDS = ("model.compute_dtype", "model.device")
+
+
+def refuse_other_model(run_dir: Path, cfg: RunConfig) -> None:
+    """`eval CONFIG --run RUN` evaluates RUN's model: CONFIG must describe the same model."""
+    differ = [f for f in changed_fields(saved_config(run_dir), cfg)
+              if f.startswith(MODEL_SECTIONS) and f not in FREE_MODEL_FIELDS]
+    if differ:
+        raise ConfigError(f"config error: --run {run_dir}: the config's {', '.join(differ)} differ from the run's; "
+                          f"use the run's model, lora and algorithm sections (e.g. {run_dir / 'config.yaml'})")
 
 
 def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Path | None) -> dict[str, Any]:
     merges, state = [], {}
     if run_dir is not None:  # read (and verified: SHA-256 of each merge) before the model loads
         ckpt = Checkpoint.load(run_dir)
+        refuse_other_model(run_dir, cfg)
         merges = load_merges(run_dir, ckpt.round, ckpt.merges)
         state = load_tensors(run_dir / "final_state.safetensors")[0]
     t0 = time.perf_counter()
