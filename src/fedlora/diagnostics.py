@@ -5,10 +5,14 @@ AFLoRA reads λ_j² as the information content of dimension j (paper, eq. 7: I_j
 client: the rank correlation between λ_j² and the column's real contribution, λ's spread,
 and whether pruning the columns DDR prunes costs less loss than pruning random active ones.
 They are shared by the method's per-round diagnostics and by studies.
+
+Also the tilt of an aggregation (issue 15, item 3): which client gets how much of the
+aggregated update, under each method's weights (`aggregation_tilt`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -101,3 +105,44 @@ def pruning_loss_increase(
     finally:
         loss_with(masks)
     return ddr, random_total / draws
+
+
+Term = tuple[float, Tensor, Tensor]
+"""(p_k, B_k, A_k): client k's term p_k · B_k A_k of one module's aggregated update."""
+
+
+def product_norm(B: Tensor, A: Tensor) -> float:
+    """‖B A‖_F from the r × r Gram matrices, ‖B A‖²_F = Σ (BᵀB ⊙ A Aᵀ), in float64: the
+    m × n product is never formed (cheap for every module and client every round)."""
+    b, a = B.detach().double(), A.detach().double()
+    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
+
+
+def delta_shares(terms: Sequence[Sequence[Term]]) -> list[float] | None:
+    """Each client's share of an aggregated update. terms[m][k] = (p_km, B_km, A_km) for module
+    m and the k-th participating client, such that the module's aggregated update is
+    ΔW_m = s Σ_k p_km B_km A_km. Client k's share is
+
+        share_k = Σ_m ‖s p_km B_km A_km‖_F / Σ_j Σ_m ‖s p_jm B_jm A_jm‖_F
+
+    (s cancels). The shares sum to 1; they split the summed norms of the terms, not ‖ΔW‖
+    (terms that point apart partly cancel in ΔW). None when every term is zero."""
+    clients = len(terms[0]) if terms else 0
+    sizes = [0.0] * clients
+    for module in terms:
+        for k, (p, B, A) in enumerate(module):
+            sizes[k] += abs(p) * product_norm(B, A)
+    total = sum(sizes)
+    return [x / total for x in sizes] if total > 0 else None
+
+
+def aggregation_tilt(client_ids: Sequence[int], terms: Sequence[Sequence[Term]]) -> dict[str, dict[str, float]]:
+    """A round's tilt for its metrics record, keyed by client id (as `ranks`): `client_weight`,
+    the aggregation weight p_k (mean over modules, where a method weights each module on its
+    own), and `delta_share` (`delta_shares`; absent when the update is zero)."""
+    weights = [sum(module[k][0] for module in terms) / len(terms) for k in range(len(client_ids))]
+    out = {"client_weight": {str(c): w for c, w in zip(client_ids, weights)}}
+    shares = delta_shares(terms)
+    if shares is not None:
+        out["delta_share"] = {str(c): x for c, x in zip(client_ids, shares)}
+    return out

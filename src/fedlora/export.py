@@ -32,7 +32,8 @@ from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import FederationSetup, Tensors
 from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
-from fedlora.runtime.files import atomic_write, load_tensors, read_json, tensors_to_bytes
+from fedlora.runtime.files import atomic_write, load_tensors, tensors_to_bytes
+from fedlora.runtime.outputs import client_sizes
 from fedlora.runtime.rundir import saved_config, verify_run
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
@@ -105,12 +106,8 @@ def compress(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
 
 
 def _client_sizes(run_dir: Path, num_clients: int) -> list[int]:
-    path = run_dir / "partition.json"
-    if path.exists():
-        table = read_json(path).get("examples_per_client_per_label")
-        if table:
-            return [max(1, sum(row)) for row in table]
-    return [1] * num_clients
+    sizes = client_sizes(run_dir)
+    return [max(1, n) for n in sizes] if sizes else [1] * num_clients
 
 
 def load_run(run_dir: Path) -> RunModel:

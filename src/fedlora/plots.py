@@ -19,11 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import yaml
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, read_bounded, read_json
-from fedlora.runtime.outputs import UNTUNED_FILE
+from fedlora.runtime.files import read_json
+from fedlora.runtime.outputs import UNTUNED_FILE, read_config_tree
 from fedlora.units import format_bytes
 
 from fedlora.stats import seed_interval
@@ -34,14 +33,9 @@ Records = list[dict[str, Any]]
 def setting_caption(run_dirs: Sequence[Path], seeds: Sequence[int] | None = None) -> str:
     """One line naming the setting (data, partition, clients, model, budget, seeds), read from
     the first run directory that has a config.yaml; "" when none has."""
-    path = next((Path(d) / "config.yaml" for d in run_dirs if (Path(d) / "config.yaml").exists()), None)
-    if path is None:
-        return ""
-    try:  # a caption is cosmetic: a damaged config.yaml (resume refuses it) just drops it
-        cfg = yaml.safe_load(read_bounded(path, MAX_JSON_BYTES))
-    except (RunFileError, yaml.YAMLError):
-        return ""
-    if not isinstance(cfg, dict):
+    run_dir = next((Path(d) for d in run_dirs if (Path(d) / "config.yaml").exists()), None)
+    cfg = read_config_tree(run_dir) if run_dir is not None else {}  # damaged: no caption
+    if not cfg:
         return ""
     data, fed = cfg.get("data", {}), cfg.get("federation", {})
     partition = data.get("partition", "")

@@ -15,7 +15,7 @@ from fedlora.plots import (
     untuned_accuracy,
 )
 from fedlora.runtime.files import read_json
-from fedlora.runtime.outputs import read_metrics
+from fedlora.runtime.outputs import client_sizes, read_config_tree, read_metrics
 
 
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -77,6 +77,48 @@ def diagnostics_table(records: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _max_ranks(run_dir: Path) -> list[Any]:
+    """federation.client_max_ranks of the run's config.yaml ([] when it cannot be read)."""
+    fed = read_config_tree(run_dir).get("federation")
+    ranks = fed.get("client_max_ranks") if isinstance(fed, dict) else None
+    return ranks if isinstance(ranks, list) else []
+
+
+def _mean_per_client(records: list[dict[str, Any]], key: str, client: str) -> float | None:
+    """Mean of a per-client mapping's value over the rounds that logged it for this client."""
+    vals = [r[key][client] for r in records if isinstance(r.get(key), dict)
+            and isinstance(r[key].get(client), int | float)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def tilt_table(records: list[dict[str, Any]], max_ranks: list[Any], sizes: list[int] | None) -> list[str]:
+    """Per client, its aggregation weight p_k (`client_weight`) and its share of ΔW
+    (`delta_share`, fedlora.diagnostics.delta_shares), each the mean over the rounds the
+    client took part in; empty when the run logged no weights."""
+    weights = [r["client_weight"] for r in records if isinstance(r.get("client_weight"), dict)]
+    clients = sorted({c for w in weights for c in w}, key=lambda c: (len(c), c))  # ids in numeric order
+    if not clients:
+        return []
+
+    def cell(v: Any) -> str:
+        return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    def per_client(values: list[Any] | None, c: str) -> Any:
+        k = int(c) if c.isdigit() else -1
+        return values[k] if values is not None and 0 <= k < len(values) else None
+
+    lines = ["## Aggregation tilt: each client's weight and share of ΔW\n",
+             "Mean over the rounds the client took part in. Share of ΔW: Σ over modules of ‖s p_k B_k A_k‖_F "
+             "(client k's term of the aggregated update) over the same summed over the round's clients "
+             "(README, \"Aggregation tilt\").\n",
+             "| client | max rank | examples | rounds | weight p_k | share of ΔW |", "|---|---|---|---|---|---|"]
+    for c in clients:
+        row = [c, cell(per_client(max_ranks, c)), cell(per_client(sizes, c)), str(sum(c in w for w in weights)),
+               cell(_mean_per_client(records, "client_weight", c)), cell(_mean_per_client(records, "delta_share", c))]
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -118,6 +160,7 @@ def write_report(run_dir: Path) -> Path:
         "",
         *(f"## {title}\n\n![{path.stem}](figures/{path.name})\n" for title, path in made),
         *diagnostics_table(records),
+        *tilt_table(records, _max_ranks(run_dir), client_sizes(run_dir)),
         "## Rejected updates\n",
         *([f"- round {t}: client {x['client']}: {x['reason']}" for t, x in rejected] or ["none"]),
         "",

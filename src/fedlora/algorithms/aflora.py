@@ -19,7 +19,8 @@ Server, round t (zero-padding rank-aware aggregation, server-side A fine-tuning)
 
 Options for an informative λ (issue 15; defaults = the behaviour above): `lambda_init`,
 `lambda_lr`, `lambda_optimizer: sgd`, `b_init: unit`. Each round logs λ's diagnostics per
-client (fedlora.diagnostics) and, on the server, ‖A_FT − A‖/‖A‖ and the held-out public loss.
+client (fedlora.diagnostics) and, on the server, ‖A_FT − A‖/‖A‖, the held-out public loss, and
+each client's weight p_k and share of ΔW = Σ_k s p_k pad(B'_k) A' (`Algorithm.tilt`).
 
 Decisions where the paper is silent (README, "AFLoRA: our decisions"): Λ and H are per
 target module (each LoRA adapter prunes its own dimensions, and eq. 12 uses that module's
@@ -328,13 +329,15 @@ class AFLoRA(Algorithm):
         opts = self.options
         sizes = [u.num_examples for u in updates]
         new_state: Tensors = {}
+        weighted: dict[str, tuple[list[float], list[Tensor]]] = {}
         for name in self.setup.module_shapes:
             masks = [u.tensors[f"{name}.mask"] for u in updates]
             padded = [zero_pad(u.tensors[f"{name}.B"], h, self.r_max) for u, h in zip(updates, masks)]
             p = rank_weights([int(h.sum()) for h in masks], sizes, opts.weighting)
             new_state[f"{name}.B"] = weighted_sum(padded, p)
             new_state[f"{name}.A"] = state[f"{name}.A"]
-        metrics: dict[str, float] = {}
+            weighted[name] = (p, padded)
+        metrics: dict[str, float | dict[str, float]] = {}
         if opts.uses_public_data:
             server.adapters.load(new_state, trainable={"A"})
             layers = [server.adapters.layers[name] for name in self.setup.module_shapes]
@@ -357,5 +360,8 @@ class AFLoRA(Algorithm):
                 metrics.update(server_heldout_before=before, server_heldout_ft=after_ft,
                                server_heldout_after=server.heldout_loss())
                 server.adapters.clear()
+        # the tilt: ΔW = s B_global A' = Σ_k s p_k pad(B'_k) A', client k's term of each module
+        terms = [[(pk, Bk, new_state[f"{name}.A"]) for pk, Bk in zip(*weighted[name])] for name in weighted]
+        metrics.update(self.tilt(updates, terms))
         merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
         return Aggregate(state=new_state, merge=merge, metrics=metrics)

@@ -10,7 +10,7 @@ data, and a `ServerContext` that can run steps on the server's public data.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fedlora.adapters import Adapters
 from fedlora.devices import DeviceProfile
+from fedlora.diagnostics import Term, aggregation_tilt
 
 Tensors = dict[str, Tensor]
 Scalar = int | float | str | bool
@@ -56,11 +57,12 @@ class Update:
 
 @dataclass
 class Aggregate:
-    """The server's new state, and the update to fold into the base model (if any)."""
+    """The server's new state, the update to fold into the base model (if any), and the round's
+    server metrics: numbers, or mappings client id → number (`client_weight`, `delta_share`)."""
 
     state: Tensors
     merge: dict[str, tuple[Tensor, Tensor]] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,14 @@ class Algorithm(ABC):
         if self.setup.trimmed_mean > 0:
             return trimmed_mean(tensors, weights, self.setup.trimmed_mean)
         return weighted_sum(tensors, weights)
+
+    def tilt(self, updates: list[Update], terms: Sequence[Sequence[Term]]) -> dict[str, dict[str, float]]:
+        """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; terms[m][k]
+        = (p_k, B_k, A_k), module m's update being s Σ_k p_k B_k A_k); none when the aggregate
+        is a trimmed mean, which is no sum of the clients' terms."""
+        if self.setup.trimmed_mean > 0:
+            return {}
+        return aggregation_tilt([u.client_id for u in updates], terms)
 
     def validate(self, state: Tensors, update: Update) -> None:
         """Raise InvalidUpdate when the update cannot be aggregated: real floating-point

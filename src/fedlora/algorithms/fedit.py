@@ -66,7 +66,10 @@ class FedIT(Algorithm):
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)
         new = {key: self.average([u.tensors[key] for u in updates], p) for key in state}
-        return Aggregate(state=new)
+        # the tilt: B A = Σ_k p_k B_k Ā, client k's term of the averaged B times the averaged A
+        terms = [[(pk, u.tensors[f"{name}.B"], new[f"{name}.A"]) for pk, u in zip(p, updates)]
+                 for name in self.setup.module_shapes]
+        return Aggregate(state=new, metrics=self.tilt(updates, terms))
 
     def eval_factors(self, state: Tensors) -> Tensors:
         return state

@@ -73,7 +73,10 @@ class FFALoRA(Algorithm):
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)
-        return Aggregate(state={k: self.average([u.tensors[k] for u in updates], p) for k in state})
+        new = {k: self.average([u.tensors[k] for u in updates], p) for k in state}
+        terms = [[(pk, u.tensors[f"{name}.B"], self.A[f"{name}.A"]) for pk, u in zip(p, updates)]
+                 for name in self.setup.module_shapes]  # B A = Σ_k p_k B_k A
+        return Aggregate(state=new, metrics=self.tilt(updates, terms))
 
     def eval_factors(self, state: Tensors) -> Tensors:
         return {**self.A, **state}

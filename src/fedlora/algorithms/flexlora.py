@@ -97,12 +97,13 @@ class FlexLoRA(Algorithm):
         dtype = getattr(torch, self.options.svd_dtype)
         new_state: Tensors = {}
         rel_errors = []
+        terms = []  # ΔW = s Σ_k p_k B_k A_k (before the SVD): client k's term of each module
         for name, (m, n) in self.setup.module_shapes.items():
-            delta = full_update(
-                [u.tensors[f"{name}.B"] for u in updates], [u.tensors[f"{name}.A"] for u in updates], p, dtype
-            )
+            Bs, As = [u.tensors[f"{name}.B"] for u in updates], [u.tensors[f"{name}.A"] for u in updates]
+            delta = full_update(Bs, As, p, dtype)
+            terms.append(list(zip(p, Bs, As)))
             # rank(ΔW) ≤ Σ r_k; keep at least r_max so every client's truncation exists
-            keep = min(m, n, max(self.r_max, sum(u.tensors[f"{name}.A"].shape[0] for u in updates)))
+            keep = min(m, n, max(self.r_max, sum(A.shape[0] for A in As)))
             B, A, S = svd_factors(delta, keep)
             new_state[f"{name}.B"] = B.to(torch.float32)
             new_state[f"{name}.A"] = A.to(torch.float32)
@@ -111,7 +112,7 @@ class FlexLoRA(Algorithm):
             if float(S.norm()) > 0:
                 rel_errors.append(float(S[r_min:].norm() / S.norm()))
         metrics = {"truncation_error_min_rank": sum(rel_errors) / len(rel_errors)} if rel_errors else {}
-        return Aggregate(state=new_state, metrics=metrics)
+        return Aggregate(state=new_state, metrics={**metrics, **self.tilt(updates, terms)})
 
     def eval_factors(self, state: Tensors) -> Tensors:
         return state

@@ -85,9 +85,12 @@ class FLoRA(Algorithm):
         p = data_weights(updates)
         merge = {}
         new_state: Tensors = {ROUND: state[ROUND] + 1}
+        terms = []  # B A = Σ_k p_k B_k A_k: client k's term of each module
         for name in self.setup.module_shapes:
-            B, A = stack([u.tensors[f"{name}.A"] for u in updates], [u.tensors[f"{name}.B"] for u in updates], p)
+            As, Bs = [u.tensors[f"{name}.A"] for u in updates], [u.tensors[f"{name}.B"] for u in updates]
+            B, A = stack(As, Bs, p)
             merge[name] = (B, A)
             new_state[f"{name}.merge.B"] = B
             new_state[f"{name}.merge.A"] = A
-        return Aggregate(state=new_state, merge=merge)
+            terms.append(list(zip(p, Bs, As)))
+        return Aggregate(state=new_state, merge=merge, metrics=self.tilt(updates, terms))

@@ -163,13 +163,16 @@ class HETLoRA(Algorithm):
         for u in updates:
             ranks[u.client_id] = u.tensors[f"{next(iter(self.setup.module_shapes))}.A"].shape[0]
         new_state: Tensors = {RANKS: ranks}
+        terms = []  # B A = Σ_k w_k pad(B_k) Ā: client k's term of the averaged B times the averaged A
         for name in self.setup.module_shapes:
             As = [u.tensors[f"{name}.A"] for u in updates]
             Bs = [u.tensors[f"{name}.B"] for u in updates]
             w = sparsity_weights([float(torch.linalg.norm(B @ A)) for A, B in zip(As, Bs)])
+            padded = [pad_columns(B, self.r_max) for B in Bs]
             new_state[f"{name}.A"] = weighted_sum([pad_rows(A, self.r_max) for A in As], w)
-            new_state[f"{name}.B"] = weighted_sum([pad_columns(B, self.r_max) for B in Bs], w)
-        return Aggregate(state=new_state)
+            new_state[f"{name}.B"] = weighted_sum(padded, w)
+            terms.append([(wk, B, new_state[f"{name}.A"]) for wk, B in zip(w, padded)])
+        return Aggregate(state=new_state, metrics=self.tilt(updates, terms))
 
     def eval_factors(self, state: Tensors) -> Tensors:
         return {k: v for k, v in state.items() if k != RANKS}

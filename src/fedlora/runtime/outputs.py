@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.hardware import cpu_model, preferred_compute_dtype
-from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded
+from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded, read_json
 
 UNTUNED_FILE = "untuned.json"
 """The untuned model's evaluation (`evaluation.untuned: true`): the figures' reference line."""
@@ -70,6 +71,29 @@ def write_run_header(
         {"label_words": cfg.data.label_words, "names": names or cfg.data.label_words,
          "examples_per_client_per_label": partition},
     )
+
+
+def read_config_tree(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as a plain tree, {} when it is missing or damaged: for captions and
+    tables, which are cosmetic (a resume reads the checkpoint's own config, and checks it)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    try:
+        tree = yaml.safe_load(read_bounded(path, MAX_JSON_BYTES))
+    except (RunFileError, yaml.YAMLError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def client_sizes(run_dir: Path) -> list[int] | None:
+    """Examples per client (row sums of partition.json's table); None when it is missing or not
+    a table of counts."""
+    path = Path(run_dir) / "partition.json"
+    table = read_json(path).get("examples_per_client_per_label") if path.exists() else None
+    rows_ok = isinstance(table, list) and all(
+        isinstance(row, list) and all(isinstance(x, int) for x in row) for row in table)
+    return [sum(row) for row in table] if table and rows_ok else None
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
