@@ -123,6 +123,43 @@ def test_fedit_share_is_each_b_times_the_averaged_a():
     assert FedIT(FedITOptions(), trimmed).aggregate(agg.state, updates, None).metrics == {}
 
 
+def _norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(B.double() @ A.double()))
+
+
+@pytest.mark.parametrize("method", ["ffa", "flora", "flexlora", "hetlora"])
+def test_other_methods_shares_follow_their_terms(method):
+    """Each method's client term (README, "Aggregation tilt"), computed here from the uploads:
+    FFA-LoRA p_k B_k A (the frozen A), FLoRA and FlexLoRA p_k B_k A_k, HETLoRA w_k B_k Ā[:r_k]
+    (sparsity weights, the averaged A)."""
+    from fedlora.algorithms import ffa, flexlora, flora, hetlora
+
+    g = torch.Generator().manual_seed(2)
+    m, n, sizes = 6, 5, [10, 30, 60]
+    ranks = [2, 2, 2] if method == "ffa" else [4, 2, 1]
+    setup = FederationSetup({"w": (m, n)}, ranks, sizes, scaling=1.0, seed=0)
+    algo = {"ffa": lambda: ffa.FFALoRA(ffa.FFALoRAOptions(), setup),
+            "flora": lambda: flora.FLoRA(flora.FLoRAOptions(), setup),
+            "flexlora": lambda: flexlora.FlexLoRA(flexlora.FlexLoRAOptions(), setup),
+            "hetlora": lambda: hetlora.HETLoRA(hetlora.HETLoRAOptions(), setup)}[method]()
+    updates = [Update(k, {"w.A": torch.randn(r, n, generator=g), "w.B": torch.randn(m, r, generator=g)}, d)
+               for k, (r, d) in enumerate(zip(ranks, sizes))]
+    if method == "ffa":
+        updates = [Update(u.client_id, {"w.B": u.tensors["w.B"]}, u.num_examples) for u in updates]
+    agg = algo.aggregate(algo.init_state(), updates, None)
+    p = [0.1, 0.3, 0.6]
+    if method == "ffa":
+        norms = [pk * _norm(u.tensors["w.B"], algo.A["w.A"]) for pk, u in zip(p, updates)]
+    elif method == "hetlora":
+        p = hetlora.sparsity_weights([_norm(u.tensors["w.B"], u.tensors["w.A"]) for u in updates])
+        A_bar = agg.state["w.A"]
+        norms = [pk * _norm(u.tensors["w.B"], A_bar[: u.tensors["w.B"].shape[1]]) for pk, u in zip(p, updates)]
+    else:
+        norms = [pk * _norm(u.tensors["w.B"], u.tensors["w.A"]) for pk, u in zip(p, updates)]
+    assert list(agg.metrics["client_weight"].values()) == pytest.approx(p, rel=1e-5)
+    assert list(agg.metrics["delta_share"].values()) == pytest.approx([x / sum(norms) for x in norms], rel=1e-5)
+
+
 def test_one_round_run_logs_the_tilt_and_report_tabulates_it(data_dir, tmp_path):
     tree = tiny_tree(federation={"rounds": 1}, algorithm={"name": "aflora", "server_steps": 1, "weighting": "data"})
     Simulation(build_config(tree), tmp_path, progress=False).run()
