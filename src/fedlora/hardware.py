@@ -79,17 +79,33 @@ def float32_flops_per_cycle(cpuinfo: Path = CPUINFO) -> tuple[int, str]:
     """float32 FLOPs per cycle per core from the widest FMA the CPU advertises, and why.
 
     Two FMA pipes per core is assumed (Zen 2/3/4, most Intel cores): AVX-512: 2 × 16 lanes × 2;
-    AVX2 + FMA: 2 × 8 × 2 = 32; AVX without FMA: 16 (add + mul pipes); else SSE: 8.
+    AVX2 + FMA: 2 × 8 × 2 = 32; AVX without FMA: 16 (add + mul pipes); else SSE: 8. Zen 1
+    (AMD family 23, models below 0x30: EPYC 7001 "Naples") advertises AVX2 but its two FMA
+    pipes are 128 bits wide, so a 256-bit FMA takes both: 2 × 4 × 2 = 16 (measured here: a
+    2048² float32 product runs at 34 GFLOP/s on one 2.0 GHz core, docs/benchmarks.md).
     """
-    line = re.search(r"^flags\s*:(.*)$", _cpuinfo(cpuinfo), re.MULTILINE)
+    text = _cpuinfo(cpuinfo)
+    line = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
     flags = set(line.group(1).split()) if line else set()
     if "avx512f" in flags:
         return 64, "AVX-512 with 2 FMA pipes: 2 x 16 float32 lanes x 2 FLOPs = 64 FLOPs/cycle/core"
+    if {"avx2", "fma"} <= flags and _is_zen1(text):
+        return 16, "AVX2+FMA on Zen 1 (AMD family 23, model < 0x30), 2 FMA pipes of 128 bits: 2 x 4 float32 lanes x 2 FLOPs = 16 FLOPs/cycle/core"
     if {"avx2", "fma"} <= flags:
         return 32, "AVX2+FMA, 2 FMA pipes: 2 x 8 float32 lanes x 2 FLOPs = 32 FLOPs/cycle/core"
     if "avx" in flags:
         return 16, "AVX without FMA: 8-lane add + 8-lane mul = 16 FLOPs/cycle/core"
     return 8, "SSE (or unknown): 4-lane add + 4-lane mul = 8 FLOPs/cycle/core"
+
+
+def _is_zen1(text: str) -> bool:
+    """AMD family 23 (0x17) below model 0x30: Zen and Zen+, whose FMA units are 128 bits wide."""
+    fields = dict(re.findall(r"^(vendor_id|cpu family|model)\s*:\s*(\S+)", text, re.MULTILINE))
+    try:
+        return (fields.get("vendor_id") == "AuthenticAMD" and int(fields["cpu family"]) == 23
+                and int(fields["model"]) < 0x30)
+    except (KeyError, ValueError):
+        return False
 
 
 def float32_peak_gflops(cores: int, ghz: float | None = None, cpuinfo: Path = CPUINFO) -> tuple[float, str]:

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -263,13 +264,38 @@ def cached_folder(source: Path, build: Callable[[Path], None], kind: str, build_
     return folder if _folder_is_intact(folder, key) else None
 
 
+@contextmanager
+def one_gguf_parse() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once: transformers opens a new
+    `gguf.GGUFReader` for the tokenizer, the config and the weights, and each parse walks
+    the whole vocabulary (about half of a first load's minute on 2 cores). The reader is
+    read-only (a memory map), so sharing it changes nothing read from it."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[str, Any] = {}
+
+    def shared_reader(path: Any, mode: str = "r") -> Any:
+        key = f"{Path(path).resolve()}:{mode}"
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def write_dequantised(gguf: Path, folder: Path) -> None:
     """De-quantise a GGUF model to a float32 Hugging Face folder (weights, config, tokenizer)."""
     from safetensors.torch import save_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    with one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
     save_model(model, str(folder / "model.safetensors"))  # handles tied embeddings
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the folder holds plain float32 weights
