@@ -176,3 +176,24 @@ def test_one_round_run_logs_the_tilt_and_report_tabulates_it(data_dir, tmp_path)
     cells = row.strip("| ").split(" | ")
     assert cells[2] == str(sizes[0]) and cells[3] == "1"
     assert cells[4] == f"{record['client_weight']['0']:.4g}" and cells[5] == f"{record['delta_share']['0']:.4g}"
+
+
+def test_diagnostic_seconds_stay_out_of_the_server_time(data_dir, tmp_path, monkeypatch):
+    """Measuring the tilt is not aggregating: a slow diagnostic must not make a method's server
+    (and so its simulated round) slower, and its seconds are not recorded as a metric."""
+    import time
+
+    import fedlora.algorithms.base as base
+
+    slow_tilt = base.aggregation_tilt
+
+    def tilt_taking_half_a_second(*args, **kwargs):
+        time.sleep(0.5)
+        return slow_tilt(*args, **kwargs)
+
+    monkeypatch.setattr(base, "aggregation_tilt", tilt_taking_half_a_second)
+    tree = tiny_tree(federation={"rounds": 1}, algorithm={"name": "fedit"})
+    Simulation(build_config(tree), tmp_path, progress=False).run()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert "delta_share" in record and base.DIAGNOSTIC_SECONDS not in record
+    assert 0 <= record["server_seconds"] < 0.4

@@ -137,7 +137,18 @@ def test_dequantised_cache_equals_the_gguf_load(data_dir, tmp_path, monkeypatch)
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     direct_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
-    cached, tok = load_base_model("smollm2-135m")
+    import gguf
+
+    parses = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    cached, tok = load_base_model("smollm2-135m")  # a cold cache: tokenizer, then model + cache
+    assert len(parses) == 1, f"the GGUF file was parsed {len(parses)} times for one load"
     assert "quantization_config" not in cached.config.to_dict()
     a, b = direct.state_dict(), cached.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -69,12 +69,14 @@ def test_cached_folder_can_be_turned_off_and_failed_builds_leave_nothing(tmp_pat
 
 
 def test_one_gguf_parse_shares_one_reader_per_file_and_restores_the_class(tmp_path):
-    """transformers opens a GGUF file three times for one model (tokenizer, config, weights);
-    inside `one_gguf_parse` each file is parsed once, and outside it nothing is patched."""
+    """transformers opens a GGUF file three times for one model (tokenizer's config, model's
+    config, weights); inside `one_gguf_parse` blocks each file is parsed once until
+    `forget_gguf_readers`, nested blocks keep the patch until the outermost closes, and outside
+    them nothing is patched."""
     import gguf
     import numpy as np
 
-    from fedlora.models import one_gguf_parse
+    from fedlora.models import forget_gguf_readers, one_gguf_parse
 
     paths = []
     for i in range(2):
@@ -88,10 +90,22 @@ def test_one_gguf_parse_shares_one_reader_per_file_and_restores_the_class(tmp_pa
         writer.close()
         paths.append(path)
     original = gguf.GGUFReader
-    with one_gguf_parse():
-        first, again, other = gguf.GGUFReader(paths[0]), gguf.GGUFReader(str(paths[0])), gguf.GGUFReader(paths[1])
-        assert first is again and other is not first
-        assert int(other.fields["test.value"].parts[-1][0]) == 8
-        assert np.array_equal(first.tensors[0].data, np.arange(4, dtype=np.float32))
+    try:
+        with one_gguf_parse():  # the tokenizer's load
+            first = gguf.GGUFReader(paths[0])
+            with one_gguf_parse():  # a nested block (the cache writer inside the model's load)
+                assert gguf.GGUFReader(str(paths[0])) is first
+            assert gguf.GGUFReader is not original  # still patched: the outer block is open
+            other = gguf.GGUFReader(paths[1])
+            assert other is not first and int(other.fields["test.value"].parts[-1][0]) == 8
+            assert np.array_equal(first.tensors[0].data, np.arange(4, dtype=np.float32))
+        assert gguf.GGUFReader is original
+        assert gguf.GGUFReader(paths[0]) is not first  # outside the blocks: a plain parse
+        with one_gguf_parse():  # the model's load reuses the tokenizer's parse
+            assert gguf.GGUFReader(paths[0]) is first
+        forget_gguf_readers()
+        with one_gguf_parse():
+            assert gguf.GGUFReader(paths[0]) is not first
+    finally:
+        forget_gguf_readers()
     assert gguf.GGUFReader is original
-    assert gguf.GGUFReader(paths[0]) is not first

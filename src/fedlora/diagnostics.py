@@ -111,11 +111,19 @@ Term = tuple[float, Tensor, Tensor]
 """(p_k, B_k, A_k): client k's term p_k · B_k A_k of one module's aggregated update."""
 
 
-def product_norm(B: Tensor, A: Tensor) -> float:
+def product_norm(B: Tensor, A: Tensor, gram_a: Tensor | None = None) -> float:
     """‖B A‖_F from the r × r Gram matrices, ‖B A‖²_F = Σ (BᵀB ⊙ A Aᵀ), in float64: the
-    m × n product is never formed (cheap for every module and client every round)."""
-    b, a = B.detach().double(), A.detach().double()
-    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
+    m × n product is never formed. `gram_a`: A Aᵀ in float64 if already computed. B's all-zero
+    columns (zero padding, pruned dimensions) add nothing and are skipped."""
+    b = B.detach().double()
+    used = b.abs().sum(dim=0) > 0
+    if not bool(used.any()):
+        return 0.0
+    if gram_a is None:
+        a = A.detach().double()
+        gram_a = a @ a.T
+    b = b[:, used]
+    return math.sqrt(max(float(((b.T @ b) * gram_a[used][:, used]).sum()), 0.0))
 
 
 def delta_shares(terms: Sequence[Sequence[Term]]) -> list[float] | None:
@@ -130,8 +138,12 @@ def delta_shares(terms: Sequence[Sequence[Term]]) -> list[float] | None:
     clients = len(terms[0]) if terms else 0
     sizes = [0.0] * clients
     for module in terms:
+        grams: dict[int, Tensor] = {}  # A Aᵀ once per distinct A (FedIT's Ā, AFLoRA's A' …)
         for k, (p, B, A) in enumerate(module):
-            sizes[k] += abs(p) * product_norm(B, A)
+            if id(A) not in grams:
+                a = A.detach().double()
+                grams[id(A)] = a @ a.T
+            sizes[k] += abs(p) * product_norm(B, A, grams[id(A)])
     total = sum(sizes)
     return [x / total for x in sizes] if total > 0 else None
 

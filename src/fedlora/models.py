@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,7 +128,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         tokenizer = tiny_tokenizer()
     else:
         folder, kwargs = _source(name, build_cache=False)
-        with _loading(name):
+        with _loading(name), one_gguf_parse():  # a GGUF file parsed here is reused by the model's load
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -143,11 +144,14 @@ def load_model(name: str, seed: int = 0, vocab_size: int | None = None) -> PreTr
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(tiny_config(name, vocab_size or len(tiny_tokenizer())))
     else:
-        folder, kwargs = _source(name)
-        with _loading(name):
-            if "gguf_file" in kwargs:  # dense float32 weights: LoRA wraps nn.Linear, and it saves like any model
-                kwargs["quantization_config"] = GgufConfig(dequantize=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        try:
+            folder, kwargs = _source(name)
+            with _loading(name), one_gguf_parse():
+                if "gguf_file" in kwargs:  # dense float32 weights: LoRA wraps nn.Linear, and it saves like any model
+                    kwargs["quantization_config"] = GgufConfig(dequantize=True)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        finally:
+            forget_gguf_readers()
     model.eval()  # dropout off: training is deterministic and matches evaluation
     for p in model.parameters():
         p.requires_grad_(False)
@@ -264,28 +268,49 @@ def cached_folder(source: Path, build: Callable[[Path], None], kind: str, build_
     return folder if _folder_is_intact(folder, key) else None
 
 
+_GGUF_LOCK = threading.RLock()
+_GGUF_READERS: dict[str, Any] = {}
+_GGUF_PATCH: list[Any] = []  # [the original gguf.GGUFReader, blocks open] while patched
+
+
 @contextmanager
 def one_gguf_parse() -> Iterator[None]:
-    """Within the block, each GGUF file is parsed once: transformers opens a new
-    `gguf.GGUFReader` for the tokenizer, the config and the weights, and each parse walks
-    the whole vocabulary (about half of a first load's minute on 2 cores). The reader is
-    read-only (a memory map), so sharing it changes nothing read from it."""
+    """Within these blocks, each GGUF file is parsed once per load: transformers opens a new
+    `gguf.GGUFReader` for the tokenizer's config, the model's config and the weights, and each
+    parse walks the whole vocabulary (31-33 s each on this 2-core machine under load). Readers
+    are shared from the tokenizer's block to the model's until `forget_gguf_readers()`. A
+    reader is a read-only memory map, so sharing it changes nothing read from it. Nesting and
+    threads are safe: the class is patched by the first open block and restored by the last."""
     import gguf
 
-    original = gguf.GGUFReader
-    readers: dict[str, Any] = {}
+    with _GGUF_LOCK:
+        if not _GGUF_PATCH:
+            original = gguf.GGUFReader
 
-    def shared_reader(path: Any, mode: str = "r") -> Any:
-        key = f"{Path(path).resolve()}:{mode}"
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+            def shared_reader(path: Any, mode: str = "r") -> Any:
+                key = f"{Path(path).resolve()}:{mode}"
+                with _GGUF_LOCK:
+                    if key not in _GGUF_READERS:
+                        _GGUF_READERS[key] = original(path, mode)
+                    return _GGUF_READERS[key]
 
-    gguf.GGUFReader = shared_reader
+            gguf.GGUFReader = shared_reader
+            _GGUF_PATCH[:] = [original, 0]
+        _GGUF_PATCH[1] += 1
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        with _GGUF_LOCK:
+            _GGUF_PATCH[1] -= 1
+            if _GGUF_PATCH[1] == 0:
+                gguf.GGUFReader = _GGUF_PATCH[0]
+                _GGUF_PATCH.clear()
+
+
+def forget_gguf_readers() -> None:
+    """Drop the shared readers (their memory maps) once the model is loaded."""
+    with _GGUF_LOCK:
+        _GGUF_READERS.clear()
 
 
 def write_dequantised(gguf: Path, folder: Path) -> None:

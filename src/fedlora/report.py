@@ -14,7 +14,7 @@ from fedlora.plots import (
     setting_caption,
     untuned_accuracy,
 )
-from fedlora.runtime.files import read_json
+from fedlora.runtime.files import RunFileError, read_json
 from fedlora.runtime.outputs import client_sizes, read_config_tree, read_metrics
 
 
@@ -160,7 +160,7 @@ def write_report(run_dir: Path) -> Path:
         "",
         *(f"## {title}\n\n![{path.stem}](figures/{path.name})\n" for title, path in made),
         *diagnostics_table(records),
-        *tilt_table(records, _max_ranks(run_dir), client_sizes(run_dir)),
+        *tilt_table(records, _max_ranks(run_dir), _sizes_or_none(run_dir)),
         "## Rejected updates\n",
         *([f"- round {t}: client {x['client']}: {x['reason']}" for t, x in rejected] or ["none"]),
         "",
@@ -170,3 +170,12 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(text))
     return out
+
+
+def _sizes_or_none(run_dir: Path) -> list[int] | None:
+    """Client sizes for the tilt table; a damaged partition.json only blanks a column (the
+    report's tables are cosmetic, as for a damaged config.yaml)."""
+    try:
+        return client_sizes(run_dir)
+    except RunFileError:
+        return None

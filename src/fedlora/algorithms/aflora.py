@@ -32,6 +32,7 @@ with (`upload_mask: trained`), pruning takes effect next round; λ persists acro
 from __future__ import annotations
 
 import math
+import time
 from typing import Literal
 
 import numpy as np
@@ -40,6 +41,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from fedlora.algorithms.base import (
+    DIAGNOSTIC_SECONDS,
     Aggregate,
     Algorithm,
     ClientContext,
@@ -341,11 +343,15 @@ class AFLoRA(Algorithm):
         if opts.uses_public_data:
             server.adapters.load(new_state, trainable={"A"})
             layers = [server.adapters.layers[name] for name in self.setup.module_shapes]
+            measuring = time.perf_counter()
             before = server.heldout_loss()  # a measurement (no step, no randomness)
+            measured = time.perf_counter() - measuring
             losses = server.train_public(
                 [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
             )
+            measuring = time.perf_counter()
             after_ft = server.heldout_loss()
+            measured += time.perf_counter() - measuring
             tuned = server.adapters.state()  # on the CPU, whatever device trained them
             moved = sum(float((tuned[f"{name}.A"] - state[f"{name}.A"]).pow(2).sum())
                         for name in self.setup.module_shapes)
@@ -356,12 +362,17 @@ class AFLoRA(Algorithm):
             norm = sum(float(state[f"{n}.A"].pow(2).sum()) for n in self.setup.module_shapes)
             metrics["server_a_change"] = math.sqrt(moved / norm)  # ‖A_FT − A‖_F / ‖A‖_F, all modules
             if before is not None:
+                measuring = time.perf_counter()
                 server.adapters.load(new_state)
                 metrics.update(server_heldout_before=before, server_heldout_ft=after_ft,
                                server_heldout_after=server.heldout_loss())
                 server.adapters.clear()
+                measured += time.perf_counter() - measuring
+            metrics[DIAGNOSTIC_SECONDS] = measured
         # the tilt: ΔW = s B_global A' = Σ_k s p_k pad(B'_k) A', client k's term of each module
         terms = [[(pk, Bk, new_state[f"{name}.A"]) for pk, Bk in zip(*weighted[name])] for name in weighted]
-        metrics.update(self.tilt(updates, terms))
+        tilt = self.tilt(updates, terms)
+        tilt[DIAGNOSTIC_SECONDS] = tilt.get(DIAGNOSTIC_SECONDS, 0.0) + metrics.get(DIAGNOSTIC_SECONDS, 0.0)
+        metrics.update(tilt)
         merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
         return Aggregate(state=new_state, merge=merge, metrics=metrics)

@@ -9,6 +9,7 @@ data, and a `ServerContext` that can run steps on the server's public data.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from fedlora.devices import DeviceProfile
 from fedlora.diagnostics import Term, aggregation_tilt
 
 Tensors = dict[str, Tensor]
+DIAGNOSTIC_SECONDS = "diagnostic_seconds"
+"""Aggregate.metrics key: seconds the server spent measuring, not aggregating (the tilt, the
+held-out loss). The runtime subtracts them from the server time the simulated clock charges
+and does not record them: a diagnostic must not make a method look slower."""
 Scalar = int | float | str | bool
 ParamGroups = list[tuple[list[Tensor], float] | tuple[list[Tensor], float, str]]
 """(parameters, lr) trained with Adam, or (parameters, lr, "adam" | "sgd")."""
@@ -195,10 +200,14 @@ class Algorithm(ABC):
     def tilt(self, updates: list[Update], terms: Sequence[Sequence[Term]]) -> dict[str, dict[str, float]]:
         """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; terms[m][k]
         = (p_k, B_k, A_k), module m's update being s Σ_k p_k B_k A_k); none when the aggregate
-        is a trimmed mean, which is no sum of the clients' terms."""
+        is a trimmed mean, which is no sum of the clients' terms. Its seconds go under
+        DIAGNOSTIC_SECONDS, which the runtime keeps out of the measured server time."""
         if self.setup.trimmed_mean > 0:
             return {}
-        return aggregation_tilt([u.client_id for u in updates], terms)
+        start = time.perf_counter()
+        tilt: dict = aggregation_tilt([u.client_id for u in updates], terms)
+        tilt[DIAGNOSTIC_SECONDS] = time.perf_counter() - start
+        return tilt
 
     def validate(self, state: Tensors, update: Update) -> None:
         """Raise InvalidUpdate when the update cannot be aggregated: real floating-point

@@ -88,9 +88,10 @@ def read_config_tree(run_dir: Path) -> dict[str, Any]:
 
 def client_sizes(run_dir: Path) -> list[int] | None:
     """Examples per client (row sums of partition.json's table); None when it is missing or not
-    a table of counts."""
+    a table of counts; RunFileError when it is not readable JSON (export's sizes matter)."""
     path = Path(run_dir) / "partition.json"
-    table = read_json(path).get("examples_per_client_per_label") if path.exists() else None
+    doc = read_json(path) if path.exists() else None
+    table = doc.get("examples_per_client_per_label") if isinstance(doc, dict) else None
     rows_ok = isinstance(table, list) and all(
         isinstance(row, list) and all(isinstance(x, int) for x in row) for row in table)
     return [sum(row) for row in table] if table and rows_ok else None
