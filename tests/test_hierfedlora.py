@@ -15,6 +15,7 @@ from fedlora.algorithms.hierfedlora import (
     distribution,
     label_distance,
     near_iid_groups,
+    speed_spread,
 )
 from fedlora.config import ConfigError, build_config
 from fedlora.devices import DeviceProfile
@@ -297,3 +298,28 @@ def test_regroup_every_n_rounds_draws_the_grouping_of_that_epoch():
     assert torch.equal(after1["groups"], expected[0]) and int(after1["round"]) == 1
     after2 = algo.aggregate(after1, [], None).state  # round 2: regroup with epoch 2 // 2 = 1
     assert torch.equal(after2["groups"], expected[1]) and int(after2["round"]) == 2
+
+
+def test_speed_spread_is_the_log_ratio_of_slowest_to_fastest():
+    seconds = np.array([2.0, 1.0, 8.0, 2.0 * np.e ** 2])
+    assert speed_spread(seconds, []) == 0.0 and speed_spread(seconds, [2]) == 0.0  # no spread alone
+    assert speed_spread(seconds, [0, 3]) == pytest.approx(2.0)  # two devices: ln(2e² / 2)
+    assert speed_spread(seconds, [0, 1, 2]) == pytest.approx(np.log(8.0))
+
+
+def test_stages_and_payload_follow_each_groups_tau_and_its_intermediate_model():
+    """τ = (2, 1): stage 0 trains both groups, stage 1 only group 0 (whatever the depths); between
+    stages a member receives its group's model (g{g}/...), the other group the global one, with
+    (group, τ, d)."""
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[2, 1], depth=[1, 4]), _setup())
+    state = algo.init_state()
+    g0, g1 = algo.members(state)
+    assert algo.stages(state, [0, 1, 2, 3]) == [{0: g0, 1: g1}, {0: g0}]
+    assert algo.stages(state, g1) == [{1: g1}]  # only group 1 selected: one stage
+    assert algo.stages(state, []) == [{}]
+    key = algo.factor_keys()[0]
+    mid = algo.aggregate_stage(state, [Update(k, {key: torch.full_like(state[key], 7.0)}, 10) for k in g0], 0)
+    p0, p1 = algo.payload(mid, g0[0]), algo.payload(mid, g1[0])
+    assert torch.equal(p0.tensors[key], torch.full_like(state[key], 7.0))
+    assert torch.equal(p1.tensors[key], state[key])
+    assert p0.config == {"group": 0, "tau": 2, "depth": 1} and p1.config == {"group": 1, "tau": 1, "depth": 4}
