@@ -113,3 +113,14 @@ def test_unwrap_puts_the_base_modules_back():
     assert all(model.get_submodule(n) is originals[n] for n in names)
     assert ad.layers == {}
     assert not any(isinstance(m, LoRALayer) for m in model.modules())
+
+
+def test_merge_update_computes_in_float32_whatever_the_updates_dtype():
+    """W ← W + s B A with B, A cast to float32 first: a float16 update is not multiplied in half
+    precision (its product would be off by ~1e-3)."""
+    g = torch.Generator().manual_seed(4)
+    layer = LoRALayer(nn.Linear(40, 30), 0.5)
+    before = layer.base.weight.detach().clone()
+    B, A = torch.randn(30, 8, generator=g).half(), torch.randn(8, 40, generator=g).half()
+    layer.merge_update(B, A)
+    torch.testing.assert_close(layer.base.weight, before + 0.5 * (B.float() @ A.float()))

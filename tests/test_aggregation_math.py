@@ -16,7 +16,7 @@ from fedlora.algorithms.aflora import (
     rank_weights,
     zero_pad,
 )
-from fedlora.algorithms.base import FederationSetup, Update, weighted_sum
+from fedlora.algorithms.base import FederationSetup, Update, trimmed_mean, weighted_sum
 from fedlora.algorithms.fedit import FedIT, FedITOptions
 
 
@@ -142,3 +142,24 @@ def test_global_A_rows_have_norm_C_and_fuse_is_eq11():
     torch.testing.assert_close(A.norm(dim=1), torch.full((8,), 2.5))
     A_ft = torch.ones_like(A)
     torch.testing.assert_close(fuse(A, A_ft, 0.3), 0.3 * A + 0.7 * A_ft)
+
+
+def test_trimmed_mean_drops_each_coordinates_extremes_and_reweights():
+    values = [torch.tensor([1.0, 100.0]), torch.tensor([2.0, -50.0]), torch.tensor([1e6, 3.0]),
+              torch.tensor([4.0, 4.0]), torch.tensor([-1e6, 5.0])]
+    weights = [0.1, 0.2, 0.3, 0.2, 0.2]
+    out = trimmed_mean(values, weights, 0.2)  # drops one value at each end, per coordinate
+    # coordinate 0 keeps 1, 2, 4 (weights .1 .2 .2); coordinate 1 keeps 3, 4, 5 (.3 .2 .2)
+    expected = torch.tensor([(0.1 + 0.4 + 0.8) / 0.5, (0.9 + 0.8 + 1.0) / 0.7])
+    assert torch.allclose(out, expected)
+    # per coordinate whatever the shape: the same numbers as 2 × 1 matrices
+    out2 = trimmed_mean([v.view(2, 1) for v in values], weights, 0.2)
+    assert out2.shape == (2, 1) and torch.allclose(out2.flatten(), expected)
+    # trim 0.4 of 5: ⌊2⌋ = 2 dropped at each end, the median is left
+    assert torch.allclose(trimmed_mean(values, weights, 0.4), torch.tensor([2.0, 4.0]))
+
+
+def test_trimmed_mean_with_nothing_to_trim_is_the_weighted_mean_exactly():
+    values = [torch.randn(3, 4, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    weights = [0.1, 0.2, 0.3, 0.4]
+    assert torch.equal(trimmed_mean(values, weights, 0.2), weighted_sum(values, weights))  # ⌊0.8⌋ = 0

@@ -12,6 +12,7 @@ from conftest import tiny_tree
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms import ALGORITHMS, build_algorithm
+import fedlora.algorithms.aflora as aflora_module
 from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, prune_mask
 from fedlora.algorithms.base import FederationSetup, InvalidUpdate, Update, data_weights, factor_shapes
 from fedlora.algorithms.fedit import FedITOptions
@@ -68,7 +69,8 @@ class FakeClient:
     seen: dict = field(default_factory=dict)
 
     def train(self, param_groups, regulariser=None):
-        self.seen["params"] = [p for group, _ in param_groups for p in group]
+        self.seen["params"] = [p for group, *_ in param_groups for p in group]
+        self.seen["groups"] = param_groups
         if self.step is not None:
             self.step(self, regulariser)
         return [0.0]
@@ -595,3 +597,77 @@ def test_flora_fresh_a_is_reproducible_from_seed_round_and_client(tiny_adapters)
     torch.manual_seed(1)  # the global generator plays no part
     assert torch.equal(drawn(0, 0), first)
     assert not torch.equal(drawn(0, 1), first) and not torch.equal(drawn(1, 0), first)
+
+
+
+def test_flora_stack_is_float32_whatever_the_uploads_dtype():
+    ups = updates_at(RANKS)
+    p = data_weights(ups)
+    As, Bs = [u.tensors["m0.A"] for u in ups], [u.tensors["m0.B"] for u in ups]
+    B, A = stack([a.half() for a in As], [b.half() for b in Bs], p)
+    assert A.dtype == B.dtype == torch.float32
+    exact = stack([a.half().float() for a in As], [b.half().float() for b in Bs], p)
+    assert torch.equal(B, exact[0]) and torch.equal(A, exact[1])  # p · A_k not rounded to half
+
+
+def _b_at_training(tiny_adapters, client, seed=0, **options):
+    """The B a client starts training from (captured when `train` is called)."""
+    algo = AFLoRA(AFLoRAOptions(**options), FederationSetup(tiny_adapters.shapes(), [4, 4], [10, 10], 0.5, seed))
+    seen = {}
+
+    def step(ctx, _):
+        seen.update({n: layer.B.detach().clone() for n, layer in ctx.adapters.layers.items()})
+
+    algo.client_train(FakeClient(tiny_adapters, client_id=client, step=step), algo.payload(algo.init_state(), client), {})
+    return seen
+
+
+def test_aflora_b_init_unit_starts_from_seeded_unit_columns(tiny_adapters):
+    unit = {"b_init": "unit", "lambda_init": 0.0, "lambda_persist": False}
+    torch.manual_seed(0)
+    first = _b_at_training(tiny_adapters, 0, **unit)
+    for B in first.values():
+        assert B.shape[1] == 4
+        torch.testing.assert_close(B.norm(dim=0), torch.ones(4))
+    torch.manual_seed(1)  # seeded by (seed, client) alone, not the global generator
+    again = _b_at_training(tiny_adapters, 0, **unit)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    other_client, other_seed = _b_at_training(tiny_adapters, 1, **unit), _b_at_training(tiny_adapters, 0, 1, **unit)
+    assert all(not torch.equal(first[n], other_client[n]) and not torch.equal(first[n], other_seed[n]) for n in first)
+    assert all(float(B.abs().max()) == 0 for B in _b_at_training(tiny_adapters, 0).values())  # zeros (paper)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_aflora_lambda_group_names_its_optimizer_and_lr(tiny_adapters, optimizer):
+    seen = {}
+    _aflora_client_round(tiny_adapters, step=lambda ctx, _: seen.update(ctx.seen), lambda_optimizer=optimizer,
+                         lambda_lr=0.25)
+    B_group, lam_group = seen["groups"]
+    assert all(p.dim() == 2 for p in B_group[0]) and B_group[1] == 0.1  # B at the client's lr
+    assert all(p.dim() == 1 for p in lam_group[0]) and lam_group[1] == 0.25
+    assert lam_group[2:] == (("sgd",) if optimizer == "sgd" else ())  # Adam is the default
+
+
+def test_aflora_pruning_check_measures_ddrs_masks_with_a_client_seeded_generator(tiny_adapters, monkeypatch):
+    calls = []
+
+    def spy(layers, pruned, loss, generator, draws):
+        calls.append((layers, pruned, loss, generator.initial_seed(), draws))
+        return result
+
+    monkeypatch.setattr(aflora_module, "pruning_loss_increase", spy)
+    result = (0.5, 0.25)
+    algo = AFLoRA(AFLoRAOptions(beta=1.0, pruning_rule="paper-literal", pruning_check=3),
+                  FederationSetup(tiny_adapters.shapes(), [4, 4], [10, 10], 0.5, 5))
+    names = list(tiny_adapters.shapes())
+    state = {f"{n}.lam": torch.tensor([3.0, 0.1, 2.0, 0.5]) for n in names} | {f"{n}.mask": torch.ones(4) for n in names}
+    ctx = FakeClient(tiny_adapters, client_id=1)
+    ctx.loss = lambda: 1.0
+    update, _ = algo.client_train(ctx, algo.payload(algo.init_state(), 1), state)
+    layers, pruned, loss, seed, draws = calls[0]
+    assert layers == [tiny_adapters.layers[n] for n in names] and loss is ctx.loss
+    assert [m.tolist() for m in pruned] == [PRUNED] * len(names) and seed == 5 + 1 and draws == 3
+    assert (update.metrics["prune_loss_ddr"], update.metrics["prune_loss_random"]) == result
+    result = None  # DDR pruned nothing: no such metrics
+    update, _ = algo.client_train(ctx, algo.payload(algo.init_state(), 1), state)
+    assert "prune_loss_ddr" not in update.metrics and "prune_loss_random" not in update.metrics
