@@ -163,3 +163,19 @@ def test_trimmed_mean_with_nothing_to_trim_is_the_weighted_mean_exactly():
     values = [torch.randn(3, 4, generator=torch.Generator().manual_seed(k)) for k in range(4)]
     weights = [0.1, 0.2, 0.3, 0.4]
     assert torch.equal(trimmed_mean(values, weights, 0.2), weighted_sum(values, weights))  # ⌊0.8⌋ = 0
+
+
+def test_fedit_averages_with_the_trimmed_mean_when_configured():
+    """aggregation.trimmed_mean reaches FedIT's aggregate: A and B are the coordinate-wise trimmed
+    means of the clients' factors with the data weights (the 1e6 client is trimmed everywhere)."""
+    sizes = [10, 20, 30, 20, 20]
+    setup = FederationSetup({"w": (4, 3)}, [2] * 5, sizes, scaling=1.0, seed=0, trimmed_mean=0.2)
+    algo = FedIT(FedITOptions(), setup)
+    g = torch.Generator().manual_seed(0)
+    updates = [Update(k, {"w.A": torch.randn(2, 3, generator=g) * (1e6 if k == 4 else 1.0),
+                          "w.B": torch.randn(4, 2, generator=g)}, n) for k, n in enumerate(sizes)]
+    state = algo.aggregate(algo.init_state(), updates, server=None).state
+    p = [n / sum(sizes) for n in sizes]
+    for key in ("w.A", "w.B"):
+        torch.testing.assert_close(state[key], trimmed_mean([u.tensors[key] for u in updates], p, 0.2))
+    assert float(state["w.A"].abs().max()) < 10

@@ -14,7 +14,14 @@ from fedlora.adapters import Adapters
 from fedlora.algorithms import ALGORITHMS, build_algorithm
 import fedlora.algorithms.aflora as aflora_module
 from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, prune_mask
-from fedlora.algorithms.base import FederationSetup, InvalidUpdate, Update, data_weights, factor_shapes
+from fedlora.algorithms.base import (
+    FederationSetup,
+    InvalidUpdate,
+    Update,
+    data_weights,
+    factor_shapes,
+    first_non_finite,
+)
 from fedlora.algorithms.fedit import FedITOptions
 from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
 from fedlora.algorithms.flexlora import (
@@ -410,6 +417,15 @@ def test_validate_accepts_a_well_formed_update_and_names_what_is_wrong():
     bad[1, 3] = float("nan")
     with pytest.raises(InvalidUpdate, match=r"^m1.A: contains NaN or Inf$"):
         check({**good, "m1.A": bad})
+
+
+def test_first_non_finite_checks_every_float_and_complex_tensor_in_float32():
+    nan = torch.tensor([1.0, float("nan")])
+    assert first_non_finite({"i": torch.ones(2, dtype=torch.long), "x": nan}) == "x"  # an int tensor is skipped
+    assert first_non_finite({"c": torch.tensor([complex(1, float("inf"))])}) == "c"
+    # finite in float64, infinite once aggregated in float32
+    assert first_non_finite({"a": torch.ones(2), "big": torch.tensor([1e300], dtype=torch.float64)}) == "big"
+    assert first_non_finite({"a": torch.ones(2), "i": torch.ones(2, dtype=torch.long)}) is None
 
 
 def test_single_stage_default():
