@@ -179,3 +179,11 @@ def test_fedit_averages_with_the_trimmed_mean_when_configured():
     for key in ("w.A", "w.B"):
         torch.testing.assert_close(state[key], trimmed_mean([u.tensors[key] for u in updates], p, 0.2))
     assert float(state["w.A"].abs().max()) < 10
+
+
+def test_weighted_sum_accumulates_in_float32():
+    g = torch.Generator().manual_seed(2)
+    halves = [torch.randn(5, 7, generator=g).half() for _ in range(3)]
+    out = weighted_sum(halves, [0.2, 0.3, 0.5])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, sum(w * h.float() for w, h in zip([0.2, 0.3, 0.5], halves)))

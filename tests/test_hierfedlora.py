@@ -323,3 +323,79 @@ def test_stages_and_payload_follow_each_groups_tau_and_its_intermediate_model():
     assert torch.equal(p0.tensors[key], torch.full_like(state[key], 7.0))
     assert torch.equal(p1.tensors[key], state[key])
     assert p0.config == {"group": 0, "tau": 2, "depth": 1} and p1.config == {"group": 1, "tau": 1, "depth": 4}
+
+
+SLOW = DeviceProfile("low", 1e11, 1e6, 1e6, 4)
+
+
+def _auto(time_budget, **options):
+    """Four like devices: one cycle at depth d takes 1 + d s of compute plus 256·d B up and
+    1 KiB down (_forward_plus_depth, rank 2, two 8 × 8 modules per layer)."""
+    return HierFedLoRA(HierFedLoRAOptions(groups=2, plan="auto", time_budget=time_budget, **options),
+                       _setup(devices=[SLOW] * 4, flops=_forward_plus_depth))
+
+
+def test_auto_plan_boundaries():
+    # T* = one full-depth cycle: (τ, d) = (1, 4) fits exactly (τ·cycle ≤ T*) and beats (2, 1)
+    algo = _auto(1.0)
+    state = algo.init_state()
+    assert algo.plan(state) == [(1, 4), (1, 4)]
+    assert algo.bytes_up(1) == 4 * 2 * 32 and algo.bytes_up(4) == 4 * 2 * 128  # float32 · rank · Σ (m + n)
+    # T* below one cycle at the minimum depth: nothing fits, so (1, min_depth): never τ = 0 or depth 0
+    assert _auto(0.3).plan(state) == [(1, 1), (1, 1)]
+    rows = algo.plan_table(state)
+    assert [r["group"] for r in rows] == [0, 1] and [r["members"] for r in rows] == algo.members(state)
+    seconds = 1 + 4 + 256 * 4 / 1e6 + 1024 / 1e6  # τ = 1 cycle at depth 4: 5.002048 s
+    assert round(seconds, 4) != round(seconds, 5)  # the report rounds to 4 decimals
+    assert rows[0] | {"members": None} == {"group": 0, "members": None, "tau": 1, "depth": 4,
+                                           "planned_seconds": round(seconds, 4), "device_classes": ["low"]}
+    # plan fixed, device profiles but no FLOP model: the plan without timings
+    fixed = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[2, 1], depth=[3, 1]), _setup(devices=[SLOW] * 4))
+    assert [{k: r[k] for k in ("group", "tau", "depth")} for r in fixed.plan_table(fixed.init_state())] == [
+        {"group": 0, "tau": 2, "depth": 3}, {"group": 1, "tau": 1, "depth": 1}]
+    assert "planned_seconds" not in fixed.plan_table(fixed.init_state())[0]
+
+
+def test_fixed_plan_refuses_values_that_do_not_fit_the_groups_or_layers():
+    with pytest.raises(ValueError, match=r"^algorithm.tau/depth: τ >= 1 and 1 <= d <= 4 required$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", depth=[5, 1]), _setup()).init_state()
+    with pytest.raises(ValueError, match=r"^algorithm.tau/depth: τ >= 1 and 1 <= d <= 4 required$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[0, 1]), _setup()).init_state()
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[1, 1]), _setup())
+    state = algo.init_state() | {"groups": torch.tensor([0, 1, 2, 2])}  # a grouping of 3 groups
+    with pytest.raises(ValueError, match=r"^algorithm.tau/depth: need one value per group \(3 groups\)$"):
+        algo.plan(state)
+    with pytest.raises(ValueError, match=r"^algorithm.depth: need one value per group \(2 groups\), got 3$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", depth=[1, 2, 3]), _setup())
+    assert HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", rank=1), _setup()).rank == 1
+
+
+def test_check_setup_names_what_the_runtime_did_not_provide():
+    def check(setup=None, **options):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, **options), setup or _setup()).check_setup()
+
+    check(plan="fixed", min_depth=4)  # every layer: accepted
+    with pytest.raises(ValueError, match=r"^algorithm.min_depth: 5 exceeds the 4 layers$"):
+        check(plan="fixed", min_depth=5)
+    no_flops = _setup(devices=[SLOW] * 4)
+    with pytest.raises(ValueError, match=r"^algorithm.plan: auto needs device profiles and a FLOP model from the runtime$"):
+        check(no_flops)
+    with pytest.raises(ValueError, match=r"^algorithm.speed_weight: needs device profiles and a FLOP model from the runtime$"):
+        check(no_flops, plan="fixed", speed_weight=0.5)
+    s = _setup()
+    outside = FederationSetup(module_shapes={**s.module_shapes, "lm_head": (8, 8)}, client_max_ranks=s.client_max_ranks,
+                              num_examples=s.num_examples, scaling=1.0, seed=0,
+                              module_layers={**s.module_layers, "lm_head": None}, num_layers=4,
+                              label_counts=s.label_counts)
+    with pytest.raises(ValueError, match=r"^model.target_modules: lm_head is not inside a decoder layer \(depth needs one\)$"):
+        check(outside, plan="fixed")
+
+
+def test_the_configured_cap_and_distance_reach_the_grouping():
+    counts = [[9, 6, 6], [8, 5, 7], [8, 2, 0], [3, 2, 8], [9, 0, 4], [8, 1, 7]]  # a table where both matter
+    default = near_iid_groups(counts, 2, None, "kl", [0, 0])
+    for cap, distance in ((4, "kl"), (None, "l1")):
+        algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", group_size_cap=cap, distance=distance),
+                           _setup(counts=counts))
+        expected = near_iid_groups(counts, 2, cap, distance, [0, 0])
+        assert expected != default and algo.members(algo.init_state()) == expected
