@@ -16,7 +16,7 @@ from fedlora.algorithms.aflora import (
     rank_weights,
     zero_pad,
 )
-from fedlora.algorithms.base import FederationSetup, Update, trimmed_mean, weighted_sum
+from fedlora.algorithms.base import FederationSetup, Update, lora_init, trimmed_mean, weighted_sum
 from fedlora.algorithms.fedit import FedIT, FedITOptions
 
 
@@ -187,3 +187,16 @@ def test_weighted_sum_accumulates_in_float32():
     out = weighted_sum(halves, [0.2, 0.3, 0.5])
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, sum(w * h.float() for w, h in zip([0.2, 0.3, 0.5], halves)))
+
+
+def test_lora_init_is_seeded_peft_a_and_zero_b():
+    shapes = {"q": (6, 16), "v": (4, 9)}
+    torch.manual_seed(0)
+    first = lora_init(shapes, 3, seed=7)
+    torch.manual_seed(1)  # the global generator plays no part
+    again, other = lora_init(shapes, 3, seed=7), lora_init(shapes, 3, seed=8)
+    for name, (m, n) in shapes.items():
+        A = first[f"{name}.A"]
+        assert A.shape == (3, n) and float(A.abs().max()) <= 1 / n**0.5  # uniform(±1/√n)
+        assert torch.equal(A, again[f"{name}.A"]) and not torch.equal(A, other[f"{name}.A"])
+        assert torch.equal(first[f"{name}.B"], torch.zeros(m, 3))

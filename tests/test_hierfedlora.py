@@ -399,3 +399,37 @@ def test_the_configured_cap_and_distance_reach_the_grouping():
                            _setup(counts=counts))
         expected = near_iid_groups(counts, 2, cap, distance, [0, 0])
         assert expected != default and algo.members(algo.init_state()) == expected
+
+
+def test_distribution_label_distance_and_the_default_cap():
+    assert distribution(np.array([1, 3])).tolist() == [0.25, 0.75]
+    assert distribution(np.array([1, 0])).tolist() == [1.0, 0.0]
+    none = distribution(np.array([0, 0]))
+    assert none.tolist() == [0.0, 0.0] and none.dtype == float  # no labels: zeros (a distribution), not 0/0
+    p, q = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.25, 0.5])
+    assert label_distance(p, q, "l1") == pytest.approx(1.0)  # Σ |p − q|
+    assert label_distance(p, q, "kl") == pytest.approx(np.log(2))  # Σ p ln(p / q), 0 ln 0 = 0
+    table = [[5, 1], [1, 5], [3, 3], [4, 2], [2, 4]]
+    assert sorted(map(len, near_iid_groups(table, 2, None, "kl", 0))) == [2, 3]  # cap ⌈5 / 2⌉ = 3
+
+
+def test_speed_enters_the_grouping_only_with_a_weight_and_the_times():
+    counts = _skewed_table(k=8).tolist()
+    labels_only = near_iid_groups(counts, 2, None, "kl", 0)
+    seconds = [1.0, 50.0, 1.0, 50.0, 1.0, 50.0, 1.0, 50.0]
+    assert near_iid_groups(counts, 2, None, "kl", 0, seconds=seconds) == labels_only  # no weight
+    assert near_iid_groups(counts, 2, None, "kl", 0, speed_weight=0.5) == labels_only  # no times
+
+
+def test_init_state_logs_the_plan_and_counts_rounds_in_integers(caplog):
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[2, 1]), _setup())
+    with caplog.at_level("INFO", logger="fedlora"):
+        state = algo.init_state()
+    assert caplog.messages == [f"hierfedlora group {row}" for row in algo.plan_table(state)]
+    assert state["round"].dtype == torch.long and int(state["round"]) == 0
+    s = _setup()
+    no_labels = FederationSetup(module_shapes=s.module_shapes, client_max_ranks=s.client_max_ranks,
+                                num_examples=s.num_examples, scaling=1.0, seed=0, module_layers=s.module_layers,
+                                num_layers=4)
+    with pytest.raises(ValueError, match="^algorithm: hierfedlora needs each client's label counts for grouping$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed"), no_labels).init_state()
