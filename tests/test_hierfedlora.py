@@ -433,3 +433,11 @@ def test_init_state_logs_the_plan_and_counts_rounds_in_integers(caplog):
                                 num_layers=4)
     with pytest.raises(ValueError, match="^algorithm: hierfedlora needs each client's label counts for grouping$"):
         HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed"), no_labels).init_state()
+
+
+def test_greedy_pass_by_hand():
+    """refine=False, L1 to the global (½, ½), cap 3. Largest first: c0 (3, 2) and c4 (0, 3) (before
+    c1 in the seeded tie order) seed the groups; c1 (2, 1) joins c0 (L1 ¼ vs ⅓), c2 (1, 0) too
+    (⅓ vs ½) and fills it; c3 takes the room left."""
+    table = [[3, 2], [2, 1], [1, 0], [0, 0], [0, 3]]
+    assert near_iid_groups(table, 2, None, "l1", 0, refine=False) == [[0, 1, 2], [3, 4]]
