@@ -8,7 +8,7 @@ MUTANTS = [
      "losses = ctx.train(groups, regulariser if opts.gamma > 0 else None)", "losses = ctx.train(groups, None)",
      ["tests/test_exactness_e2e.py::test_aflora_round_from_trained_b_and_lambda_to_the_merged_base"]),
     ("2 AFLoRA drops the fusion (A' = A_FT)", "algorithms/aflora.py",
-     'new_state[f"{name}.A"] = fuse(state[f"{name}.A"], layer.A.detach(), opts.alpha)', 'new_state[f"{name}.A"] = layer.A.detach()',
+     'new_state[f"{name}.A"] = fuse(state[f"{name}.A"], tuned[f"{name}.A"], opts.alpha)', 'new_state[f"{name}.A"] = tuned[f"{name}.A"]',
      ["tests/test_exactness_e2e.py::test_aflora_round_from_trained_b_and_lambda_to_the_merged_base"]),
     ("3 AFLoRA uploads the pruned mask", "algorithms/aflora.py",
      'sent = mask if opts.upload_mask == "trained" else new_mask', "sent = new_mask",

@@ -101,3 +101,26 @@ def test_plain_and_empty_layers():
     layer.merge()
     torch.testing.assert_close(layer.base.weight, before + 0.7 * B @ A)
     assert layer.A is None and layer.B is None
+
+
+def test_unwrap_puts_the_base_modules_back():
+    model, _ = load_base_model("tiny-llama")
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    originals = {n: model.get_submodule(n) for n in names}
+    ad = Adapters.inject(model, ["q_proj", "v_proj"], scaling=0.5)
+    assert all(isinstance(model.get_submodule(n), LoRALayer) for n in names)
+    ad.unwrap()
+    assert all(model.get_submodule(n) is originals[n] for n in names)
+    assert ad.layers == {}
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+
+
+def test_merge_update_computes_in_float32_whatever_the_updates_dtype():
+    """W ← W + s B A with B, A cast to float32 first: a float16 update is not multiplied in half
+    precision (its product would be off by ~1e-3)."""
+    g = torch.Generator().manual_seed(4)
+    layer = LoRALayer(nn.Linear(40, 30), 0.5)
+    before = layer.base.weight.detach().clone()
+    B, A = torch.randn(30, 8, generator=g).half(), torch.randn(8, 40, generator=g).half()
+    layer.merge_update(B, A)
+    torch.testing.assert_close(layer.base.weight, before + 0.5 * (B.float() @ A.float()))

@@ -16,7 +16,7 @@ from fedlora.algorithms.aflora import (
     rank_weights,
     zero_pad,
 )
-from fedlora.algorithms.base import FederationSetup, Update, weighted_sum
+from fedlora.algorithms.base import FederationSetup, Update, lora_init, trimmed_mean, weighted_sum
 from fedlora.algorithms.fedit import FedIT, FedITOptions
 
 
@@ -142,3 +142,61 @@ def test_global_A_rows_have_norm_C_and_fuse_is_eq11():
     torch.testing.assert_close(A.norm(dim=1), torch.full((8,), 2.5))
     A_ft = torch.ones_like(A)
     torch.testing.assert_close(fuse(A, A_ft, 0.3), 0.3 * A + 0.7 * A_ft)
+
+
+def test_trimmed_mean_drops_each_coordinates_extremes_and_reweights():
+    values = [torch.tensor([1.0, 100.0]), torch.tensor([2.0, -50.0]), torch.tensor([1e6, 3.0]),
+              torch.tensor([4.0, 4.0]), torch.tensor([-1e6, 5.0])]
+    weights = [0.1, 0.2, 0.3, 0.2, 0.2]
+    out = trimmed_mean(values, weights, 0.2)  # drops one value at each end, per coordinate
+    # coordinate 0 keeps 1, 2, 4 (weights .1 .2 .2); coordinate 1 keeps 3, 4, 5 (.3 .2 .2)
+    expected = torch.tensor([(0.1 + 0.4 + 0.8) / 0.5, (0.9 + 0.8 + 1.0) / 0.7])
+    assert torch.allclose(out, expected)
+    # per coordinate whatever the shape: the same numbers as 2 × 1 matrices
+    out2 = trimmed_mean([v.view(2, 1) for v in values], weights, 0.2)
+    assert out2.shape == (2, 1) and torch.allclose(out2.flatten(), expected)
+    # trim 0.4 of 5: ⌊2⌋ = 2 dropped at each end, the median is left
+    assert torch.allclose(trimmed_mean(values, weights, 0.4), torch.tensor([2.0, 4.0]))
+
+
+def test_trimmed_mean_with_nothing_to_trim_is_the_weighted_mean_exactly():
+    values = [torch.randn(3, 4, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    weights = [0.1, 0.2, 0.3, 0.4]
+    assert torch.equal(trimmed_mean(values, weights, 0.2), weighted_sum(values, weights))  # ⌊0.8⌋ = 0
+
+
+def test_fedit_averages_with_the_trimmed_mean_when_configured():
+    """aggregation.trimmed_mean reaches FedIT's aggregate: A and B are the coordinate-wise trimmed
+    means of the clients' factors with the data weights (the 1e6 client is trimmed everywhere)."""
+    sizes = [10, 20, 30, 20, 20]
+    setup = FederationSetup({"w": (4, 3)}, [2] * 5, sizes, scaling=1.0, seed=0, trimmed_mean=0.2)
+    algo = FedIT(FedITOptions(), setup)
+    g = torch.Generator().manual_seed(0)
+    updates = [Update(k, {"w.A": torch.randn(2, 3, generator=g) * (1e6 if k == 4 else 1.0),
+                          "w.B": torch.randn(4, 2, generator=g)}, n) for k, n in enumerate(sizes)]
+    state = algo.aggregate(algo.init_state(), updates, server=None).state
+    p = [n / sum(sizes) for n in sizes]
+    for key in ("w.A", "w.B"):
+        torch.testing.assert_close(state[key], trimmed_mean([u.tensors[key] for u in updates], p, 0.2))
+    assert float(state["w.A"].abs().max()) < 10
+
+
+def test_weighted_sum_accumulates_in_float32():
+    g = torch.Generator().manual_seed(2)
+    halves = [torch.randn(5, 7, generator=g).half() for _ in range(3)]
+    out = weighted_sum(halves, [0.2, 0.3, 0.5])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, sum(w * h.float() for w, h in zip([0.2, 0.3, 0.5], halves)))
+
+
+def test_lora_init_is_seeded_peft_a_and_zero_b():
+    shapes = {"q": (6, 16), "v": (4, 9)}
+    torch.manual_seed(0)
+    first = lora_init(shapes, 3, seed=7)
+    torch.manual_seed(1)  # the global generator plays no part
+    again, other = lora_init(shapes, 3, seed=7), lora_init(shapes, 3, seed=8)
+    for name, (m, n) in shapes.items():
+        A = first[f"{name}.A"]
+        assert A.shape == (3, n) and float(A.abs().max()) <= 1 / n**0.5  # uniform(±1/√n)
+        assert torch.equal(A, again[f"{name}.A"]) and not torch.equal(A, other[f"{name}.A"])
+        assert torch.equal(first[f"{name}.B"], torch.zeros(m, 3))

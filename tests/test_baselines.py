@@ -12,8 +12,16 @@ from conftest import tiny_tree
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms import ALGORITHMS, build_algorithm
-from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions
-from fedlora.algorithms.base import FederationSetup, Update, data_weights
+import fedlora.algorithms.aflora as aflora_module
+from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, prune_mask
+from fedlora.algorithms.base import (
+    FederationSetup,
+    InvalidUpdate,
+    Update,
+    data_weights,
+    factor_shapes,
+    first_non_finite,
+)
 from fedlora.algorithms.fedit import FedITOptions
 from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
 from fedlora.algorithms.flexlora import (
@@ -68,7 +76,8 @@ class FakeClient:
     seen: dict = field(default_factory=dict)
 
     def train(self, param_groups, regulariser=None):
-        self.seen["params"] = [p for group, _ in param_groups for p in group]
+        self.seen["params"] = [p for group, *_ in param_groups for p in group]
+        self.seen["groups"] = param_groups
         if self.step is not None:
             self.step(self, regulariser)
         return [0.0]
@@ -273,7 +282,7 @@ def test_homogeneous_rank_cannot_exceed_the_weakest_client():
 def test_min_rank_may_equal_but_not_exceed_the_smallest_max_rank(method):
     options = {"aflora": AFLoRAOptions, "hetlora": HETLoRAOptions}[method]
     build_algorithm(options(min_rank=2), setup(ranks=[8, 4, 2]))  # equal: accepted
-    with pytest.raises(ValueError, match="algorithm.min_rank: .*exceeds the smallest client max rank"):
+    with pytest.raises(ValueError, match=r"^algorithm\.min_rank: .*exceeds the smallest client max rank"):
         build_algorithm(options(min_rank=3), setup(ranks=[8, 4, 2]))
 
 
@@ -294,3 +303,387 @@ def test_aflora_paper_literal_weighting_reaches_the_aggregate():
     logs = [math.log1p(r) for r in RANKS]
     p = [lg / sum(logs) * d / 60 for lg, d in zip(logs, (30, 10, 20))]  # Σ p < 1
     torch.testing.assert_close(B[0], torch.tensor([sum(p[k] for k, r in enumerate(RANKS) if j < r) for j in range(8)]))
+
+
+# --- edge cases and contracts the mutation run found untested (docs/mutation.md) ----------
+
+
+def test_sparsity_weights_normalise_and_fall_back_to_uniform():
+    assert sparsity_weights([0.1, 0.3]) == pytest.approx([0.25, 0.75])  # Σ norms < 1: still w ∝ norm
+    assert sparsity_weights([2.0, 6.0]) == pytest.approx([0.25, 0.75])
+    assert sparsity_weights([0.0, 0.0, 0.0, 0.0]) == [0.25] * 4  # every update zero: uniform, no 0/0
+
+
+def _hetlora_client(tiny_adapters, options, state, rank=8, step=None):
+    algo = HETLoRA(options, FederationSetup(tiny_adapters.shapes(), [rank], [10], 0.5, 0))
+    payload = algo.payload(algo.init_state(), 0)
+    payload.tensors.update(_random_payload(tiny_adapters, rank))
+    ctx = FakeClient(tiny_adapters, step=step)
+    update, new_state = algo.client_train(ctx, payload, state)
+    return payload, update, new_state
+
+
+def test_hetlora_ceil_rounding_is_the_tail_the_client_measures_and_prunes_to(tiny_adapters):
+    """tail_rounding: ceil: t = ⌈0.7 · 8⌉ = 6 (floor: 5); the tail norm and the pruned rank use it."""
+    opts = HETLoRAOptions(gamma=0.7, tail_rounding="ceil")
+    payload, update, _ = _hetlora_client(tiny_adapters, opts, {TAIL_NORM: torch.tensor(1e9)})
+    assert update.metrics["next_rank"] == 6
+    names = tiny_adapters.shapes()
+    by_hand = sum(float(payload.tensors[f"{n}.A"][6:].norm() * payload.tensors[f"{n}.B"][:, 6:].norm()) for n in names)
+    assert update.metrics["tail_norm"] == pytest.approx(by_hand, rel=1e-5)
+    assert update.client_id == 0 and update.num_examples == 10
+
+
+def test_hetlora_prunes_only_when_the_tail_norm_strictly_falls(tiny_adapters):
+    """An unchanged tail norm (the previous round's, bit for bit) keeps the rank."""
+    opts = HETLoRAOptions(gamma=0.75)
+    _, first, state = _hetlora_client(tiny_adapters, opts, {})
+    _, second, _ = _hetlora_client(tiny_adapters, opts, state)
+    assert second.metrics["tail_norm"] == first.metrics["tail_norm"]
+    assert second.metrics["next_rank"] == 8
+
+
+@pytest.mark.parametrize("reg,given", [(0.0, False), (0.5, True)])
+def test_hetlora_passes_the_penalty_only_when_reg_is_positive(tiny_adapters, reg, given):
+    seen = {}
+    _hetlora_client(tiny_adapters, HETLoRAOptions(reg=reg), {}, step=lambda ctx, r: seen.update(r=r))
+    assert (seen["r"] is not None) == given
+
+
+def test_hetlora_expected_shapes_follow_the_uploaded_rank_within_bounds():
+    algo = HETLoRA(HETLoRAOptions(min_rank=2), setup())  # client ranks 8, 4, 2
+    state = algo.init_state()
+
+    def shapes(rank, client=1, A_shape=None):
+        tensors = random_factors(rank, 0)
+        if A_shape is not None:
+            tensors["m0.A"] = torch.zeros(A_shape)
+        return algo.expected_shapes(state, Update(client, tensors, 10))
+
+    assert shapes(4) == factor_shapes(SHAPES, 4)  # its current rank
+    algo.validate(state, Update(1, random_factors(3, 0), 10))  # the server's ranks bound the upload
+    assert shapes(2) == {"m0.A": (2, 10), "m0.B": (12, 2), "m1.A": (2, 10), "m1.B": (6, 2)}  # min_rank
+    with pytest.raises(InvalidUpdate, match=r"^rank 5 outside \[2, 4\] \(ranks only shrink\)$"):
+        shapes(5)
+    with pytest.raises(InvalidUpdate, match=r"^rank 1 outside \[2, 4\]"):
+        shapes(1)
+    with pytest.raises(InvalidUpdate, match="^m0.A: missing or not a matrix$"):
+        shapes(4, A_shape=(4, 10, 1))
+    with pytest.raises(InvalidUpdate, match="^m0.A: missing or not a matrix$"):
+        algo.expected_shapes(state, Update(1, {}, 10))
+    assert set(algo.eval_factors(state)) == set(factor_shapes(SHAPES, 8))  # the ranks are not factors
+
+
+def test_expected_shapes_of_the_fixed_rank_methods():
+    """FLoRA, FlexLoRA: A and B at the client's max rank; FedIT at the common rank; FFA-LoRA: B only."""
+    s = setup()
+    for cls, opts in ((FLoRA, FLoRAOptions()), (FlexLoRA, FlexLoRAOptions())):
+        algo = cls(opts, s)
+        state = algo.init_state()
+        assert algo.expected_shapes(state, Update(1, {}, 10)) == {
+            "m0.A": (4, 10), "m0.B": (12, 4), "m1.A": (4, 10), "m1.B": (6, 4)}
+    fedit = build_algorithm(FedITOptions(), s)
+    assert fedit.expected_shapes(fedit.init_state(), Update(0, {}, 10)) == factor_shapes(SHAPES, 2)
+    ffa = FFALoRA(FFALoRAOptions(), s)
+    assert ffa.expected_shapes(ffa.init_state(), Update(0, {}, 10)) == {"m0.B": (12, 2), "m1.B": (6, 2)}
+
+
+def test_validate_accepts_a_well_formed_update_and_names_what_is_wrong():
+    algo = FlexLoRA(FlexLoRAOptions(), setup())  # client 2 has rank 2
+    state = algo.init_state()
+    good = random_factors(2, 0)
+
+    def check(tensors, num_examples=1):
+        algo.validate(state, Update(2, tensors, num_examples))
+
+    check(good, num_examples=1)  # one example is enough
+    with pytest.raises(InvalidUpdate, match=r"^num_examples must be >= 1, got 0$"):
+        check(good, num_examples=0)
+    with pytest.raises(InvalidUpdate, match=r"^m1.B: dtype torch.int64, expected a real floating-point tensor$"):
+        check({**good, "m1.B": torch.zeros(6, 2, dtype=torch.long)})
+    with pytest.raises(InvalidUpdate, match=r"^m1.B: dtype list, expected a real floating-point tensor$"):
+        check({**good, "m1.B": [[0.0] * 2] * 6})
+    with pytest.raises(InvalidUpdate, match=r"^tensor names differ: missing \['m1.A'\], unexpected \[\]$"):
+        check({k: v for k, v in good.items() if k != "m1.A"})
+    with pytest.raises(InvalidUpdate, match=r"^tensor names differ: missing \[\], unexpected \['x'\]$"):
+        check({**good, "x": torch.zeros(1)})
+    extra = {f"x{i}": torch.zeros(1) for i in range(4)}
+    with pytest.raises(InvalidUpdate, match=r"^tensor names differ: missing \['m0.A', 'm0.B', 'm1.A'\], "
+                                            r"unexpected \['x0', 'x1', 'x2'\]$"):  # three of each
+        check(extra)
+    with pytest.raises(InvalidUpdate, match=r"^m0.A: shape \(3, 10\), expected \(2, 10\)$"):
+        check({**good, "m0.A": torch.zeros(3, 10)})
+    bad = good["m1.A"].clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(InvalidUpdate, match=r"^m1.A: contains NaN or Inf$"):
+        check({**good, "m1.A": bad})
+
+
+def test_first_non_finite_checks_every_float_and_complex_tensor_in_float32():
+    nan = torch.tensor([1.0, float("nan")])
+    assert first_non_finite({"i": torch.ones(2, dtype=torch.long), "x": nan}) == "x"  # an int tensor is skipped
+    assert first_non_finite({"c": torch.tensor([complex(1, float("inf"))])}) == "c"
+    # finite in float64, infinite once aggregated in float32
+    assert first_non_finite({"a": torch.ones(2), "big": torch.tensor([1e300], dtype=torch.float64)}) == "big"
+    assert first_non_finite({"a": torch.ones(2), "i": torch.ones(2, dtype=torch.long)}) is None
+
+
+def test_single_stage_default():
+    algo = build_algorithm(FedITOptions(), setup())
+    assert algo.stages(algo.init_state(), [2, 0]) == [{0: [2, 0]}]  # one stage, one lane, every client
+    with pytest.raises(NotImplementedError, match="^fedit has single-stage rounds$"):
+        algo.aggregate_stage({}, [], 0)
+
+
+# --- FlexLoRA edge cases --------------------------------------------------------------------
+
+
+def test_flexlora_float64_svd_keeps_a_float32_state_and_an_exact_zero_error():
+    """One participant of rank 2: ΔW has rank 2, so its rank-2 truncation loses nothing; in
+    float64 the relative error is ~1e-16 (float32: ~1e-7); the state is float32 either way."""
+    ups = [Update(2, random_factors(2, 5), 20)]
+    for svd_dtype, bound in (("float64", 1e-12), ("float32", 1e-5)):
+        algo = FlexLoRA(FlexLoRAOptions(svd_dtype=svd_dtype), setup())
+        agg = algo.aggregate(algo.init_state(), ups, server=None)
+        assert all(t.dtype == torch.float32 for t in agg.state.values())
+        assert agg.metrics["truncation_error_min_rank"] < bound
+        for name in SHAPES:
+            expected = ups[0].tensors[f"{name}.B"] @ ups[0].tensors[f"{name}.A"]
+            torch.testing.assert_close(agg.state[f"{name}.B"] @ agg.state[f"{name}.A"], expected,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_flexlora_truncation_metric_is_the_mean_relative_tail_over_modules():
+    ups = updates_at(RANKS)
+    algo = FlexLoRA(FlexLoRAOptions(), setup())
+    agg = algo.aggregate(algo.init_state(), ups, server=None)
+    p = data_weights(ups)
+    errors = []
+    for name in SHAPES:
+        S = torch.linalg.svdvals(sum(pk * u.tensors[f"{name}.B"] @ u.tensors[f"{name}.A"] for pk, u in zip(p, ups)))
+        errors.append(float(S[2:].norm() / S.norm()))  # the smallest participant has rank 2
+    assert agg.metrics["truncation_error_min_rank"] == pytest.approx(sum(errors) / 2, rel=1e-4)
+
+
+def test_flexlora_zero_updates_give_a_zero_state_and_no_error_metric():
+    zero = [Update(k, {key: torch.zeros_like(t) for key, t in random_factors(r, 0).items()}, 10)
+            for k, r in enumerate(RANKS)]
+    algo = FlexLoRA(FlexLoRAOptions(), setup())
+    agg = algo.aggregate(algo.init_state(), zero, server=None)
+    assert agg.metrics == {}  # no relative error of a zero update (not 0/0)
+    assert all(float((agg.state[f"{n}.B"] @ agg.state[f"{n}.A"]).abs().max()) == 0 for n in SHAPES)
+
+
+# --- AFLoRA client and server contracts -----------------------------------------------------
+
+
+def _aflora_client_round(tiny_adapters, step=None, **options):
+    """One client (max rank 4) from a hand-made λ [3, 0.1, 2, 0.5], all dims active; the fake
+    client does not train, so the trained λ is the given one."""
+    algo = AFLoRA(AFLoRAOptions(**options), FederationSetup(tiny_adapters.shapes(), [4], [10], 0.5, 0))
+    names = list(tiny_adapters.shapes())
+    state = {f"{n}.lam": torch.tensor([3.0, 0.1, 2.0, 0.5]) for n in names}
+    state |= {f"{n}.mask": torch.ones(4) for n in names}
+    ctx = FakeClient(tiny_adapters, client_id=0, step=step)
+    update, new_state = algo.client_train(ctx, algo.payload(algo.init_state(), 0), state)
+    return algo, names, update, new_state
+
+
+# paper-literal, β = 1: λ² = 9, .01, 4, .25; σ = 3.64: dims 0 and 2 survive
+PRUNED = [1.0, 0.0, 1.0, 0.0]
+
+
+def test_aflora_ddr_prunes_the_next_rounds_mask_and_uploads_the_trained_one(tiny_adapters):
+    algo, names, update, new_state = _aflora_client_round(tiny_adapters, beta=1.0, pruning_rule="paper-literal")
+    for n in names:
+        assert new_state[f"{n}.mask"].tolist() == PRUNED and new_state[f"{n}.mask"].dtype == torch.float32
+        assert update.tensors[f"{n}.mask"].tolist() == [1.0] * 4  # upload_mask: trained
+        torch.testing.assert_close(new_state[f"{n}.lam"], torch.tensor([3.0, 0.1, 2.0, 0.5]))  # λ persists
+    assert update.client_id == 0 and update.metrics["next_rank"] == 2 and update.metrics["pruned"] == 2 * len(names)
+    algo.validate(algo.init_state(), update)
+
+
+def test_aflora_without_ddr_keeps_the_mask(tiny_adapters):
+    _, names, update, new_state = _aflora_client_round(tiny_adapters, beta=1.0, pruning_rule="paper-literal", ddr=False)
+    assert all(new_state[f"{n}.mask"].tolist() == [1.0] * 4 for n in names)
+    assert update.metrics["next_rank"] == 4
+
+
+def test_aflora_upload_mask_pruned_sends_the_surviving_columns(tiny_adapters):
+    algo, names, update, _ = _aflora_client_round(tiny_adapters, beta=1.0, pruning_rule="paper-literal",
+                                                  upload_mask="pruned")
+    for n in names:
+        assert update.tensors[f"{n}.mask"].tolist() == PRUNED
+        assert update.tensors[f"{n}.B"].shape[1] == 2
+    algo.validate(algo.init_state(), update)  # a float 0/1 mask the server accepts
+
+
+def test_aflora_lambda_resets_to_its_init_when_it_does_not_persist(tiny_adapters):
+    _, names, _, new_state = _aflora_client_round(tiny_adapters, lambda_persist=False, lambda_init=0.7)
+    assert all(torch.equal(new_state[f"{n}.lam"], torch.full((4,), 0.7)) for n in names)
+
+
+@pytest.mark.parametrize("gamma,given", [(0.0, False), (0.5, True)])
+def test_aflora_passes_the_column_norm_regulariser_only_when_gamma_is_positive(tiny_adapters, gamma, given):
+    seen = {}
+    _aflora_client_round(tiny_adapters, step=lambda ctx, r: seen.update(r=r), gamma=gamma)
+    assert (seen["r"] is not None) == given
+
+
+def test_prune_mask_boundaries_and_dtype():
+    mask = torch.ones(4)
+    # λ² equal to the threshold survives (eq. 8: ≥): β = 0 keeps even λ = 0 (literal rule), and
+    # zscore with β = 0 keeps λ² = mean (λ² = 1, 49, 25, 25: mean 25)
+    assert prune_mask(torch.tensor([0.0, 1.0, 2.0, 3.0]), mask, 0.0, 1, "paper-literal").tolist() == [1, 1, 1, 1]
+    assert prune_mask(torch.tensor([1.0, 7.0, 5.0, 5.0]), mask, 0.0, 1, "zscore").tolist() == [0, 1, 1, 1]
+    out = prune_mask(torch.tensor([1.0, 7.0, 5.0, 5.0]), mask, 0.0, 1, "zscore")
+    assert out.dtype == mask.dtype  # the mask stays a float tensor (uploaded, validated as such)
+
+
+class FakeServer:
+    """A ServerContext whose public steps double A (A_FT = 2 A) and whose held-out losses are 3, 2, 1."""
+
+    def __init__(self, adapters):
+        self.adapters = adapters
+        self.heldout = iter([3.0, 2.0, 1.0])
+
+    def train_public(self, param_groups, steps, batch_size):
+        with torch.no_grad():
+            for group in param_groups:
+                for p in group[0]:
+                    p.mul_(2.0)
+        return [1.0, 3.0]
+
+    def heldout_loss(self):
+        return next(self.heldout)
+
+
+def test_aflora_server_fuses_a_and_reports_its_steps(tiny_adapters):
+    shapes = tiny_adapters.shapes()
+    algo = AFLoRA(AFLoRAOptions(alpha=0.25), FederationSetup(shapes, [4], [10], 0.5, 0))
+    state = algo.init_state()
+    update = Update(0, {f"{n}.B": torch.ones(m, 4) for n, (m, _) in shapes.items()}
+                    | {f"{n}.mask": torch.ones(4) for n in shapes}, 10)
+    agg = algo.aggregate(state, [update], FakeServer(tiny_adapters))
+    for n in shapes:  # A' = α A + (1 − α) 2A
+        torch.testing.assert_close(agg.state[f"{n}.A"], 1.75 * state[f"{n}.A"])
+        torch.testing.assert_close(agg.merge[n][1], agg.state[f"{n}.A"])
+    assert agg.metrics["server_loss"] == 2.0  # mean of the public steps' losses
+    assert agg.metrics["server_a_change"] == pytest.approx(1.0)  # ‖2A − A‖ / ‖A‖
+    assert (agg.metrics["server_heldout_before"], agg.metrics["server_heldout_ft"],
+            agg.metrics["server_heldout_after"]) == (3.0, 2.0, 1.0)
+
+
+def test_aflora_expected_shapes_follow_the_uploaded_mask():
+    algo = AFLoRA(AFLoRAOptions(min_rank=2), setup())  # client 1: max rank 4
+    state = algo.init_state()
+
+    def shapes(mask, B_cols=None):
+        mask = torch.tensor(mask)
+        cols = int(mask.sum()) if B_cols is None else B_cols
+        tensors = {f"{n}.mask": mask for n in SHAPES} | {f"{n}.B": torch.ones(m, cols) for n, (m, _) in SHAPES.items()}
+        return algo.expected_shapes(state, Update(1, tensors, 10))
+
+    assert shapes([1.0, 0.0, 1.0, 0.0]) == {"m0.mask": (4,), "m0.B": (12, 2), "m1.mask": (4,), "m1.B": (6, 2)}
+    assert shapes([1.0] * 4)["m0.B"] == (12, 4)
+    with pytest.raises(InvalidUpdate, match=r"^m0.mask: expected shape \(4,\)$"):
+        shapes([1.0] * 3)
+    with pytest.raises(InvalidUpdate, match=r"^m0.mask: expected shape \(4,\)$"):
+        algo.expected_shapes(state, Update(1, {}, 10))
+    for bad in ([1.0, 2.0, 0.0, 0.0], [1.0, 0.5, 1.0, 0.0]):
+        with pytest.raises(InvalidUpdate, match="^m0.mask: entries must be 0 or 1$"):
+            shapes(bad)
+    with pytest.raises(InvalidUpdate, match="^m0.mask: rank 1 below min_rank 2$"):
+        shapes([0.0, 0.0, 1.0, 0.0])
+
+
+def test_flora_fresh_a_is_reproducible_from_seed_round_and_client(tiny_adapters):
+    """The same (seed, round, client) draws the same A (a resumed run equals an uninterrupted
+    one); another client or seed draws another."""
+    shapes = tiny_adapters.shapes()
+
+    def drawn(seed, client):
+        algo = FLoRA(FLoRAOptions(), FederationSetup(shapes, [4, 4], [5, 5], 0.5, seed))
+        update, _ = algo.client_train(FakeClient(tiny_adapters, client_id=client),
+                                      algo.payload({"round": torch.tensor(1)}, client), {})
+        return next(v for k, v in update.tensors.items() if k.endswith(".A"))
+
+    torch.manual_seed(0)
+    first = drawn(0, 0)
+    torch.manual_seed(1)  # the global generator plays no part
+    assert torch.equal(drawn(0, 0), first)
+    assert not torch.equal(drawn(0, 1), first) and not torch.equal(drawn(1, 0), first)
+
+
+
+def test_flora_stack_is_float32_whatever_the_uploads_dtype():
+    ups = updates_at(RANKS)
+    p = data_weights(ups)
+    As, Bs = [u.tensors["m0.A"] for u in ups], [u.tensors["m0.B"] for u in ups]
+    B, A = stack([a.half() for a in As], [b.half() for b in Bs], p)
+    assert A.dtype == B.dtype == torch.float32
+    exact = stack([a.half().float() for a in As], [b.half().float() for b in Bs], p)
+    assert torch.equal(B, exact[0]) and torch.equal(A, exact[1])  # p · A_k not rounded to half
+
+
+def _b_at_training(tiny_adapters, client, seed=0, **options):
+    """The B a client starts training from (captured when `train` is called)."""
+    algo = AFLoRA(AFLoRAOptions(**options), FederationSetup(tiny_adapters.shapes(), [4, 4], [10, 10], 0.5, seed))
+    seen = {}
+
+    def step(ctx, _):
+        seen.update({n: layer.B.detach().clone() for n, layer in ctx.adapters.layers.items()})
+
+    algo.client_train(FakeClient(tiny_adapters, client_id=client, step=step), algo.payload(algo.init_state(), client), {})
+    return seen
+
+
+def test_aflora_b_init_unit_starts_from_seeded_unit_columns(tiny_adapters):
+    unit = {"b_init": "unit", "lambda_init": 0.0, "lambda_persist": False}
+    torch.manual_seed(0)
+    first = _b_at_training(tiny_adapters, 0, **unit)
+    for B in first.values():
+        assert B.shape[1] == 4
+        torch.testing.assert_close(B.norm(dim=0), torch.ones(4))
+    torch.manual_seed(1)  # seeded by (seed, client) alone, not the global generator
+    again = _b_at_training(tiny_adapters, 0, **unit)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    other_client, other_seed = _b_at_training(tiny_adapters, 1, **unit), _b_at_training(tiny_adapters, 0, 1, **unit)
+    assert all(not torch.equal(first[n], other_client[n]) and not torch.equal(first[n], other_seed[n]) for n in first)
+    assert all(float(B.abs().max()) == 0 for B in _b_at_training(tiny_adapters, 0).values())  # zeros (paper)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_aflora_lambda_group_names_its_optimizer_and_lr(tiny_adapters, optimizer):
+    seen = {}
+    _aflora_client_round(tiny_adapters, step=lambda ctx, _: seen.update(ctx.seen), lambda_optimizer=optimizer,
+                         lambda_lr=0.25)
+    B_group, lam_group = seen["groups"]
+    assert all(p.dim() == 2 for p in B_group[0]) and B_group[1] == 0.1  # B at the client's lr
+    assert all(p.dim() == 1 for p in lam_group[0]) and lam_group[1] == 0.25
+    assert lam_group[2:] == (("sgd",) if optimizer == "sgd" else ())  # Adam is the default
+
+
+def test_aflora_pruning_check_measures_ddrs_masks_with_a_client_seeded_generator(tiny_adapters, monkeypatch):
+    calls = []
+
+    def spy(layers, pruned, loss, generator, draws):
+        calls.append((layers, pruned, loss, generator.initial_seed(), draws))
+        return result
+
+    monkeypatch.setattr(aflora_module, "pruning_loss_increase", spy)
+    result = (0.5, 0.25)
+    algo = AFLoRA(AFLoRAOptions(beta=1.0, pruning_rule="paper-literal", pruning_check=3),
+                  FederationSetup(tiny_adapters.shapes(), [4, 4], [10, 10], 0.5, 5))
+    names = list(tiny_adapters.shapes())
+    state = {f"{n}.lam": torch.tensor([3.0, 0.1, 2.0, 0.5]) for n in names} | {f"{n}.mask": torch.ones(4) for n in names}
+    ctx = FakeClient(tiny_adapters, client_id=1)
+    ctx.loss = lambda: 1.0
+    update, _ = algo.client_train(ctx, algo.payload(algo.init_state(), 1), state)
+    layers, pruned, loss, seed, draws = calls[0]
+    assert layers == [tiny_adapters.layers[n] for n in names] and loss is ctx.loss
+    assert [m.tolist() for m in pruned] == [PRUNED] * len(names) and seed == 5 + 1 and draws == 3
+    assert (update.metrics["prune_loss_ddr"], update.metrics["prune_loss_random"]) == result
+    result = None  # DDR pruned nothing: no such metrics
+    update, _ = algo.client_train(ctx, algo.payload(algo.init_state(), 1), state)
+    assert "prune_loss_ddr" not in update.metrics and "prune_loss_random" not in update.metrics

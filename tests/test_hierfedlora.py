@@ -15,6 +15,7 @@ from fedlora.algorithms.hierfedlora import (
     distribution,
     label_distance,
     near_iid_groups,
+    speed_spread,
 )
 from fedlora.config import ConfigError, build_config
 from fedlora.devices import DeviceProfile
@@ -297,3 +298,146 @@ def test_regroup_every_n_rounds_draws_the_grouping_of_that_epoch():
     assert torch.equal(after1["groups"], expected[0]) and int(after1["round"]) == 1
     after2 = algo.aggregate(after1, [], None).state  # round 2: regroup with epoch 2 // 2 = 1
     assert torch.equal(after2["groups"], expected[1]) and int(after2["round"]) == 2
+
+
+def test_speed_spread_is_the_log_ratio_of_slowest_to_fastest():
+    seconds = np.array([2.0, 1.0, 8.0, 2.0 * np.e ** 2])
+    assert speed_spread(seconds, []) == 0.0 and speed_spread(seconds, [2]) == 0.0  # no spread alone
+    assert speed_spread(seconds, [0, 3]) == pytest.approx(2.0)  # two devices: ln(2e² / 2)
+    assert speed_spread(seconds, [0, 1, 2]) == pytest.approx(np.log(8.0))
+
+
+def test_stages_and_payload_follow_each_groups_tau_and_its_intermediate_model():
+    """τ = (2, 1): stage 0 trains both groups, stage 1 only group 0 (whatever the depths); between
+    stages a member receives its group's model (g{g}/...), the other group the global one, with
+    (group, τ, d)."""
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[2, 1], depth=[1, 4]), _setup())
+    state = algo.init_state()
+    g0, g1 = algo.members(state)
+    assert algo.stages(state, [0, 1, 2, 3]) == [{0: g0, 1: g1}, {0: g0}]
+    assert algo.stages(state, g1) == [{1: g1}]  # only group 1 selected: one stage
+    assert algo.stages(state, []) == [{}]
+    key = algo.factor_keys()[0]
+    mid = algo.aggregate_stage(state, [Update(k, {key: torch.full_like(state[key], 7.0)}, 10) for k in g0], 0)
+    p0, p1 = algo.payload(mid, g0[0]), algo.payload(mid, g1[0])
+    assert torch.equal(p0.tensors[key], torch.full_like(state[key], 7.0))
+    assert torch.equal(p1.tensors[key], state[key])
+    assert p0.config == {"group": 0, "tau": 2, "depth": 1} and p1.config == {"group": 1, "tau": 1, "depth": 4}
+
+
+SLOW = DeviceProfile("low", 1e11, 1e6, 1e6, 4)
+
+
+def _auto(time_budget, **options):
+    """Four like devices: one cycle at depth d takes 1 + d s of compute plus 256·d B up and
+    1 KiB down (_forward_plus_depth, rank 2, two 8 × 8 modules per layer)."""
+    return HierFedLoRA(HierFedLoRAOptions(groups=2, plan="auto", time_budget=time_budget, **options),
+                       _setup(devices=[SLOW] * 4, flops=_forward_plus_depth))
+
+
+def test_auto_plan_boundaries():
+    # T* = one full-depth cycle: (τ, d) = (1, 4) fits exactly (τ·cycle ≤ T*) and beats (2, 1)
+    algo = _auto(1.0)
+    state = algo.init_state()
+    assert algo.plan(state) == [(1, 4), (1, 4)]
+    assert algo.bytes_up(1) == 4 * 2 * 32 and algo.bytes_up(4) == 4 * 2 * 128  # float32 · rank · Σ (m + n)
+    # T* below one cycle at the minimum depth: nothing fits, so (1, min_depth): never τ = 0 or depth 0
+    assert _auto(0.3).plan(state) == [(1, 1), (1, 1)]
+    rows = algo.plan_table(state)
+    assert [r["group"] for r in rows] == [0, 1] and [r["members"] for r in rows] == algo.members(state)
+    seconds = 1 + 4 + 256 * 4 / 1e6 + 1024 / 1e6  # τ = 1 cycle at depth 4: 5.002048 s
+    assert round(seconds, 4) != round(seconds, 5)  # the report rounds to 4 decimals
+    assert rows[0] | {"members": None} == {"group": 0, "members": None, "tau": 1, "depth": 4,
+                                           "planned_seconds": round(seconds, 4), "device_classes": ["low"]}
+    # plan fixed, device profiles but no FLOP model: the plan without timings
+    fixed = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[2, 1], depth=[3, 1]), _setup(devices=[SLOW] * 4))
+    assert [{k: r[k] for k in ("group", "tau", "depth")} for r in fixed.plan_table(fixed.init_state())] == [
+        {"group": 0, "tau": 2, "depth": 3}, {"group": 1, "tau": 1, "depth": 1}]
+    assert "planned_seconds" not in fixed.plan_table(fixed.init_state())[0]
+
+
+def test_fixed_plan_refuses_values_that_do_not_fit_the_groups_or_layers():
+    with pytest.raises(ValueError, match=r"^algorithm.tau/depth: τ >= 1 and 1 <= d <= 4 required$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", depth=[5, 1]), _setup()).init_state()
+    with pytest.raises(ValueError, match=r"^algorithm.tau/depth: τ >= 1 and 1 <= d <= 4 required$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[0, 1]), _setup()).init_state()
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[1, 1]), _setup())
+    state = algo.init_state() | {"groups": torch.tensor([0, 1, 2, 2])}  # a grouping of 3 groups
+    with pytest.raises(ValueError, match=r"^algorithm.tau/depth: need one value per group \(3 groups\)$"):
+        algo.plan(state)
+    with pytest.raises(ValueError, match=r"^algorithm.depth: need one value per group \(2 groups\), got 3$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", depth=[1, 2, 3]), _setup())
+    assert HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", rank=1), _setup()).rank == 1
+
+
+def test_check_setup_names_what_the_runtime_did_not_provide():
+    def check(setup=None, **options):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, **options), setup or _setup()).check_setup()
+
+    check(plan="fixed", min_depth=4)  # every layer: accepted
+    with pytest.raises(ValueError, match=r"^algorithm.min_depth: 5 exceeds the 4 layers$"):
+        check(plan="fixed", min_depth=5)
+    no_flops = _setup(devices=[SLOW] * 4)
+    with pytest.raises(ValueError, match=r"^algorithm.plan: auto needs device profiles and a FLOP model from the runtime$"):
+        check(no_flops)
+    with pytest.raises(ValueError, match=r"^algorithm.speed_weight: needs device profiles and a FLOP model from the runtime$"):
+        check(no_flops, plan="fixed", speed_weight=0.5)
+    s = _setup()
+    outside = FederationSetup(module_shapes={**s.module_shapes, "lm_head": (8, 8)}, client_max_ranks=s.client_max_ranks,
+                              num_examples=s.num_examples, scaling=1.0, seed=0,
+                              module_layers={**s.module_layers, "lm_head": None}, num_layers=4,
+                              label_counts=s.label_counts)
+    with pytest.raises(ValueError, match=r"^model.target_modules: lm_head is not inside a decoder layer \(depth needs one\)$"):
+        check(outside, plan="fixed")
+
+
+def test_the_configured_cap_and_distance_reach_the_grouping():
+    counts = [[9, 6, 6], [8, 5, 7], [8, 2, 0], [3, 2, 8], [9, 0, 4], [8, 1, 7]]  # a table where both matter
+    default = near_iid_groups(counts, 2, None, "kl", [0, 0])
+    for cap, distance in ((4, "kl"), (None, "l1")):
+        algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", group_size_cap=cap, distance=distance),
+                           _setup(counts=counts))
+        expected = near_iid_groups(counts, 2, cap, distance, [0, 0])
+        assert expected != default and algo.members(algo.init_state()) == expected
+
+
+def test_distribution_label_distance_and_the_default_cap():
+    assert distribution(np.array([1, 3])).tolist() == [0.25, 0.75]
+    assert distribution(np.array([1, 0])).tolist() == [1.0, 0.0]
+    none = distribution(np.array([0, 0]))
+    assert none.tolist() == [0.0, 0.0] and none.dtype == float  # no labels: zeros (a distribution), not 0/0
+    p, q = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.25, 0.5])
+    assert label_distance(p, q, "l1") == pytest.approx(1.0)  # Σ |p − q|
+    assert label_distance(p, q, "kl") == pytest.approx(np.log(2))  # Σ p ln(p / q), 0 ln 0 = 0
+    table = [[5, 1], [1, 5], [3, 3], [4, 2], [2, 4]]
+    assert sorted(map(len, near_iid_groups(table, 2, None, "kl", 0))) == [2, 3]  # cap ⌈5 / 2⌉ = 3
+
+
+def test_speed_enters_the_grouping_only_with_a_weight_and_the_times():
+    counts = _skewed_table(k=8).tolist()
+    labels_only = near_iid_groups(counts, 2, None, "kl", 0)
+    seconds = [1.0, 50.0, 1.0, 50.0, 1.0, 50.0, 1.0, 50.0]
+    assert near_iid_groups(counts, 2, None, "kl", 0, seconds=seconds) == labels_only  # no weight
+    assert near_iid_groups(counts, 2, None, "kl", 0, speed_weight=0.5) == labels_only  # no times
+
+
+def test_init_state_logs_the_plan_and_counts_rounds_in_integers(caplog):
+    algo = HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed", tau=[2, 1]), _setup())
+    with caplog.at_level("INFO", logger="fedlora"):
+        state = algo.init_state()
+    assert caplog.messages == [f"hierfedlora group {row}" for row in algo.plan_table(state)]
+    assert state["round"].dtype == torch.long and int(state["round"]) == 0
+    s = _setup()
+    no_labels = FederationSetup(module_shapes=s.module_shapes, client_max_ranks=s.client_max_ranks,
+                                num_examples=s.num_examples, scaling=1.0, seed=0, module_layers=s.module_layers,
+                                num_layers=4)
+    with pytest.raises(ValueError, match="^algorithm: hierfedlora needs each client's label counts for grouping$"):
+        HierFedLoRA(HierFedLoRAOptions(groups=2, plan="fixed"), no_labels).init_state()
+
+
+def test_greedy_pass_by_hand():
+    """refine=False, L1 to the global (½, ½), cap 3. Largest first: c0 (3, 2) and c4 (0, 3) (before
+    c1 in the seeded tie order) seed the groups; c1 (2, 1) joins c0 (L1 ¼ vs ⅓), c2 (1, 0) too
+    (⅓ vs ½) and fills it; c3 takes the room left."""
+    table = [[3, 2], [2, 1], [1, 0], [0, 0], [0, 3]]
+    assert near_iid_groups(table, 2, None, "l1", 0, refine=False) == [[0, 1, 2], [3, 4]]

@@ -1,5 +1,5 @@
 """Client updates are not trusted: each rule of the server's screening (dtype, finiteness,
-names and shapes, metrics, example counts, the per-round norm bound), the trimmed mean, and
+names and shapes, metrics, example counts, the per-round norm bound), the trimmed mean's use, and
 one client ×1e6 among ten end to end (FedIT: the model ends where the clean run does;
 AFLoRA: the poisoned update never reaches the base)."""
 
@@ -17,8 +17,6 @@ from fedlora.algorithms.base import (
     FederationSetup,
     Message,
     Update,
-    trimmed_mean,
-    weighted_sum,
 )
 from fedlora.algorithms.fedit import FedIT, FedITOptions
 from fedlora.config import AggregationConfig, ConfigError, build_config
@@ -172,22 +170,7 @@ def test_zero_median_passes_every_update():
     assert len(screen_norms(fake_fed(fedit()), 1, updates, [])) == 3
 
 
-# -- trimmed mean -----------------------------------------------------------------------------
-
-def test_trimmed_mean_drops_each_coordinates_extremes_and_reweights():
-    values = [torch.tensor([1.0, 100.0]), torch.tensor([2.0, -50.0]), torch.tensor([1e6, 3.0]),
-              torch.tensor([4.0, 4.0]), torch.tensor([-1e6, 5.0])]
-    weights = [0.1, 0.2, 0.3, 0.2, 0.2]
-    out = trimmed_mean(values, weights, 0.2)  # drops one value at each end, per coordinate
-    # coordinate 0 keeps 1, 2, 4 (weights .1 .2 .2); coordinate 1 keeps 3, 4, 5 (.3 .2 .2)
-    assert torch.allclose(out, torch.tensor([(0.1 + 0.4 + 0.8) / 0.5, (0.9 + 0.8 + 1.0) / 0.7]))
-
-
-def test_trimmed_mean_with_nothing_to_trim_is_the_weighted_mean_exactly():
-    values = [torch.randn(3, 4, generator=torch.Generator().manual_seed(k)) for k in range(4)]
-    weights = [0.1, 0.2, 0.3, 0.4]
-    assert torch.equal(trimmed_mean(values, weights, 0.2), weighted_sum(values, weights))  # ⌊0.8⌋ = 0
-
+# -- trimmed mean (its maths: test_aggregation_math.py) ---------------------------------------
 
 def test_fedit_aggregates_with_the_trimmed_mean_when_configured():
     setup = FederationSetup(SHAPES, [2] * 5, [10] * 5, scaling=1.0, seed=0, trimmed_mean=0.2)
