@@ -197,3 +197,26 @@ def test_diagnostic_seconds_stay_out_of_the_server_time(data_dir, tmp_path, monk
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert "delta_share" in record and base.DIAGNOSTIC_SECONDS not in record
     assert 0 <= record["server_seconds"] < 0.4
+
+
+@pytest.mark.parametrize("dlf", [True, False])
+def test_aflora_held_out_loss_seconds_stay_out_of_the_server_time(data_dir, tmp_path, monkeypatch, dlf):
+    """AFLoRA's three held-out loss passes are measurements: a second each here, yet the
+    server time stays below one second; without the server's steps nothing is subtracted that
+    was not spent (the server time is never negative)."""
+    import time
+
+    from fedlora.runtime.context import PublicServer
+
+    measured = PublicServer.heldout_loss
+
+    def slow_heldout_loss(self):
+        time.sleep(1.0)
+        return measured(self)
+
+    monkeypatch.setattr(PublicServer, "heldout_loss", slow_heldout_loss)
+    tree = tiny_tree(federation={"rounds": 1}, algorithm={"name": "aflora", "server_steps": 1, "dlf": dlf})
+    Simulation(build_config(tree), tmp_path, progress=False).run()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert ("server_heldout_before" in record) == dlf and "diagnostic_seconds" not in record
+    assert 0 <= record["server_seconds"] < 1.0
