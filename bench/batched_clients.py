@@ -21,6 +21,15 @@ import torch
 from fedlora.models import load_base_model
 
 
+def frozen_body() -> torch.nn.Module:
+    """SmolLM2-135M in float32, eval mode, every weight frozen (only input gradients flow)."""
+    model, _ = load_base_model("smollm2-135m")
+    model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def step(model: torch.nn.Module, embeds: torch.Tensor) -> None:
     """Forward through the body and backward to the inputs (LoRA needs the input gradients)."""
     x = embeds.detach().requires_grad_(True)
@@ -35,10 +44,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=46, help="tokens per sequence (after the shared prefix)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    model, _ = load_base_model("smollm2-135m")
-    model.float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen_body()
     g = torch.Generator().manual_seed(0)
     width = model.config.hidden_size
     batches = [torch.randn(args.batch, args.tokens, width, generator=g) * 0.02 for _ in range(args.clients)]

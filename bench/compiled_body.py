@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from batched_clients import step
-from fedlora.models import load_base_model
+from batched_clients import frozen_body, step
 
 
 def main() -> None:
@@ -28,10 +27,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=46)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    model, _ = load_base_model("smollm2-135m")
-    model.float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen_body()
     embeds = torch.randn(args.batch, args.tokens, model.config.hidden_size,
                          generator=torch.Generator().manual_seed(0)) * 0.02
     eager = model
