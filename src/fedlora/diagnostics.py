@@ -111,6 +111,12 @@ Term = tuple[float, Tensor, Tensor]
 """(p_k, B_k, A_k): client k's term p_k · B_k A_k of one module's aggregated update."""
 
 
+def gram_rows(A: Tensor) -> Tensor:
+    """A Aᵀ in float64: the r × r Gram matrix of A's rows."""
+    a = A.detach().double()
+    return a @ a.T
+
+
 def product_norm(B: Tensor, A: Tensor, gram_a: Tensor | None = None) -> float:
     """‖B A‖_F from the r × r Gram matrices, ‖B A‖²_F = Σ (BᵀB ⊙ A Aᵀ), in float64: the
     m × n product is never formed. `gram_a`: A Aᵀ in float64 if already computed. B's all-zero
@@ -120,8 +126,7 @@ def product_norm(B: Tensor, A: Tensor, gram_a: Tensor | None = None) -> float:
     if not bool(used.any()):
         return 0.0
     if gram_a is None:
-        a = A.detach().double()
-        gram_a = a @ a.T
+        gram_a = gram_rows(A)
     b = b[:, used]
     return math.sqrt(max(float(((b.T @ b) * gram_a[used][:, used]).sum()), 0.0))
 
@@ -141,8 +146,7 @@ def delta_shares(terms: Sequence[Sequence[Term]]) -> list[float] | None:
         grams: dict[int, Tensor] = {}  # A Aᵀ once per distinct A (FedIT's Ā, AFLoRA's A' …)
         for k, (p, B, A) in enumerate(module):
             if id(A) not in grams:
-                a = A.detach().double()
-                grams[id(A)] = a @ a.T
+                grams[id(A)] = gram_rows(A)
             sizes[k] += abs(p) * product_norm(B, A, grams[id(A)])
     total = sum(sizes)
     return [x / total for x in sizes] if total > 0 else None
