@@ -137,3 +137,16 @@ def test_report_rebuilds_a_comparison_without_touching_its_runs(tmp_path):
     assert (tmp_path / "seed_0" / "fedit" / "metrics.jsonl").stat().st_mtime_ns == stamp
     rebuild_comparison(tmp_path, target=0.8)
     assert "Time to accuracy ≥ 0.8000" in (tmp_path / "comparison.md").read_text()
+
+
+def test_report_tabulates_class_accuracy_and_the_worst_client_per_evaluated_round():
+    from fedlora.report import class_table
+
+    records = [{"round": 1, "train_loss": 1.0},  # not evaluated: no row
+               {"round": 2, "class_accuracy": {"World": 0.5, "Business": None}, "worst_client_accuracy": 0.25,
+                "worst_client": 6},
+               {"round": 4, "class_accuracy": {"World": 0.75, "Sports": 1}}]
+    lines = class_table(records)
+    assert lines[1] == "| round | World | Business | Sports | worst client (which) |"
+    assert lines[3:5] == ["| 2 | 0.5000 | – | – | 0.2500 (6) |", "| 4 | 0.7500 | – | 1.0000 | – |"]
+    assert class_table([{"round": 1, "class_accuracy": "damaged"}]) == []

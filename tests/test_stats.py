@@ -10,7 +10,7 @@ import pytest
 
 from fedlora.compare import MethodRun, write_comparison
 from fedlora.config import ConfigError
-from fedlora.runtime.outputs import read_eval_items, write_eval_items, write_json, write_metrics
+from fedlora.runtime.outputs import read_eval_items, read_metrics, write_eval_items, write_json, write_metrics
 from fedlora.stats import (
     bootstrap_p_value,
     item_interval,
@@ -151,6 +151,17 @@ def test_compare_writes_intervals_and_paired_differences(tmp_path):
     assert float(flex["worst_class_accuracy"]) == 0.6 and flex["worst_client"] == "3;3;3"
     md = (tmp_path / "comparison.md").read_text()
     assert "| flexlora | 3 |" in md and "+0.1000*" in md and "+0.0000 " in md and "Δ final vs fedit" in md
+    assert "| method | a | b | worst client |" in md and "| flora | 0.9000 | 0.6000 | 0.7000 |" in md
+
+
+def test_per_class_table_averages_each_class_over_the_seeds_that_measured_it(tmp_path):
+    ref = _reference(0)
+    runs = [_fake_run(tmp_path, "fedit", s, ref) for s in range(2)]
+    for run, classes in zip(runs, ({"a": 0.9, "b": 0.5}, {"a": 0.7, "b": None})):
+        record = read_metrics(run.run_dir)[0]
+        write_metrics(run.run_dir, [{**record, "class_accuracy": classes, "worst_client_accuracy": 0.2 + 0.4 * run.seed}])
+    write_comparison(tmp_path, runs, ["fedit"])
+    assert "| fedit | 0.8000 | 0.5000 | 0.4000 |" in (tmp_path / "comparison.md").read_text()
 
 
 def test_compare_one_seed_and_no_reference(tmp_path):

@@ -327,6 +327,33 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def class_table(results: dict[str, list[SeedResult]]) -> str:
+    """Per method, each class's accuracy in the final evaluation (mean over the seeds that
+    measured it) and the worst client's: where a method's errors concentrate under label skew."""
+    finals = {m: [r.final_record for r in rs if any(h.get("accuracy") is not None for h in r.history)]
+              for m, rs in results.items()}
+    classes = list(dict.fromkeys(c for recs in finals.values() for r in recs for c in r.get("class_accuracy", {})))
+    if not classes:
+        return ""
+
+    def cell(values: list[float]) -> str:
+        mean = _mean(values)
+        return "–" if mean is None else f"{mean:.4f}"
+
+    lines = ["## Per-class accuracy\n",
+             "Final evaluation, mean over seeds; worst client: the lowest accuracy re-weighted to a "
+             "client's label mix.\n",
+             "| method | " + " | ".join(classes) + " | worst client |", "|" + "---|" * (len(classes) + 2)]
+    for m, recs in finals.items():
+        if not recs:
+            continue
+        per_class = [cell([r["class_accuracy"][c] for r in recs if r.get("class_accuracy", {}).get(c) is not None])
+                     for c in classes]
+        worst = cell([r["worst_client_accuracy"] for r in recs if r.get("worst_client_accuracy") is not None])
+        lines.append(f"| {m} | " + " | ".join(per_class) + f" | {worst} |")
+    return "\n".join(lines) + "\n"
+
+
 STATISTICS_NOTE = (
     "## Accuracy statistics\n\n"
     "95% intervals: with several seeds, Student's t over the seeds' accuracies (assumes independent, "
@@ -429,6 +456,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         (f"No paired differences: the reference method {reference!r} has no finished run here "
          "(choose one with --reference).\n" if reference and not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),
+        class_table(results),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, done, target, setting, untuned) if done else "",
     ]

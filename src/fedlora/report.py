@@ -77,6 +77,26 @@ def diagnostics_table(records: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def class_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per evaluated round, each class's test accuracy and the worst client's (with its id):
+    where the errors of a label-skewed federation fall; empty when no round logged classes."""
+    evaluated = [r for r in records if isinstance(r.get("class_accuracy"), dict)]
+    classes = list(dict.fromkeys(c for r in evaluated for c in r["class_accuracy"]))
+    if not classes:
+        return []
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, int | float) else "–"
+
+    lines = ["## Accuracy per class and worst client, per evaluated round\n",
+             "| round | " + " | ".join(classes) + " | worst client (which) |", "|---|" + "---|" * (len(classes) + 1)]
+    for r in evaluated:
+        worst = cell(r.get("worst_client_accuracy")) + (f" ({r['worst_client']})" if "worst_client" in r else "")
+        lines.append(f"| {r['round']} | " + " | ".join(cell(r["class_accuracy"].get(c)) for c in classes)
+                     + f" | {worst} |")
+    return [*lines, ""]
+
+
 def _max_ranks(run_dir: Path) -> list[Any]:
     """federation.client_max_ranks of the run's config.yaml ([] when it cannot be read)."""
     fed = read_config_tree(run_dir).get("federation")
@@ -161,6 +181,7 @@ def write_report(run_dir: Path) -> Path:
         *(f"## {title}\n\n![{path.stem}](figures/{path.name})\n" for title, path in made),
         *diagnostics_table(records),
         *tilt_table(records, _max_ranks(run_dir), _sizes_or_none(run_dir)),
+        *class_table(records),
         "## Rejected updates\n",
         *([f"- round {t}: client {x['client']}: {x['reason']}" for t, x in rejected] or ["none"]),
         "",
