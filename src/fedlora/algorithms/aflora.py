@@ -32,7 +32,6 @@ with (`upload_mask: trained`), pruning takes effect next round; λ persists acro
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal
 
 import numpy as np
@@ -52,6 +51,7 @@ from fedlora.algorithms.base import (
     ServerContext,
     Tensors,
     Update,
+    timed,
     weighted_sum,
 )
 from fedlora.diagnostics import lambda_diagnostics, mean_over_modules, pruning_loss_increase
@@ -343,15 +343,12 @@ class AFLoRA(Algorithm):
         if opts.uses_public_data:
             server.adapters.load(new_state, trainable={"A"})
             layers = [server.adapters.layers[name] for name in self.setup.module_shapes]
-            measuring = time.perf_counter()
-            before = server.heldout_loss()  # a measurement (no step, no randomness)
-            measured = time.perf_counter() - measuring
+            before, measured = timed(server.heldout_loss)  # a measurement (no step, no randomness)
             losses = server.train_public(
                 [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
             )
-            measuring = time.perf_counter()
-            after_ft = server.heldout_loss()
-            measured += time.perf_counter() - measuring
+            after_ft, seconds = timed(server.heldout_loss)
+            measured += seconds
             tuned = server.adapters.state()  # on the CPU, whatever device trained them
             moved = sum(float((tuned[f"{name}.A"] - state[f"{name}.A"]).pow(2).sum())
                         for name in self.setup.module_shapes)
@@ -362,12 +359,9 @@ class AFLoRA(Algorithm):
             norm = sum(float(state[f"{n}.A"].pow(2).sum()) for n in self.setup.module_shapes)
             metrics["server_a_change"] = math.sqrt(moved / norm)  # ‖A_FT − A‖_F / ‖A‖_F, all modules
             if before is not None:
-                measuring = time.perf_counter()
-                server.adapters.load(new_state)
-                metrics.update(server_heldout_before=before, server_heldout_ft=after_ft,
-                               server_heldout_after=server.heldout_loss())
-                server.adapters.clear()
-                measured += time.perf_counter() - measuring
+                after, seconds = timed(lambda: self._heldout_loss_with(server, new_state))
+                measured += seconds
+                metrics.update(server_heldout_before=before, server_heldout_ft=after_ft, server_heldout_after=after)
             metrics[DIAGNOSTIC_SECONDS] = measured
         # the tilt: ΔW = s B_global A' = Σ_k s p_k pad(B'_k) A', client k's term of each module
         terms = [[(pk, Bk, new_state[f"{name}.A"]) for pk, Bk in zip(*weighted[name])] for name in weighted]
@@ -376,3 +370,12 @@ class AFLoRA(Algorithm):
         metrics.update(tilt)
         merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
         return Aggregate(state=new_state, merge=merge, metrics=metrics)
+
+    @staticmethod
+    def _heldout_loss_with(server: ServerContext, state: Tensors) -> float | None:
+        """The held-out public loss with `state`'s factors loaded (the fused A')."""
+        server.adapters.load(state)
+        try:
+            return server.heldout_loss()
+        finally:
+            server.adapters.clear()

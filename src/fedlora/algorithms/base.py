@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -31,6 +31,14 @@ and does not record them: a diagnostic must not make a method look slower."""
 Scalar = int | float | str | bool
 ParamGroups = list[tuple[list[Tensor], float] | tuple[list[Tensor], float, str]]
 """(parameters, lr) trained with Adam, or (parameters, lr, "adam" | "sgd")."""
+
+T = TypeVar("T")
+
+
+def timed(measure: Callable[[], T]) -> tuple[T, float]:
+    """(measure(), the seconds it took): what a diagnostic costs, for DIAGNOSTIC_SECONDS."""
+    start = time.perf_counter()
+    return measure(), time.perf_counter() - start
 
 
 REAL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -204,10 +212,8 @@ class Algorithm(ABC):
         DIAGNOSTIC_SECONDS, which the runtime keeps out of the measured server time."""
         if self.setup.trimmed_mean > 0:
             return {}
-        start = time.perf_counter()
-        tilt: dict = aggregation_tilt([u.client_id for u in updates], terms)
-        tilt[DIAGNOSTIC_SECONDS] = time.perf_counter() - start
-        return tilt
+        tilt, seconds = timed(lambda: aggregation_tilt([u.client_id for u in updates], terms))
+        return {**tilt, DIAGNOSTIC_SECONDS: seconds}
 
     def validate(self, state: Tensors, update: Update) -> None:
         """Raise InvalidUpdate when the update cannot be aggregated: real floating-point
