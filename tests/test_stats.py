@@ -4,6 +4,7 @@ answers: a real difference is found and covered, identical predictions give 0 an
 from __future__ import annotations
 
 import csv
+import io
 
 import numpy as np
 import pytest
@@ -201,3 +202,24 @@ def test_eval_records_round_trip_without_pickle(tmp_path):
     with pytest.raises(ConfigError, match="round_0007.npz: not a readable per-item record"):
         read_eval_items(tmp_path, 7)
     assert read_eval_items(tmp_path, 8) is None
+
+
+def test_eval_records_that_are_too_large_or_lie_about_their_shape_are_refused(tmp_path, monkeypatch):
+    import zipfile
+
+    from fedlora.runtime import outputs
+
+    write_eval_items(tmp_path, 1, {"correct": np.ones(1000, dtype=bool)})
+    monkeypatch.setattr(outputs, "MAX_EVAL_BYTES", 999)  # 1000 bools and a header are over it
+    with pytest.raises(ConfigError, match="round_0001.npz: per-item records over 999 bytes"):
+        read_eval_items(tmp_path, 1)
+    monkeypatch.undo()
+    header = np.lib.format.header_data_from_array_1_0(np.ones(4))
+    header["shape"] = (10**15,)  # 8 PB declared, 32 bytes present
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    member.write(np.ones(4).tobytes())
+    with zipfile.ZipFile(outputs.eval_items_path(tmp_path, 2), "w") as archive:
+        archive.writestr("correct.npy", member.getvalue())
+    with pytest.raises(ConfigError, match="round_0002.npz: not a readable per-item record"):
+        read_eval_items(tmp_path, 2)

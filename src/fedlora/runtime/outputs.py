@@ -112,6 +112,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 EVAL = "eval"
+MAX_EVAL_BYTES = 1_000_000_000
+"""Per-item records, uncompressed: 1 GB is some 10⁷ items; a larger (or lying) file is refused
+before numpy allocates for it."""
 
 
 def eval_items_path(run_dir: Path, round_: int) -> Path:
@@ -135,8 +138,16 @@ def read_eval_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
     path = eval_items_path(run_dir, round_)
     if not path.exists():
         return None
+    damaged = RunFileError(f"run error: {path}: not a readable per-item record (truncated or damaged)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            size = sum(member.file_size for member in archive.infolist())
+    except (OSError, zipfile.BadZipFile, EOFError):
+        raise damaged from None
+    if size > MAX_EVAL_BYTES:
+        raise RunFileError(f"run error: {path}: per-item records over {MAX_EVAL_BYTES:,} bytes uncompressed")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-        raise RunFileError(f"run error: {path}: not a readable per-item record (truncated or damaged)") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError):  # MemoryError: a header that lies
+        raise damaged from None
