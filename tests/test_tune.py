@@ -23,6 +23,8 @@ def _ids(examples) -> set[tuple[int, ...]]:
 
 def test_tune_chooses_by_validation_and_never_touches_the_test_set(data_dir, tmp_path, monkeypatch, capsys):
     tree = tiny_tree(federation={"rounds": 1, "local_steps": 1})
+    tree["methods"] = {"aflora-no-ddr": {"name": "aflora", "ddr": False},  # an ablation: tuned, then changed
+                       "fedit-fast": {"name": "fedit", "set": {"federation.lr": 0.5}}}
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     grid = tmp_path / "grid.yaml"
@@ -56,8 +58,12 @@ def test_tune_chooses_by_validation_and_never_touches_the_test_set(data_dir, tmp
     assert tuned["methods"]["aflora"]["beta"] == 0.5
     assert {m: tuned["methods"][m]["set"]["federation.lr"] for m in chosen} == chosen
     assert "validation_examples" not in tuned["data"]
+    assert tuned["methods"]["aflora-no-ddr"] == {"beta": 0.5, "name": "aflora", "ddr": False,
+                                                 "set": {"federation.lr": chosen["aflora"]}}
+    assert tuned["methods"]["fedit-fast"]["set"] == {"federation.lr": 0.5}  # the variant's own change wins
     printed = capsys.readouterr().out
-    assert f"fedlora compare {out / 'tuned.yaml'} --methods aflora,fedit --seeds 0,1,2" in printed
+    assert (f"fedlora compare {out / 'tuned.yaml'} --methods aflora,fedit,aflora-no-ddr,fedit-fast --seeds 0,1,2"
+            in printed)
     assert "| method | setting |" in (out / "tuning.md").read_text()
 
     # the printed command's configs: the chosen lr, the test set, the config's own budget

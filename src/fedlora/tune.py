@@ -126,9 +126,17 @@ def choose(points: list[Point]) -> dict[str, Point]:
     return best
 
 
+def tuned_variants(tree: dict[str, Any], chosen: dict[str, Point]) -> list[str]:
+    """The config's variants of tuned methods (`methods: {aflora-no-ddr: {name: aflora, ddr: false}}`):
+    an ablation runs with its method's tuned settings plus its own change."""
+    return [label for label, entry in (tree.get("methods") or {}).items()
+            if label not in chosen and isinstance(entry, dict) and entry.get("name") in chosen]
+
+
 def tuned_tree(config: Path, chosen: dict[str, Point]) -> dict[str, Any]:
-    """The config with each method's chosen options and lr in its `methods:` entry, the data
-    folder made absolute (tuned.yaml lives elsewhere) and no validation carve (test runs)."""
+    """The config with each method's chosen options and lr in its `methods:` entry (and under
+    each variant of it, whose own options win), the data folder made absolute (tuned.yaml lives
+    elsewhere) and no validation carve (test runs)."""
     tree = read_tree(config)
     data = dict(tree.get("data") or {})
     data["data_dir"] = str(load_config(config).data.data_dir)
@@ -140,6 +148,10 @@ def tuned_tree(config: Path, chosen: dict[str, Point]) -> dict[str, Any]:
         sets = dict(entry.get("set") or {})
         sets["federation.lr"] = p.lr
         per_method[method] = {**entry, **p.options, "set": sets}
+    for label in tuned_variants(tree, chosen):
+        entry, tuned = per_method[label], per_method[per_method[label]["name"]]
+        per_method[label] = {**{k: v for k, v in tuned.items() if k != "name"}, **entry,
+                             "set": {**tuned["set"], **(entry.get("set") or {})}}
     tree["methods"] = per_method
     return tree
 
@@ -168,8 +180,9 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
             p.accuracy, p.loss = validation_scores(read_metrics(run.run_dir))
     chosen = choose(points)
     (out / "tuned.yaml").write_text(yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
+    to_test = [m for m in methods if m in chosen] + tuned_variants(tree, chosen)
     command = shlex.join([
-        "fedlora", "compare", str(out / "tuned.yaml"), "--methods", ",".join(m for m in methods if m in chosen),
+        "fedlora", "compare", str(out / "tuned.yaml"), "--methods", ",".join(to_test),
         "--seeds", ",".join(map(str, test_seeds)), "--out", str(out / "test"),
     ])
     write_tables(out, grid, points, chosen, methods, validation_examples, seed, overrides, command)
