@@ -2,14 +2,15 @@
 lr and α? Measured on a finished AFLoRA run's own round, without rerunning any client.
 
 Round R's server step is fully determined by the run directory: the base model with the merges
-of rounds 1..R-1 replayed, the aggregated B of round R (merge R's B) and the A the clients
-trained against (merge R-1's A', the fused A of the round before; round 1: the method's initial
-A). The server's batches come from the run's seed. So this rebuilds that step, first with the
-run's own options (its logged `server_heldout_before/_ft/_after` must come out again: a check
-that the reconstruction is exact), then for every (lr, steps) of the grid and every α of Eq. 11
-(A' = α A + (1 − α) A_FT), all on the same held-out public examples (`--heldout`, more than the
-run's 16 for a steadier measure). With `--test-examples N` each setting's fused model is also
-scored on N test items (the run's own test subset, first N).
+of the rounds before R replayed, the aggregated B of round R (merge R's B) and the A the
+clients trained against (the A' of the latest merge before R; none: the method's initial A).
+The server's batches come from the run's seed. So this rebuilds that step (the checkpoint,
+config and merges verified as a resume verifies them, on the run's thread count), first with
+the run's own options: its logged `server_heldout_before/_ft/_after` and `server_a_change` must
+come out again, or it stops. Then it runs every (lr, steps) of the grid and every α of Eq. 11
+(A' = α A + (1 − α) A_FT), all on the same held-out public examples (`--heldout`, more than
+the run's 16 for a steadier measure). With `--test-examples N` each setting's fused model is
+also scored on the run's evaluation set with N items (a tuning run's: its validation carve).
 
     python bench/server_finetune.py RUN_DIR --round 2 --lrs 1e-4,1e-3,1e-2 --steps 5,20 \
         --alphas 0,0.5 --heldout 64 --out docs/bench/server_finetune.json
@@ -19,80 +20,90 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedlora.algorithms.aflora import fuse
+from fedlora.algorithms.aflora import a_change, finetune_a, fuse, heldout_loss_with
+from fedlora.algorithms.base import timed
 from fedlora.config import load_config
+from fedlora.errors import ConfigError
 from fedlora.evaluate import evaluate_task
-from fedlora.runtime.checkpoint import Checkpoint, load_merges
 from fedlora.runtime.inprocess import Federation
 from fedlora.runtime.outputs import environment, read_metrics
+from fedlora.runtime.rundir import verify_run
 
 Factors = dict[str, torch.Tensor]
 
 
-def server_inputs(run_dir: Path, round_: int, fed: Federation) -> tuple[Factors, Factors]:
+Merges = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def verified_merges(run_dir: Path, round_: int) -> tuple[Merges, int]:
+    """(every merge by round, the run's thread count), verified as a resume verifies them."""
+    ckpt, merges = verify_run(run_dir, load_config(run_dir / "config.yaml"))
+    by_round = dict(zip(sorted(ckpt.merges), merges))
+    if round_ not in by_round:
+        raise ConfigError(f"--round {round_}: the run merged nothing that round (no server step to rebuild)")
+    return by_round, ckpt.threads
+
+
+def server_inputs(by_round: Merges, round_: int, fed: Federation) -> tuple[Factors, Factors]:
     """(B of round `round_`'s aggregate, the A its clients trained against), after replaying the
-    merges of the rounds before it into `fed`'s base model (each merge verified by SHA-256)."""
-    ckpt = Checkpoint.load(run_dir)
-    if not 1 <= round_ <= ckpt.round:
-        raise SystemExit(f"--round: the run has rounds 1..{ckpt.round}")
-    merges = load_merges(run_dir, ckpt.round, ckpt.merges)
-    if len(merges) != ckpt.round:
-        raise SystemExit(f"{run_dir}: not every round merged (not an AFLoRA run?)")
-    for merge in merges[: round_ - 1]:
-        fed.adapters.merge(merge)
-    B = {f"{name}.B": B for name, (B, _) in merges[round_ - 1].items()}
-    if round_ > 1:
-        A = {f"{name}.A": A for name, (_, A) in merges[round_ - 2].items()}
+    merges of the rounds before it into `fed`'s base model."""
+    earlier = [t for t in by_round if t < round_]
+    for t in earlier:
+        fed.adapters.merge(by_round[t])
+    B = {f"{name}.B": B for name, (B, _) in by_round[round_].items()}
+    if earlier:
+        A = {f"{name}.A": A for name, (_, A) in by_round[max(earlier)].items()}
     else:
         A = {k: v for k, v in fed.algorithm.init_state().items() if k.endswith(".A")}
     return B, A
 
 
-def finetune(fed: Federation, round_: int, B: Factors, A: Factors, lr: float, steps: int,
-             batch_size: int) -> tuple[Factors, list[float]]:
-    """A_FT after `steps` server steps at `lr` from (B, A), with the run's batches of this round."""
-    server = fed.server(round_)
-    fed.adapters.load({**B, **A}, trainable={"A"})
-    layers = [fed.adapters.layers[k.removesuffix(".A")] for k in A]
-    losses = server.train_public([([layer.A for layer in layers], lr)], steps, batch_size) if steps else []
-    tuned = {k: v for k, v in fed.adapters.state().items() if k.endswith(".A")}
-    fed.adapters.clear()
-    return tuned, losses
-
-
-def heldout_loss(fed: Federation, round_: int, factors: Factors) -> float:
-    fed.adapters.load(factors)
-    try:
-        return fed.server(round_).heldout_loss()
-    finally:
-        fed.adapters.clear()
-
-
-def test_accuracy(fed: Federation, factors: Factors) -> float:
+def score(fed: Federation, factors: Factors) -> float | None:
+    """Accuracy on the run's evaluation set with `factors` loaded (None: a task without accuracy)."""
     fed.adapters.load(factors)
     try:
         metrics, _ = evaluate_task(fed.model, fed.task, fed.pad_id, fed.cfg.federation.eval_batch_size,
                                    fed.cfg.model.compute_dtype)
-        return metrics["accuracy"]
+        return metrics.get("accuracy")
     finally:
         fed.adapters.clear()
 
 
-def relative_change(A: Factors, tuned: Factors) -> float:
-    """‖A_FT − A‖_F / ‖A‖_F over all modules (the run's `server_a_change`)."""
-    moved = sum(float((tuned[k] - A[k]).pow(2).sum()) for k in A)
-    return (moved / sum(float(A[k].pow(2).sum()) for k in A)) ** 0.5
-
-
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def build(run_dir: Path, threads: int, overrides: dict[str, Any] | None = None) -> Federation:
+    fed = Federation.build(load_config(run_dir / "config.yaml", overrides))
+    torch.set_num_threads(threads)  # the run's: sums over threads round differently
+    return fed
+
+
+def reproduce(run_dir: Path, round_: int, logged: dict[str, Any], by_round: Merges,
+              threads: int) -> dict[str, dict[str, float]]:
+    """The run's own server step again, on the run's held-out examples; stops unless it matches."""
+    fed = build(run_dir, threads)
+    opts = fed.cfg.algorithm
+    B, A = server_inputs(by_round, round_, fed)
+    server = fed.server(round_)
+    tuned, _ = finetune_a(server, {**B, **A}, opts.server_lr, opts.server_steps, opts.server_batch_size)
+    again = {"server_heldout_before": heldout_loss_with(server, {**B, **A}),
+             "server_heldout_ft": heldout_loss_with(server, {**B, **tuned}),
+             "server_heldout_after": heldout_loss_with(server, {**B, **{k: fuse(A[k], tuned[k], opts.alpha) for k in A}}),
+             "server_a_change": a_change(A, tuned)}
+    check = {k: {"logged": logged.get(k), "rebuilt": v} for k, v in again.items()}
+    differ = [k for k, pair in check.items() if pair["logged"] != pair["rebuilt"]]
+    if differ:
+        raise ConfigError(f"{run_dir}: round {round_}'s server step does not come out again ({', '.join(differ)}: "
+                          f"{[check[k] for k in differ]}); not measuring a step that is not the run's")
+    return check
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -103,58 +114,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", default="5,20")
     ap.add_argument("--alphas", default="0,0.5")
     ap.add_argument("--heldout", type=int, default=64, help="held-out public examples of the sweep")
-    ap.add_argument("--test-examples", type=int, default=0, help="also score each setting on N test items")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--test-examples", type=int, default=0,
+                    help="also score each setting on N test items (a tuning run: its whole validation carve)")
     ap.add_argument("--out", type=Path)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     run_dir = args.run_dir
-    cfg = load_config(run_dir / "config.yaml")
-    opts = cfg.algorithm
-    if opts.name != "aflora":
-        raise SystemExit(f"{run_dir}: an {opts.name} run; this measures AFLoRA's server step")
-    logged = next(r for r in read_metrics(run_dir) if r["round"] == args.round)
-
-    # 1. the run's own server step, on the run's held-out examples: must reproduce its log
-    fed = Federation.build(cfg)
-    B, A = server_inputs(run_dir, args.round, fed)
-    tuned, _ = finetune(fed, args.round, B, A, opts.server_lr, opts.server_steps, opts.server_batch_size)
-    again = {"server_heldout_before": heldout_loss(fed, args.round, {**B, **A}),
-             "server_heldout_ft": heldout_loss(fed, args.round, {**B, **tuned}),
-             "server_heldout_after": heldout_loss(fed, args.round, {**B, **{k: fuse(A[k], tuned[k], opts.alpha)
-                                                                            for k in A}}),
-             "server_a_change": relative_change(A, tuned)}
-    check = {k: {"logged": logged.get(k), "rebuilt": v} for k, v in again.items()}
+    opts = load_config(run_dir / "config.yaml").algorithm
+    if opts.name != "aflora" or not opts.uses_public_data:
+        ap.error(f"{run_dir}: not an AFLoRA run with server fine-tuning (algorithm {opts.name})")
+    logged = next((r for r in read_metrics(run_dir) if r["round"] == args.round), None)
+    if logged is None or "server_heldout_before" not in logged:
+        ap.error(f"--round {args.round}: the run logged no held-out server losses that round")
+    by_round, threads = verified_merges(run_dir, args.round)
+    check = reproduce(run_dir, args.round, logged, by_round, threads)
     print(json.dumps(check, indent=1))
-    del fed
 
-    # 2. the sweep, on --heldout examples (and optionally --test-examples test items)
-    sweep = {"public_data.heldout_examples": args.heldout}
-    if args.test_examples:  # a validation run's "test" items are its validation carve
-        sweep["data.test_examples"] = min(args.test_examples, cfg.data.test_examples)
-    fed = Federation.build(load_config(run_dir / "config.yaml", sweep))
-    B, A = server_inputs(run_dir, args.round, fed)
-    before = heldout_loss(fed, args.round, {**B, **A})
-    rows = [{"lr": None, "steps": 0, "alpha": None, "heldout_loss": before, "a_change": 0.0,
-             "test_accuracy": test_accuracy(fed, {**B, **A}) if args.test_examples else None}]
+    sweep: dict[str, Any] = {"public_data.heldout_examples": args.heldout}
+    if args.test_examples and not load_config(run_dir / "config.yaml").data.validation_examples:
+        sweep["data.test_examples"] = args.test_examples  # a tuning run scores its validation carve whole
+    fed = build(run_dir, threads, sweep)
+    B, A = server_inputs(by_round, args.round, fed)
+    server = fed.server(args.round)
+    before = heldout_loss_with(server, {**B, **A})
+    rows = [{"lr": None, "steps": 0, "alpha": None, "heldout_loss": before, "a_ft_change": 0.0,
+             "score": score(fed, {**B, **A}) if args.test_examples else None}]
     for lr in floats(args.lrs):
         for steps in [int(s) for s in floats(args.steps)]:
-            start = time.perf_counter()
-            tuned, losses = finetune(fed, args.round, B, A, lr, steps, opts.server_batch_size)
-            seconds = time.perf_counter() - start
+            (tuned, losses), seconds = timed(lambda: finetune_a(server, {**B, **A}, lr, steps, opts.server_batch_size))
             for alpha in floats(args.alphas):
                 fused = {k: fuse(A[k], tuned[k], alpha) for k in A}
                 rows.append({"lr": lr, "steps": steps, "alpha": alpha, "seconds": seconds,
                              "train_loss_first": losses[0] if losses else None,
                              "train_loss_last": losses[-1] if losses else None,
-                             "heldout_loss": heldout_loss(fed, args.round, {**B, **fused}),
-                             "a_change": relative_change(A, fused),
-                             "test_accuracy": test_accuracy(fed, {**B, **fused}) if args.test_examples else None})
+                             "heldout_loss": heldout_loss_with(server, {**B, **fused}),
+                             "a_ft_change": a_change(A, tuned),  # ‖A_FT − A‖/‖A‖; A' moves (1 − α) of it
+                             "score": score(fed, {**B, **fused}) if args.test_examples else None})
                 print(json.dumps(rows[-1]), flush=True)
     result = {"run_dir": str(run_dir), "round": args.round, "heldout_examples": args.heldout,
-              "test_examples": args.test_examples or None, "server_batch_size": opts.server_batch_size,
-              "reproduction": check, "sweep": rows, "command": " ".join(["python", *sys.argv]),
-              "environment": environment()}
+              "evaluation_items": len(fed.task.test) if args.test_examples else None,
+              "server_batch_size": opts.server_batch_size, "reproduction": check, "sweep": rows,
+              "command": shlex.join(["python", "bench/server_finetune.py", *argv]), "environment": environment()}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
@@ -162,4 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a damaged or edited run directory, a step that does not reproduce
+        print(err, file=sys.stderr)
+        sys.exit(2)

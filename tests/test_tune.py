@@ -114,3 +114,12 @@ def test_validation_carve_too_large_is_one_line(data_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="data.validation_examples: 10000000 leaves no training data"):
         _, tokenizer = load_base_model("tiny-llama", seed=0)
         build_task(build_config(tiny_tree(data={"validation_examples": 10_000_000})), tokenizer)
+
+
+def test_a_bad_ablation_is_named_before_any_tuning_run(data_dir, tmp_path, capsys):
+    tree = tiny_tree()
+    tree["methods"] = {"aflora-no-ddr": {"name": "aflora", "ddr": "sometimes"}}
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    assert main(["tune", str(cfg), "--methods", "aflora", "--out", str(tmp_path / "tune"), "--quiet"]) == 2
+    assert "ddr" in capsys.readouterr().err and not (tmp_path / "tune" / "validation").exists()

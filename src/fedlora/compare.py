@@ -263,8 +263,9 @@ def accuracy_statistics(results: list[SeedResult]) -> dict[str, Any]:
     bests = [max(h["accuracy"] for h in r.history if h.get("accuracy") is not None) for r in scored]
     f_low, f_high, how = _interval(finals, [r.final for r in scored])
     b_low, b_high, _ = _interval(bests, [r.best for r in scored])
-    worst_class = [min(v for v in r.final_record["class_accuracy"].values() if v is not None)
-                   for r in scored if any(v is not None for v in r.final_record.get("class_accuracy", {}).values())]
+    per_class = [r.final_record.get("class_accuracy") for r in scored]
+    worst_class = [min(measured) for measured in ([v for v in c.values() if isinstance(v, int | float)]
+                                                  for c in per_class if isinstance(c, dict)) if measured]
     worst_client = [r.final_record for r in scored if r.final_record.get("worst_client_accuracy") is not None]
     return {
         "final_accuracy_ci_low": f_low, "final_accuracy_ci_high": f_high,
@@ -328,11 +329,12 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
 
 
 def class_table(results: dict[str, list[SeedResult]]) -> str:
-    """Per method, each class's accuracy in the final evaluation (mean over the seeds that
-    measured it) and the worst client's: where a method's errors concentrate under label skew."""
-    finals = {m: [r.final_record for r in rs if any(h.get("accuracy") is not None for h in r.history)]
-              for m, rs in results.items()}
-    classes = list(dict.fromkeys(c for recs in finals.values() for r in recs for c in r.get("class_accuracy", {})))
+    """Per method, each class's accuracy in the final evaluation, mean over the seeds that
+    measured it: where a method's errors concentrate under label skew."""
+    finals = {m: [r.final_record.get("class_accuracy") for r in rs
+                  if any(h.get("accuracy") is not None for h in r.history)] for m, rs in results.items()}
+    finals = {m: [c for c in per_seed if isinstance(c, dict)] for m, per_seed in finals.items()}
+    classes = list(dict.fromkeys(c for per_seed in finals.values() for acc in per_seed for c in acc))
     if not classes:
         return ""
 
@@ -340,17 +342,12 @@ def class_table(results: dict[str, list[SeedResult]]) -> str:
         mean = _mean(values)
         return "–" if mean is None else f"{mean:.4f}"
 
-    lines = ["## Per-class accuracy\n",
-             "Final evaluation, mean over seeds; worst client: the lowest accuracy re-weighted to a "
-             "client's label mix.\n",
-             "| method | " + " | ".join(classes) + " | worst client |", "|" + "---|" * (len(classes) + 2)]
-    for m, recs in finals.items():
-        if not recs:
-            continue
-        per_class = [cell([r["class_accuracy"][c] for r in recs if r.get("class_accuracy", {}).get(c) is not None])
-                     for c in classes]
-        worst = cell([r["worst_client_accuracy"] for r in recs if r.get("worst_client_accuracy") is not None])
-        lines.append(f"| {m} | " + " | ".join(per_class) + f" | {worst} |")
+    lines = ["## Per-class accuracy\n", "Final evaluation, mean over seeds.\n",
+             "| method | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+    for m, per_seed in finals.items():
+        if per_seed:
+            cells = [cell([a[c] for a in per_seed if isinstance(a.get(c), int | float)]) for c in classes]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

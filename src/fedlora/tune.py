@@ -16,13 +16,14 @@ from __future__ import annotations
 import csv
 import json
 import shlex
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fedlora.compare import run_comparison
+from fedlora.compare import method_configs, run_comparison
 from fedlora.config import ConfigError, load_config, read_tree
 from fedlora.runtime.outputs import read_metrics
 
@@ -126,11 +127,11 @@ def choose(points: list[Point]) -> dict[str, Point]:
     return best
 
 
-def tuned_variants(tree: dict[str, Any], chosen: dict[str, Point]) -> list[str]:
+def tuned_variants(tree: dict[str, Any], tuned: Collection[str]) -> list[str]:
     """The config's variants of tuned methods (`methods: {aflora-no-ddr: {name: aflora, ddr: false}}`):
     an ablation runs with its method's tuned settings plus its own change."""
     return [label for label, entry in (tree.get("methods") or {}).items()
-            if label not in chosen and isinstance(entry, dict) and entry.get("name") in chosen]
+            if label not in tuned and isinstance(entry, dict) and entry.get("name") in tuned]
 
 
 def tuned_tree(config: Path, chosen: dict[str, Point]) -> dict[str, Any]:
@@ -163,6 +164,8 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
     points = grid_points(grid, methods)
     tree = read_tree(config)
     per_method = tree.get("methods") or {}
+    ablations = tuned_variants(tree, methods)  # run after tuning, with its choices
+    method_configs(config, ablations, [seed], [])  # a bad option names itself now, not after the grid
     variants = {}
     for p in points:
         entry = per_method.get(p.method) or {}  # the config's options for this method (or variant)
@@ -181,6 +184,7 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
     chosen = choose(points)
     (out / "tuned.yaml").write_text(yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
     to_test = [m for m in methods if m in chosen] + tuned_variants(tree, chosen)
+    method_configs(out / "tuned.yaml", to_test, test_seeds, [])  # the printed command's configs are valid
     command = shlex.join([
         "fedlora", "compare", str(out / "tuned.yaml"), "--methods", ",".join(to_test),
         "--seeds", ",".join(map(str, test_seeds)), "--out", str(out / "test"),

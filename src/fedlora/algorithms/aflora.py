@@ -181,6 +181,34 @@ def fuse(A: Tensor, A_ft: Tensor, alpha: float) -> Tensor:
     return alpha * A + (1.0 - alpha) * A_ft
 
 
+def finetune_a(server: ServerContext, factors: Tensors, lr: float, steps: int,
+               batch_size: int) -> tuple[Tensors, list[float]]:
+    """The server's DLF step: (A_FT of every module, the step losses) after `steps` steps of
+    causal-LM loss on the public data at `lr`, from `factors` (B and A), B frozen."""
+    server.adapters.load(factors, trainable={"A"})
+    try:
+        params = [layer.A for layer in server.adapters.layers.values()]
+        losses = server.train_public([(params, lr)], steps, batch_size)
+        return {k: v for k, v in server.adapters.state().items() if k.endswith(".A")}, losses
+    finally:
+        server.adapters.clear()
+
+
+def heldout_loss_with(server: ServerContext, factors: Tensors) -> float | None:
+    """The server's held-out public loss with `factors` loaded (None: nothing held out)."""
+    server.adapters.load(factors)
+    try:
+        return server.heldout_loss()
+    finally:
+        server.adapters.clear()
+
+
+def a_change(A: Tensors, A_ft: Tensors) -> float:
+    """‖A_FT − A‖_F / ‖A‖_F over all modules (`server_a_change`): how far the server moved A."""
+    moved = sum(float((A_ft[k] - A[k]).pow(2).sum()) for k in A)
+    return math.sqrt(moved / sum(float(A[k].pow(2).sum()) for k in A))
+
+
 def unit_columns(m: int, r: int, generator: torch.Generator) -> Tensor:
     """Random m × r matrix whose columns have ℓ2 norm 1 (option b_init: unit)."""
     B = torch.randn(m, r, generator=generator)
@@ -341,25 +369,18 @@ class AFLoRA(Algorithm):
             weighted[name] = (p, padded)
         metrics: dict[str, float | dict[str, float]] = {}
         if opts.uses_public_data:
-            server.adapters.load(new_state, trainable={"A"})
-            layers = [server.adapters.layers[name] for name in self.setup.module_shapes]
-            before, measured = timed(server.heldout_loss)  # a measurement (no step, no randomness)
-            losses = server.train_public(
-                [([l.A for l in layers], opts.server_lr)], opts.server_steps, opts.server_batch_size
-            )
-            after_ft, seconds = timed(server.heldout_loss)
+            A = {f"{name}.A": state[f"{name}.A"] for name in self.setup.module_shapes}
+            # the held-out losses are measurements (no step, no randomness), timed as diagnostics
+            before, measured = timed(lambda: heldout_loss_with(server, new_state))
+            tuned, losses = finetune_a(server, new_state, opts.server_lr, opts.server_steps, opts.server_batch_size)
+            after_ft, seconds = timed(lambda: heldout_loss_with(server, {**new_state, **tuned}))
             measured += seconds
-            tuned = server.adapters.state()  # on the CPU, whatever device trained them
-            moved = sum(float((tuned[f"{name}.A"] - state[f"{name}.A"]).pow(2).sum())
-                        for name in self.setup.module_shapes)
-            for name in self.setup.module_shapes:
-                new_state[f"{name}.A"] = fuse(state[f"{name}.A"], tuned[f"{name}.A"], opts.alpha)
-            server.adapters.clear()
+            for key in A:
+                new_state[key] = fuse(A[key], tuned[key], opts.alpha)
             metrics["server_loss"] = sum(losses) / len(losses)
-            norm = sum(float(state[f"{n}.A"].pow(2).sum()) for n in self.setup.module_shapes)
-            metrics["server_a_change"] = math.sqrt(moved / norm)  # ‖A_FT − A‖_F / ‖A‖_F, all modules
+            metrics["server_a_change"] = a_change(A, tuned)
             if before is not None:
-                after, seconds = timed(lambda: self._heldout_loss_with(server, new_state))
+                after, seconds = timed(lambda: heldout_loss_with(server, new_state))
                 measured += seconds
                 metrics.update(server_heldout_before=before, server_heldout_ft=after_ft, server_heldout_after=after)
             metrics[DIAGNOSTIC_SECONDS] = measured
@@ -370,12 +391,3 @@ class AFLoRA(Algorithm):
         metrics.update(tilt)
         merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
         return Aggregate(state=new_state, merge=merge, metrics=metrics)
-
-    @staticmethod
-    def _heldout_loss_with(server: ServerContext, state: Tensors) -> float | None:
-        """The held-out public loss with `state`'s factors loaded (the fused A')."""
-        server.adapters.load(state)
-        try:
-            return server.heldout_loss()
-        finally:
-            server.adapters.clear()
