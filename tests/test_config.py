@@ -119,3 +119,21 @@ def test_a_methods_set_never_leaks_into_the_next_method(tmp_path):
     after = tiny_tree()
     build_config(after, {"federation.local_steps": 8})
     assert after == before
+
+
+def test_compare_applies_set_algorithm_options_over_the_configs_own(tmp_path):
+    """`--set algorithm.X=v` used to vanish under each method's options; it now wins, and an
+    option one of the methods lacks is named with that method."""
+    from fedlora.compare import method_configs
+
+    tree = tiny_tree(algorithm={"name": "aflora", "pruning_check": 4})
+    tree["methods"] = {"aflora-unit": {"name": "aflora", "b_init": "unit", "lambda_init": 0.0, "lambda_persist": False}}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    configs = method_configs(path, ["aflora", "aflora-unit"], [0], ["algorithm.pruning_check=2"])
+    assert [c.algorithm.pruning_check for c in configs.values()] == [2, 2]
+    assert configs[("aflora-unit", 0)].algorithm.b_init == "unit"
+    with pytest.raises(ConfigError, match="server_steps.*method fedit"):
+        method_configs(path, ["aflora", "fedit"], [0], ["algorithm.server_steps=9"])
+    with pytest.raises(ConfigError, match="--set algorithm.name"):
+        method_configs(path, ["aflora"], [0], ["algorithm.name=fedit"])

@@ -110,18 +110,31 @@ def method_configs(path: Path, methods: list[str], seeds: list[int], overrides: 
             "variant in the config's `methods:` mapping with `name: <method>`"
         )
     base_algo = tree.pop("algorithm", None) or {}
+    command_line = parse_overrides(overrides)
+    # --set algorithm.X=v applies to every method, over the config's options (as in `fedlora run`)
+    algo_sets = {k.removeprefix("algorithm."): command_line.pop(k) for k in list(command_line)
+                 if k.startswith("algorithm.")}
+    if "name" in algo_sets:
+        raise ConfigError("config error: --set algorithm.name: choose methods with --methods")
     configs = {}
     for method in methods:
         name = algorithm_of(method)
         options = dict(base_algo) if base_algo.get("name") == name else {}
         options.update(per_method.get(method) or {})
+        options.update(algo_sets)
         options["name"] = name
         method_sets = options.pop("set", None) or {}
         if not isinstance(method_sets, dict):
             raise ConfigError(f"config error: methods.{method}.set: expected a mapping like {{federation.lr: 0.003}}")
         for seed in seeds:
-            sets = {**parse_overrides(overrides), **method_sets, "algorithm": options, "seed": seed}
-            configs[(method, seed)] = resolve_data_dir(build_config(tree, sets), path)
+            sets = {**command_line, **method_sets, "algorithm": options, "seed": seed}
+            try:
+                configs[(method, seed)] = resolve_data_dir(build_config(tree, sets), path)
+            except ConfigError as err:
+                if not any(f"algorithm.{k}" in str(err) for k in algo_sets):
+                    raise
+                raise ConfigError(f"{err} (method {method}: --set algorithm.* applies to every method; "
+                                  "give one method's options in the config's methods: mapping)") from None
     return configs
 
 
