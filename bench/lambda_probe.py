@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [d for d in args.designs.split(",") if d not in DESIGNS]
     if unknown:
         ap.error(f"--designs: unknown {unknown}; choose from {', '.join(DESIGNS)}")
-    cfg = load_config(args.config, parse_overrides(args.set))
-    fed = Federation.build(cfg)  # its own method aside, the probe trains AFLoRA with each design
+    cfg = load_config(args.config, {"algorithm.name": "aflora", **parse_overrides(args.set)})  # a compare config has none
+    fed = Federation.build(cfg)
     clients = [int(c) for c in args.clients.split(",")]
     result = {"config": str(args.config), "overrides": args.set, "clients": clients, "draws": args.draws,
               "lr": cfg.federation.lr, "designs": {}}
