@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from fedlora.compare import method_configs, run_comparison
-from fedlora.config import ConfigError, load_config, read_tree
+from fedlora.config import ConfigError, read_tree
 from fedlora.runtime.outputs import read_metrics
 
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
@@ -140,7 +140,8 @@ def tuned_tree(config: Path, chosen: dict[str, Point]) -> dict[str, Any]:
     elsewhere) and no validation carve (test runs)."""
     tree = read_tree(config)
     data = dict(tree.get("data") or {})
-    data["data_dir"] = str(load_config(config).data.data_dir)
+    any_run = next(iter(method_configs(config, list(chosen)[:1], [0], []).values()))  # a compare config may lack `algorithm:`
+    data["data_dir"] = str(any_run.data.data_dir)
     data.pop("validation_examples", None)
     tree["data"] = data
     per_method = dict(tree.get("methods") or {})
