@@ -29,7 +29,7 @@ import torch
 
 from fedlora.algorithms.aflora import a_change, finetune_a, fuse, heldout_loss_with
 from fedlora.algorithms.base import timed
-from fedlora.config import load_config
+from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.evaluate import evaluate_task
 from fedlora.runtime.inprocess import Federation
@@ -42,9 +42,9 @@ Factors = dict[str, torch.Tensor]
 Merges = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
-def verified_merges(run_dir: Path, round_: int) -> tuple[Merges, int]:
+def verified_merges(run_dir: Path, cfg: RunConfig, round_: int) -> tuple[Merges, int]:
     """(every merge by round, the run's thread count), verified as a resume verifies them."""
-    ckpt, merges = verify_run(run_dir, load_config(run_dir / "config.yaml"))
+    ckpt, merges = verify_run(run_dir, cfg)
     by_round = dict(zip(sorted(ckpt.merges), merges))
     if round_ not in by_round:
         raise ConfigError(f"--round {round_}: the run merged nothing that round (no server step to rebuild)")
@@ -80,16 +80,16 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def build(run_dir: Path, threads: int, overrides: dict[str, Any] | None = None) -> Federation:
-    fed = Federation.build(load_config(run_dir / "config.yaml", overrides))
+def build(cfg: RunConfig, threads: int) -> Federation:
+    fed = Federation.build(cfg)
     torch.set_num_threads(threads)  # the run's: sums over threads round differently
     return fed
 
 
-def reproduce(run_dir: Path, round_: int, logged: dict[str, Any], by_round: Merges,
+def reproduce(run_dir: Path, cfg: RunConfig, round_: int, logged: dict[str, Any], by_round: Merges,
               threads: int) -> dict[str, dict[str, float]]:
     """The run's own server step again, on the run's held-out examples; stops unless it matches."""
-    fed = build(run_dir, threads)
+    fed = build(cfg, threads)
     opts = fed.cfg.algorithm
     B, A = server_inputs(by_round, round_, fed)
     server = fed.server(round_)
@@ -120,20 +120,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     run_dir = args.run_dir
-    opts = load_config(run_dir / "config.yaml").algorithm
+    cfg = load_config(run_dir / "config.yaml")
+    opts = cfg.algorithm
     if opts.name != "aflora" or not opts.uses_public_data:
         ap.error(f"{run_dir}: not an AFLoRA run with server fine-tuning (algorithm {opts.name})")
     logged = next((r for r in read_metrics(run_dir) if r["round"] == args.round), None)
     if logged is None or "server_heldout_before" not in logged:
         ap.error(f"--round {args.round}: the run logged no held-out server losses that round")
-    by_round, threads = verified_merges(run_dir, args.round)
-    check = reproduce(run_dir, args.round, logged, by_round, threads)
+    by_round, threads = verified_merges(run_dir, cfg, args.round)
+    check = reproduce(run_dir, cfg, args.round, logged, by_round, threads)
     print(json.dumps(check, indent=1))
 
     sweep: dict[str, Any] = {"public_data.heldout_examples": args.heldout}
-    if args.test_examples and not load_config(run_dir / "config.yaml").data.validation_examples:
+    if args.test_examples and not cfg.data.validation_examples:
         sweep["data.test_examples"] = args.test_examples  # a tuning run scores its validation carve whole
-    fed = build(run_dir, threads, sweep)
+    fed = build(load_config(run_dir / "config.yaml", sweep), threads)
     B, A = server_inputs(by_round, args.round, fed)
     server = fed.server(args.round)
     before = heldout_loss_with(server, {**B, **A})

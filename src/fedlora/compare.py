@@ -242,6 +242,11 @@ class SeedResult:
                    _scored_items(run.run_dir, best["round"]))
 
     @property
+    def scored(self) -> bool:
+        """Whether any round of the run was evaluated with an accuracy."""
+        return any(h.get("accuracy") is not None for h in self.history)
+
+    @property
     def final_record(self) -> dict[str, Any]:
         return [r for r in self.history if r.get("accuracy") is not None][-1]
 
@@ -271,7 +276,7 @@ def _interval(values: list[float], items: list[dict[str, np.ndarray] | None]) ->
 def accuracy_statistics(results: list[SeedResult]) -> dict[str, Any]:
     """Per method: the 95% intervals of final and best accuracy, the worst class's and worst
     client's accuracy of the final evaluation (means over seeds) and the worst client of each seed."""
-    scored = [r for r in results if any(h.get("accuracy") is not None for h in r.history)]
+    scored = [r for r in results if r.scored]
     finals = [r.final_record["accuracy"] for r in scored]
     bests = [max(h["accuracy"] for h in r.history if h.get("accuracy") is not None) for r in scored]
     f_low, f_high, how = _interval(finals, [r.final for r in scored])
@@ -344,9 +349,8 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
 def class_table(results: dict[str, list[SeedResult]]) -> str:
     """Per method, each class's accuracy in the final evaluation, mean over the seeds that
     measured it: where a method's errors concentrate under label skew."""
-    finals = {m: [r.final_record.get("class_accuracy") for r in rs
-                  if any(h.get("accuracy") is not None for h in r.history)] for m, rs in results.items()}
-    finals = {m: [c for c in per_seed if isinstance(c, dict)] for m, per_seed in finals.items()}
+    finals = {m: [c for c in (r.final_record.get("class_accuracy") for r in rs if r.scored) if isinstance(c, dict)]
+              for m, rs in results.items()}
     classes = list(dict.fromkeys(c for per_seed in finals.values() for acc in per_seed for c in acc))
     if not classes:
         return ""
