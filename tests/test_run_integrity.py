@@ -231,6 +231,53 @@ def test_truncated_metrics_and_oversized_json_give_one_line(run_copy, capsys, tm
         read_json(big, max_bytes=100)
 
 
+HOSTILE_VALUES = ["0.5", True, [], {}, {"x": "y"}, -1, 2.5, float("nan"), None]
+
+
+def _damage(records: list, rng) -> tuple[int, str]:
+    """Replace one field (top-level or a client's) of one record with a hostile value."""
+    n = int(rng.integers(len(records)))
+    rec = records[n]
+    if rng.random() < 0.3 and rec.get("clients"):
+        rec = rec["clients"][int(rng.integers(len(rec["clients"])))]
+    key = sorted(rec)[int(rng.integers(len(rec)))]
+    rec[key] = HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]
+    return n + 1, key
+
+
+def test_damaged_metrics_fields_give_one_line_naming_line_and_field(run_copy, tmp_path, capsys):
+    """40 seeded damages of one field each, read by `report` on the run and on a comparison
+    holding it: exit 0 (a harmless value) or 2 with one line, never a traceback."""
+    import json
+
+    import numpy as np
+
+    clean = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    comparison = tmp_path / "cmp"
+    shutil.copytree(run_copy, comparison / "seed_0" / "aflora", ignore=shutil.ignore_patterns("*.safetensors"))
+    rng = np.random.default_rng(0)
+    refused = 0
+    for case in range(40):
+        records = json.loads(json.dumps(clean))
+        line, key = _damage(records, rng)
+        target = run_copy if case % 2 else comparison / "seed_0" / "aflora"
+        (target / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        code = main(["report", str(run_copy if case % 2 else comparison)])
+        err = capsys.readouterr().err.strip()
+        assert code in (0, 2) and "\n" not in err and "Traceback" not in err, (key, err)
+        if code == 2:
+            refused += 1
+            assert f"metrics.jsonl line {line}:" in err, (key, err)
+    assert refused >= 20  # most damages are refused, each naming its line
+    records = json.loads(json.dumps(clean))
+    records[1]["accuracy"] = "0.9"
+    (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _refused(capsys, ["report", str(run_copy)], "metrics.jsonl line 2: accuracy: not a number")
+    records[1]["accuracy"], records[1]["round"] = 0.9, 1
+    (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _refused(capsys, ["report", str(run_copy)], "line 2: round: not a round number after 1")
+
+
 # -- 6. lock, run key, full disk ---------------------------------------------------------------
 
 

@@ -149,6 +149,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from fedlora.compare import rebuild_comparison
+    from fedlora.publish import publish
     from fedlora.report import write_report
 
     path = Path(args.run_dir)
@@ -159,6 +160,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"wrote {path / 'comparison.md'} and its figures from the runs' metrics")
     else:
         print(f"wrote {write_report(path)}")
+    if args.publish is not None:
+        files, size = publish(path, Path(args.publish))
+        print(f"published {files} files ({size / 1e6:.1f} MB: configs, metrics, per-item records, "
+              f"tables, figures; no checkpoints) to {args.publish}")
     return 0
 
 
@@ -246,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="a run directory, or a `fedlora compare` output directory")
     rep.add_argument("--target", type=float, help="comparison: accuracy for time-to-accuracy "
                      "(default: the recorded command's --target, else as in compare)")
+    rep.add_argument("--publish", metavar="DEST", help="then copy what a citation needs (configs, "
+                     "environments, partitions, metrics, summaries, per-item records, tables, figures; "
+                     "no checkpoints or merges) into DEST, e.g. docs/NAME, keeping the tree")
     rep.set_defaults(func=_cmd_report)
 
     costs = sub.add_parser("costs", help="client-side cost %% of each method for an architecture")

@@ -103,12 +103,71 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write(run_dir / "metrics.jsonl", text)
 
 
+CLIENT_TABLES = ("ranks", "next_ranks", "client_weight", "delta_share")
+"""Record fields that map client ids to numbers."""
+SELF_CHECKED = ("class_accuracy", "confusion", "client_accuracy", "mmlu_subjects")
+"""Record fields whose readers skip a damaged value themselves."""
+FRACTIONS = ("accuracy", "worst_client_accuracy", "mmlu_accuracy")
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def record_error(rec: Any, previous_round: int) -> str | None:
+    """What is wrong with one metrics.jsonl record, as "field: problem" (None: nothing). Every
+    reader (compare, report, tune, the figures) relies on these, so a damaged or hand-edited
+    run gives one line here instead of a traceback deep in a table or a plot."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if not _is_count(rec.get("round")) or rec["round"] <= previous_round:
+        return f"round: not a round number after {previous_round}"
+    for key, value in rec.items():
+        if key in SELF_CHECKED:
+            continue
+        if key == "clients":
+            if not isinstance(value, list):
+                return "clients: not a list"
+            for i, client in enumerate(value):
+                if not isinstance(client, dict) or not _is_count(client.get("id")):
+                    return f"clients[{i}].id: not a client id"
+                bad = next((k for k, v in client.items() if not _is_number(v)), None)
+                if bad is not None:
+                    return f"clients[{i}].{bad}: not a number"
+        elif key == "rejected":
+            if not isinstance(value, list) or not all(
+                    isinstance(x, dict) and _is_count(x.get("client")) and isinstance(x.get("reason"), str)
+                    for x in value):
+                return "rejected: not a list of {client, reason}"
+        elif key in CLIENT_TABLES:
+            if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
+                return f"{key}: not a table of numbers"
+        elif not _is_number(value):
+            return f"{key}: not a number"
+        elif key in FRACTIONS and value is not None and not 0 <= value <= 1:
+            return f"{key}: not in [0, 1]"
+    return None
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's records, each checked by `record_error` (a RunFileError names file, line, field)."""
     path = Path(run_dir) / "metrics.jsonl"
     try:
-        return [json.loads(line) for line in read_bounded(path, MAX_JSON_BYTES).decode().splitlines() if line.strip()]
+        lines = read_bounded(path, MAX_JSON_BYTES).decode().splitlines()
+        numbered = [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise RunFileError(f"run error: {path}: not valid JSON lines (truncated or damaged)") from None
+    previous = -1
+    for n, rec in numbered:
+        problem = record_error(rec, previous)
+        if problem is not None:
+            raise RunFileError(f"run error: {path} line {n}: {problem}")
+        previous = rec["round"]
+    return [rec for _, rec in numbered]
 
 
 EVAL = "eval"

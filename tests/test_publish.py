@@ -1,0 +1,71 @@
+"""`fedlora report DIR --publish DEST` copies what a citation needs and nothing else: no
+checkpoints, merges or locks, no file reached through a symbolic link, never into the
+source itself; the copy is a comparison `fedlora report` rebuilds to the same tables."""
+
+import json
+
+import numpy as np
+
+from fedlora.cli import main
+from fedlora.compare import MethodRun, write_comparison
+
+
+def _comparison(root, outside):
+    runs = []
+    for seed in (0, 1):
+        for method in ("fedit", "aflora"):
+            d = root / f"seed_{seed}" / method
+            (d / "eval").mkdir(parents=True)
+            (d / "merges").mkdir()
+            records = [{"round": t, "accuracy": 0.5 + 0.1 * t + 0.01 * seed, "train_loss": 1.0 / t,
+                        "sim_seconds": 3.0, "wall_seconds": 1.0, "server_seconds": 0.1, "uplink_bytes": 100,
+                        "downlink_bytes": 100, "client_cost_percent": 1.0, "clients": [{"id": 0}],
+                        "ranks": {"0": 8.0}} for t in (1, 2)]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (d / "summary.json").write_text(json.dumps({"method": method, "final_accuracy": 0.7}))
+            (d / "config.yaml").write_text(f"seed: {seed}\n")
+            (d / "environment.json").write_text("{}")
+            (d / "partition.json").write_text("{}")
+            np.savez_compressed(d / "eval" / "round_0002.npz", correct=np.ones(4, dtype=bool))
+            (d / "checkpoint.safetensors").write_bytes(b"\0" * 4096)
+            (d / "final_state.safetensors").write_bytes(b"\0" * 4096)
+            (d / "merges" / "round_0001.safetensors").write_bytes(b"\0" * 4096)
+            (d / "run.lock").write_text("")
+            runs.append(MethodRun(method, seed, d))
+    write_comparison(root, runs, ["fedit", "aflora"], target=0.7,
+                     command="fedlora compare c.yaml --methods fedit,aflora --seeds 0,1 --target 0.7")
+    (root / "seed_0" / "fedit" / "report.md").symlink_to(outside)  # a hostile link is not followed
+
+
+def test_publish_copies_the_citeable_files_only_and_the_copy_rebuilds(tmp_path, capsys):
+    root, dest = tmp_path / "study", tmp_path / "docs" / "study"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not to be published")
+    _comparison(root, secret)
+
+    assert main(["report", str(root), "--publish", str(dest)]) == 0
+    assert "published" in capsys.readouterr().out
+    copied = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    runs = [f"seed_{s}/{m}" for s in (0, 1) for m in ("fedit", "aflora")]
+    per_run = {f"{r}/{name}" for r in runs for name in ("config.yaml", "environment.json", "partition.json",
+                                                        "metrics.jsonl", "summary.json", "eval/round_0002.npz")}
+    top = {"comparison.md", "comparison.csv", "tta.csv"} | {p.name for p in root.glob("*.png")}
+    assert copied == per_run | top  # no checkpoint, final state, merge, lock or linked file
+    assert not any("secret" in p.read_text(errors="ignore") for p in dest.rglob("*.md"))
+
+    before = (dest / "comparison.md").read_text()
+    assert main(["report", str(dest)]) == 0  # the published copy is itself a comparison
+    assert (dest / "comparison.md").read_text() == before
+
+
+def test_publish_refuses_the_source_itself_and_an_empty_source(tmp_path, capsys):
+    root = tmp_path / "study"
+    _comparison(root, tmp_path / "missing")
+    for dest in (root, root / "docs", tmp_path):
+        assert main(["report", str(root), "--publish", str(dest)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--publish" in err and "\n" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty), "--publish", str(tmp_path / "out")]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err  # the report fails first, naming the file
