@@ -150,3 +150,10 @@ def test_report_tabulates_class_accuracy_and_the_worst_client_per_evaluated_roun
     assert lines[1] == "| round | World | Business | Sports | worst client (which) |"
     assert lines[3:5] == ["| 2 | 0.5000 | – | – | 0.2500 (6) |", "| 4 | 0.7500 | – | 1.0000 | – |"]
     assert class_table([{"round": 1, "class_accuracy": "damaged"}]) == []
+
+
+def test_untuned_reference_line_reads_only_an_accuracy(tmp_path):
+    for content, expected in [('{"accuracy": 0.25}', 0.25), ('{"accuracy": "0.25"}', None),
+                              ('{"accuracy": true}', None), ('{"accuracy": 7}', None), ("[0.25]", None)]:
+        (tmp_path / plots.UNTUNED_FILE).write_text(content)
+        assert plots.untuned_accuracy([tmp_path]) == expected, content

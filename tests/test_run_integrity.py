@@ -278,6 +278,14 @@ def test_damaged_metrics_fields_give_one_line_naming_line_and_field(run_copy, tm
     _refused(capsys, ["report", str(run_copy)], "line 2: round: not a round number after 1")
 
 
+def test_summary_that_is_not_an_object_gives_one_line(run_copy, tmp_path, capsys):
+    (run_copy / "summary.json").write_text("[1, 2]")
+    _refused(capsys, ["report", str(run_copy)], "summary.json: not a JSON object")
+    comparison = tmp_path / "cmp"
+    shutil.copytree(run_copy, comparison / "seed_0" / "aflora", ignore=shutil.ignore_patterns("*.safetensors"))
+    _refused(capsys, ["report", str(comparison)], "summary.json: not a JSON object")
+
+
 # -- 6. lock, run key, full disk ---------------------------------------------------------------
 
 

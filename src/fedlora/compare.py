@@ -44,8 +44,8 @@ from fedlora.config import (
 )
 from fedlora.plots import accuracy_curves, ranks_per_client, setting_caption, untuned_accuracy
 from fedlora.runtime.checkpoint import has_checkpoint
-from fedlora.runtime.files import read_bounded, read_json
-from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, write_json
+from fedlora.runtime.files import read_bounded
+from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_json
 from fedlora.runtime.rundir import MAX_CONFIG_BYTES, verify_run
 from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
 from fedlora.tta import write_tta
@@ -421,7 +421,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     for run in runs:
         if run.done:
             results[run.method].append(SeedResult.read(run))
-            algorithm[run.method] = read_json(run.run_dir / "summary.json").get("method", run.method)
+            algorithm[run.method] = str(read_summary(run.run_dir).get("method", run.method))
     histories = {m: [r.history for r in rs] for m, rs in results.items()}
     has_reference = bool(results.get(reference or ""))
     rows = []

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from fedlora.runtime.files import read_json
-from fedlora.runtime.outputs import UNTUNED_FILE, read_config_tree
+from fedlora.runtime.outputs import UNTUNED_FILE, is_fraction, read_config_tree
 from fedlora.units import format_bytes
 
 from fedlora.stats import seed_interval
@@ -60,7 +60,8 @@ def untuned_accuracy(run_dirs: Sequence[Path]) -> float | None:
         path = Path(d) / UNTUNED_FILE
         if path.exists():
             value = read_json(path)
-            return value.get("accuracy") if isinstance(value, dict) else None
+            accuracy = value.get("accuracy") if isinstance(value, dict) else None
+            return float(accuracy) if is_fraction(accuracy) else None
     return None
 
 

@@ -14,8 +14,8 @@ from fedlora.plots import (
     setting_caption,
     untuned_accuracy,
 )
-from fedlora.runtime.files import RunFileError, read_json
-from fedlora.runtime.outputs import client_sizes, read_config_tree, read_metrics
+from fedlora.runtime.files import RunFileError
+from fedlora.runtime.outputs import client_sizes, read_config_tree, read_metrics, read_summary
 
 
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -144,9 +144,8 @@ def write_report(run_dir: Path) -> Path:
     records = read_metrics(run_dir)
     if not records:
         raise FileNotFoundError(f"report: {run_dir}/metrics.jsonl has no rounds yet")
-    summary_path = run_dir / "summary.json"
-    summary = read_json(summary_path) if summary_path.exists() else {}
-    label = summary.get("method", run_dir.name)
+    summary = read_summary(run_dir)
+    label = str(summary.get("method", run_dir.name))
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     one = {label: records}

@@ -97,6 +97,15 @@ def client_sizes(run_dir: Path) -> list[int] | None:
     return [sum(row) for row in table] if table and rows_ok else None
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json as a JSON object ({} when there is none yet); RunFileError when it is not one."""
+    path = Path(run_dir) / "summary.json"
+    summary = read_json(path) if path.exists() else {}
+    if not isinstance(summary, dict):
+        raise RunFileError(f"run error: {path}: not a JSON object")
+    return summary
+
+
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl from the history (atomic: it always matches a checkpoint)."""
     text = "".join(json.dumps(rec) + "\n" for rec in history)
@@ -112,6 +121,11 @@ FRACTIONS = ("accuracy", "worst_client_accuracy", "mmlu_accuracy")
 
 def _is_number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def is_fraction(value: Any) -> bool:
+    """A number in [0, 1] (an accuracy)."""
+    return value is not None and _is_number(value) and 0 <= value <= 1
 
 
 def _is_count(value: Any) -> bool:
@@ -148,7 +162,7 @@ def record_error(rec: Any, previous_round: int) -> str | None:
                 return f"{key}: not a table of numbers"
         elif not _is_number(value):
             return f"{key}: not a number"
-        elif key in FRACTIONS and value is not None and not 0 <= value <= 1:
+        elif key in FRACTIONS and value is not None and not is_fraction(value):
             return f"{key}: not in [0, 1]"
     return None
 
