@@ -30,6 +30,8 @@ def test_given_clock_wins_and_missing_cpuinfo_gives_zero(tmp_path):
      ("AuthenticAMD", 23, 8, 16),      # Zen+
      ("AuthenticAMD", 23, 49, 32),     # Zen 2 (EPYC 7002): full 256-bit FMA
      ("AuthenticAMD", 25, 1, 32),      # Zen 3
+     ("HygonGenuine", 24, 1, 16),      # Hygon Dhyana: a Zen 1 core
+     ("AuthenticAMD", 24, 1, 32),      # family 24 is Hygon's only
      ("GenuineIntel", 23, 1, 32)],     # not AMD: the family number means something else
 )
 def test_zen1_counts_half_the_avx2_fmas(tmp_path, vendor, family, model, per_cycle):
