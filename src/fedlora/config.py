@@ -505,14 +505,17 @@ def read_tree(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-def resolve_data_dir(cfg: RunConfig, config_path: Path) -> RunConfig:
+def data_folder(data_dir: Path, config_path: Path) -> Path:
     """A relative data_dir means the working directory, else the project root above configs/;
-    the run's config.yaml names the real, absolute folder."""
-    data_dir = cfg.data.data_dir
-    if not data_dir.is_absolute():
-        alt = config_path.resolve().parent.parent / data_dir
-        data_dir = data_dir if data_dir.exists() or not alt.exists() else alt
-        cfg.data.data_dir = data_dir.resolve()
+    the answer is absolute, so a run's config.yaml names the real folder."""
+    if data_dir.is_absolute():
+        return data_dir
+    alt = config_path.resolve().parent.parent / data_dir
+    return (data_dir if data_dir.exists() or not alt.exists() else alt).resolve()
+
+
+def resolve_data_dir(cfg: RunConfig, config_path: Path) -> RunConfig:
+    cfg.data.data_dir = data_folder(cfg.data.data_dir, config_path)
     return cfg
 
 
