@@ -166,6 +166,26 @@ def test_per_class_table_averages_each_class_over_the_seeds_that_measured_it(tmp
     assert "| fedit | 0.8000 | 0.5000 |" in (tmp_path / "comparison.md").read_text()
 
 
+def test_tilt_tables_average_each_client_over_its_rounds_then_over_seeds(tmp_path):
+    ref = _reference(0)
+    runs = [_fake_run(tmp_path, m, s, ref) for m in ("aflora", "fedit") for s in range(2)]
+    tilts = {  # (aflora seed 0, seed 1): client 10 only in seed 0's second round
+        0: [{"client_weight": {"2": 0.2, "10": 0.8}, "delta_share": {"2": 0.1, "10": 0.9}},
+            {"client_weight": {"2": 0.4}, "delta_share": {"2": 0.3}}],
+        1: [{"client_weight": {"2": 0.6}, "delta_share": {"2": 0.5}}],
+    }
+    for run in runs[:2]:
+        record = read_metrics(run.run_dir)[0]
+        write_metrics(run.run_dir, [{**record, "round": t + 1, **tilt} for t, tilt in enumerate(tilts[run.seed])])
+    write_comparison(tmp_path, runs, ["aflora", "fedit"])
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| weight p_k | client 2 | client 10 |" in md  # numeric order, not "10" < "2"
+    assert "| aflora | 0.450 | 0.800 |" in md  # client 2: seed means 0.3 and 0.6; client 10: seed 0 only
+    assert "| aflora | 0.350 | 0.900 |" in md  # shares: (0.2 + 0.5) / 2
+    tilt = md.split("## Aggregation tilt")[1].split("\n\n![")[0]
+    assert "| fedit | " not in tilt  # logged no tilt
+
+
 def test_compare_one_seed_and_no_reference(tmp_path):
     ref = _reference(0)
     runs = [_fake_run(tmp_path, "flexlora", 0, _better(ref, 0.1)), _fake_run(tmp_path, "flora", 0, ref)]

@@ -43,6 +43,7 @@ from fedlora.config import (
     resolve_data_dir,
 )
 from fedlora.plots import accuracy_curves, ranks_per_client, setting_caption, untuned_accuracy
+from fedlora.report import mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_json
@@ -368,6 +369,31 @@ def class_table(results: dict[str, list[SeedResult]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tilt_tables(results: dict[str, list[SeedResult]]) -> str:
+    """Per method, each client's aggregation weight p_k and share of ΔW (README, "Aggregation
+    tilt"), each the mean over the rounds the client took part in, then over seeds: which
+    clients the aggregate leans towards, beside the per-class table's effect of it."""
+    histories = {m: [r.history for r in rs] for m, rs in results.items()}
+    clients = sorted({c for hs in histories.values() for h in hs for r in h
+                      if isinstance(r.get("client_weight"), dict) for c in r["client_weight"]},
+                     key=lambda c: (len(c), c))  # ids in numeric order
+    if not clients:
+        return ""
+    lines = ["## Aggregation tilt\n",
+             "Each client's aggregation weight p_k and its share of ΔW (Σ over modules of ‖s p_k B_k A_k‖_F "
+             "over the same summed over the round's clients), mean over the rounds it took part in, then "
+             "over seeds.\n"]
+    for key, title in (("client_weight", "weight p_k"), ("delta_share", "share of ΔW")):
+        lines += [f"| {title} | " + " | ".join(f"client {c}" for c in clients) + " |",
+                  "|" + "---|" * (len(clients) + 1)]
+        for m, hs in histories.items():
+            cells = [_mean([v for h in hs if (v := mean_per_client(h, key, c)) is not None]) for c in clients]
+            if any(v is not None for v in cells):
+                lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 STATISTICS_NOTE = (
     "## Accuracy statistics\n\n"
     "95% intervals: with several seeds, Student's t over the seeds' accuracies (assumes independent, "
@@ -471,6 +497,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "(choose one with --reference).\n" if reference and not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),
         class_table(results),
+        tilt_tables(results),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, done, target, setting, untuned) if done else "",
     ]

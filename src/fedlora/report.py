@@ -104,7 +104,7 @@ def _max_ranks(run_dir: Path) -> list[Any]:
     return ranks if isinstance(ranks, list) else []
 
 
-def _mean_per_client(records: list[dict[str, Any]], key: str, client: str) -> float | None:
+def mean_per_client(records: list[dict[str, Any]], key: str, client: str) -> float | None:
     """Mean of a per-client mapping's value over the rounds that logged it for this client."""
     vals = [r[key][client] for r in records if isinstance(r.get(key), dict)
             and isinstance(r[key].get(client), int | float)]
@@ -134,7 +134,7 @@ def tilt_table(records: list[dict[str, Any]], max_ranks: list[Any], sizes: list[
              "| client | max rank | examples | rounds | weight p_k | share of ΔW |", "|---|---|---|---|---|---|"]
     for c in clients:
         row = [c, cell(per_client(max_ranks, c)), cell(per_client(sizes, c)), str(sum(c in w for w in weights)),
-               cell(_mean_per_client(records, "client_weight", c)), cell(_mean_per_client(records, "delta_share", c))]
+               cell(mean_per_client(records, "client_weight", c)), cell(mean_per_client(records, "delta_share", c))]
         lines.append("| " + " | ".join(row) + " |")
     return [*lines, ""]
 
