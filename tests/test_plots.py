@@ -12,6 +12,7 @@ import yaml
 
 from fedlora import plots
 from fedlora.compare import MethodRun, rebuild_comparison, write_comparison
+from fedlora.config import ConfigError
 from fedlora.units import format_bytes
 
 
@@ -137,6 +138,15 @@ def test_report_rebuilds_a_comparison_without_touching_its_runs(tmp_path):
     assert (tmp_path / "seed_0" / "fedit" / "metrics.jsonl").stat().st_mtime_ns == stamp
     rebuild_comparison(tmp_path, target=0.8)
     assert "Time to accuracy ≥ 0.8000" in (tmp_path / "comparison.md").read_text()
+    assert "vs fedit" in (tmp_path / "comparison.md").read_text()
+    rebuild_comparison(tmp_path, reference="aflora")
+    md = (tmp_path / "comparison.md").read_text()
+    assert "vs aflora" in md and "vs fedit" not in md
+    with pytest.raises(ConfigError, match="--reference flora: not a method of"):
+        rebuild_comparison(tmp_path, reference="flora")
+    (tmp_path / "comparison.md").write_text(before.replace("--target 0.75", "--target 0.7x"))
+    with pytest.raises(ConfigError, match="comparison.md: its Command line is damaged"):
+        rebuild_comparison(tmp_path)
 
 
 def test_report_tabulates_class_accuracy_and_the_worst_client_per_evaluated_round():

@@ -156,9 +156,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.target is not None and not 0 < args.target <= 1:
         raise ConfigError(f"config error: --target: accuracy in (0, 1], got {args.target}")
     if any(path.glob("seed_*/*/metrics.jsonl")):  # a `fedlora compare` directory
-        rebuild_comparison(path, args.target)
+        rebuild_comparison(path, args.target, args.reference)
         print(f"wrote {path / 'comparison.md'} and its figures from the runs' metrics")
     else:
+        if args.reference is not None:
+            raise ConfigError(f"config error: --reference: only for a comparison directory, and {path} is one run")
         print(f"wrote {write_report(path)}")
     if args.publish is not None:
         files, size = publish(path, Path(args.publish))
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="a run directory, or a `fedlora compare` output directory")
     rep.add_argument("--target", type=float, help="comparison: accuracy for time-to-accuracy "
                      "(default: the recorded command's --target, else as in compare)")
+    rep.add_argument("--reference", help="comparison: the method paired differences are taken against "
+                     "(default: the recorded command's --reference, else fedit)")
     rep.add_argument("--publish", metavar="DEST", help="then copy what a citation needs (configs, "
                      "environments, partitions, metrics, summaries, per-item records, tables, figures; "
                      "no checkpoints or merges) into DEST, e.g. docs/NAME, keeping the tree")

@@ -507,10 +507,12 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     return rows
 
 
-def rebuild_comparison(out: Path, target: float | None = None) -> list[dict[str, Any]]:
+def rebuild_comparison(out: Path, target: float | None = None, reference: str | None = None
+                       ) -> list[dict[str, Any]]:
     """A comparison directory's tables and figures again from its finished runs' metrics,
     without training (`fedlora report COMPARE_DIR`). Methods keep comparison.csv's order, the
-    recorded command line and its --target are kept unless `target` is given."""
+    recorded command line and its --target and --reference are kept unless `target` or
+    `reference` is given."""
     out = Path(out)
     seeds = sorted(int(d.name[5:]) for d in out.glob("seed_*") if d.is_dir() and d.name[5:].isdigit())
     if not seeds:
@@ -524,9 +526,15 @@ def rebuild_comparison(out: Path, target: float | None = None) -> list[dict[str,
     if md.exists():
         command = next((line.removeprefix("Command: `").rstrip("`") for line in md.read_text().splitlines()
                         if line.startswith("Command: `")), None)
-    words = shlex.split(command) if command else []
-    if target is None and "--target" in words[:-1]:
-        target = float(words[words.index("--target") + 1])
-    reference = words[words.index("--reference") + 1] if "--reference" in words[:-1] else "fedit"
+    try:
+        words = shlex.split(command) if command else []
+        if target is None and "--target" in words[:-1]:
+            target = float(words[words.index("--target") + 1])
+    except ValueError:
+        raise ConfigError(f"run error: {md}: its Command line is damaged (give --target)") from None
+    if reference is None:
+        reference = words[words.index("--reference") + 1] if "--reference" in words[:-1] else "fedit"
+    elif reference not in methods:
+        raise ConfigError(f"config error: --reference {reference}: not a method of {out} ({', '.join(methods)})")
     runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
     return write_comparison(out, runs, methods, target, reference, command)
