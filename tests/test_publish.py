@@ -49,7 +49,7 @@ def test_publish_copies_the_citeable_files_only_and_the_copy_rebuilds(tmp_path, 
     runs = [f"seed_{s}/{m}" for s in (0, 1) for m in ("fedit", "aflora")]
     per_run = {f"{r}/{name}" for r in runs for name in ("config.yaml", "environment.json", "partition.json",
                                                         "metrics.jsonl", "summary.json", "eval/round_0002.npz")}
-    top = {"comparison.md", "comparison.csv", "tta.csv"} | {p.name for p in root.glob("*.png")}
+    top = {"comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv"} | {p.name for p in root.glob("*.png")}
     assert copied == per_run | top  # no checkpoint, final state, merge, lock or linked file
     assert not any("secret" in p.read_text(errors="ignore") for p in dest.rglob("*.md"))
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedlora.compare import MethodRun, write_comparison
-from fedlora.tta import default_target, time_to_accuracy, tta_markdown, tta_rows
+from fedlora.tta import default_target, speedup, time_to_accuracy, tta_markdown, tta_rows, tta_seed_markdown, tta_seed_rows
 
 
 def _records(accs, sim, up=100, wall=2.0):
@@ -25,15 +25,47 @@ def test_first_round_reaching_target_with_cumulative_costs():
     assert time_to_accuracy(recs, 0.75)["sim_seconds"] == 60.0
 
 
-def test_rows_need_every_seed_and_speedup_is_relative_to_the_first():
-    hist = {"hier": [_records([0.6, 0.8], 5.0), _records([0.8], 5.0)],
-            "fedit": [_records([0.6, 0.7, 0.8], 10.0)] * 2,
-            "slow": [_records([0.8], 1.0), _records([0.1], 1.0)]}
-    rows = {r["method"]: r for r in tta_rows(hist, 0.8)}
+def test_rows_need_every_seed_and_the_speedup_is_paired_by_seed():
+    hist = {"hier": {0: _records([0.6, 0.8], 5.0), 1: _records([0.8], 5.0)},
+            "fedit": {0: _records([0.6, 0.7, 0.8], 10.0), 1: _records([0.6, 0.7, 0.8], 10.0)},
+            "slow": {0: _records([0.8], 1.0), 1: _records([0.1], 1.0)}}
+    rows = {r["method"]: r for r in tta_rows(hist, 0.8, reference="fedit")}
     assert rows["hier"]["sim_seconds"] == 7.5 and rows["hier"]["round"] == 1.5
-    assert rows["fedit"]["speedup_of_first"] == pytest.approx(30.0 / 7.5)
     assert rows["slow"]["reached"] == "1/2" and rows["slow"]["sim_seconds"] is None
+    # hier: fedit's 30 s ÷ 10 s and ÷ 5 s → ratios 3 and 6; slow: seed 0 only (30 ÷ 1)
+    assert rows["hier"]["speedup"] == pytest.approx((3 * 6) ** 0.5) and rows["hier"]["paired_seeds"] == 2
+    assert rows["slow"]["speedup"] == pytest.approx(30.0) and rows["slow"]["paired_seeds"] == 1
+    assert rows["slow"]["speedup_low"] is None  # one paired seed: no interval
+    assert rows["fedit"]["speedup"] == 1.0 == rows["fedit"]["speedup_low"] == rows["fedit"]["speedup_high"]
+    assert "speedup" not in tta_rows(hist, 0.8)[0]  # no reference, no ratio
     assert default_target({"a": [_records([0.5, 0.9], 1)], "b": [_records([0.6], 1)]}) == pytest.approx(0.57)
+
+
+def test_speedup_is_the_geometric_mean_with_a_t_interval_on_the_log_scale():
+    """Ratios 3, 2, 4 over three seeds: geometric mean 24^(1/3) = 2.884; by hand, the logs have
+    mean 1.0594 and standard deviation 0.34827, t(0.975, 2) = 4.3027, so the interval is
+    exp(1.0594 ± 4.3027 · 0.34827 / √3) = [1.2144, 6.853]."""
+    per_seed = {"fedit": {s: _records([0.9], t) for s, t in enumerate((30.0, 20.0, 40.0))},
+                "hier": {s: _records([0.9], 10.0) for s in range(3)}}
+    got = speedup(per_seed, "hier", "fedit", 0.8)
+    assert got["speedup"] == pytest.approx(24 ** (1 / 3), rel=1e-9) and got["paired_seeds"] == 3
+    assert got["speedup_low"] == pytest.approx(1.2144, abs=2e-4)
+    assert got["speedup_high"] == pytest.approx(6.853, abs=2e-3)
+    slower = speedup(per_seed, "fedit", "hier", 0.8)  # the other way round: the reciprocals
+    assert slower["speedup"] * got["speedup"] == pytest.approx(1.0)
+    assert slower["speedup_low"] == pytest.approx(1 / got["speedup_high"])
+    per_seed["hier"][2] = _records([0.5], 10.0)  # seed 2 never reached: not paired
+    assert speedup(per_seed, "hier", "fedit", 0.8)["paired_seeds"] == 2
+
+
+def test_each_seeds_crossing_is_tabulated():
+    per_seed = {"hier": {0: _records([0.6, 0.8], 5.0), 2: _records([0.1], 5.0)}, "fedit": {0: _records([0.9], 2.5)}}
+    rows = tta_seed_rows(per_seed, 0.8)
+    assert [(r["method"], r["seed"], r["reached"], r["sim_seconds"]) for r in rows] == [
+        ("hier", 0, True, 10.0), ("hier", 2, False, None), ("fedit", 0, True, 2.5)]
+    table = tta_seed_markdown(rows)
+    assert "| method | seed 0 | seed 2 |" in table
+    assert "| hier | 10.0 s (round 2) | not reached |" in table and "| fedit | 2.5 s (round 1) | – |" in table
 
 
 def test_a_run_without_the_clock_shows_a_dash_not_zero_seconds():
@@ -42,10 +74,11 @@ def test_a_run_without_the_clock_shows_a_dash_not_zero_seconds():
         del rec["sim_seconds"]
     assert time_to_accuracy(old, 0.8) == {"round": 2.0, "sim_seconds": None, "wall_seconds": 4.0,
                                           "uplink_bytes": 200.0}
-    rows = tta_rows({"new": [_records([0.9], 3.0)], "old": [old], "never": [_records([0.1], 1.0)]}, 0.8)
+    rows = tta_rows({"new": {0: _records([0.9], 3.0)}, "old": {0: old}, "never": {0: _records([0.1], 1.0)}},
+                    0.8, reference="new")
     assert rows[1]["sim_seconds"] is None and rows[1]["wall_seconds"] == 4.0
-    table = tta_markdown(rows, 0.8)
-    assert "| old | 1/1 | 2.0 | – | 4 | 0.00 | – |" in table
+    table = tta_markdown(rows, 0.8, reference="new")
+    assert "| old | 1/1 | 2.0 | – | 4 | 0.00 | – |" in table  # no clock: no ratio
     assert "| never | 0/1 | not reached | not reached |" in table
 
 
@@ -63,4 +96,9 @@ def test_compare_output_has_the_tta_section(tmp_path):
     assert (tmp_path / "accuracy_vs_sim_time.png").stat().st_size > 1000
     rows = list(csv.DictReader((tmp_path / "tta.csv").open()))
     assert [float(r["sim_seconds"]) for r in rows] == [10.0, 24.0]
-    assert float(rows[1]["speedup_of_first"]) == pytest.approx(2.4)
+    assert float(rows[0]["speedup"]) == pytest.approx(2.4)  # over fedit, the default reference
+    assert "| hierfedlora | 1/1 | 2.0 | 10.0 | 4 | 0.00 | 2.40× (1) |" in text
+    seeds = list(csv.DictReader((tmp_path / "tta_seeds.csv").open()))
+    assert [(r["method"], r["seed"], r["round"]) for r in seeds] == [("hierfedlora", "0", "2.0"), ("fedit", "0", "2.0")]
+    write_comparison(tmp_path, runs, ["hierfedlora", "fedit"], target=0.8, reference="nobody")
+    assert "No speed-up column" in (tmp_path / "comparison.md").read_text()

@@ -17,7 +17,7 @@ from fedlora.errors import ConfigError
 
 RUN_FILES = ("config.yaml", "environment.json", "partition.json", "metrics.jsonl", "summary.json", "report.md")
 """Per run: what it was, where it ran, what it saw, what it measured."""
-TOP_FILES = ("comparison.md", "comparison.csv", "tta.csv", "environment.json")
+TOP_FILES = ("comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv", "environment.json")
 """Per comparison: its tables (figures are its top-level *.png)."""
 
 

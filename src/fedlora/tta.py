@@ -3,7 +3,9 @@
 Read from each run's metrics.jsonl: the first evaluated round whose test accuracy is at least
 the target, and the cumulative simulated seconds (`sim_seconds`, the clock in fedlora.clock),
 real wall seconds and uplink bytes (all clients) up to and including that round. A method
-that never reaches the target reports None ("not reached"), never a guess.
+that never reaches the target reports None ("not reached"), never a guess. Against a
+reference method (compare's `--reference`, FedIT by default) each method's speed-up is paired
+by seed and summarised on the log scale (`speedup`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedlora.plots import accuracy_curves
+from fedlora.stats import seed_interval
 
 Records = list[dict[str, Any]]
 TTA_KEYS = ("round", "sim_seconds", "wall_seconds", "uplink_bytes")
@@ -44,21 +49,56 @@ def default_target(histories: Mapping[str, list[Records]], share: float = 0.95) 
     return share * min(bests) if bests else None
 
 
-def tta_rows(histories: Mapping[str, list[Records]], target: float) -> list[dict[str, Any]]:
-    """Per method: means over the seeds that reached the target, and how many did. The speed-up
-    column is the first method's advantage: this method's sim time ÷ the first method's."""
+PerSeed = Mapping[str, Mapping[int, Records]]
+"""method → seed → that run's records."""
+
+
+def tta_seed_rows(per_seed: PerSeed, target: float) -> list[dict[str, Any]]:
+    """Per method and seed: the crossing (round and costs), or not reached (None)."""
     rows = []
-    for method, runs in histories.items():
-        hits = [t for t in (time_to_accuracy(recs, target) for recs in runs) if t is not None]
+    for method, runs in per_seed.items():
+        for seed, recs in sorted(runs.items()):
+            hit = time_to_accuracy(recs, target)
+            rows.append({"method": method, "seed": seed, "reached": hit is not None,
+                         **{k: hit[k] if hit else None for k in TTA_KEYS}})
+    return rows
+
+
+def speedup(per_seed: PerSeed, method: str, reference: str, target: float) -> dict[str, Any]:
+    """The method's speed-up over `reference` to the target on the simulated clock, paired by
+    seed (same partition and devices): r_s = t_ref,s / t_method,s over the seeds where both
+    reached it; their geometric mean, and the 95% Student-t interval of mean log r_s mapped back
+    (ratios multiply: 2× and 0.5× average to 1×). One paired seed: the ratio, no interval."""
+    ratios = []
+    for seed, recs in per_seed[method].items():
+        mine, ref = time_to_accuracy(recs, target), time_to_accuracy(per_seed[reference].get(seed, []), target)
+        if mine and ref and mine["sim_seconds"] and ref["sim_seconds"]:
+            ratios.append(ref["sim_seconds"] / mine["sim_seconds"])
+    out: dict[str, Any] = {"speedup": None, "speedup_low": None, "speedup_high": None,
+                           "paired_seeds": len(ratios)}
+    if ratios:
+        logs = np.log(ratios)
+        out["speedup"] = float(np.exp(logs.mean()))
+        if len(ratios) > 1:
+            _, low, high = seed_interval(logs)
+            out["speedup_low"], out["speedup_high"] = float(np.exp(low)), float(np.exp(high))
+    return out
+
+
+def tta_rows(per_seed: PerSeed, target: float, reference: str | None = None) -> list[dict[str, Any]]:
+    """Per method: means over the seeds that reached the target, and how many did; with a
+    `reference` that ran, the paired speed-up over it (`speedup`)."""
+    rows = []
+    for method, runs in per_seed.items():
+        hits = [t for t in (time_to_accuracy(recs, target) for recs in runs.values()) if t is not None]
         row: dict[str, Any] = {"method": method, "reached": f"{len(hits)}/{len(runs)}"}
         every = len(hits) == len(runs) and hits
         for key in TTA_KEYS:
             values = [h[key] for h in hits]
             row[key] = statistics.fmean(values) if every and None not in values else None
+        if reference in per_seed:
+            row.update(speedup(per_seed, method, reference, target))
         rows.append(row)
-    first = rows[0]["sim_seconds"] if rows else None
-    for row in rows:
-        row["speedup_of_first"] = row["sim_seconds"] / first if first and row["sim_seconds"] else None
     return rows
 
 
@@ -67,36 +107,77 @@ def _fmt(x: float | None, spec: str, reached: bool) -> str:
     return format(x, spec) if x is not None else "–" if reached else "not reached"
 
 
-def write_tta(out: Path, histories: Mapping[str, list[Records]], target: float | None,
+TTA_COLUMNS = ["method", "reached", *TTA_KEYS, "speedup", "speedup_low", "speedup_high", "paired_seeds"]
+
+
+def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str | None = "fedit",
               setting: str = "", untuned: float | None = None) -> str:
-    """tta.csv and the accuracy-vs-simulated-time figure in `out`; returns the markdown section."""
+    """tta.csv (per method), tta_seeds.csv (per method and seed) and the accuracy-vs-simulated-
+    time figure in `out`; returns the markdown section."""
+    histories = {m: list(runs.values()) for m, runs in per_seed.items()}
     target = target if target is not None else default_target(histories)
     if target is None:
         return ""
-    rows = tta_rows(histories, target)
+    reference = reference if reference in per_seed else None
+    rows = tta_rows(per_seed, target, reference)
     with (out / "tta.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["method", "reached", *TTA_KEYS, "speedup_of_first"])
+        writer = csv.DictWriter(fh, fieldnames=TTA_COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
+    seed_rows = tta_seed_rows(per_seed, target)
+    with (out / "tta_seeds.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["method", "seed", "reached", *TTA_KEYS])
+        writer.writeheader()
+        writer.writerows(seed_rows)
     figure = accuracy_vs_sim_time(histories, out / "accuracy_vs_sim_time.png", target, setting, untuned)
-    return f"\n## Time to accuracy\n\n{tta_markdown(rows, target)}\n![{figure.stem}]({figure.name})\n"
+    return (f"\n## Time to accuracy\n\n{tta_markdown(rows, target, reference)}\n"
+            f"{tta_seed_markdown(seed_rows)}\n![{figure.stem}]({figure.name})\n")
 
 
-def tta_markdown(rows: list[dict[str, Any]], target: float) -> str:
-    first = rows[0]["method"] if rows else "–"
+def _speedup_cell(row: dict[str, Any]) -> str:
+    if row.get("speedup") is None:
+        return "–"
+    interval = (f" [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}]"
+                if row.get("speedup_low") is not None else "")
+    return f"{row['speedup']:.2f}×{interval} ({row['paired_seeds']})"
+
+
+def tta_markdown(rows: list[dict[str, Any]], target: float, reference: str | None = None) -> str:
+    about = (f" The last column is the speed-up over {reference} on the simulated clock, paired by seed: "
+             f"{reference}'s time ÷ the method's, geometric mean over the seeds where both reached the target, "
+             f"[95% Student-t interval of the mean log ratio], (paired seeds); > 1: faster than {reference}."
+             if reference else " No speed-up column: the reference method did not run (--reference).")
     lines = [
-        (f"Time to accuracy ≥ {target:.4f} (means over seeds; simulated seconds from the device "
-         f"profiles; the last column is {first}'s speed-up: this method's simulated time ÷ {first}'s).\n"),
-        f"| method | reached | rounds | simulated s | wall s | uplink MB | speed-up of {first} |",
-        "|---|---|---|---|---|---|---|",
+        f"Time to accuracy ≥ {target:.4f} (means over seeds; simulated seconds from the device profiles).{about}\n",
+        "| method | reached | rounds | simulated s | wall s | uplink MB |" + (f" speed-up over {reference} |" if reference else ""),
+        "|---|---|---|---|---|---|" + ("---|" if reference else ""),
     ]
     for r in rows:
         up = None if r["uplink_bytes"] is None else r["uplink_bytes"] / 1e6
-        speed = "–" if r["speedup_of_first"] is None else f"{r['speedup_of_first']:.2f}×"
         ok = r["round"] is not None
         lines.append(f"| {r['method']} | {r['reached']} | {_fmt(r['round'], '.1f', ok)} "
                      f"| {_fmt(r['sim_seconds'], '.1f', ok)} | {_fmt(r['wall_seconds'], '.0f', ok)} "
-                     f"| {_fmt(up, '.2f', ok)} | {speed} |")
+                     f"| {_fmt(up, '.2f', ok)} |" + (f" {_speedup_cell(r)} |" if reference else ""))
+    return "\n".join(lines) + "\n"
+
+
+def tta_seed_markdown(seed_rows: list[dict[str, Any]]) -> str:
+    """Each seed's crossing: simulated seconds (round), the numbers the means and ratios come from."""
+    seeds = sorted({r["seed"] for r in seed_rows})
+    methods = list(dict.fromkeys(r["method"] for r in seed_rows))
+    cell = {(r["method"], r["seed"]): r for r in seed_rows}
+
+    def show(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "–"
+        if not r["reached"]:
+            return "not reached"
+        sim = "–" if r["sim_seconds"] is None else f"{r['sim_seconds']:.1f} s"
+        return f"{sim} (round {r['round']:.0f})"
+
+    lines = ["Per seed: simulated seconds to the target (round).\n",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    lines += [f"| {m} | " + " | ".join(show(cell.get((m, s))) for s in seeds) + " |" for m in methods]
     return "\n".join(lines) + "\n"
 
 
