@@ -201,8 +201,8 @@ def test_diagnostic_seconds_stay_out_of_the_server_time(data_dir, tmp_path, monk
 
 @pytest.mark.parametrize("dlf", [True, False])
 def test_aflora_held_out_loss_seconds_stay_out_of_the_server_time(data_dir, tmp_path, monkeypatch, dlf):
-    """AFLoRA's three held-out loss passes are measurements: a second each here, yet the
-    server time stays below one second; without the server's steps nothing is subtracted that
+    """AFLoRA's three held-out loss passes and the tilt are measurements: a second each here,
+    yet the server time stays below one second; without the server's steps nothing is subtracted that
     was not spent (the server time is never negative)."""
     import time
 
@@ -215,6 +215,15 @@ def test_aflora_held_out_loss_seconds_stay_out_of_the_server_time(data_dir, tmp_
         return measured(self)
 
     monkeypatch.setattr(PublicServer, "heldout_loss", slow_heldout_loss)
+    from fedlora.algorithms import base
+
+    tilt = base.aggregation_tilt
+
+    def slow_tilt(*args):  # the tilt is a measurement too: its second must go as well
+        time.sleep(1.0)
+        return tilt(*args)
+
+    monkeypatch.setattr(base, "aggregation_tilt", slow_tilt)
     tree = tiny_tree(federation={"rounds": 1}, algorithm={"name": "aflora", "server_steps": 1, "dlf": dlf})
     Simulation(build_config(tree), tmp_path, progress=False).run()
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
