@@ -13,7 +13,7 @@ from conftest import tiny_tree
 from fedlora.adapters import Adapters
 from fedlora.algorithms import ALGORITHMS, build_algorithm
 import fedlora.algorithms.aflora as aflora_module
-from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, prune_mask
+from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, a_change, prune_mask
 from fedlora.algorithms.base import (
     FederationSetup,
     InvalidUpdate,
@@ -557,6 +557,16 @@ class FakeServer:
 
     def heldout_loss(self):
         return next(self.heldout)
+
+
+def test_a_change_is_relative_over_all_modules_together():
+    """‖A_FT − A‖_F / ‖A‖_F with both norms over every module: module q (norm 5) moves by 5,
+    module v (norm 5) not at all, so √(25 / 50), not the mean of per-module ratios (0.5)."""
+    A = {"q": torch.tensor([[3.0, 0.0], [0.0, 4.0]]), "v": torch.tensor([[0.0, 5.0]])}
+    moved = {"q": A["q"] + torch.tensor([[0.0, 3.0], [4.0, 0.0]]), "v": A["v"].clone()}
+    assert a_change(A, moved) == pytest.approx(0.5 ** 0.5)
+    assert a_change(A, {k: -v for k, v in A.items()}) == pytest.approx(2.0)  # A_FT = −A moves by 2‖A‖
+    assert a_change(A, A) == 0.0
 
 
 def test_aflora_server_fuses_a_and_reports_its_steps(tiny_adapters):
