@@ -275,7 +275,7 @@ def test_damaged_metrics_fields_give_one_line_naming_line_and_field(run_copy, tm
     _refused(capsys, ["report", str(run_copy)], "metrics.jsonl line 2: accuracy: not a number")
     records[1]["accuracy"], records[1]["round"] = 0.9, 1
     (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    _refused(capsys, ["report", str(run_copy)], "line 2: round: not a round number after 1")
+    _refused(capsys, ["report", str(run_copy)], "line 2: round: 1 does not follow the previous line's 1")
 
 
 def test_summary_that_is_not_an_object_gives_one_line(run_copy, tmp_path, capsys):

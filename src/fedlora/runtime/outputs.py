@@ -138,8 +138,10 @@ def record_error(rec: Any, previous_round: int) -> str | None:
     run gives one line here instead of a traceback deep in a table or a plot."""
     if not isinstance(rec, dict):
         return "not a JSON object"
-    if not _is_count(rec.get("round")) or rec["round"] <= previous_round:
-        return f"round: not a round number after {previous_round}"
+    if not _is_count(rec.get("round")):
+        return "round: not a round number"
+    if rec["round"] <= previous_round:
+        return f"round: {rec['round']} does not follow the previous line's {previous_round}"
     for key, value in rec.items():
         if key in SELF_CHECKED:
             continue
