@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_tree
 
 from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, client_upload, init_global_A
-from fedlora.algorithms.base import FederationSetup, Update
+from fedlora.algorithms.base import DIAGNOSTIC_SECONDS, FederationSetup, Update
 from fedlora.algorithms.fedit import FedIT, FedITOptions
 from fedlora.config import build_config
 from fedlora.diagnostics import aggregation_tilt, delta_shares, product_norm
@@ -120,7 +120,7 @@ def test_fedit_share_is_each_b_times_the_averaged_a():
     norms = [pk * float(torch.linalg.matrix_norm(u.tensors["w.B"] @ A_bar)) for pk, u in zip(p, updates)]
     assert list(agg.metrics["delta_share"].values()) == pytest.approx([x / sum(norms) for x in norms], rel=1e-5)
     trimmed = FederationSetup({"w": (m, n)}, [r] * 3, sizes, scaling=1.0, seed=0, trimmed_mean=0.34)
-    assert FedIT(FedITOptions(), trimmed).aggregate(agg.state, updates, None).metrics == {}
+    assert FedIT(FedITOptions(), trimmed).aggregate(agg.state, updates, None).metrics == {DIAGNOSTIC_SECONDS: 0.0}
 
 
 def _norm(B: torch.Tensor, A: torch.Tensor) -> float:

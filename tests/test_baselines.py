@@ -15,6 +15,7 @@ from fedlora.algorithms import ALGORITHMS, build_algorithm
 import fedlora.algorithms.aflora as aflora_module
 from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, a_change, prune_mask
 from fedlora.algorithms.base import (
+    DIAGNOSTIC_SECONDS,
     FederationSetup,
     InvalidUpdate,
     Update,
@@ -583,6 +584,18 @@ def test_aflora_server_fuses_a_and_reports_its_steps(tiny_adapters):
     assert agg.metrics["server_a_change"] == pytest.approx(1.0)  # ‖2A − A‖ / ‖A‖
     assert (agg.metrics["server_heldout_before"], agg.metrics["server_heldout_ft"],
             agg.metrics["server_heldout_after"]) == (3.0, 2.0, 1.0)
+
+
+def test_aflora_adds_its_held_out_seconds_to_a_tilt_that_was_not_measured(tiny_adapters):
+    """The tilt always reports its seconds (0 under a trimmed mean, which config refuses for
+    AFLoRA but FederationSetup can carry), so AFLoRA's server step never meets a missing key."""
+    shapes = tiny_adapters.shapes()
+    setup_ = FederationSetup(shapes, [4], [10], 0.5, 0, trimmed_mean=0.2)
+    algo = AFLoRA(AFLoRAOptions(), setup_)
+    update = Update(0, {f"{n}.B": torch.ones(m, 4) for n, (m, _) in shapes.items()}
+                    | {f"{n}.mask": torch.ones(4) for n in shapes}, 10)
+    metrics = algo.aggregate(algo.init_state(), [update], FakeServer(tiny_adapters)).metrics
+    assert "client_weight" not in metrics and metrics[DIAGNOSTIC_SECONDS] >= 0.0
 
 
 def test_aflora_expected_shapes_follow_the_uploaded_mask():

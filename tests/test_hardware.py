@@ -31,6 +31,7 @@ def test_given_clock_wins_and_missing_cpuinfo_gives_zero(tmp_path):
      ("AuthenticAMD", 23, 49, 32),     # Zen 2 (EPYC 7002): full 256-bit FMA
      ("AuthenticAMD", 25, 1, 32),      # Zen 3
      ("HygonGenuine", 24, 1, 16),      # Hygon Dhyana: a Zen 1 core
+     ("HygonGenuine", 24, 4, 32),      # later Hygon models: not assumed to be Zen 1
      ("AuthenticAMD", 24, 1, 32),      # family 24 is Hygon's only
      ("GenuineIntel", 23, 1, 32)],     # not AMD: the family number means something else
 )

@@ -145,7 +145,15 @@ def test_report_rebuilds_a_comparison_without_touching_its_runs(tmp_path):
     with pytest.raises(ConfigError, match="--reference flora: not a method of"):
         rebuild_comparison(tmp_path, reference="flora")
     (tmp_path / "comparison.md").write_text(before.replace("--target 0.75", "--target 0.7x"))
-    with pytest.raises(ConfigError, match="comparison.md: its Command line is damaged"):
+    with pytest.raises(ConfigError, match="comparison.md: its Command line's --target is damaged"):
+        rebuild_comparison(tmp_path)
+    rebuild_comparison(tmp_path, target=0.75, reference="aflora")  # given, a damaged record does not matter
+    md = (tmp_path / "comparison.md").read_text()
+    assert "--target 0.75 --reference aflora`" in md and "vs aflora" in md  # the command the tables follow
+    rebuild_comparison(tmp_path)
+    assert "vs aflora" in (tmp_path / "comparison.md").read_text()  # and a plain rebuild keeps it
+    (tmp_path / "comparison.md").write_text('Command: `fedlora compare "unclosed`\n')
+    with pytest.raises(ConfigError, match="Command line is damaged; give --target"):
         rebuild_comparison(tmp_path)
 
 

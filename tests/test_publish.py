@@ -3,6 +3,7 @@ checkpoints, merges or locks, no file reached through a symbolic link, never int
 source itself; the copy is a comparison `fedlora report` rebuilds to the same tables."""
 
 import json
+import shutil
 
 import numpy as np
 
@@ -31,6 +32,7 @@ def _comparison(root, outside):
             (d / "final_state.safetensors").write_bytes(b"\0" * 4096)
             (d / "merges" / "round_0001.safetensors").write_bytes(b"\0" * 4096)
             (d / "run.lock").write_text("")
+            (d / "untuned.json").write_text('{"accuracy": 0.4}')
             runs.append(MethodRun(method, seed, d))
     write_comparison(root, runs, ["fedit", "aflora"], target=0.7,
                      command="fedlora compare c.yaml --methods fedit,aflora --seeds 0,1 --target 0.7")
@@ -48,14 +50,53 @@ def test_publish_copies_the_citeable_files_only_and_the_copy_rebuilds(tmp_path, 
     copied = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
     runs = [f"seed_{s}/{m}" for s in (0, 1) for m in ("fedit", "aflora")]
     per_run = {f"{r}/{name}" for r in runs for name in ("config.yaml", "environment.json", "partition.json",
-                                                        "metrics.jsonl", "summary.json", "eval/round_0002.npz")}
+                                                        "metrics.jsonl", "summary.json", "untuned.json",
+                                                        "eval/round_0002.npz")}
     top = {"comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv"} | {p.name for p in root.glob("*.png")}
-    assert copied == per_run | top  # no checkpoint, final state, merge, lock or linked file
-    assert not any("secret" in p.read_text(errors="ignore") for p in dest.rglob("*.md"))
+    assert copied == per_run | top | {"published.json"}  # no checkpoint, final state, merge, lock or linked file
+    manifest = json.loads((dest / "published.json").read_text())
+    assert set(manifest["files"]) == per_run | top and len(manifest["files"]["comparison.md"]) == 64
 
     before = (dest / "comparison.md").read_text()
     assert main(["report", str(dest)]) == 0  # the published copy is itself a comparison
     assert (dest / "comparison.md").read_text() == before
+
+
+def test_republishing_replaces_the_earlier_copy_and_never_writes_through_a_link(tmp_path, capsys):
+    root, dest = tmp_path / "study", tmp_path / "docs" / "study"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("keep")
+    _comparison(root, secret)
+    assert main(["report", str(root), "--publish", str(dest)]) == 0
+    shutil.rmtree(root / "seed_1" / "aflora")  # the study changed: that run is gone
+    (dest / "seed_0" / "fedit" / "metrics.jsonl").unlink()
+    (dest / "seed_0" / "fedit" / "metrics.jsonl").symlink_to(secret)  # a planted link in DEST
+    assert main(["report", str(root), "--publish", str(dest)]) == 0
+    assert secret.read_text() == "keep" and not (dest / "seed_0" / "fedit" / "metrics.jsonl").is_symlink()
+    assert not (dest / "seed_1" / "aflora" / "metrics.jsonl").exists()  # no stale run from the earlier copy
+
+    shutil.rmtree(dest / "seed_0")
+    (dest / "seed_0").symlink_to(root / "seed_1")  # a linked folder would write into the source
+    before = (root / "seed_1" / "fedit" / "metrics.jsonl").read_text()
+    assert main(["report", str(root), "--publish", str(dest)]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert (root / "seed_1" / "fedit" / "metrics.jsonl").read_text() == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    assert main(["report", str(root), "--publish", str(mine)]) == 2  # not empty, not an earlier publish
+    assert "not empty" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "the user's"
+
+
+def test_publish_one_run(tmp_path):
+    root = tmp_path / "study"
+    _comparison(root, tmp_path / "missing")
+    run = root / "seed_0" / "aflora"
+    assert main(["report", str(run), "--publish", str(tmp_path / "one")]) == 0
+    copied = {str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*") if p.is_file()}
+    assert {"report.md", "metrics.jsonl", "eval/round_0002.npz", "untuned.json"} <= copied
+    assert any(c.startswith("figures/") for c in copied) and not any("safetensors" in c for c in copied)
 
 
 def test_publish_refuses_the_source_itself_and_an_empty_source(tmp_path, capsys):

@@ -268,7 +268,7 @@ def test_damaged_metrics_fields_give_one_line_naming_line_and_field(run_copy, tm
         if code == 2:
             refused += 1
             assert f"metrics.jsonl line {line}:" in err, (key, err)
-    assert refused >= 20  # most damages are refused, each naming its line
+    assert refused >= 25  # most damages are refused, each naming its line
     records = json.loads(json.dumps(clean))
     records[1]["accuracy"] = "0.9"
     (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -276,6 +276,42 @@ def test_damaged_metrics_fields_give_one_line_naming_line_and_field(run_copy, tm
     records[1]["accuracy"], records[1]["round"] = 0.9, 1
     (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _refused(capsys, ["report", str(run_copy)], "line 2: round: 1 does not follow the previous line's 1")
+
+
+def test_every_record_the_check_accepts_is_one_the_tables_can_read(run_copy):
+    """Every field of both records (and of their first client) × every hostile value: either
+    `record_error` names it, or the readers that index records (compare's row, statistics'
+    tilt, time to accuracy, report's tables) compute without an exception."""
+    import json
+
+    from fedlora.compare import SeedResult, method_row, tilt_tables
+    from fedlora.report import class_table, tilt_table
+    from fedlora.runtime.outputs import record_error
+    from fedlora.tta import tta_rows
+
+    clean = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert [record_error(r, n) for n, r in enumerate(clean)] == [None, None]
+    places = [(n, None, key) for n, r in enumerate(clean) for key in r]
+    places += [(n, 0, key) for n, r in enumerate(clean) for key in r["clients"][0]]
+    accepted = 0
+    for n, client, key in places:
+        for value in HOSTILE_VALUES:
+            records = json.loads(json.dumps(clean))
+            (records[n] if client is None else records[n]["clients"][client])[key] = value
+            if any(record_error(r, prev) for r, prev in zip(records, [-1, records[0]["round"]])):
+                continue
+            accepted += 1
+            method_row("m", [records])
+            tilt_tables({"m": [SeedResult(0, records, None, None)]})
+            tta_rows({"m": {0: records}}, 0.5, reference="m")
+            class_table(records)
+            tilt_table(records, [4, 4], [10, 10])
+    assert accepted > 50  # the loop ran on harmless values too (None for an optional number, ...)
+    clipped = json.loads(json.dumps(clean[0]))
+    clipped["clients"][0]["clipped"] = "norm 9.1 above the bound 3; scaled by 0.33"  # runtime.rounds' note
+    assert record_error(clipped, -1) is None
+    clipped["clients"][0]["seconds"] = "9 s"  # text only where the runtime writes text
+    assert record_error(clipped, -1) == "clients[0].seconds: not a number"
 
 
 def test_summary_that_is_not_an_object_gives_one_line(run_copy, tmp_path, capsys):

@@ -32,10 +32,12 @@ def test_rows_need_every_seed_and_the_speedup_is_paired_by_seed():
     rows = {r["method"]: r for r in tta_rows(hist, 0.8, reference="fedit")}
     assert rows["hier"]["sim_seconds"] == 7.5 and rows["hier"]["round"] == 1.5
     assert rows["slow"]["reached"] == "1/2" and rows["slow"]["sim_seconds"] is None
-    # hier: fedit's 30 s ÷ 10 s and ÷ 5 s → ratios 3 and 6; slow: seed 0 only (30 ÷ 1)
+    # hier: fedit's 30 s ÷ 10 s and ÷ 5 s → ratios 3 and 6; slow missed seed 1: no ratio at all
     assert rows["hier"]["speedup"] == pytest.approx((3 * 6) ** 0.5) and rows["hier"]["paired_seeds"] == 2
-    assert rows["slow"]["speedup"] == pytest.approx(30.0) and rows["slow"]["paired_seeds"] == 1
-    assert rows["slow"]["speedup_low"] is None  # one paired seed: no interval
+    assert rows["slow"]["speedup"] is None and (rows["slow"]["paired_seeds"], rows["slow"]["reached_seeds"]) == (2, 1)
+    assert "– (a seed not reached: 1 of 2)" in tta_markdown(list(rows.values()), 0.8, reference="fedit")
+    one = tta_rows({"fedit": {0: hist["fedit"][0]}, "slow": {0: hist["slow"][0]}}, 0.8, reference="fedit")
+    assert one[1]["speedup"] == pytest.approx(30.0) and one[1]["speedup_low"] is None  # one seed: no interval
     assert rows["fedit"]["speedup"] == 1.0 == rows["fedit"]["speedup_low"] == rows["fedit"]["speedup_high"]
     assert "speedup" not in tta_rows(hist, 0.8)[0]  # no reference, no ratio
     assert default_target({"a": [_records([0.5, 0.9], 1)], "b": [_records([0.6], 1)]}) == pytest.approx(0.57)
@@ -54,8 +56,11 @@ def test_speedup_is_the_geometric_mean_with_a_t_interval_on_the_log_scale():
     slower = speedup(per_seed, "fedit", "hier", 0.8)  # the other way round: the reciprocals
     assert slower["speedup"] * got["speedup"] == pytest.approx(1.0)
     assert slower["speedup_low"] == pytest.approx(1 / got["speedup_high"])
-    per_seed["hier"][2] = _records([0.5], 10.0)  # seed 2 never reached: not paired
-    assert speedup(per_seed, "hier", "fedit", 0.8)["paired_seeds"] == 2
+    per_seed["hier"][2] = _records([0.5], 10.0)  # seed 2 never reached: no ratio, not a mean of the rest
+    assert speedup(per_seed, "hier", "fedit", 0.8) == {"speedup": None, "speedup_low": None, "speedup_high": None,
+                                                      "paired_seeds": 3, "reached_seeds": 2}
+    del per_seed["hier"][2]  # a seed the method did not run is not paired
+    assert speedup(per_seed, "hier", "fedit", 0.8)["speedup"] == pytest.approx(6 ** 0.5)
 
 
 def test_each_seeds_crossing_is_tabulated():

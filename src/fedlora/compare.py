@@ -43,7 +43,7 @@ from fedlora.config import (
     resolve_data_dir,
 )
 from fedlora.plots import accuracy_curves, ranks_per_client, setting_caption, untuned_accuracy
-from fedlora.report import mean_per_client
+from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_json
@@ -380,9 +380,8 @@ def tilt_tables(results: dict[str, list[SeedResult]]) -> str:
     if not clients:
         return ""
     lines = ["## Aggregation tilt\n",
-             "Each client's aggregation weight p_k and its share of ΔW (Σ over modules of ‖s p_k B_k A_k‖_F "
-             "over the same summed over the round's clients), mean over the rounds it took part in, then "
-             "over seeds.\n"]
+             f"Each client's aggregation weight p_k and its share of ΔW, mean over the rounds it took part in, "
+             f"then over seeds. {SHARE_OF_DELTA_W}\n"]
     for key, title in (("client_weight", "weight p_k"), ("delta_share", "share of ΔW")):
         lines += [f"| {title} | " + " | ".join(f"client {c}" for c in clients) + " |",
                   "|" + "---|" * (len(clients) + 1)]
@@ -508,34 +507,62 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     return rows
 
 
+def _recorded_command(md: Path) -> list[str] | None:
+    """The words of comparison.md's recorded `Command:` line; [] when there is none, None when
+    it cannot be read or split."""
+    if not md.exists():
+        return []
+    try:
+        text = read_bounded(md, MAX_CONFIG_BYTES).decode()
+        line = next((x for x in text.splitlines() if x.startswith("Command: `")), None)
+        return shlex.split(line.removeprefix("Command: `").rstrip("`")) if line else []
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _with_flag(words: list[str], flag: str, value: str) -> list[str]:
+    """`words` with `flag value` set: replaced where it is, else appended."""
+    if flag in words[:-1]:
+        i = words.index(flag)
+        return [*words[:i + 1], value, *words[i + 2:]]
+    return [*words, flag, value]
+
+
 def rebuild_comparison(out: Path, target: float | None = None, reference: str | None = None
                        ) -> list[dict[str, Any]]:
     """A comparison directory's tables and figures again from its finished runs' metrics,
     without training (`fedlora report COMPARE_DIR`). Methods keep comparison.csv's order, the
     recorded command line and its --target and --reference are kept unless `target` or
-    `reference` is given."""
-    out = Path(out)
+    `reference` is given; the command recorded then carries the values the tables used."""
+    out, given_target, given_reference = Path(out), target, reference
     seeds = sorted(int(d.name[5:]) for d in out.glob("seed_*") if d.is_dir() and d.name[5:].isdigit())
     if not seeds:
         raise FileNotFoundError(f"report: {out}: no seed_*/ run directories (not a comparison directory)")
     found = sorted({d.name for s in seeds for d in (out / f"seed_{s}").iterdir() if (d / "metrics.jsonl").exists()})
     table = out / "comparison.csv"
-    listed = [r["method"] for r in csv.DictReader(table.open())] if table.exists() else []
-    methods = [m for m in listed if m in found] + [m for m in found if m not in listed]
-    command = None
-    md = out / "comparison.md"
-    if md.exists():
-        command = next((line.removeprefix("Command: `").rstrip("`") for line in md.read_text().splitlines()
-                        if line.startswith("Command: `")), None)
     try:
-        words = shlex.split(command) if command else []
+        listed = [r.get("method") for r in csv.DictReader(read_bounded(table, MAX_CONFIG_BYTES).decode().splitlines())
+                  ] if table.exists() else []
+    except (UnicodeDecodeError, csv.Error):
+        listed = []  # the order is cosmetic: found order then
+    methods = [m for m in listed if m in found] + [m for m in found if m not in listed]
+    words = _recorded_command(out / "comparison.md")
+    if words is None and target is None:
+        raise ConfigError(f"run error: {out / 'comparison.md'}: its Command line is damaged; give --target")
+    words = words or []
+    try:
         if target is None and "--target" in words[:-1]:
             target = float(words[words.index("--target") + 1])
     except ValueError:
-        raise ConfigError(f"run error: {md}: its Command line is damaged (give --target)") from None
+        raise ConfigError(f"run error: {out / 'comparison.md'}: its Command line's --target is damaged; "
+                          "give --target") from None
     if reference is None:
         reference = words[words.index("--reference") + 1] if "--reference" in words[:-1] else "fedit"
     elif reference not in methods:
         raise ConfigError(f"config error: --reference {reference}: not a method of {out} ({', '.join(methods)})")
+    for flag, value in (("--target", given_target), ("--reference", given_reference)):  # what the tables used
+        if value is not None and words:
+            words = _with_flag(words, flag, str(value))
+    command = shlex.join(words) if words else None
     runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
     return write_comparison(out, runs, methods, target, reference, command)

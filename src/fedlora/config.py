@@ -137,11 +137,15 @@ class ColumnsConfig(Strict):
     category: str | None = None
 
 
+DEFAULT_DATA_DIR = Path("../shared/data")
+"""Beside the project's root (or the working directory): see `data_folder`."""
+
+
 class DataConfig(Strict):
     dataset: Literal["ag_news", "financial_phrasebank", "dolly", "alpaca", "custom"] = "ag_news"
     task: Literal["classification", "instruction"] = "classification"
     """Filled from the dataset when left out (`custom`: classification unless set)."""
-    data_dir: Path = Path("../shared/data")
+    data_dir: Path = DEFAULT_DATA_DIR
     hub_name: str | None = None
     """Online only: load this hub dataset instead of the local copy."""
     hub_config: str | None = None

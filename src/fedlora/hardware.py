@@ -90,7 +90,7 @@ def float32_flops_per_cycle(cpuinfo: Path = CPUINFO) -> tuple[int, str]:
     if "avx512f" in flags:
         return 64, "AVX-512 with 2 FMA pipes: 2 x 16 float32 lanes x 2 FLOPs = 64 FLOPs/cycle/core"
     if {"avx2", "fma"} <= flags and _is_zen1(text):
-        return 16, "AVX2+FMA on Zen 1 (AMD family 23 model < 0x30, or Hygon family 24), 2 FMA pipes of 128 bits: 2 x 4 float32 lanes x 2 FLOPs = 16 FLOPs/cycle/core"
+        return 16, "AVX2+FMA on Zen 1 (AMD family 23 model < 0x30, or Hygon Dhyana), 2 FMA pipes of 128 bits: 2 x 4 float32 lanes x 2 FLOPs = 16 FLOPs/cycle/core"
     if {"avx2", "fma"} <= flags:
         return 32, "AVX2+FMA, 2 FMA pipes: 2 x 8 float32 lanes x 2 FLOPs = 32 FLOPs/cycle/core"
     if "avx" in flags:
@@ -100,12 +100,13 @@ def float32_flops_per_cycle(cpuinfo: Path = CPUINFO) -> tuple[int, str]:
 
 def _is_zen1(text: str) -> bool:
     """AMD family 23 (0x17) below model 0x30: Zen and Zen+, whose FMA units are 128 bits wide;
-    also Hygon Dhyana (family 24, 0x18), a Zen 1 core under another vendor id."""
+    also Hygon Dhyana (family 24 = 0x18, models 0–3), a Zen 1 core under another vendor id
+    (later Hygon models are left at the full-width count: not known here)."""
     fields = dict(re.findall(r"^(vendor_id|cpu family|model)\s*:\s*(\S+)", text, re.MULTILINE))
     try:
         vendor, family, model = fields.get("vendor_id"), int(fields["cpu family"]), int(fields["model"])
         return (vendor == "AuthenticAMD" and family == 23 and model < 0x30) or (
-            vendor == "HygonGenuine" and family == 24)
+            vendor == "HygonGenuine" and family == 24 and model < 4)
     except (KeyError, ValueError):
         return False
 

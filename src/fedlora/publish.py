@@ -1,24 +1,35 @@
 """`fedlora report DIR --publish DEST`: copy what a citation needs out of a run or comparison.
 
 A study's directory holds checkpoints, merged updates and locks (59 MB for a 2-round AFLoRA
-run on SmolLM2) beside the small files a reader needs to check a claim: each run's resolved config,
-environment, partition, metrics, summary and per-item records, and the comparison's tables
-and figures. Only those are copied, by name (an allow-list), with the tree kept, so
-`docs/NAME` can be committed and re-read by `fedlora report docs/NAME`. Symbolic links are
-never followed: a run directory is outside input.
+run on SmolLM2) beside the small files a reader needs to check a claim: each run's resolved
+config, environment, partition, metrics, summary and per-item records, and the comparison's
+tables and figures. Only those are copied, by name (an allow-list), with the tree kept, so
+`docs/NAME` can be committed and re-read by `fedlora report docs/NAME`. `DEST/published.json`
+lists what was copied, with SHA-256s; publishing again replaces exactly those files, so a copy
+never mixes two studies, and a DEST that holds anything else is refused. Both trees are outside
+input: a file is taken only if it and its folders resolve inside the source, and nothing is
+written through a symbolic link in DEST.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.errors import ConfigError
+from fedlora.runtime.outputs import UNTUNED_FILE
 
-RUN_FILES = ("config.yaml", "environment.json", "partition.json", "metrics.jsonl", "summary.json", "report.md")
-"""Per run: what it was, where it ran, what it saw, what it measured."""
+RUN_FILES = ("config.yaml", "environment.json", "partition.json", "metrics.jsonl", "summary.json",
+             UNTUNED_FILE, "report.md")
+"""Per run: what it was, where it ran, what it saw, what it measured (and the untuned model's
+score, the figures' reference line)."""
 TOP_FILES = ("comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv", "environment.json")
 """Per comparison: its tables (figures are its top-level *.png)."""
+MANIFEST = "published.json"
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -29,7 +40,8 @@ def _run_dirs(root: Path) -> list[Path]:
 
 
 def citeable_files(root: Path) -> list[Path]:
-    """The files under `root` a citation needs, as paths relative to it."""
+    """The files under `root` a citation needs, as paths relative to it: regular files that
+    resolve inside `root` (a link, or a folder linked from outside, is skipped)."""
     chosen = [*root.glob("*.png"), *(root / name for name in TOP_FILES)]
     for run in _run_dirs(root):
         chosen += [run / name for name in RUN_FILES]
@@ -40,16 +52,63 @@ def citeable_files(root: Path) -> list[Path]:
                    if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(inside)})
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _safe_destination(target: Path, rel: Path) -> Path:
+    """target/rel, refusing a path that leaves `target` or whose folders are symbolic links (a
+    link at the file itself is harmless: it is unlinked or renamed over, never followed)."""
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ConfigError(f"config error: --publish: {target / MANIFEST} lists {rel}, outside it")
+    for depth in range(1, len(rel.parts)):
+        if (target / Path(*rel.parts[:depth])).is_symlink():
+            raise ConfigError(f"config error: --publish: {target / Path(*rel.parts[:depth])} is a "
+                              "symbolic link; publish into a plain folder")
+    return target / rel
+
+
+def _previous_files(target: Path) -> list[Path]:
+    """What an earlier publish into `target` copied (its manifest); [] for an empty or new
+    folder; a folder holding anything else is refused, so nothing of the user's is replaced."""
+    if not target.exists() or not any(target.iterdir()):
+        return []
+    manifest = target / MANIFEST
+    try:
+        files = [Path(rel) for rel in json.loads(manifest.read_text())["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"config error: --publish {target}: not empty and not an earlier publish "
+                          f"(no readable {MANIFEST}); choose a new folder") from None
+    return [_safe_destination(target, rel) for rel in files]
+
+
 def publish(source: Path, dest: Path) -> tuple[int, int]:
-    """Copy `citeable_files(source)` into `dest` (created; files already there are replaced).
-    Returns (files, bytes)."""
-    source, target = source.resolve(), dest.resolve()
-    if target == source or source in target.parents or target in source.parents:
+    """Copy `citeable_files(source)` into `dest`, replacing an earlier publish there (the files
+    its manifest lists are removed first). Returns (files, bytes)."""
+    source, target = source.resolve(), Path(os.path.abspath(dest))
+    if target.is_symlink():
+        raise ConfigError(f"config error: --publish {dest}: a symbolic link; publish into a plain folder")
+    resolved = target.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
         raise ConfigError(f"config error: --publish {dest}: must lie outside {source} and not contain it")
+    for old in _previous_files(target):
+        old.unlink(missing_ok=True)  # unlink removes a link itself, never its target
     files = citeable_files(source)
-    size = 0
+    listed = {}
     for rel in files:
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / rel, target / rel)
-        size += (source / rel).stat().st_size
-    return len(files), size
+        out = _safe_destination(target, rel)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _replace(_safe_destination(target, rel), lambda tmp, rel=rel: shutil.copyfile(source / rel, tmp))
+        listed[str(rel)] = _sha256(out)
+    manifest = json.dumps({"source": str(source), "files": listed}, indent=1) + "\n"
+    _replace(_safe_destination(target, Path(MANIFEST)), lambda tmp: tmp.write_text(manifest))
+    return len(files), sum((source / rel).stat().st_size for rel in files)
+
+
+def _replace(out: Path, write: Callable[[Path], object]) -> None:
+    """Write `out` through a fresh temporary file renamed over it: a link at `out` is replaced,
+    never written through."""
+    tmp = out.with_name(out.name + ".publishing")
+    tmp.unlink(missing_ok=True)
+    write(tmp)
+    os.replace(tmp, out)

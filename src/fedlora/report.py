@@ -104,6 +104,10 @@ def _max_ranks(run_dir: Path) -> list[Any]:
     return ranks if isinstance(ranks, list) else []
 
 
+SHARE_OF_DELTA_W = ("Share of ΔW: Σ over modules of ‖s p_k B_k A_k‖_F (client k's term of the aggregated "
+                    "update) over the same summed over the round's clients (README, \"Aggregation tilt\").")
+
+
 def mean_per_client(records: list[dict[str, Any]], key: str, client: str) -> float | None:
     """Mean of a per-client mapping's value over the rounds that logged it for this client."""
     vals = [r[key][client] for r in records if isinstance(r.get(key), dict)
@@ -128,9 +132,7 @@ def tilt_table(records: list[dict[str, Any]], max_ranks: list[Any], sizes: list[
         return values[k] if values is not None and 0 <= k < len(values) else None
 
     lines = ["## Aggregation tilt: each client's weight and share of ΔW\n",
-             "Mean over the rounds the client took part in. Share of ΔW: Σ over modules of ‖s p_k B_k A_k‖_F "
-             "(client k's term of the aggregated update) over the same summed over the round's clients "
-             "(README, \"Aggregation tilt\").\n",
+             f"Mean over the rounds the client took part in. {SHARE_OF_DELTA_W}\n",
              "| client | max rank | examples | rounds | weight p_k | share of ΔW |", "|---|---|---|---|---|---|"]
     for c in clients:
         row = [c, cell(per_client(max_ranks, c)), cell(per_client(sizes, c)), str(sum(c in w for w in weights)),

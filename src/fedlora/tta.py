@@ -66,17 +66,22 @@ def tta_seed_rows(per_seed: PerSeed, target: float) -> list[dict[str, Any]]:
 
 def speedup(per_seed: PerSeed, method: str, reference: str, target: float) -> dict[str, Any]:
     """The method's speed-up over `reference` to the target on the simulated clock, paired by
-    seed (same partition and devices): r_s = t_ref,s / t_method,s over the seeds where both
-    reached it; their geometric mean, and the 95% Student-t interval of mean log r_s mapped back
-    (ratios multiply: 2× and 0.5× average to 1×). One paired seed: the ratio, no interval."""
-    ratios = []
-    for seed, recs in per_seed[method].items():
-        mine, ref = time_to_accuracy(recs, target), time_to_accuracy(per_seed[reference].get(seed, []), target)
-        if mine and ref and mine["sim_seconds"] and ref["sim_seconds"]:
+    seed (same partition and devices): r_s = t_ref,s / t_method,s; their geometric mean, and
+    the 95% Student-t interval of mean log r_s mapped back (ratios multiply: 2× and 0.5×
+    average to 1×). Only when both reached the target in every seed both ran: a seed one of
+    them missed has no ratio, and dropping it would bias the mean towards the seeds that went
+    well (`reached_seeds` < `paired_seeds` says so). One seed: the ratio, no interval."""
+    seeds = sorted(set(per_seed[method]) & set(per_seed[reference]))
+    ratios, reached = [], 0
+    for seed in seeds:
+        mine = time_to_accuracy(per_seed[method][seed], target)
+        ref = time_to_accuracy(per_seed[reference][seed], target)
+        reached += bool(mine and ref)
+        if mine and ref and mine["sim_seconds"] and ref["sim_seconds"]:  # runs before the clock have none
             ratios.append(ref["sim_seconds"] / mine["sim_seconds"])
     out: dict[str, Any] = {"speedup": None, "speedup_low": None, "speedup_high": None,
-                           "paired_seeds": len(ratios)}
-    if ratios:
+                           "paired_seeds": len(seeds), "reached_seeds": reached}
+    if ratios and len(ratios) == len(seeds):
         logs = np.log(ratios)
         out["speedup"] = float(np.exp(logs.mean()))
         if len(ratios) > 1:
@@ -107,7 +112,8 @@ def _fmt(x: float | None, spec: str, reached: bool) -> str:
     return format(x, spec) if x is not None else "–" if reached else "not reached"
 
 
-TTA_COLUMNS = ["method", "reached", *TTA_KEYS, "speedup", "speedup_low", "speedup_high", "paired_seeds"]
+TTA_COLUMNS = ["method", "reached", *TTA_KEYS, "speedup", "speedup_low", "speedup_high", "paired_seeds",
+               "reached_seeds"]
 
 
 def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str | None = "fedit",
@@ -136,7 +142,8 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
 
 def _speedup_cell(row: dict[str, Any]) -> str:
     if row.get("speedup") is None:
-        return "–"
+        missed = row.get("paired_seeds", 0) - row.get("reached_seeds", 0)
+        return f"– (a seed not reached: {missed} of {row['paired_seeds']})" if missed > 0 else "–"
     interval = (f" [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}]"
                 if row.get("speedup_low") is not None else "")
     return f"{row['speedup']:.2f}×{interval} ({row['paired_seeds']})"
@@ -144,8 +151,9 @@ def _speedup_cell(row: dict[str, Any]) -> str:
 
 def tta_markdown(rows: list[dict[str, Any]], target: float, reference: str | None = None) -> str:
     about = (f" The last column is the speed-up over {reference} on the simulated clock, paired by seed: "
-             f"{reference}'s time ÷ the method's, geometric mean over the seeds where both reached the target, "
-             f"[95% Student-t interval of the mean log ratio], (paired seeds); > 1: faster than {reference}."
+             f"{reference}'s time ÷ the method's, geometric mean over the seeds, [95% Student-t interval of the mean "
+             f"log ratio], (seeds); > 1: faster than {reference}; shown only when both reached the target in "
+             f"every seed."
              if reference else " No speed-up column: the reference method did not run (--reference).")
     lines = [
         f"Time to accuracy ≥ {target:.4f} (means over seeds; simulated seconds from the device profiles).{about}\n",

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from fedlora.compare import method_configs, run_comparison
-from fedlora.config import ConfigError, DataConfig, data_folder, read_tree
+from fedlora.config import DEFAULT_DATA_DIR, ConfigError, data_folder, read_tree
 from fedlora.runtime.outputs import read_metrics
 
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
@@ -140,7 +140,7 @@ def tuned_tree(config: Path, chosen: dict[str, Point]) -> dict[str, Any]:
     elsewhere) and no validation carve (test runs)."""
     tree = read_tree(config)
     data = dict(tree.get("data") or {})
-    data["data_dir"] = str(data_folder(Path(data.get("data_dir", DataConfig.model_fields["data_dir"].default)), config))
+    data["data_dir"] = str(data_folder(Path(data.get("data_dir", DEFAULT_DATA_DIR)), config))
     data.pop("validation_examples", None)
     tree["data"] = data
     per_method = dict(tree.get("methods") or {})

@@ -387,7 +387,7 @@ class AFLoRA(Algorithm):
         # the tilt: ΔW = s B_global A' = Σ_k s p_k pad(B'_k) A', client k's term of each module
         terms = [[(pk, Bk, new_state[f"{name}.A"]) for pk, Bk in zip(*weighted[name])] for name in weighted]
         tilt = self.tilt(updates, terms)
-        tilt[DIAGNOSTIC_SECONDS] += metrics.get(DIAGNOSTIC_SECONDS, 0.0)  # no trimmed mean here: always measured
+        tilt[DIAGNOSTIC_SECONDS] += metrics.get(DIAGNOSTIC_SECONDS, 0.0)  # `tilt` always has the key
         metrics.update(tilt)
         merge = {name: (new_state[f"{name}.B"], new_state[f"{name}.A"]) for name in self.setup.module_shapes}
         return Aggregate(state=new_state, merge=merge, metrics=metrics)

@@ -112,11 +112,15 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write(run_dir / "metrics.jsonl", text)
 
 
+REQUIRED = ("clients", "uplink_bytes", "downlink_bytes", "wall_seconds", "server_seconds")
+"""Record fields every runtime writes in every round and the tables sum: present, never null."""
 CLIENT_TABLES = ("ranks", "next_ranks", "client_weight", "delta_share")
 """Record fields that map client ids to numbers."""
 SELF_CHECKED = ("class_accuracy", "confusion", "client_accuracy", "mmlu_subjects")
 """Record fields whose readers skip a damaged value themselves."""
 FRACTIONS = ("accuracy", "worst_client_accuracy", "mmlu_accuracy")
+CLIENT_TEXT = ("clipped",)
+"""Client fields that are text: why the norm screen scaled the update (runtime.rounds)."""
 
 
 def _is_number(value: Any) -> bool:
@@ -142,6 +146,9 @@ def record_error(rec: Any, previous_round: int) -> str | None:
         return "round: not a round number"
     if rec["round"] <= previous_round:
         return f"round: {rec['round']} does not follow the previous line's {previous_round}"
+    missing = next((key for key in REQUIRED if rec.get(key) is None), None)
+    if missing is not None:
+        return f"{missing}: missing"
     for key, value in rec.items():
         if key in SELF_CHECKED:
             continue
@@ -151,7 +158,8 @@ def record_error(rec: Any, previous_round: int) -> str | None:
             for i, client in enumerate(value):
                 if not isinstance(client, dict) or not _is_count(client.get("id")):
                     return f"clients[{i}].id: not a client id"
-                bad = next((k for k, v in client.items() if not _is_number(v)), None)
+                bad = next((k for k, v in client.items()
+                            if not (_is_number(v) or (k in CLIENT_TEXT and isinstance(v, str)))), None)
                 if bad is not None:
                     return f"clients[{i}].{bad}: not a number"
         elif key == "rejected":
