@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from fedlora.cli import main
 from fedlora.compare import MethodRun, write_comparison
@@ -39,12 +40,18 @@ def _comparison(root, outside):
     (root / "seed_0" / "fedit" / "report.md").symlink_to(outside)  # a hostile link is not followed
 
 
-def test_publish_copies_the_citeable_files_only_and_the_copy_rebuilds(tmp_path, capsys):
+@pytest.fixture
+def study(tmp_path):
+    """(a comparison with a link to a file outside it, a publish destination, that file)."""
     root, dest = tmp_path / "study", tmp_path / "docs" / "study"
     secret = tmp_path / "secret.txt"
-    secret.write_text("not to be published")
+    secret.write_text("keep")
     _comparison(root, secret)
+    return root, dest, secret
 
+
+def test_publish_copies_the_citeable_files_only_and_the_copy_rebuilds(study, capsys):
+    root, dest, _ = study
     assert main(["report", str(root), "--publish", str(dest)]) == 0
     assert "published" in capsys.readouterr().out
     copied = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
@@ -62,11 +69,8 @@ def test_publish_copies_the_citeable_files_only_and_the_copy_rebuilds(tmp_path, 
     assert (dest / "comparison.md").read_text() == before
 
 
-def test_republishing_replaces_the_earlier_copy_and_never_writes_through_a_link(tmp_path, capsys):
-    root, dest = tmp_path / "study", tmp_path / "docs" / "study"
-    secret = tmp_path / "secret.txt"
-    secret.write_text("keep")
-    _comparison(root, secret)
+def test_republishing_replaces_the_earlier_copy_and_never_writes_through_a_link(study, tmp_path, capsys):
+    root, dest, secret = study
     assert main(["report", str(root), "--publish", str(dest)]) == 0
     shutil.rmtree(root / "seed_1" / "aflora")  # the study changed: that run is gone
     (dest / "seed_0" / "fedit" / "metrics.jsonl").unlink()
