@@ -35,7 +35,7 @@ def test_rows_need_every_seed_and_the_speedup_is_paired_by_seed():
     # hier: fedit's 30 s ÷ 10 s and ÷ 5 s → ratios 3 and 6; slow missed seed 1: no ratio at all
     assert rows["hier"]["speedup"] == pytest.approx((3 * 6) ** 0.5) and rows["hier"]["paired_seeds"] == 2
     assert rows["slow"]["speedup"] is None and (rows["slow"]["paired_seeds"], rows["slow"]["reached_seeds"]) == (2, 1)
-    assert "– (a seed not reached: 1 of 2)" in tta_markdown(list(rows.values()), 0.8, reference="fedit")
+    assert "– (not reached in 1 of 2 seeds)" in tta_markdown(list(rows.values()), 0.8, reference="fedit")
     one = tta_rows({"fedit": {0: hist["fedit"][0]}, "slow": {0: hist["slow"][0]}}, 0.8, reference="fedit")
     assert one[1]["speedup"] == pytest.approx(30.0) and one[1]["speedup_low"] is None  # one seed: no interval
     assert rows["fedit"]["speedup"] == 1.0 == rows["fedit"]["speedup_low"] == rows["fedit"]["speedup_high"]
