@@ -284,7 +284,7 @@ def test_every_record_the_check_accepts_is_one_the_tables_can_read(run_copy):
     tilt, time to accuracy, report's tables) compute without an exception."""
     import json
 
-    from fedlora.compare import SeedResult, method_row, tilt_tables
+    from fedlora.compare import method_row, tilt_tables
     from fedlora.report import class_table, tilt_table
     from fedlora.runtime.outputs import record_error
     from fedlora.tta import tta_rows
@@ -302,7 +302,7 @@ def test_every_record_the_check_accepts_is_one_the_tables_can_read(run_copy):
                 continue
             accepted += 1
             method_row("m", [records])
-            tilt_tables({"m": [SeedResult(0, records, None, None)]})
+            tilt_tables({"m": [records]})
             tta_rows({"m": {0: records}}, 0.5, reference="m")
             class_table(records)
             tilt_table(records, [4, 4], [10, 10])

@@ -369,11 +369,10 @@ def class_table(results: dict[str, list[SeedResult]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tilt_tables(results: dict[str, list[SeedResult]]) -> str:
-    """Per method, each client's aggregation weight p_k and share of ΔW (README, "Aggregation
-    tilt"), each the mean over the rounds the client took part in, then over seeds: which
-    clients the aggregate leans towards, beside the per-class table's effect of it."""
-    histories = {m: [r.history for r in rs] for m, rs in results.items()}
+def tilt_tables(histories: dict[str, list[list[dict[str, Any]]]]) -> str:
+    """Per method (its seeds' metrics), each client's aggregation weight p_k and share of ΔW
+    (README, "Aggregation tilt"), each the mean over the rounds the client took part in, then
+    over seeds: which clients the aggregate leans towards, beside the per-class table's effect."""
     clients = sorted({c for hs in histories.values() for h in hs for r in h
                       if isinstance(r.get("client_weight"), dict) for c in r["client_weight"]},
                      key=lambda c: (len(c), c))  # ids in numeric order
@@ -496,7 +495,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "(choose one with --reference).\n" if reference and not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),
         class_table(results),
-        tilt_tables(results),
+        tilt_tables(histories),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, {m: {r.seed: r.history for r in rs} for m, rs in results.items() if rs},
                   target, reference, setting, untuned) if done else "",

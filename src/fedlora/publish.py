@@ -98,6 +98,7 @@ def publish(source: Path, dest: Path) -> tuple[int, int]:
     for rel in files:
         out = _safe_destination(target, rel)
         out.parent.mkdir(parents=True, exist_ok=True)
+        # checked again after mkdir: a folder on the way may have been swapped for a link meanwhile
         _replace(_safe_destination(target, rel), lambda tmp, rel=rel: shutil.copyfile(source / rel, tmp))
         listed[str(rel)] = _sha256(out)
     manifest = json.dumps({"source": str(source), "files": listed}, indent=1) + "\n"
