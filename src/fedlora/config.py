@@ -196,7 +196,10 @@ class DataConfig(Strict):
     @classmethod
     def _dataset_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("dataset") in DATASET_DEFAULTS:
-            data = {**DATASET_DEFAULTS[data["dataset"]], **data}
+            # the given keys first: on assignment `data` is the model's own fields, whose
+            # order config.yaml keeps (a resumed comparison compares it with the saved one)
+            defaults = DATASET_DEFAULTS[data["dataset"]]
+            data = {**data, **{k: v for k, v in defaults.items() if k not in data}}
         return data
 
     @field_validator("label_words")
