@@ -182,3 +182,32 @@ def test_report_has_every_figure(data_dir, tmp_path):
     text = (tmp_path / "report.md").read_text()
     for name in ("accuracy", "train_loss", "test_loss", "ranks", "uplink", "downlink"):
         assert f"figures/{name}.png" in text and (tmp_path / "figures" / f"{name}.png").exists()
+
+
+def test_assigning_a_field_keeps_config_yaml_in_field_order(tmp_path):
+    """resolve_data_dir assigns data_dir; the dataset defaults' validator used to put its keys
+    (task) first, so config.yaml changed order and a resumed comparison refused its own runs."""
+    cfg = build_config(tiny_tree())
+    cfg.data.data_dir = tmp_path
+    assert list(cfg.data.model_dump()) == list(type(cfg.data).model_fields)
+
+
+def test_check_not_mixed_compares_values_not_text(tmp_path):
+    from fedlora.compare import check_not_mixed
+    from fedlora.config import dump_config
+
+    cfg = build_config(tiny_tree())
+    saved = yaml.safe_load(dump_config(cfg))
+    saved["data"] = dict(reversed(list(saved["data"].items())))  # same values, another order
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    check_not_mixed(cfg, tmp_path)  # accepted
+
+    saved["federation"]["lr"] = 0.5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"different config \(federation\.lr; use another --out\)"):
+        check_not_mixed(cfg, tmp_path)
+
+    for damaged in ("{not: [yaml", "- a list\n", "federation: {lr: soon}\n"):
+        (tmp_path / "config.yaml").write_text(damaged)
+        with pytest.raises(ConfigError, match=r"config\.yaml: not a config this version reads"):
+            check_not_mixed(cfg, tmp_path)

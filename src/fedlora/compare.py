@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from fedlora.algorithms import ALGORITHMS
 from fedlora.config import (
@@ -47,7 +48,7 @@ from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_json
-from fedlora.runtime.rundir import MAX_CONFIG_BYTES, verify_run
+from fedlora.runtime.rundir import MAX_CONFIG_BYTES, changed_fields, verify_run
 from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
 from fedlora.tta import write_tta
 from fedlora.units import format_bytes
@@ -140,10 +141,22 @@ def method_configs(path: Path, methods: list[str], seeds: list[int], overrides: 
 
 
 def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
-    """A comparison directory never mixes runs of different configs."""
+    """A comparison directory never mixes runs of different configs. Values are compared,
+    not text: a saved config.yaml whose keys another version ordered differently still matches."""
     saved = run_dir / "config.yaml"
-    if saved.exists() and read_bounded(saved, MAX_CONFIG_BYTES).decode(errors="replace") != dump_config(cfg):
-        raise ConfigError(f"config error: {run_dir}: holds a run with a different config (use another --out)")
+    if not saved.exists():
+        return
+    text = read_bounded(saved, MAX_CONFIG_BYTES).decode(errors="replace")
+    if text == dump_config(cfg):
+        return
+    try:
+        tree = yaml.safe_load(text)
+        changed = changed_fields(build_config(tree if isinstance(tree, dict) else {"": tree}), cfg)
+    except (ConfigError, yaml.YAMLError):
+        raise ConfigError(f"config error: {saved}: not a config this version reads (restore it, or use another --out)") from None
+    if changed:
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        raise ConfigError(f"config error: {run_dir}: holds a run with a different config ({shown}; use another --out)")
 
 
 def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path,
