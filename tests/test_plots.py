@@ -175,3 +175,27 @@ def test_untuned_reference_line_reads_only_an_accuracy(tmp_path):
                               ('{"accuracy": true}', None), ('{"accuracy": 7}', None), ("[0.25]", None)]:
         (tmp_path / plots.UNTUNED_FILE).write_text(content)
         assert plots.untuned_accuracy([tmp_path]) == expected, content
+
+
+def test_one_evaluated_round_still_gets_integer_ticks(figures, tmp_path):
+    recs = _records([0.3, 0.5])
+    recs[0]["accuracy"] = None  # evaluated at round 2 only (eval_every: 2, two rounds)
+    plots.accuracy_curves({"fedit": [recs]}, tmp_path / "a.png")
+    ticks = [x for x in figures[0].axes[0].get_xticks() if 1 <= x <= 3]
+    assert 2 in ticks and all(float(x).is_integer() for x in ticks)
+
+
+def test_tuning_runs_are_labelled_validation(figures, tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"validation_examples": 200}}))
+    assert plots.scored_split([tmp_path]) == "validation"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"validation_examples": None}}))
+    assert plots.scored_split([tmp_path]) == "test"
+    plots.accuracy_curves({"fedit": [_records([0.3])]}, tmp_path / "a.png", split="validation")
+    assert figures[0].axes[0].get_ylabel() == "validation accuracy"
+
+
+def test_many_series_never_share_colour_and_style(figures, tmp_path):
+    runs = {f"m{i}": [_records([0.3 + i / 100, 0.5])] for i in range(24)}  # a tuning grid
+    plots.accuracy_curves(runs, tmp_path / "a.png")
+    looks = {(mcolors.to_hex(line.get_color()), line.get_linestyle()) for line in figures[0].axes[0].get_lines()}
+    assert len(looks) == 24

@@ -65,6 +65,7 @@ def test_tune_chooses_by_validation_and_never_touches_the_test_set(data_dir, tmp
     assert (f"fedlora compare {out / 'tuned.yaml'} --methods aflora,fedit,aflora-no-ddr,fedit-fast --seeds 0,1,2"
             in printed)
     assert "| method | setting |" in (out / "tuning.md").read_text()
+    assert "Accuracy is on the validation subset" in (out / "validation" / "comparison.md").read_text()
 
     # the printed command's configs: the chosen lr, the test set, the config's own budget
     from fedlora.compare import method_configs

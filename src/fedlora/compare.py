@@ -43,7 +43,7 @@ from fedlora.config import (
     read_tree,
     resolve_data_dir,
 )
-from fedlora.plots import accuracy_curves, ranks_per_client, setting_caption, untuned_accuracy
+from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setting_caption, untuned_accuracy
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded
@@ -478,13 +478,15 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     finished = [r.run_dir for r in runs if r.done]
     setting = setting_caption(finished, [r.seed for r in runs if r.done])
     untuned = untuned_accuracy(finished)
+    split = scored_split(finished)  # a tuning comparison scores its validation carve
     figures = []
     if done:
         figures.append(accuracy_curves(done, out / "accuracy_vs_round.png", setting=setting, untuned=untuned,
-                                       title="Test accuracy by round"))
+                                       split=split, title=f"{split.capitalize()} accuracy by round"))
         figures.append(accuracy_curves(done, out / "accuracy_vs_uplink.png", x_key="uplink_bytes", x_unit="bytes",
                                        xlabel="cumulative uplink, all clients (log scale)", setting=setting,
-                                       untuned=untuned, title="Test accuracy by uplink traffic"))
+                                       untuned=untuned, split=split,
+                                       title=f"{split.capitalize()} accuracy by uplink traffic"))
         ranked = {m: h[0] for m, h in done.items() if algorithm[m] in ("aflora", "hetlora")}
         if ranked:
             figures.append(ranks_per_client(ranked, out / "ranks_per_client.png", setting=setting))
@@ -495,9 +497,9 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     text = [
         "# Comparison\n",
         f"Command: `{command}`\n" if command else "",
-        (f"Seeds: {sorted({r.seed for r in runs})}. Every method ran on the same client partition, test "
+        (f"Seeds: {sorted({r.seed for r in runs})}. Every method ran on the same client partition, {split} "
          f"subset and budget; the resolved configs are in each run directory (e.g. {cfg_note}).\n"),
-        ("Accuracy is on the test subset after the last round (final) and the best evaluated round "
+        (f"Accuracy is on the {split} subset after the last round (final) and the best evaluated round "
          "(best); ± is the standard deviation over seeds. Client cost is the paper's metric: "
          "parameters a client trains or uploads over the base model's parameter count, averaged over "
          "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "

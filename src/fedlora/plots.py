@@ -28,6 +28,7 @@ from fedlora.units import format_bytes
 from fedlora.stats import seed_interval
 
 Records = list[dict[str, Any]]
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def setting_caption(run_dirs: Sequence[Path], seeds: Sequence[int] | None = None) -> str:
@@ -51,6 +52,13 @@ def setting_caption(run_dirs: Sequence[Path], seeds: Sequence[int] | None = None
         f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}",
     ]
     return " · ".join(p for p in parts if p)
+
+
+def scored_split(run_dirs: Sequence[Path]) -> str:
+    """"validation" when the runs scored a validation carve (`fedlora tune`), else "test"."""
+    run_dir = next((Path(d) for d in run_dirs if (Path(d) / "config.yaml").exists()), None)
+    data = (read_config_tree(run_dir) if run_dir is not None else {}).get("data")
+    return "validation" if isinstance(data, dict) and data.get("validation_examples") else "test"
 
 
 def untuned_accuracy(run_dirs: Sequence[Path]) -> float | None:
@@ -108,7 +116,13 @@ def _title(ax, what: str, setting: str) -> None:
 
 
 def _round_axis(axis) -> None:
+    """Integer ticks; called after plotting, since one evaluated round alone would otherwise
+    get the default ±0.1 margin and only fractional ticks."""
     axis.set_major_locator(MaxNLocator(integer=True))
+    lo, hi = axis.get_data_interval()
+    if np.isfinite(lo) and hi - lo < 1:
+        limits = axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim
+        limits(lo - 1, hi + 1)
 
 
 def _log_axis(axis, unit: str) -> None:
@@ -133,16 +147,19 @@ def _save(fig, path: Path) -> Path:
 def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | None = None,
                     xlabel: str = "round", title: str = "Test accuracy", setting: str = "",
                     x_unit: str | None = None, target: float | None = None,
-                    untuned: float | None = None) -> Path:
-    """Accuracy against rounds, or against the cumulative sum of `x_key` on a log axis in
-    `x_unit` ("bytes" or "seconds"), per label; optional target and untuned-model lines."""
+                    untuned: float | None = None, split: str = "test") -> Path:
+    """Accuracy on `split` against rounds, or against the cumulative sum of `x_key` on a log
+    axis in `x_unit` ("bytes" or "seconds"), per label; optional target and untuned-model
+    lines. Past 10 labels the line style changes too, so no two labels look alike."""
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
-    for label, seeds in runs.items():
+    for i, (label, seeds) in enumerate(runs.items()):
         band = seed_band([_evaluated(recs, x_key) for recs in seeds])
         if band is None:
             continue
         x, mean, lo, hi = band
-        (line,) = ax.plot(x, mean, marker="o", ms=3, label=label + (f" (mean of {len(seeds)})" if len(seeds) > 1 else ""))
+        (line,) = ax.plot(x, mean, marker="os^D"[i // 10 % 4], ms=3, color=plt.get_cmap("tab10")(i % 10),
+                          ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
+                          label=label + (f" (mean of {len(seeds)})" if len(seeds) > 1 else ""))
         if len(seeds) > 1:
             ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color(), lw=0)
     if target is not None:
@@ -155,7 +172,7 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
         ax.set_xscale("log")
         _log_axis(ax.xaxis, x_unit)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"{split} accuracy")
     ax.grid(alpha=0.3, which="major")
     band_note = "; bands: 95% interval over seeds" if any(len(s) > 1 for s in runs.values()) else ""
     _title(ax, title + band_note, setting)

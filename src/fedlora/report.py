@@ -11,6 +11,7 @@ from fedlora.plots import (
     metric_by_round,
     metrics_by_round,
     ranks_per_client,
+    scored_split,
     setting_caption,
     untuned_accuracy,
 )
@@ -152,9 +153,11 @@ def write_report(run_dir: Path) -> Path:
     figures.mkdir(exist_ok=True)
     one = {label: records}
     setting = setting_caption([run_dir])
+    split = scored_split([run_dir])
     made = [
-        ("Test accuracy", accuracy_curves({label: [records]}, figures / "accuracy.png", setting=setting,
-                                          untuned=untuned_accuracy([run_dir]))),
+        (f"{split.capitalize()} accuracy", accuracy_curves(
+            {label: [records]}, figures / "accuracy.png", setting=setting, untuned=untuned_accuracy([run_dir]),
+            split=split, title=f"{split.capitalize()} accuracy")),
         ("Training loss (mean over the round's clients)",
          metric_by_round(one, "train_loss", figures / "train_loss.png", "train loss",
                          title="Training loss (mean over the round's clients)", setting=setting)),
