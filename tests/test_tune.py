@@ -124,3 +124,20 @@ def test_a_bad_ablation_is_named_before_any_tuning_run(data_dir, tmp_path, capsy
     cfg.write_text(yaml.safe_dump(tree))
     assert main(["tune", str(cfg), "--methods", "aflora", "--out", str(tmp_path / "tune"), "--quiet"]) == 2
     assert "ddr" in capsys.readouterr().err and not (tmp_path / "tune" / "validation").exists()
+
+
+def test_shipped_comparison_config_runs_the_tuned_settings():
+    """configs/compare_agnews.yaml's defaults are docs/tuning/tuned.yaml's choices: every
+    method's (and ablation's) config is the tuned one, whatever the data folder is called."""
+    from pathlib import Path
+
+    from fedlora.compare import method_configs
+    from fedlora.runtime.rundir import changed_fields
+
+    root = Path(__file__).resolve().parent.parent
+    methods = ["aflora", "fedit", "ffa", "flora", "flexlora", "hetlora", "aflora-no-ddr", "aflora-no-dlf", "aflora-data"]
+    shipped = method_configs(root / "configs/compare_agnews.yaml", methods, [0], [])
+    tuned = method_configs(root / "docs/tuning/tuned.yaml", methods, [0], [])
+    for key in shipped:
+        tuned[key].data.data_dir = shipped[key].data.data_dir
+        assert changed_fields(shipped[key], tuned[key]) == [], key
