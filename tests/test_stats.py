@@ -14,6 +14,7 @@ from fedlora.config import ConfigError
 from fedlora.runtime.outputs import read_eval_items, read_metrics, write_eval_items, write_json, write_metrics
 from fedlora.stats import (
     bootstrap_p_value,
+    hierarchical_means,
     item_interval,
     mcnemar_exact,
     paired_bootstrap,
@@ -106,10 +107,39 @@ def test_mcnemar_and_p_value_by_hand():
 
 
 def test_paired_bootstrap_rejects_unpaired_input():
-    with pytest.raises(ValueError):
+    """Named errors: numpy's own broadcast error would also be a ValueError, so match the text."""
+    with pytest.raises(ValueError, match="non-empty and of equal length"):
         paired_bootstrap([np.ones(3)], [np.ones(4)])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="non-empty and of equal length"):
+        paired_bootstrap([np.ones(0)], [np.ones(0)])
+    with pytest.raises(ValueError, match="one .method, reference. pair of arrays per seed"):
         paired_bootstrap([np.ones(3)], [])
+    with pytest.raises(ValueError, match="at least two seeds"):
+        seed_interval(np.array([0.8]))
+
+
+def test_hierarchical_replicates_follow_the_seed_draws_exactly():
+    """Items constant within each seed (seed s scores s/2 on every item): a replicate's value is
+    then exactly the mean of its drawn seeds' scores, so the seed level can be checked draw by
+    draw against the same generator, including draws that leave a seed out."""
+    per_seed = [np.full(7, s / 2) for s in range(3)]
+    reps = hierarchical_means(per_seed, np.random.default_rng(5), resamples=40)
+    drawn = np.random.default_rng(5).integers(0, 3, size=(40, 3))
+    assert np.array_equal(reps, (drawn / 2).mean(1))
+    assert any(not (row == 0).any() for row in drawn)  # some replicate never drew seed 0
+
+
+def test_item_interval_is_seeded_and_uses_its_arguments():
+    x = np.random.default_rng(3).normal(size=200)  # continuous: quantiles differ between streams
+    assert item_interval(x) == item_interval(x, seed=0) == item_interval(x, seed=0)
+    assert item_interval(x, seed=1) != item_interval(x, seed=0)
+    low, high = item_interval(x)
+    narrow = item_interval(x, confidence=0.5)
+    assert low < narrow[0] < narrow[1] < high
+    assert item_interval(x, resamples=500) != (low, high)
+    se = x.std(ddof=1) / np.sqrt(len(x))  # the percentile interval is about mean ± 1.96 SE
+    assert (low, high) == pytest.approx((x.mean() - 1.96 * se, x.mean() + 1.96 * se), abs=0.2 * se)
+    assert item_interval(np.array([0.7])) == (0.7, 0.7)  # one test item: no spread to resample
 
 
 # --- `fedlora compare` tables from synthetic runs -----------------------------------------
