@@ -129,6 +129,19 @@ def test_hierarchical_replicates_follow_the_seed_draws_exactly():
     assert any(not (row == 0).any() for row in drawn)  # some replicate never drew seed 0
 
 
+def test_paired_interval_is_exactly_the_quantiles_of_its_replicates():
+    """Rebuilt by hand from the same generator: catches a wrong tail, a dropped confidence or
+    resample count; and two seeds already get the t interval of their differences."""
+    refs = [_reference(s) for s in range(2)]
+    method = [_better(refs[0], 0.1), _better(refs[1], 0.04)]
+    diff = paired_bootstrap(method, refs, seed=7, confidence=0.9, resamples=300)
+    reps = hierarchical_means([m.astype(float) - r for m, r in zip(method, refs)], np.random.default_rng(7), 300)
+    assert (diff.low, diff.high) == tuple(np.quantile(reps, [0.05, 0.95]))
+    assert diff.p_value == bootstrap_p_value(reps)
+    half = 6.313751514675041 * 0.03  # t_{0.95, 1} · s/√2, s/√2 = |0.1 − 0.04| / 2
+    assert (diff.seed_low, diff.seed_high) == pytest.approx((0.07 - half, 0.07 + half))
+
+
 def test_item_interval_is_seeded_and_uses_its_arguments():
     x = np.random.default_rng(3).normal(size=200)  # continuous: quantiles differ between streams
     assert item_interval(x) == item_interval(x, seed=0) == item_interval(x, seed=0)
