@@ -101,6 +101,7 @@ def test_mcnemar_and_p_value_by_hand():
     a = np.array([1] * 8 + [0] * 2 + [1] * 5, dtype=bool)  # 8 only a, 2 only b, 5 both
     b = np.array([0] * 8 + [1] * 2 + [1] * 5, dtype=bool)
     assert mcnemar_exact(a, b) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert mcnemar_exact(a.astype(float), b.astype(float)) == mcnemar_exact(a, b)  # 0/1 scores read back
     assert bootstrap_p_value(np.zeros(99)) == 1.0
     assert bootstrap_p_value(np.ones(99)) == pytest.approx(2 / 100)
     assert bootstrap_p_value(np.r_[-np.ones(9), np.ones(90)]) == pytest.approx(2 * 10 / 100)

@@ -41,6 +41,7 @@ def test_rows_need_every_seed_and_the_speedup_is_paired_by_seed():
     assert rows["fedit"]["speedup"] == 1.0 == rows["fedit"]["speedup_low"] == rows["fedit"]["speedup_high"]
     assert "speedup" not in tta_rows(hist, 0.8)[0]  # no reference, no ratio
     assert default_target({"a": [_records([0.5, 0.9], 1)], "b": [_records([0.6], 1)]}) == pytest.approx(0.57)
+    assert default_target({"a": [_records([None], 1)]}) is None and default_target({}) is None  # nothing evaluated
 
 
 def test_speedup_is_the_geometric_mean_with_a_t_interval_on_the_log_scale():
