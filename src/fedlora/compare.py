@@ -408,8 +408,8 @@ def tilt_tables(histories: dict[str, list[list[dict[str, Any]]]]) -> str:
 STATISTICS_NOTE = (
     "## Accuracy statistics\n\n"
     "95% intervals: with several seeds, Student's t over the seeds' accuracies (assumes independent, "
-    "roughly normal seeds; few seeds give wide intervals); with one seed, the percentile bootstrap over "
-    "test items (assumes independent items; it ignores training-seed variance). Worst class: the "
+    "roughly normal seeds; few seeds give wide intervals, left unclipped: a bound past 1 shows how "
+    "wide); with one seed, the percentile bootstrap over test items (assumes independent items; it ignores training-seed variance). Worst class: the "
     "lowest per-class accuracy; worst client: the lowest accuracy re-weighted to a client's label mix "
     "(client id per seed); both of the final evaluation, means over seeds. Δ: final accuracy minus the "
     "reference's on the same test items, mean over seeds; its interval is a hierarchical paired "
