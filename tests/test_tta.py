@@ -108,3 +108,5 @@ def test_compare_output_has_the_tta_section(tmp_path):
     assert [(r["method"], r["seed"], r["round"]) for r in seeds] == [("hierfedlora", "0", "2.0"), ("fedit", "0", "2.0")]
     write_comparison(tmp_path, runs, ["hierfedlora", "fedit"], target=0.8, reference="nobody")
     assert "No speed-up column" in (tmp_path / "comparison.md").read_text()
+    write_comparison(tmp_path, runs, ["hierfedlora", "fedit"])  # no --target: 0.95 × the lowest best, 0.85
+    assert "Time to accuracy ≥ 0.8075" in (tmp_path / "comparison.md").read_text()
