@@ -135,8 +135,11 @@ def test_ranks_from_devices_and_config_errors():
     cfg = build_config(tree)
     assert cfg.federation.client_max_ranks == [8, 4, 16, 8]
     assert [p.max_rank for p in cfg.device_profiles()] == [8, 4, 16, 8]
-    with pytest.raises(ConfigError, match="^config error: federation.client_max_ranks: leave it unset"):
+    with pytest.raises(ConfigError, match=r"^config error: federation.client_max_ranks: \[8, 4, 4, 2\] differs "
+                       r"from the devices' ranks \[4, 4, 4, 4\]; leave it unset"):
         build_config(tiny_tree(devices={"max_ranks": "devices", "assign": ["low"] * 4}))
+    tree["federation"]["client_max_ranks"] = [8, 4, 16, 8]  # as a run's config.yaml records them: resumable
+    assert build_config(tree) == cfg
     with pytest.raises(ConfigError, match="^config error: devices.assign: 3 entries for 4 clients"):
         build_config(tiny_tree(devices={"assign": ["low"] * 3}))
     with pytest.raises(ConfigError, match="unknown device class 'tpu'"):

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -137,3 +138,18 @@ def test_compare_applies_set_algorithm_options_over_the_configs_own(tmp_path):
         method_configs(path, ["aflora", "fedit"], [0], ["algorithm.server_steps=9"])
     with pytest.raises(ConfigError, match="--set algorithm.name"):
         method_configs(path, ["aflora"], [0], ["algorithm.name=fedit"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_reads_back_its_own_config_yaml(path):
+    """What a run writes (config.yaml, the checkpoint's record) must build the same config
+    again, or resume and `compare`'s check refuse the run's own files (a devices-ranked
+    config used to: its record names the ranks the devices gave)."""
+    from fedlora.config import dump_config
+    from fedlora.runtime.rundir import changed_fields
+
+    tree = yaml.safe_load(path.read_text())
+    cfg = load_config(path, None if "algorithm" in tree else {"algorithm.name": "aflora"})  # compare-only configs
+    again = build_config(yaml.safe_load(dump_config(cfg)))
+    assert changed_fields(cfg, again) == [] and dump_config(again) == dump_config(cfg)

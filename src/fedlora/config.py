@@ -367,18 +367,23 @@ class RunConfig(Strict):
             devices = DevicesConfig.model_validate(dev)
         except ValidationError:
             return tree  # the field validation below reports it
-        fed = dict(tree.get("federation") or {})
-        if "client_max_ranks" in fed:
-            raise ValueError("federation.client_max_ranks: leave it unset when devices.max_ranks is devices")
-        n = fed.get("num_clients", 10)
-        if not isinstance(n, int) or n < 1:
-            return tree
+        fed = tree.get("federation") or {}
+        n = fed.get("num_clients", 10) if isinstance(fed, dict) else None
         try:
-            profiles = resolve_profiles(devices, n, int(tree.get("seed", 0)))
+            seed = int(tree.get("seed", 0))
+        except (TypeError, ValueError, OverflowError):
+            seed = None
+        if not isinstance(n, int) or n < 1 or seed is None:
+            return tree  # the field validation below reports it
+        try:
+            ranks = [p.max_rank for p in resolve_profiles(devices, n, seed)]
         except ValueError as err:
             raise ValueError(str(err)) from None
-        fed["client_max_ranks"] = [p.max_rank for p in profiles]
-        return {**tree, "federation": fed}
+        # a run's own config.yaml names the ranks it was given: those are accepted back (resume)
+        if fed.get("client_max_ranks", ranks) != ranks:
+            raise ValueError(f"federation.client_max_ranks: {fed['client_max_ranks']} differs from the devices' "
+                             f"ranks {ranks}; leave it unset when devices.max_ranks is devices")
+        return {**tree, "federation": {**fed, "client_max_ranks": ranks}}
 
     @model_validator(mode="after")
     def _devices_fit(self) -> RunConfig:
