@@ -99,6 +99,18 @@ case("yaml_bad_indent")(lambda t: ([str(write_yaml(t, "data:\n  dataset: custom\
 case("yaml_tab")(lambda t: ([str(write_yaml(t, "data:\n\tdataset: custom\n"))], "invalid YAML"))
 case("yaml_top_level_list")(lambda t: ([str(write_yaml(t, "- a\n- b\n"))], "top level must be a mapping"))
 case("yaml_empty")(lambda t: ([str(write_yaml(t, ""))], "algorithm"))
+case("yaml_deep_nesting")(lambda t: ([str(write_yaml(t, "a: " + "[" * 5000 + "]" * 5000 + "\n"))], "nested too deeply"))
+case("yaml_huge_int")(lambda t: ([str(write_yaml(t, "seed: " + "9" * 4400 + "\n"))], "invalid YAML: Exceeds"))
+case("yaml_python_tag")(lambda t: ([str(write_yaml(t, "seed: !!python/object/apply:os.system [ls]\n"))],
+                                   "invalid YAML"))
+case("devices_ranks_seed_list")(lambda t: ([str(write_yaml(t, {**tiny_tree(), "seed": [1],
+                                                                "devices": {"max_ranks": "devices"}}))], "seed"))
+
+
+@case("yaml_self_alias")
+def _(tmp):
+    text = yaml.safe_dump(tiny_tree()) + "extra: &loop [1, *loop]\n"  # a list that contains itself
+    return [str(write_yaml(tmp, text))], "extra"
 
 
 @case("config_latin1")

@@ -207,7 +207,19 @@ def test_check_not_mixed_compares_values_not_text(tmp_path):
     with pytest.raises(ConfigError, match=r"different config \(federation\.lr; use another --out\)"):
         check_not_mixed(cfg, tmp_path)
 
-    for damaged in ("{not: [yaml", "- a list\n", "federation: {lr: soon}\n"):
+    saved["seed"], saved["model"]["name"], saved["lora"]["alpha"], saved["data"]["max_length"] = 5, "x", 2.0, 9
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"\(data\.max_length, federation\.lr, lora\.alpha, model\.name, \.\.\.; use"):
+        check_not_mixed(cfg, tmp_path)
+
+    hostile = ["{not: [yaml", "- a list\n", "federation: {lr: soon}\n", "", "5", "null", "[" * 5000 + "]" * 5000,
+               "{a: " * 3000, "seed: " + "9" * 4400, "a: &a [*a]\n", "!!python/object/apply:os.system [ls]",
+               "seed: [1]\ndevices: {max_ranks: devices}\n", "seed: .inf\ndevices: {max_ranks: devices}\n",
+               "federation: 5\ndevices: {max_ranks: devices}\n"]
+    for damaged in hostile:
         (tmp_path / "config.yaml").write_text(damaged)
         with pytest.raises(ConfigError, match=r"config\.yaml: not a config this version reads"):
             check_not_mixed(cfg, tmp_path)
+    (tmp_path / "config.yaml").write_bytes(b"\xff\xfe seed: 0")
+    with pytest.raises(ConfigError, match=r"config\.yaml: not a config this version reads"):
+        check_not_mixed(cfg, tmp_path)

@@ -31,14 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from fedlora.algorithms import ALGORITHMS
 from fedlora.config import (
+    BAD_YAML,
     ConfigError,
     RunConfig,
     build_config,
     dump_config,
+    load_yaml,
     parse_overrides,
     read_tree,
     resolve_data_dir,
@@ -54,6 +55,9 @@ from fedlora.tta import write_tta
 from fedlora.units import format_bytes
 
 log = logging.getLogger("fedlora")
+
+MAX_TABLE_BYTES = 10_000_000
+"""comparison.md / .csv read back by `fedlora report` (cosmetic: the runs are the source)."""
 
 COLUMNS = [
     "method", "seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean",
@@ -149,11 +153,15 @@ def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
     text = read_bounded(saved, MAX_CONFIG_BYTES).decode(errors="replace")
     if text == dump_config(cfg):
         return
+    unreadable = ConfigError(f"config error: {saved}: not a config this version reads (restore it, or use "
+                             "another --out)")
     try:
-        tree = yaml.safe_load(text)
-        changed = changed_fields(build_config(tree if isinstance(tree, dict) else {"": tree}), cfg)
-    except (ConfigError, yaml.YAMLError):
-        raise ConfigError(f"config error: {saved}: not a config this version reads (restore it, or use another --out)") from None
+        tree = load_yaml(text)
+        if not isinstance(tree, dict):
+            raise unreadable
+        changed = changed_fields(build_config(tree), cfg)
+    except BAD_YAML:
+        raise unreadable from None
     if changed:
         shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
         raise ConfigError(f"config error: {run_dir}: holds a run with a different config ({shown}; use another --out)")
@@ -528,7 +536,7 @@ def _recorded_command(md: Path) -> list[str] | None:
     if not md.exists():
         return []
     try:
-        text = read_bounded(md, MAX_CONFIG_BYTES).decode()
+        text = read_bounded(md, MAX_TABLE_BYTES).decode()
         line = next((x for x in text.splitlines() if x.startswith("Command: `")), None)
         return shlex.split(line.removeprefix("Command: `").rstrip("`")) if line else []
     except (UnicodeDecodeError, ValueError):
@@ -556,7 +564,7 @@ def rebuild_comparison(out: Path, target: float | None = None, reference: str | 
     found = sorted({d.name for s in seeds for d in (out / f"seed_{s}").iterdir() if (d / "metrics.jsonl").exists()})
     table = out / "comparison.csv"
     try:
-        listed = [r.get("method") for r in csv.DictReader(read_bounded(table, MAX_CONFIG_BYTES).decode().splitlines())
+        listed = [r.get("method") for r in csv.DictReader(read_bounded(table, MAX_TABLE_BYTES).decode().splitlines())
                   ] if table.exists() else []
     except (UnicodeDecodeError, csv.Error):
         listed = []  # the order is cosmetic: found order then

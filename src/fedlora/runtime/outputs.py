@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from fedlora.config import ConfigError, RunConfig, dump_config
+from fedlora.config import BAD_YAML, ConfigError, RunConfig, dump_config, load_yaml
 from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded, read_json
 
@@ -80,8 +79,8 @@ def read_config_tree(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        tree = yaml.safe_load(read_bounded(path, MAX_JSON_BYTES))
-    except (RunFileError, yaml.YAMLError):
+        tree = load_yaml(read_bounded(path, MAX_JSON_BYTES))
+    except (RunFileError, *BAD_YAML):
         return {}
     return tree if isinstance(tree, dict) else {}
 

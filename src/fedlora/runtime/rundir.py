@@ -17,16 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import Tensor
 
-from fedlora.config import ConfigError, RunConfig, build_config, dump_config
+from fedlora.config import BAD_YAML, ConfigError, RunConfig, build_config, dump_config, load_yaml
 from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, has_checkpoint, load_merges
 from fedlora.runtime.files import RunFileError, atomic_write, read_bounded, sha256_bytes
 
 LOCK = "run.lock"
 CONFIG = "config.yaml"
-MAX_CONFIG_BYTES = 10_000_000
+MAX_CONFIG_BYTES = 1_000_000
+"""A config.yaml is a few kB; the bound keeps a hostile one from costing minutes to parse."""
 EXTENSIBLE = {"federation.rounds"}
 
 
@@ -71,10 +71,12 @@ def saved_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunC
 
 def _recorded_config(run_dir: Path, ckpt: Checkpoint, overrides: dict[str, Any] | None = None) -> RunConfig:
     try:
-        tree = yaml.safe_load(ckpt.config)
-    except yaml.YAMLError:
+        tree = load_yaml(ckpt.config)
+        return build_config(tree if isinstance(tree, dict) else {}, overrides)
+    except ConfigError:
+        raise  # a readable record this version does not accept: the field is named
+    except BAD_YAML:
         raise RunFileError(f"run error: {run_dir / CHECKPOINT}: damaged config record") from None
-    return build_config(tree if isinstance(tree, dict) else {}, overrides)
 
 
 def changed_fields(old: RunConfig, new: RunConfig) -> list[str]:
@@ -123,7 +125,8 @@ def adopt_config(run_dir: Path, ckpt: Checkpoint, cfg: RunConfig) -> None:
 
 def _edited_fields(saved: RunConfig, text: str) -> str:
     try:
-        fields = changed_fields(saved, build_config(yaml.safe_load(text)))
-    except (ValueError, yaml.YAMLError, AttributeError, TypeError):
+        tree = load_yaml(text)
+        fields = changed_fields(saved, build_config(tree if isinstance(tree, dict) else {}))
+    except BAD_YAML:
         return ""
     return f"; changed: {', '.join(fields)}" if fields else ""
