@@ -197,5 +197,19 @@ def test_tuning_runs_are_labelled_validation(figures, tmp_path):
 def test_many_series_never_share_colour_and_style(figures, tmp_path):
     runs = {f"m{i}": [_records([0.3 + i / 100, 0.5])] for i in range(24)}  # a tuning grid
     plots.accuracy_curves(runs, tmp_path / "a.png")
-    looks = {(mcolors.to_hex(line.get_color()), line.get_linestyle()) for line in figures[0].axes[0].get_lines()}
-    assert len(looks) == 24
+    lines = figures[0].axes[0].get_lines()
+    assert len({(mcolors.to_hex(line.get_color()), line.get_linestyle()) for line in lines}) == 24
+    # with one evaluated round (tuning) a series is a single point: its marker must differ too
+    assert len({(mcolors.to_hex(line.get_color()), line.get_marker()) for line in lines}) == 24
+
+
+def test_report_of_a_tuning_run_says_validation(figures, tmp_path):
+    from fedlora.report import write_report
+    from fedlora.runtime.outputs import write_metrics
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"validation_examples": 200}}))
+    write_metrics(tmp_path, _records([0.4, 0.6]))
+    text = write_report(tmp_path).read_text()
+    assert "Validation accuracy" in text and "Test accuracy" not in text
+    accuracy = next(f.axes[0] for f in figures if "accuracy" in f.axes[0].get_title().lower())
+    assert accuracy.get_title().startswith("Validation accuracy") and accuracy.get_ylabel() == "validation accuracy"

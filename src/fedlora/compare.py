@@ -417,11 +417,11 @@ STATISTICS_NOTE = (
     "## Accuracy statistics\n\n"
     "95% intervals: with several seeds, Student's t over the seeds' accuracies (assumes independent, "
     "roughly normal seeds; few seeds give wide intervals, left unclipped: a bound past 1 shows how "
-    "wide); with one seed, the percentile bootstrap over test items (assumes independent items; it "
+    "wide); with one seed, the percentile bootstrap over {split} items (assumes independent items; it "
     "ignores training-seed variance). Worst class: the lowest per-class accuracy; worst client: the "
     "lowest accuracy re-weighted to a client's label mix (client id per seed); both of the final "
     "evaluation, means over seeds. Δ: final accuracy minus the "
-    "reference's on the same test items, mean over seeds; its interval is a hierarchical paired "
+    "reference's on the same {split} items, mean over seeds; its interval is a hierarchical paired "
     "bootstrap (seeds resampled, then items within each seed; 10,000 resamples, seeded) and p the "
     "two-sided bootstrap p-value that inverts it (* : p < 0.05). With few seeds the bootstrap's "
     "seed level cannot show more spread than those seeds have: \"Δ: t over seeds\" is the Student-t "
@@ -514,7 +514,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
          "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),
         markdown_table(rows),
-        STATISTICS_NOTE,
+        STATISTICS_NOTE.format(split=split),
         (f"No paired differences: the reference method {reference!r} has no finished run here "
          "(choose one with --reference).\n" if reference and not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),

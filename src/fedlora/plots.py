@@ -150,7 +150,7 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
                     untuned: float | None = None, split: str = "test") -> Path:
     """Accuracy on `split` against rounds, or against the cumulative sum of `x_key` on a log
     axis in `x_unit` ("bytes" or "seconds"), per label; optional target and untuned-model
-    lines. Past 10 labels the line style changes too, so no two labels look alike."""
+    lines. Past 10 labels the line style and marker change too: up to 40 labels look distinct."""
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     for i, (label, seeds) in enumerate(runs.items()):
         band = seed_band([_evaluated(recs, x_key) for recs in seeds])
