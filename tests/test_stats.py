@@ -128,6 +128,8 @@ def test_hierarchical_replicates_follow_the_seed_draws_exactly():
     drawn = np.random.default_rng(5).integers(0, 3, size=(40, 3))
     assert np.array_equal(reps, (drawn / 2).mean(1))
     assert any(not (row == 0).any() for row in drawn)  # some replicate never drew seed 0
+    one = hierarchical_means(per_seed, np.random.default_rng(0), resamples=1)  # draws seeds 2, 1, 1:
+    assert one.tolist() == [(1.0 + 0.5 + 0.5) / 3]  # seed 0 never drawn at all, the others still count
 
 
 def test_paired_interval_is_exactly_the_quantiles_of_its_replicates():
