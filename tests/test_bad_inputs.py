@@ -100,6 +100,7 @@ case("yaml_tab")(lambda t: ([str(write_yaml(t, "data:\n\tdataset: custom\n"))], 
 case("yaml_top_level_list")(lambda t: ([str(write_yaml(t, "- a\n- b\n"))], "top level must be a mapping"))
 case("yaml_empty")(lambda t: ([str(write_yaml(t, ""))], "algorithm"))
 case("yaml_deep_nesting")(lambda t: ([str(write_yaml(t, "a: " + "[" * 5000 + "]" * 5000 + "\n"))], "nested too deeply"))
+case("yaml_too_large")(lambda t: ([str(write_yaml(t, "# padding\n" * 100_001))], "more than a config may have"))
 case("yaml_huge_int")(lambda t: ([str(write_yaml(t, "seed: " + "9" * 4400 + "\n"))], "invalid YAML: Exceeds"))
 case("yaml_python_tag")(lambda t: ([str(write_yaml(t, "seed: !!python/object/apply:os.system [ls]\n"))],
                                    "invalid YAML"))

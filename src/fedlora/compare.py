@@ -35,6 +35,7 @@ import numpy as np
 from fedlora.algorithms import ALGORITHMS
 from fedlora.config import (
     BAD_YAML,
+    MAX_CONFIG_BYTES,
     ConfigError,
     RunConfig,
     build_config,
@@ -49,7 +50,7 @@ from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_json
-from fedlora.runtime.rundir import MAX_CONFIG_BYTES, changed_fields, verify_run
+from fedlora.runtime.rundir import changed_fields, verify_run
 from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
 from fedlora.tta import write_tta
 from fedlora.units import format_bytes

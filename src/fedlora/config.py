@@ -499,6 +499,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     return resolve_data_dir(build_config(tree, overrides), path)
 
 
+MAX_CONFIG_BYTES = 1_000_000
+"""A config is a few kB; the bound keeps a hostile one from costing minutes to parse."""
+
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's safe loader when installed: about 6x faster than PyYAML's, whose parser also
 recurses (a hostile "[[[[..." file would raise RecursionError); same YAML 1.1 types."""
@@ -521,6 +524,9 @@ def read_tree(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config error: {path}: file not found")
     if path.is_dir():
         raise ConfigError(f"config error: {path}: is a folder, not a YAML file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error: {path}: {path.stat().st_size} bytes, more than a config may have "
+                          f"({MAX_CONFIG_BYTES})")
     try:
         tree = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:

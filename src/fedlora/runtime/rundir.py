@@ -19,14 +19,12 @@ from typing import Any
 
 from torch import Tensor
 
-from fedlora.config import BAD_YAML, ConfigError, RunConfig, build_config, dump_config, load_yaml
+from fedlora.config import BAD_YAML, MAX_CONFIG_BYTES, ConfigError, RunConfig, build_config, dump_config, load_yaml
 from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, has_checkpoint, load_merges
 from fedlora.runtime.files import RunFileError, atomic_write, read_bounded, sha256_bytes
 
 LOCK = "run.lock"
 CONFIG = "config.yaml"
-MAX_CONFIG_BYTES = 1_000_000
-"""A config.yaml is a few kB; the bound keeps a hostile one from costing minutes to parse."""
 EXTENSIBLE = {"federation.rounds"}
 
 
