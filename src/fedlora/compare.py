@@ -34,13 +34,11 @@ import numpy as np
 
 from fedlora.algorithms import ALGORITHMS
 from fedlora.config import (
-    BAD_YAML,
     MAX_CONFIG_BYTES,
     ConfigError,
     RunConfig,
     build_config,
     dump_config,
-    load_yaml,
     parse_overrides,
     read_tree,
     resolve_data_dir,
@@ -50,7 +48,7 @@ from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_json
-from fedlora.runtime.rundir import changed_fields, verify_run
+from fedlora.runtime.rundir import changed_fields_in, verify_run
 from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
 from fedlora.tta import write_tta
 from fedlora.units import format_bytes
@@ -154,15 +152,10 @@ def check_not_mixed(cfg: RunConfig, run_dir: Path) -> None:
     text = read_bounded(saved, MAX_CONFIG_BYTES).decode(errors="replace")
     if text == dump_config(cfg):
         return
-    unreadable = ConfigError(f"config error: {saved}: not a config this version reads (restore it, or use "
-                             "another --out)")
-    try:
-        tree = load_yaml(text)
-        if not isinstance(tree, dict):
-            raise unreadable
-        changed = changed_fields(build_config(tree), cfg)
-    except BAD_YAML:
-        raise unreadable from None
+    changed = changed_fields_in(text, cfg)
+    if changed is None:
+        raise ConfigError(f"config error: {saved}: not a config this version reads (restore it, or use "
+                          "another --out)")
     if changed:
         shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
         raise ConfigError(f"config error: {run_dir}: holds a run with a different config ({shown}; use another --out)")

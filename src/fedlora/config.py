@@ -524,9 +524,9 @@ def read_tree(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config error: {path}: file not found")
     if path.is_dir():
         raise ConfigError(f"config error: {path}: is a folder, not a YAML file")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config error: {path}: {path.stat().st_size} bytes, more than a config may have "
-                          f"({MAX_CONFIG_BYTES})")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error: {path}: {size} bytes, more than a config may have ({MAX_CONFIG_BYTES})")
     try:
         tree = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:

@@ -29,6 +29,7 @@ from fedlora.stats import seed_interval
 
 Records = list[dict[str, Any]]
 LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
 
 
 def setting_caption(run_dirs: Sequence[Path], seeds: Sequence[int] | None = None) -> str:
@@ -157,7 +158,7 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
         if band is None:
             continue
         x, mean, lo, hi = band
-        (line,) = ax.plot(x, mean, marker="os^D"[i // 10 % 4], ms=3, color=plt.get_cmap("tab10")(i % 10),
+        (line,) = ax.plot(x, mean, marker=MARKERS[i // 10 % len(MARKERS)], ms=3, color=plt.get_cmap("tab10")(i % 10),
                           ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
                           label=label + (f" (mean of {len(seeds)})" if len(seeds) > 1 else ""))
         if len(seeds) > 1:

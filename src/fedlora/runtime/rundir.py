@@ -121,10 +121,16 @@ def adopt_config(run_dir: Path, ckpt: Checkpoint, cfg: RunConfig) -> None:
         ckpt.config = wanted
 
 
-def _edited_fields(saved: RunConfig, text: str) -> str:
+def changed_fields_in(text: str, cfg: RunConfig) -> list[str] | None:
+    """The fields in which the config written in `text` (a config.yaml) differs from `cfg`;
+    None when `text` is no config this version reads."""
     try:
         tree = load_yaml(text)
-        fields = changed_fields(saved, build_config(tree if isinstance(tree, dict) else {}))
+        return changed_fields(build_config(tree), cfg) if isinstance(tree, dict) else None
     except BAD_YAML:
-        return ""
+        return None
+
+
+def _edited_fields(saved: RunConfig, text: str) -> str:
+    fields = changed_fields_in(text, saved)
     return f"; changed: {', '.join(fields)}" if fields else ""
