@@ -213,3 +213,18 @@ def test_report_of_a_tuning_run_says_validation(figures, tmp_path):
     assert "Validation accuracy" in text and "Test accuracy" not in text
     accuracy = next(f.axes[0] for f in figures if "accuracy" in f.axes[0].get_title().lower())
     assert accuracy.get_title().startswith("Validation accuracy") and accuracy.get_ylabel() == "validation accuracy"
+
+
+def test_a_tuning_comparisons_figures_all_say_validation(figures, tmp_path):
+    """Every accuracy axis of a comparison of tuning runs, the time-to-accuracy one included."""
+    runs = []
+    for method in ("fedit", "aflora"):
+        d = tmp_path / "seed_0" / method
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"data": {"validation_examples": 200}}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records([0.5, 0.8])))
+        (d / "summary.json").write_text(json.dumps({"method": method}))
+        runs.append(MethodRun(method, 0, d))
+    write_comparison(tmp_path, runs, ["fedit", "aflora"], target=0.75)
+    labels = [f.axes[0].get_ylabel() for f in figures if "accuracy" in f.axes[0].get_ylabel()]
+    assert len(labels) == 3 and set(labels) == {"validation accuracy"}  # by round, by uplink, by time

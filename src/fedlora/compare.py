@@ -516,7 +516,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         tilt_tables(histories),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, {m: {r.seed: r.history for r in rs} for m, rs in results.items() if rs},
-                  target, reference, setting, untuned) if done else "",
+                  target, reference, setting, untuned, split) if done else "",
     ]
     if failed:
         text.append("\n## Failed runs\n\n" + "".join(f"- {r.method} seed {r.seed}: {r.error}\n" for r in failed))

@@ -117,7 +117,7 @@ TTA_COLUMNS = ["method", "reached", *TTA_KEYS, "speedup", "speedup_low", "speedu
 
 
 def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str | None = "fedit",
-              setting: str = "", untuned: float | None = None) -> str:
+              setting: str = "", untuned: float | None = None, split: str = "test") -> str:
     """tta.csv (per method), tta_seeds.csv (per method and seed) and the accuracy-vs-simulated-
     time figure in `out`; returns the markdown section."""
     histories = {m: list(runs.values()) for m, runs in per_seed.items()}
@@ -135,7 +135,7 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
         writer = csv.DictWriter(fh, fieldnames=["method", "seed", "reached", *TTA_KEYS])
         writer.writeheader()
         writer.writerows(seed_rows)
-    figure = accuracy_vs_sim_time(histories, out / "accuracy_vs_sim_time.png", target, setting, untuned)
+    figure = accuracy_vs_sim_time(histories, out / "accuracy_vs_sim_time.png", target, setting, untuned, split)
     return (f"\n## Time to accuracy\n\n{tta_markdown(rows, target, reference)}\n"
             f"{tta_seed_markdown(seed_rows)}\n![{figure.stem}]({figure.name})\n")
 
@@ -190,9 +190,9 @@ def tta_seed_markdown(seed_rows: list[dict[str, Any]]) -> str:
 
 
 def accuracy_vs_sim_time(histories: Mapping[str, list[Records]], path: Path, target: float | None = None,
-                         setting: str = "", untuned: float | None = None) -> Path:
+                         setting: str = "", untuned: float | None = None, split: str = "test") -> Path:
     """Accuracy against cumulative simulated seconds (the table's unit) on a log axis, so a
     method whose rounds take far longer does not squeeze the others; the target as a line."""
     return accuracy_curves(histories, path, x_key="sim_seconds", x_unit="seconds", target=target,
                            xlabel="cumulative simulated time (s, log scale)", untuned=untuned,
-                           title="Time to accuracy", setting=setting)
+                           title="Time to accuracy", setting=setting, split=split)
