@@ -209,7 +209,18 @@ def test_per_class_table_averages_each_class_over_the_seeds_that_measured_it(tmp
         record = read_metrics(run.run_dir)[0]
         write_metrics(run.run_dir, [{**record, "class_accuracy": classes}])
     write_comparison(tmp_path, runs, ["fedit"])
-    assert "| fedit | 0.8000 | 0.5000 |" in (tmp_path / "comparison.md").read_text()
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| fedit | 0.8000 | 0.5000 |" in md
+    per_seed = md.split("| method | seed | a | b |")[1].split("\n\n")[0]  # seed 2's damaged record: no row
+    assert per_seed.splitlines()[2:] == ["| fedit | 0 | 0.9000 | 0.5000 |", "| fedit | 1 | 0.7000 | – |"]
+
+
+def test_per_class_table_has_no_per_seed_rows_for_one_seed(tmp_path):
+    run = _fake_run(tmp_path, "fedit", 0, _reference(0))
+    write_metrics(run.run_dir, [{**read_metrics(run.run_dir)[0], "class_accuracy": {"a": 0.9}}])
+    write_comparison(tmp_path, [run], ["fedit"])
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| fedit | 0.9000 |" in md and "| method | seed |" not in md
 
 
 def test_tilt_tables_average_each_client_over_its_rounds_then_over_seeds(tmp_path):

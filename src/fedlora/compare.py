@@ -364,23 +364,29 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
 
 def class_table(results: dict[str, list[SeedResult]]) -> str:
     """Per method, each class's accuracy in the final evaluation, mean over the seeds that
-    measured it: where a method's errors concentrate under label skew."""
-    finals = {m: [c for c in (r.final_record.get("class_accuracy") for r in rs if r.scored) if isinstance(c, dict)]
+    measured it: where a method's errors concentrate under label skew. With several seeds, each
+    seed's row too: a seed's partition decides which classes the high-rank clients hold, and one
+    seed's collapse on a class hides in the mean."""
+    finals = {m: [(r.seed, c) for r in rs if r.scored and isinstance(c := r.final_record.get("class_accuracy"), dict)]
               for m, rs in results.items()}
-    classes = list(dict.fromkeys(c for per_seed in finals.values() for acc in per_seed for c in acc))
+    classes = list(dict.fromkeys(c for per_seed in finals.values() for _, acc in per_seed for c in acc))
     if not classes:
         return ""
 
-    def cell(values: list[float]) -> str:
-        mean = _mean(values)
+    def cell(values: list[Any]) -> str:
+        mean = _mean([v for v in values if isinstance(v, int | float)])
         return "–" if mean is None else f"{mean:.4f}"
 
     lines = ["## Per-class accuracy\n", "Final evaluation, mean over seeds.\n",
              "| method | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
     for m, per_seed in finals.items():
         if per_seed:
-            cells = [cell([a[c] for a in per_seed if isinstance(a.get(c), int | float)]) for c in classes]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} | " + " | ".join(cell([a.get(c) for _, a in per_seed]) for c in classes) + " |")
+    if any(len(per_seed) > 1 for per_seed in finals.values()):
+        lines += ["", "Per seed (each seed has its own partition, `seed_S/METHOD/partition.json`).\n",
+                  "| method | seed | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 2)]
+        lines += [f"| {m} | {seed} | " + " | ".join(cell([a.get(c)]) for c in classes) + " |"
+                  for m, per_seed in finals.items() for seed, a in per_seed]
     return "\n".join(lines) + "\n"
 
 
