@@ -229,4 +229,5 @@ def test_aflora_held_out_loss_seconds_stay_out_of_the_server_time(data_dir, tmp_
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert ("server_heldout_before" in record) == dlf and "diagnostic_seconds" not in record
     assert 0 <= record["server_seconds"] < 1.0
-    assert 3.0 * dlf + 1.0 <= record["server_diagnostic_seconds"] < 3.0 * dlf + 2.0  # 3 held-out passes, the tilt
+    # three held-out passes and the tilt, a second each, each counted once
+    assert 3.0 * dlf + 1.0 <= record["server_diagnostic_seconds"] < 3.0 * dlf + 2.5

@@ -71,7 +71,8 @@ def test_aflora_server_changes_only_a(data_dir, dlf):
 
 
 def _strip(records):
-    drop = {"wall_seconds", "server_seconds", "server_diagnostic_seconds", "seconds", "sim_seconds", "sim_time"}  # sim_*: + measured server time
+    # timings; sim_* adds the measured server time
+    drop = {"wall_seconds", "server_seconds", "server_diagnostic_seconds", "seconds", "sim_seconds", "sim_time"}
     out = []
     for r in records:
         r = {k: v for k, v in r.items() if k not in drop}
