@@ -59,7 +59,7 @@ def test_publish_copies_the_citeable_files_only_and_the_copy_rebuilds(study, cap
     per_run = {f"{r}/{name}" for r in runs for name in ("config.yaml", "environment.json", "partition.json",
                                                         "metrics.jsonl", "summary.json", "untuned.json",
                                                         "eval/round_0002.npz")}
-    top = {"comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv"} | {p.name for p in root.glob("*.png")}
+    top = {"comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv", "tta_sweep.csv"} | {p.name for p in root.glob("*.png")}
     assert copied == per_run | top | {"published.json"}  # no checkpoint, final state, merge, lock or linked file
     manifest = json.loads((dest / "published.json").read_text())
     assert set(manifest["files"]) == per_run | top and len(manifest["files"]["comparison.md"]) == 64

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from fedlora.compare import MethodRun, write_comparison
-from fedlora.tta import default_target, speedup, time_to_accuracy, tta_markdown, tta_rows, tta_seed_markdown, tta_seed_rows
+from fedlora.tta import (default_target, speedup, speedup_sweep, sweep_markdown, sweep_targets, time_to_accuracy,
+                         tta_markdown, tta_rows, tta_seed_markdown, tta_seed_rows)
 
 
 def _records(accs, sim, up=100, wall=2.0):
@@ -74,6 +75,29 @@ def test_each_seeds_crossing_is_tabulated():
     assert "| hier | 10.0 s (round 2) | not reached |" in table and "| fedit | 2.5 s (round 1) | – |" in table
 
 
+def test_the_sweep_spans_the_runs_range_and_pairs_like_the_single_target():
+    """Targets: multiples of 0.05 strictly above the lowest first accuracy (0.35 exactly) and
+    up to the highest accuracy reached (0.80 exactly, kept despite 0.80 / 0.05 rounding)."""
+    per_seed = {"fedit": {0: _records([0.35, 0.6, 0.8], 10.0), 1: _records([0.5, 0.7], 10.0)},
+                "hier": {0: _records([0.5, 0.65, 0.78], 4.0), 1: _records([None, 0.62, 0.75], 4.0)}}
+    targets = sweep_targets(per_seed)
+    assert targets == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8]
+    assert sweep_targets({"a": {0: _records([None], 1.0)}}) == []
+    rows = speedup_sweep(per_seed, "fedit", targets)
+    assert {r["method"] for r in rows} == {"hier"} and [r["target"] for r in rows] == targets  # no self-ratio
+    for row in rows:
+        assert row == {"target": row["target"], "method": "hier", **speedup(per_seed, "hier", "fedit", row["target"])}
+    at = {r["target"]: r for r in rows}
+    # 0.7: fedit 30 s and 20 s, hier 12 s and 12 s (seed 1's round 1 unevaluated but timed) → √(2.5 · 5/3)
+    assert at[0.7]["speedup"] == pytest.approx((2.5 * 5 / 3) ** 0.5)
+    assert at[0.75]["speedup"] is None and at[0.75]["reached_seeds"] == 1  # fedit's seed 1 stops at 0.7
+    table = sweep_markdown(rows, "fedit")
+    assert "| target | hier |" in table and "| 0.75 | – (1 of 2 missed) |" in table
+    assert f"| 0.70 | {at[0.7]['speedup']:.2f}× [" in table
+    one = speedup_sweep({m: {0: runs[0]} for m, runs in per_seed.items()}, "fedit", [0.6])
+    assert "| 0.60 | 2.50× (1 seed) |" in sweep_markdown(one, "fedit")
+
+
 def test_a_run_without_the_clock_shows_a_dash_not_zero_seconds():
     old = _records([0.6, 0.9], sim=None)  # metrics written before the simulated clock existed
     for rec in old:
@@ -106,7 +130,15 @@ def test_compare_output_has_the_tta_section(tmp_path):
     assert "| hierfedlora | 1/1 | 2.0 | 10.0 | 4 | 0.00 | 2.40× (1) |" in text
     seeds = list(csv.DictReader((tmp_path / "tta_seeds.csv").open()))
     assert [(r["method"], r["seed"], r["round"]) for r in seeds] == [("hierfedlora", "0", "2.0"), ("fedit", "0", "2.0")]
+    sweep = list(csv.DictReader((tmp_path / "tta_sweep.csv").open()))
+    assert [(r["target"], r["method"]) for r in sweep] == [("0.55", "hierfedlora"), ("0.6", "hierfedlora"),
+                                                          ("0.65", "hierfedlora"), ("0.7", "hierfedlora"),
+                                                          ("0.75", "hierfedlora"), ("0.8", "hierfedlora"),
+                                                          ("0.85", "hierfedlora")]
+    assert "### Speed-up over fedit by target" in text and "speedup_vs_target.png" in text
+    assert (tmp_path / "speedup_vs_target.png").stat().st_size > 1000
     write_comparison(tmp_path, runs, ["hierfedlora", "fedit"], target=0.8, reference="nobody")
     assert "No speed-up column" in (tmp_path / "comparison.md").read_text()
+    assert not (tmp_path / "tta_sweep.csv").exists() and not (tmp_path / "speedup_vs_target.png").exists()
     write_comparison(tmp_path, runs, ["hierfedlora", "fedit"])  # no --target: 0.95 × the lowest best, 0.85
     assert "Time to accuracy ≥ 0.8075" in (tmp_path / "comparison.md").read_text()

@@ -181,6 +181,39 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
     return _save(fig, path)
 
 
+def speedup_by_target(rows: Sequence[Mapping[str, Any]], path: Path, reference: str, setting: str = "",
+                      split: str = "test") -> Path:
+    """Each method's paired speed-up over `reference` (fedlora.tta.speedup_sweep rows) against
+    the accuracy target, on a log axis with its 95% interval as error bars; a target a pair did
+    not reach in every seed has no point. The line at 1× is parity with the reference."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        shown = [r for r in rows if r["method"] == method and r["speedup"] is not None]
+        if not shown:
+            continue
+        x = np.array([r["target"] for r in shown]) + (i - (len(methods) - 1) / 2) * 0.004  # side by side
+        y = np.array([r["speedup"] for r in shown])
+        low = np.array([r["speedup_low"] if r["speedup_low"] is not None else r["speedup"] for r in shown])
+        high = np.array([r["speedup_high"] if r["speedup_high"] is not None else r["speedup"] for r in shown])
+        seeds = shown[0]["paired_seeds"]
+        ax.errorbar(x, y, yerr=[y - low, high - y], marker=MARKERS[i // 10 % len(MARKERS)], ms=4, capsize=3,
+                    color=plt.get_cmap("tab10")(i % 10), ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
+                    label=method + (f" (geometric mean of {seeds})" if seeds > 1 else ""))
+    ax.axhline(1.0, color="black", ls="--", lw=1, label=f"as fast as {reference}")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.set_xlabel(f"{split} accuracy target")
+    ax.set_ylabel(f"speed-up over {reference} (simulated time, log scale)")
+    ax.grid(alpha=0.3, which="major")
+    bars = "; bars: 95% t interval over seeds" if any(r["speedup_low"] is not None for r in rows) else ""
+    _title(ax, f"Time-to-accuracy speed-up by target{bars}", setting)
+    _legend_outside(ax)
+    return _save(fig, path)
+
+
 def metric_by_round(series: Mapping[str, Records], key: str, path: Path, ylabel: str,
                     log: bool = False, title: str = "", setting: str = "", unit: str | None = None) -> Path:
     """One per-round scalar (train loss, bytes, seconds …) per label; `unit="bytes"` labels the

@@ -27,7 +27,7 @@ RUN_FILES = ("config.yaml", "environment.json", "partition.json", "metrics.jsonl
              UNTUNED_FILE, "report.md")
 """Per run: what it was, where it ran, what it saw, what it measured (and the untuned model's
 score, the figures' reference line)."""
-TOP_FILES = ("comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv", "environment.json")
+TOP_FILES = ("comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv", "tta_sweep.csv", "environment.json")
 """Per comparison: its tables (figures are its top-level *.png)."""
 MANIFEST = "published.json"
 

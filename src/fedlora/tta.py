@@ -11,6 +11,7 @@ by seed and summarised on the log scale (`speedup`).
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.plots import accuracy_curves
+from fedlora.plots import accuracy_curves, speedup_by_target
 from fedlora.stats import seed_interval
 
 Records = list[dict[str, Any]]
@@ -107,6 +108,57 @@ def tta_rows(per_seed: PerSeed, target: float, reference: str | None = None) -> 
     return rows
 
 
+def sweep_targets(per_seed: PerSeed, step: float = 0.05) -> list[float]:
+    """The targets of the speed-up-by-target table, fixed by the runs' range and not by any
+    method's result: every multiple of `step` above the lowest first evaluated accuracy of any
+    run (below it every run crosses at once and the ratio only compares one round's clock) and
+    at most the highest accuracy any run reached (above it nothing does)."""
+    curves = [[r["accuracy"] for r in recs if r.get("accuracy") is not None]
+              for runs in per_seed.values() for recs in runs.values()]
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    low, high = min(c[0] for c in curves), max(max(c) for c in curves)
+    first, last = math.floor(low / step + 1e-9) + 1, math.floor(high / step + 1e-9)
+    return [round(k * step, 10) for k in range(first, last + 1)]
+
+
+def speedup_sweep(per_seed: PerSeed, reference: str, targets: list[float]) -> list[dict[str, Any]]:
+    """`speedup` of every other method over `reference` at each target: whether an advantage
+    holds across accuracy levels, not only at one threshold crossed by a noisy test subset."""
+    return [{"target": target, "method": method, **speedup(per_seed, method, reference, target)}
+            for target in targets for method in per_seed if method != reference]
+
+
+SWEEP_COLUMNS = ["target", "method", "speedup", "speedup_low", "speedup_high", "paired_seeds", "reached_seeds"]
+
+
+def sweep_markdown(rows: list[dict[str, Any]], reference: str) -> str:
+    """One row per target, one column per method: geometric-mean speed-up [95% t interval]."""
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["target"], r["method"]): r for r in rows}
+
+    def show(r: dict[str, Any]) -> str:
+        if r["speedup"] is None:
+            missed = r["paired_seeds"] - r["reached_seeds"]
+            return f"– ({missed} of {r['paired_seeds']} missed)" if missed > 0 else "–"
+        interval = (f" [{r['speedup_low']:.2f}, {r['speedup_high']:.2f}]" if r["speedup_low"] is not None
+                    else " (1 seed)")
+        return f"{r['speedup']:.2f}×{interval}"
+
+    lines = [f"\n### Speed-up over {reference} by target\n",
+             f"The paired speed-up of the table above at every multiple of 0.05 from just above the lowest "
+             f"first-round accuracy of any run to the highest accuracy any run reached (a range fixed by the "
+             f"runs, not by a method's result): one threshold's crossing moves by a round with a few test "
+             f"items, this shows whether an advantage holds across the range. A target is not an independent "
+             f"test: neighbouring rows share rounds. – (k of n missed): one of the pair did not reach it in "
+             f"k of n seeds. Data: `tta_sweep.csv`.\n",
+             "| target | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines += [f"| {t:.2f} | " + " | ".join(show(cell[(t, m)]) for m in methods) + " |" for t in targets]
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(x: float | None, spec: str, reached: bool) -> str:
     """A missing number: "not reached" when the target was not, "–" when the run lacks that cost."""
     return format(x, spec) if x is not None else "–" if reached else "not reached"
@@ -136,8 +188,20 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
         writer.writeheader()
         writer.writerows(seed_rows)
     figure = accuracy_vs_sim_time(histories, out / "accuracy_vs_sim_time.png", target, setting, untuned, split)
-    return (f"\n## Time to accuracy\n\n{tta_markdown(rows, target, reference)}\n"
+    text = (f"\n## Time to accuracy\n\n{tta_markdown(rows, target, reference)}\n"
             f"{tta_seed_markdown(seed_rows)}\n![{figure.stem}]({figure.name})\n")
+    sweep = speedup_sweep(per_seed, reference, sweep_targets(per_seed)) if reference else []
+    if sweep:
+        with (out / "tta_sweep.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=SWEEP_COLUMNS)
+            writer.writeheader()
+            writer.writerows(sweep)
+        plot = speedup_by_target(sweep, out / "speedup_vs_target.png", reference, setting, split)
+        text += f"{sweep_markdown(sweep, reference)}\n![{plot.stem}]({plot.name})\n"
+    else:  # a rebuild without a reference leaves no stale sweep behind
+        for name in ("tta_sweep.csv", "speedup_vs_target.png"):
+            (out / name).unlink(missing_ok=True)
+    return text
 
 
 def _speedup_cell(row: dict[str, Any]) -> str:
