@@ -203,6 +203,18 @@ def test_many_series_never_share_colour_and_style(figures, tmp_path):
     assert len({(mcolors.to_hex(line.get_color()), line.get_marker()) for line in lines}) == 24
 
 
+def test_no_series_looks_like_the_target_or_untuned_line(figures, tmp_path):
+    """Those lines are black dashed and grey dotted; tab10's grey once drew series 17 grey
+    dashed and series 27 grey dotted."""
+    runs = {f"m{i}": [_records([0.3, 0.5])] for i in range(36)}
+    plots.accuracy_curves(runs, tmp_path / "a.png", target=0.4, untuned=0.3)
+    lines = figures[0].axes[0].get_lines()
+    series, references = lines[:36], lines[36:]
+    assert {mcolors.to_hex(line.get_color()) for line in references} == {"#000000", "#808080"}
+    assert not {mcolors.to_hex(line.get_color()) for line in series} & {"#000000", "#808080", "#7f7f7f"}
+    assert len({(mcolors.to_hex(line.get_color()), line.get_linestyle()) for line in series}) == 36
+
+
 def test_report_of_a_tuning_run_says_validation(figures, tmp_path):
     from fedlora.report import write_report
     from fedlora.runtime.outputs import write_metrics

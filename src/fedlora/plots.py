@@ -30,6 +30,16 @@ from fedlora.stats import seed_interval
 Records = list[dict[str, Any]]
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
+SERIES_COLOURS = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
+"""tab10 without its grey: the target and untuned-model lines are black and grey."""
+
+
+def series_style(i: int) -> dict[str, Any]:
+    """The i-th series' colour, line style and marker: past 9 series the style and marker
+    change too, so up to 36 series look distinct (one-point series by their marker)."""
+    turn = i // len(SERIES_COLOURS)
+    return {"color": SERIES_COLOURS[i % len(SERIES_COLOURS)], "ls": LINE_STYLES[turn % len(LINE_STYLES)],
+            "marker": MARKERS[turn % len(MARKERS)]}
 
 
 def setting_caption(run_dirs: Sequence[Path], seeds: Sequence[int] | None = None) -> str:
@@ -151,15 +161,14 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
                     untuned: float | None = None, split: str = "test") -> Path:
     """Accuracy on `split` against rounds, or against the cumulative sum of `x_key` on a log
     axis in `x_unit` ("bytes" or "seconds"), per label; optional target and untuned-model
-    lines. Past 10 labels the line style and marker change too: up to 40 labels look distinct."""
+    lines. Series styles: `series_style`."""
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     for i, (label, seeds) in enumerate(runs.items()):
         band = seed_band([_evaluated(recs, x_key) for recs in seeds])
         if band is None:
             continue
         x, mean, lo, hi = band
-        (line,) = ax.plot(x, mean, marker=MARKERS[i // 10 % len(MARKERS)], ms=3, color=plt.get_cmap("tab10")(i % 10),
-                          ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
+        (line,) = ax.plot(x, mean, ms=3, **series_style(i),
                           label=label + (f" (mean of {len(seeds)})" if len(seeds) > 1 else ""))
         if len(seeds) > 1:
             ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color(), lw=0)
@@ -197,8 +206,7 @@ def speedup_by_target(rows: Sequence[Mapping[str, Any]], path: Path, reference: 
         low = np.array([r["speedup_low"] if r["speedup_low"] is not None else r["speedup"] for r in shown])
         high = np.array([r["speedup_high"] if r["speedup_high"] is not None else r["speedup"] for r in shown])
         seeds = shown[0]["paired_seeds"]
-        ax.errorbar(x, y, yerr=[y - low, high - y], marker=MARKERS[i // 10 % len(MARKERS)], ms=4, capsize=3,
-                    color=plt.get_cmap("tab10")(i % 10), ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
+        ax.errorbar(x, y, yerr=[y - low, high - y], ms=4, capsize=3, **series_style(i),
                     label=method + (f" (geometric mean of {seeds})" if seeds > 1 else ""))
     ax.axhline(1.0, color="black", ls="--", lw=1, label=f"as fast as {reference}")
     ax.set_yscale("log")
