@@ -191,22 +191,25 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
 
 
 def speedup_by_target(rows: Sequence[Mapping[str, Any]], path: Path, reference: str, setting: str = "",
-                      split: str = "test") -> Path:
+                      split: str = "test", labels: Sequence[str] = ()) -> Path:
     """Each method's paired speed-up over `reference` (fedlora.tta.speedup_sweep rows) against
     the accuracy target, on a log axis with its 95% interval as error bars; a target a pair did
-    not reach in every seed has no point. The line at 1× is parity with the reference."""
+    not reach in every seed has no point. The line at 1× is parity with the reference. `labels`:
+    the comparison's methods in order (reference included), so each keeps its colour from the
+    accuracy figures."""
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for i, method in enumerate(methods):
+    order = list(dict.fromkeys([*labels, *methods]))
+    for j, method in enumerate(methods):
         shown = [r for r in rows if r["method"] == method and r["speedup"] is not None]
         if not shown:
             continue
-        x = np.array([r["target"] for r in shown]) + (i - (len(methods) - 1) / 2) * 0.004  # side by side
+        x = np.array([r["target"] for r in shown]) + (j - (len(methods) - 1) / 2) * 0.004  # side by side
         y = np.array([r["speedup"] for r in shown])
         low = np.array([r["speedup_low"] if r["speedup_low"] is not None else r["speedup"] for r in shown])
         high = np.array([r["speedup_high"] if r["speedup_high"] is not None else r["speedup"] for r in shown])
         seeds = shown[0]["paired_seeds"]
-        ax.errorbar(x, y, yerr=[y - low, high - y], ms=4, capsize=3, **series_style(i),
+        ax.errorbar(x, y, yerr=[y - low, high - y], ms=4, capsize=3, **series_style(order.index(method)),
                     label=method + (f" (geometric mean of {seeds})" if seeds > 1 else ""))
     ax.axhline(1.0, color="black", ls="--", lw=1, label=f"as fast as {reference}")
     ax.set_yscale("log")

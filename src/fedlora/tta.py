@@ -196,7 +196,7 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
             writer = csv.DictWriter(fh, fieldnames=SWEEP_COLUMNS)
             writer.writeheader()
             writer.writerows(sweep)
-        plot = speedup_by_target(sweep, out / "speedup_vs_target.png", reference, setting, split)
+        plot = speedup_by_target(sweep, out / "speedup_vs_target.png", reference, setting, split, list(per_seed))
         text += f"{sweep_markdown(sweep, reference)}\n![{plot.stem}]({plot.name})\n"
     else:  # a rebuild without a reference leaves no stale sweep behind
         for name in ("tta_sweep.csv", "speedup_vs_target.png"):
