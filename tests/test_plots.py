@@ -215,21 +215,27 @@ def test_no_series_looks_like_the_target_or_untuned_line(figures, tmp_path):
     assert len({(mcolors.to_hex(line.get_color()), line.get_linestyle()) for line in series}) == 36
 
 
-def test_the_speedup_figure_keeps_each_methods_colour_and_skips_missed_targets(figures, tmp_path):
+def test_the_speedup_figure_keeps_each_methods_colour_and_leaves_missed_targets_as_gaps(figures, tmp_path):
     runs = {m: [_records([0.3, 0.5])] for m in ("fedit", "hier", "slow")}
     plots.accuracy_curves(runs, tmp_path / "a.png")
     colour = {line.get_label().split()[0]: mcolors.to_hex(line.get_color()) for line in figures[0].axes[0].get_lines()}
     rows = [{"target": t, "method": m, "speedup": s, "speedup_low": lo, "speedup_high": hi, "paired_seeds": 2,
              "reached_seeds": 2 if s else 1}
-            for t, m, s, lo, hi in ((0.4, "hier", 2.0, 1.5, 3.0), (0.5, "hier", 1.8, 1.2, 2.5),
-                                    (0.4, "slow", 0.5, 0.4, 0.6), (0.5, "slow", None, None, None))]
+            for t, m, s, lo, hi in ((0.4, "hier", 2.0, 1.5, 3.0), (0.45, "hier", None, None, None),
+                                    (0.5, "hier", 1.8, 1.2, 2.5), (0.4, "slow", 0.5, 0.4, 0.6),
+                                    (0.45, "slow", None, None, None), (0.5, "slow", None, None, None))]
     plots.speedup_by_target(rows, tmp_path / "s.png", "fedit", labels=list(runs))
     ax = figures[1].axes[0]
-    drawn = {bars.get_label().split()[0]: bars.lines[0] for bars in ax.containers}  # each method's data line
-    assert mcolors.to_hex(drawn["hier"].get_color()) == colour["hier"]
-    assert mcolors.to_hex(drawn["slow"].get_color()) == colour["slow"]
-    assert list(drawn["slow"].get_ydata()) == [0.5] and list(drawn["hier"].get_ydata()) == [2.0, 1.8]
-    assert ax.get_yscale() == "log" and any(line.get_ydata()[0] == 1.0 for line in ax.get_lines())  # parity line
+    drawn = {bars.get_label().split()[0]: bars for bars in ax.containers}  # each method's error bars
+    assert mcolors.to_hex(drawn["hier"].lines[0].get_color()) == colour["hier"]
+    assert mcolors.to_hex(drawn["slow"].lines[0].get_color()) == colour["slow"]
+    np.testing.assert_array_equal(drawn["hier"].lines[0].get_ydata(), [2.0, np.nan, 1.8])  # a gap, no line across
+    np.testing.assert_array_equal(drawn["slow"].lines[0].get_ydata(), [0.5, np.nan, np.nan])
+    spans = [(seg[0][1], seg[-1][1]) for seg in drawn["hier"].lines[2][0].get_segments() if len(seg)]
+    assert spans == [(1.5, 3.0), (1.2, 2.5)]  # the interval itself, not ± swapped; none at the gap
+    parity = [line for line in ax.get_lines() if line.get_label() == "as fast as fedit"]
+    assert ax.get_yscale() == "log" and list(parity[0].get_ydata()) == [1.0, 1.0]
+    assert "95% t interval" in ax.get_title()
 
 
 def test_report_of_a_tuning_run_says_validation(figures, tmp_path):

@@ -76,13 +76,16 @@ def test_each_seeds_crossing_is_tabulated():
 
 
 def test_the_sweep_spans_the_runs_range_and_pairs_like_the_single_target():
-    """Targets: multiples of 0.05 strictly above the lowest first accuracy (0.35 exactly) and
-    up to the highest accuracy reached (0.80 exactly, kept despite 0.80 / 0.05 rounding)."""
+    """Targets: multiples of 0.05 strictly above the lowest first accuracy (0.35 exactly; a run's
+    later dip to 0.3 does not count) and up to the highest accuracy reached (0.80 exactly)."""
     per_seed = {"fedit": {0: _records([0.35, 0.6, 0.8], 10.0), 1: _records([0.5, 0.7], 10.0)},
                 "hier": {0: _records([0.5, 0.65, 0.78], 4.0), 1: _records([None, 0.62, 0.75], 4.0)}}
     targets = sweep_targets(per_seed)
     assert targets == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8]
     assert sweep_targets({"a": {0: _records([None], 1.0)}}) == []
+    assert sweep_targets({"a": {0: _records([0.45, 0.3, 0.7], 1.0)}}) == [0.5, 0.55, 0.6, 0.65, 0.7]  # 0.7/0.05 < 14
+    with pytest.raises(ValueError, match="step"):
+        sweep_targets(per_seed, step=0)
     rows = speedup_sweep(per_seed, "fedit", targets)
     assert {r["method"] for r in rows} == {"hier"} and [r["target"] for r in rows] == targets  # no self-ratio
     for row in rows:
@@ -92,10 +95,13 @@ def test_the_sweep_spans_the_runs_range_and_pairs_like_the_single_target():
     assert at[0.7]["speedup"] == pytest.approx((2.5 * 5 / 3) ** 0.5)
     assert at[0.75]["speedup"] is None and at[0.75]["reached_seeds"] == 1  # fedit's seed 1 stops at 0.7
     table = sweep_markdown(rows, "fedit")
-    assert "| target | hier |" in table and "| 0.75 | – (1 of 2 missed) |" in table
-    assert f"| 0.70 | {at[0.7]['speedup']:.2f}× [" in table
+    assert "| target | hier |" in table and "| 0.75 | – (not reached in 1 of 2 seeds) |" in table
+    assert f"| 0.7 | {at[0.7]['speedup']:.2f}× [" in table and "] (2) |" in table
     one = speedup_sweep({m: {0: runs[0]} for m, runs in per_seed.items()}, "fedit", [0.6])
-    assert "| 0.60 | 2.50× (1 seed) |" in sweep_markdown(one, "fedit")
+    assert "| 0.6 | 2.50× (1) |" in sweep_markdown(one, "fedit")
+    assert "– (no seed in common)" in sweep_markdown(speedup_sweep({"fedit": {0: per_seed["fedit"][0]},
+                                                                   "hier": {1: per_seed["hier"][1]}}, "fedit", [0.6]),
+                                                     "fedit")
 
 
 def test_a_run_without_the_clock_shows_a_dash_not_zero_seconds():

@@ -200,15 +200,17 @@ def speedup_by_target(rows: Sequence[Mapping[str, Any]], path: Path, reference: 
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     order = list(dict.fromkeys([*labels, *methods]))
+    targets = sorted({r["target"] for r in rows})
     for j, method in enumerate(methods):
-        shown = [r for r in rows if r["method"] == method and r["speedup"] is not None]
-        if not shown:
+        at = {r["target"]: r for r in rows if r["method"] == method and r["speedup"] is not None}
+        if not at:
             continue
-        x = np.array([r["target"] for r in shown]) + (j - (len(methods) - 1) / 2) * 0.004  # side by side
-        y = np.array([r["speedup"] for r in shown])
-        low = np.array([r["speedup_low"] if r["speedup_low"] is not None else r["speedup"] for r in shown])
-        high = np.array([r["speedup_high"] if r["speedup_high"] is not None else r["speedup"] for r in shown])
-        seeds = shown[0]["paired_seeds"]
+        shown = [at.get(t) for t in targets]  # a missed target is a gap (NaN), not a line across it
+        x = np.array(targets) + (j - (len(methods) - 1) / 2) * 0.004  # side by side
+        y = np.array([np.nan if r is None else r["speedup"] for r in shown])
+        low = np.array([np.nan if r is None else r["speedup_low"] or r["speedup"] for r in shown])
+        high = np.array([np.nan if r is None else r["speedup_high"] or r["speedup"] for r in shown])
+        seeds = next(iter(at.values()))["paired_seeds"]
         ax.errorbar(x, y, yerr=[y - low, high - y], ms=4, capsize=3, **series_style(order.index(method)),
                     label=method + (f" (geometric mean of {seeds})" if seeds > 1 else ""))
     ax.axhline(1.0, color="black", ls="--", lw=1, label=f"as fast as {reference}")

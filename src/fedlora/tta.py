@@ -42,11 +42,16 @@ def time_to_accuracy(records: Records, target: float) -> dict[str, float] | None
     return None
 
 
+def _accuracies(histories: Mapping[str, list[Records]]) -> list[list[float]]:
+    """Each run's evaluated accuracies in round order; a run never evaluated is left out."""
+    curves = [[r["accuracy"] for r in recs if r.get("accuracy") is not None]
+              for runs in histories.values() for recs in runs]
+    return [c for c in curves if c]
+
+
 def default_target(histories: Mapping[str, list[Records]], share: float = 0.95) -> float | None:
     """`share` × the lowest best accuracy over methods and seeds: a level every run reaches."""
-    bests = [max(r["accuracy"] for r in recs if r.get("accuracy") is not None)
-             for runs in histories.values() for recs in runs
-             if any(r.get("accuracy") is not None for r in recs)]
+    bests = [max(c) for c in _accuracies(histories)]
     return share * min(bests) if bests else None
 
 
@@ -108,18 +113,21 @@ def tta_rows(per_seed: PerSeed, target: float, reference: str | None = None) -> 
     return rows
 
 
-def sweep_targets(per_seed: PerSeed, step: float = 0.05) -> list[float]:
+SWEEP_STEP = 0.05
+
+
+def sweep_targets(per_seed: PerSeed, step: float = SWEEP_STEP) -> list[float]:
     """The targets of the speed-up-by-target table, fixed by the runs' range and not by any
     method's result: every multiple of `step` above the lowest first evaluated accuracy of any
     run (below it every run crosses at once and the ratio only compares one round's clock) and
     at most the highest accuracy any run reached (above it nothing does)."""
-    curves = [[r["accuracy"] for r in recs if r.get("accuracy") is not None]
-              for runs in per_seed.values() for recs in runs.values()]
-    curves = [c for c in curves if c]
+    if not step > 0:
+        raise ValueError(f"sweep step must be positive, got {step}")
+    curves = _accuracies({m: list(runs.values()) for m, runs in per_seed.items()})
     if not curves:
         return []
     low, high = min(c[0] for c in curves), max(max(c) for c in curves)
-    first, last = math.floor(low / step + 1e-9) + 1, math.floor(high / step + 1e-9)
+    first, last = math.floor(low / step + 1e-9) + 1, math.floor(high / step + 1e-9)  # 0.7 / 0.05 = 13.999…
     return [round(k * step, 10) for k in range(first, last + 1)]
 
 
@@ -133,29 +141,20 @@ def speedup_sweep(per_seed: PerSeed, reference: str, targets: list[float]) -> li
 SWEEP_COLUMNS = ["target", "method", "speedup", "speedup_low", "speedup_high", "paired_seeds", "reached_seeds"]
 
 
-def sweep_markdown(rows: list[dict[str, Any]], reference: str) -> str:
-    """One row per target, one column per method: geometric-mean speed-up [95% t interval]."""
+def sweep_markdown(rows: list[dict[str, Any]], reference: str, step: float = SWEEP_STEP) -> str:
+    """One row per target, one column per method, each cell as in the time-to-accuracy table."""
     targets = list(dict.fromkeys(r["target"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["target"], r["method"]): r for r in rows}
-
-    def show(r: dict[str, Any]) -> str:
-        if r["speedup"] is None:
-            missed = r["paired_seeds"] - r["reached_seeds"]
-            return f"– ({missed} of {r['paired_seeds']} missed)" if missed > 0 else "–"
-        interval = (f" [{r['speedup_low']:.2f}, {r['speedup_high']:.2f}]" if r["speedup_low"] is not None
-                    else " (1 seed)")
-        return f"{r['speedup']:.2f}×{interval}"
-
     lines = [f"\n### Speed-up over {reference} by target\n",
-             f"The paired speed-up of the table above at every multiple of 0.05 from just above the lowest "
-             f"first-round accuracy of any run to the highest accuracy any run reached (a range fixed by the "
+             f"The paired speed-up of the table above at every multiple of {step:g} from just above the lowest "
+             f"first evaluated accuracy of any run to the highest accuracy any run reached (a range fixed by the "
              f"runs, not by a method's result): one threshold's crossing moves by a round with a few test "
-             f"items, this shows whether an advantage holds across the range. A target is not an independent "
-             f"test: neighbouring rows share rounds. – (k of n missed): one of the pair did not reach it in "
-             f"k of n seeds. Data: `tta_sweep.csv`.\n",
+             f"items, this shows whether an advantage holds across the range. Neighbouring targets share "
+             f"rounds, so the rows are one curve, not independent tests; at the lowest targets most runs "
+             f"cross in their first round and the ratio mostly compares round lengths. Data: `tta_sweep.csv`.\n",
              "| target | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines += [f"| {t:.2f} | " + " | ".join(show(cell[(t, m)]) for m in methods) + " |" for t in targets]
+    lines += [f"| {t:g} | " + " | ".join(_speedup_cell(cell[(t, m)]) for m in methods) + " |" for t in targets]
     return "\n".join(lines) + "\n"
 
 
@@ -205,8 +204,11 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
 
 
 def _speedup_cell(row: dict[str, Any]) -> str:
+    """"ratio× [interval] (seeds)", or why there is none."""
     if row.get("speedup") is None:
         missed = row.get("paired_seeds", 0) - row.get("reached_seeds", 0)
+        if not row.get("paired_seeds"):
+            return "– (no seed in common)"
         return f"– (not reached in {missed} of {row['paired_seeds']} seeds)" if missed > 0 else "–"
     interval = (f" [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}]"
                 if row.get("speedup_low") is not None else "")
