@@ -206,9 +206,9 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
 def _speedup_cell(row: dict[str, Any]) -> str:
     """"ratio× [interval] (seeds)", or why there is none."""
     if row.get("speedup") is None:
-        missed = row.get("paired_seeds", 0) - row.get("reached_seeds", 0)
         if not row.get("paired_seeds"):
             return "– (no seed in common)"
+        missed = row["paired_seeds"] - row.get("reached_seeds", 0)
         return f"– (not reached in {missed} of {row['paired_seeds']} seeds)" if missed > 0 else "–"
     interval = (f" [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}]"
                 if row.get("speedup_low") is not None else "")
