@@ -47,7 +47,7 @@ from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setti
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.runtime.files import read_bounded
-from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_json
+from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_csv, write_json
 from fedlora.runtime.rundir import changed_fields_in, verify_run
 from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
 from fedlora.tta import write_tta
@@ -478,10 +478,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         if has_reference and m != reference:
             row.update(paired_columns(paired_statistics(rs, results[reference]), reference))
         rows.append(row)
-    with (out / "comparison.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "comparison.csv", COLUMNS, rows)
 
     done = {m: h for m, h in histories.items() if h}
     finished = [r.run_dir for r in runs if r.done]

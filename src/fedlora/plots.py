@@ -137,10 +137,10 @@ def _round_axis(axis) -> None:
 
 
 def _log_axis(axis, unit: str) -> None:
-    """Log scale ticked at 1, 2, 5 × 10^k, labelled in bytes (kB/MB) or seconds."""
+    """Log scale ticked at 1, 2, 5 × 10^k, labelled in bytes (kB/MB), seconds or ratios ("×")."""
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_minor_formatter(NullFormatter())
-    fmt = (lambda x, _: format_bytes(x, None)) if unit == "bytes" else (lambda x, _: f"{x:g} s")
+    fmt = {"bytes": lambda x, _: format_bytes(x, None), "×": lambda x, _: f"{x:g}×"}.get(unit, lambda x, _: f"{x:g} s")
     axis.set_major_formatter(FuncFormatter(fmt))
 
 
@@ -215,9 +215,7 @@ def speedup_by_target(rows: Sequence[Mapping[str, Any]], path: Path, reference: 
                     label=method + (f" (geometric mean of {seeds})" if seeds > 1 else ""))
     ax.axhline(1.0, color="black", ls="--", lw=1, label=f"as fast as {reference}")
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    _log_axis(ax.yaxis, "×")
     ax.set_xlabel(f"{split} accuracy target")
     ax.set_ylabel(f"speed-up over {reference} (simulated time, log scale)")
     ax.grid(alpha=0.3, which="major")

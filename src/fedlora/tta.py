@@ -10,7 +10,6 @@ by seed and summarised on the log scale (`speedup`).
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.plots import accuracy_curves, speedup_by_target
+from fedlora.runtime.outputs import write_csv
 from fedlora.stats import seed_interval
 
 Records = list[dict[str, Any]]
@@ -177,24 +177,15 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
         return ""
     reference = reference if reference in per_seed else None
     rows = tta_rows(per_seed, target, reference)
-    with (out / "tta.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=TTA_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "tta.csv", TTA_COLUMNS, rows)
     seed_rows = tta_seed_rows(per_seed, target)
-    with (out / "tta_seeds.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["method", "seed", "reached", *TTA_KEYS])
-        writer.writeheader()
-        writer.writerows(seed_rows)
+    write_csv(out / "tta_seeds.csv", ["method", "seed", "reached", *TTA_KEYS], seed_rows)
     figure = accuracy_vs_sim_time(histories, out / "accuracy_vs_sim_time.png", target, setting, untuned, split)
     text = (f"\n## Time to accuracy\n\n{tta_markdown(rows, target, reference)}\n"
             f"{tta_seed_markdown(seed_rows)}\n![{figure.stem}]({figure.name})\n")
     sweep = speedup_sweep(per_seed, reference, sweep_targets(per_seed)) if reference else []
     if sweep:
-        with (out / "tta_sweep.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=SWEEP_COLUMNS)
-            writer.writeheader()
-            writer.writerows(sweep)
+        write_csv(out / "tta_sweep.csv", SWEEP_COLUMNS, sweep)
         plot = speedup_by_target(sweep, out / "speedup_vs_target.png", reference, setting, split, list(per_seed))
         text += f"{sweep_markdown(sweep, reference)}\n![{plot.stem}]({plot.name})\n"
     else:  # a rebuild without a reference leaves no stale sweep behind

@@ -13,7 +13,6 @@ the `fedlora compare` command that runs the choices at three seeds on the test s
 
 from __future__ import annotations
 
-import csv
 import json
 import shlex
 from collections.abc import Collection
@@ -25,7 +24,7 @@ import yaml
 
 from fedlora.compare import method_configs, run_comparison
 from fedlora.config import DEFAULT_DATA_DIR, ConfigError, data_folder, read_tree
-from fedlora.runtime.outputs import read_metrics
+from fedlora.runtime.outputs import read_metrics, write_csv
 
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
 
@@ -202,15 +201,11 @@ def _fmt(x: float | None) -> str:
 
 def write_tables(out: Path, grid: Grid, points: list[Point], chosen: dict[str, Point], methods: list[str],
                  validation_examples: int, seed: int, overrides: list[str], command: str) -> None:
-    with (out / "tuning.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for p in points:
-            writer.writerow({
-                "method": p.method, "setting": p.setting, "options": json.dumps(p.options, sort_keys=True),
-                "lr": p.lr, "validation_accuracy": p.accuracy, "validation_loss": p.loss,
-                "chosen": p.chosen, "error": p.error or "",
-            })
+    write_csv(out / "tuning.csv", CSV_COLUMNS, ({
+        "method": p.method, "setting": p.setting, "options": json.dumps(p.options, sort_keys=True),
+        "lr": p.lr, "validation_accuracy": p.accuracy, "validation_loss": p.loss,
+        "chosen": p.chosen, "error": p.error or "",
+    } for p in points))
     runs = {m: sum(p.method == m for p in points) for m in methods}
     text = [
         "# Tuning\n",
