@@ -215,6 +215,24 @@ def test_no_series_looks_like_the_target_or_untuned_line(figures, tmp_path):
     assert len({(mcolors.to_hex(line.get_color()), line.get_linestyle()) for line in series}) == 36
 
 
+def test_the_rank_figure_names_the_one_seed_it_shows(figures, tmp_path):
+    """It plots each ranked method's first seed (clients differ by seed); its caption once said
+    every seed of the comparison."""
+    runs = []
+    for seed in (0, 1):
+        for method in ("fedit", "aflora"):
+            d = tmp_path / f"seed_{seed}" / method
+            d.mkdir(parents=True)
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records([0.5, 0.8])))
+            (d / "summary.json").write_text(json.dumps({"method": method}))
+            (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "data": {"dataset": "ag_news"}}))
+            runs.append(MethodRun(method, seed, d))
+    write_comparison(tmp_path, runs, ["fedit", "aflora"], target=0.75)
+    ranks = next(f for f in figures if f._suptitle is not None and f._suptitle.get_text().startswith("Rank"))
+    accuracy = next(f for f in figures if f.axes[0].get_title().startswith("Test accuracy by round"))
+    assert ranks._suptitle.get_text().endswith("seed 0") and "seeds 0,1" in accuracy.axes[0].get_title()
+
+
 def test_the_speedup_figure_keeps_each_methods_colour_and_leaves_missed_targets_as_gaps(figures, tmp_path):
     runs = {m: [_records([0.3, 0.5])] for m in ("fedit", "hier", "slow")}
     plots.accuracy_curves(runs, tmp_path / "a.png")

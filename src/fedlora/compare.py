@@ -493,9 +493,11 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
                                        xlabel="cumulative uplink, all clients (log scale)", setting=setting,
                                        untuned=untuned, split=split,
                                        title=f"{split.capitalize()} accuracy by uplink traffic"))
-        ranked = {m: h[0] for m, h in done.items() if algorithm[m] in ("aflora", "hetlora")}
-        if ranked:
-            figures.append(ranks_per_client(ranked, out / "ranks_per_client.png", setting=setting))
+        ranked = {m: rs[0] for m, rs in results.items() if rs and algorithm[m] in ("aflora", "hetlora")}
+        if ranked:  # one seed's clients (each seed has its own partition): the caption names that seed
+            shown = setting_caption(finished, [r.seed for r in ranked.values()])
+            figures.append(ranks_per_client({m: r.history for m, r in ranked.items()}, out / "ranks_per_client.png",
+                                            setting=shown))
 
     failed = [r for r in runs if r.error]
     first = next((r for r in runs if r.done), None)
