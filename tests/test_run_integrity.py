@@ -24,7 +24,7 @@ from fedlora.cli import main
 from fedlora.config import build_config, dump_config
 from fedlora.flower.records import checked_run_key
 from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, merge_path
-from fedlora.runtime.files import DiskFullError, RunFileError, atomic_write, read_json
+from fedlora.files import DiskFullError, RunFileError, atomic_write, read_json
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_metrics
 from fedlora.runtime.rundir import run_lock, verify_run

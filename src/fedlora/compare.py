@@ -46,7 +46,7 @@ from fedlora.config import (
 from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setting_caption, untuned_accuracy
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
-from fedlora.runtime.files import read_bounded
+from fedlora.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_csv, write_json
 from fedlora.runtime.rundir import changed_fields_in, verify_run
 from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval

@@ -32,7 +32,7 @@ from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import FederationSetup, Tensors
 from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
-from fedlora.runtime.files import atomic_write, load_tensors, tensors_to_bytes
+from fedlora.files import atomic_write, load_tensors, tensors_to_bytes
 from fedlora.runtime.outputs import client_sizes
 from fedlora.runtime.rundir import saved_config, verify_run
 

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from fedlora.errors import ConfigError, describe
-from fedlora.runtime.files import read_json, sha256_file
+from fedlora.files import read_json, sha256_file
 
 log = logging.getLogger("fedlora")
 

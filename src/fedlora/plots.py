@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from fedlora.runtime.files import read_json
+from fedlora.files import read_json
 from fedlora.runtime.outputs import UNTUNED_FILE, is_fraction, read_config_tree
 from fedlora.units import format_bytes
 

@@ -15,7 +15,7 @@ from fedlora.plots import (
     setting_caption,
     untuned_accuracy,
 )
-from fedlora.runtime.files import RunFileError
+from fedlora.files import RunFileError
 from fedlora.runtime.outputs import client_sizes, read_config_tree, read_metrics, read_summary
 
 

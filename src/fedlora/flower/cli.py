@@ -15,7 +15,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedlora.cli import print_summary
     from fedlora.config import dump_config, load_config, parse_overrides
     from fedlora.flower.launch import LocalFederation, flwr_run
-    from fedlora.runtime.files import read_json
+    from fedlora.files import read_json
     from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
 
     if args.resume:  # verified here for a one-line error; the ServerApp verifies again

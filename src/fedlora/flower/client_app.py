@@ -62,7 +62,7 @@ class ClientStore:
 
     def save_merges(self, content: RecordDict) -> None:
         from fedlora.runtime.checkpoint import merge_path
-        from fedlora.runtime.files import atomic_write, tensors_to_bytes
+        from fedlora.files import atomic_write, tensors_to_bytes
 
         for key, record in content.array_records.items():
             if key.startswith(MERGE_PREFIX):
@@ -74,7 +74,7 @@ class ClientStore:
         return self.root / "state" / f"round_{round_:04d}.safetensors"
 
     def load_state(self, round_: int):
-        from fedlora.runtime.files import load_tensors
+        from fedlora.files import load_tensors
 
         if round_ == 0:
             return {}
@@ -87,7 +87,7 @@ class ClientStore:
 
     def save_state(self, round_: int, state, keep_from: int) -> None:
         """Save the state after `round_`; drop states older than `keep_from` (never needed again)."""
-        from fedlora.runtime.files import atomic_write, tensors_to_bytes
+        from fedlora.files import atomic_write, tensors_to_bytes
 
         path = self.state_path(round_)
         path.parent.mkdir(parents=True, exist_ok=True)

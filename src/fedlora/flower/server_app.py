@@ -40,7 +40,7 @@ from fedlora.algorithms.base import InvalidUpdate, Update
 from fedlora.config import build_config, dump_config
 from fedlora.flower.records import checked_run_key, from_arrays, merge_key, to_arrays
 from fedlora.runtime.checkpoint import merge_path
-from fedlora.runtime.files import RunFileError, load_tensors, read_json
+from fedlora.files import RunFileError, load_tensors, read_json
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import write_json
 from fedlora.runtime.rounds import Accepted, accept_update, reject, screen_norms

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedlora.runtime.files import (
+from fedlora.files import (
     RunFileError,
     atomic_write,
     load_tensors,

@@ -11,7 +11,7 @@ from typing import Any
 
 from fedlora.config import ConfigError, RunConfig
 from fedlora.runtime.checkpoint import Checkpoint, load_merges
-from fedlora.runtime.files import load_tensors
+from fedlora.files import load_tensors
 from fedlora.runtime.inprocess import Federation
 from fedlora.runtime.outputs import environment, write_json
 from fedlora.runtime.rundir import changed_fields, saved_config

@@ -45,7 +45,7 @@ from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
-from fedlora.runtime.files import atomic_write, tensors_to_bytes
+from fedlora.files import atomic_write, tensors_to_bytes
 from fedlora.runtime.outputs import UNTUNED_FILE, write_eval_items, write_json, write_metrics, write_run_header
 from fedlora.runtime.progress import progress_bars, round_line
 from fedlora.runtime.tensorboard import TensorBoardLog

@@ -21,7 +21,7 @@ import torch
 
 from fedlora.config import BAD_YAML, ConfigError, RunConfig, dump_config, load_yaml
 from fedlora.hardware import cpu_model, preferred_compute_dtype
-from fedlora.runtime.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded, read_json
+from fedlora.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded, read_json
 
 UNTUNED_FILE = "untuned.json"
 """The untuned model's evaluation (`evaluation.untuned: true`): the figures' reference line."""

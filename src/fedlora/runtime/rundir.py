@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fedlora.config import BAD_YAML, MAX_CONFIG_BYTES, ConfigError, RunConfig, build_config, dump_config, load_yaml
 from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, has_checkpoint, load_merges
-from fedlora.runtime.files import RunFileError, atomic_write, read_bounded, sha256_bytes
+from fedlora.files import RunFileError, atomic_write, read_bounded, sha256_bytes
 
 LOCK = "run.lock"
 CONFIG = "config.yaml"
