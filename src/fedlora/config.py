@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from fedlora.algorithms import ALGORITHMS, AlgorithmOptions
+from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.hardware import (
@@ -96,8 +97,6 @@ AG_NEWS_PROMPT = (
     "Article: {text}\nTopic:"
 )
 CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 # Per-dataset defaults, filled in only for keys the config leaves out.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
