@@ -44,6 +44,7 @@ from fedlora.config import (
     resolve_data_dir,
 )
 from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setting_caption, untuned_accuracy
+from fedlora.records import accuracy_summary, scored_rounds
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.files import read_bounded
@@ -208,10 +209,10 @@ def method_row(method: str, histories: list[list[dict[str, Any]]]) -> dict[str, 
     """One table row from the metrics of each seed's run of `method`."""
     finals, bests, costs, walls, up, down, server = [], [], [], [], [], [], []
     for recs in histories:
-        accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
-        if accs:
-            finals.append(accs[-1])
-            bests.append(max(accs))
+        acc = accuracy_summary(recs)
+        if acc.final is not None:
+            finals.append(acc.final)
+            bests.append(acc.best)
         participations = sum(len(r["clients"]) for r in recs)
         costs += [r["client_cost_percent"] for r in recs if r.get("client_cost_percent") is not None]
         if participations:
@@ -250,21 +251,20 @@ class SeedResult:
     @classmethod
     def read(cls, run: MethodRun) -> SeedResult:
         history = read_metrics(run.run_dir)
-        evaluated = [r for r in history if r.get("accuracy") is not None]
-        if not evaluated:
+        acc = accuracy_summary(history)
+        if acc.final_round is None:
             return cls(run.seed, history, None, None)
-        best = max(evaluated, key=lambda r: r["accuracy"])  # the first of equal bests, as in summary.json
-        return cls(run.seed, history, _scored_items(run.run_dir, evaluated[-1]["round"]),
-                   _scored_items(run.run_dir, best["round"]))
+        return cls(run.seed, history, _scored_items(run.run_dir, acc.final_round),
+                   _scored_items(run.run_dir, acc.best_round))
 
     @property
     def scored(self) -> bool:
         """Whether any round of the run was evaluated with an accuracy."""
-        return any(h.get("accuracy") is not None for h in self.history)
+        return bool(scored_rounds(self.history))
 
     @property
     def final_record(self) -> dict[str, Any]:
-        return [r for r in self.history if r.get("accuracy") is not None][-1]
+        return scored_rounds(self.history)[-1]
 
 
 def _scored_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
@@ -292,15 +292,14 @@ def _interval(values: list[float], items: list[dict[str, np.ndarray] | None]) ->
 def accuracy_statistics(results: list[SeedResult]) -> dict[str, Any]:
     """Per method: the 95% intervals of final and best accuracy, the worst class's and worst
     client's accuracy of the final evaluation (means over seeds) and the worst client of each seed."""
-    scored = [r for r in results if r.scored]
-    finals = [r.final_record["accuracy"] for r in scored]
-    bests = [max(h["accuracy"] for h in r.history if h.get("accuracy") is not None) for r in scored]
-    f_low, f_high, how = _interval(finals, [r.final for r in scored])
-    b_low, b_high, _ = _interval(bests, [r.best for r in scored])
-    per_class = [r.final_record.get("class_accuracy") for r in scored]
+    ran = [r for r in results if r.scored]
+    summaries = [accuracy_summary(r.history) for r in ran]
+    f_low, f_high, how = _interval([s.final for s in summaries], [r.final for r in ran])
+    b_low, b_high, _ = _interval([s.best for s in summaries], [r.best for r in ran])
+    per_class = [r.final_record.get("class_accuracy") for r in ran]
     worst_class = [min(measured) for measured in ([v for v in c.values() if isinstance(v, int | float)]
                                                   for c in per_class if isinstance(c, dict)) if measured]
-    worst_client = [r.final_record for r in scored if r.final_record.get("worst_client_accuracy") is not None]
+    worst_client = [r.final_record for r in ran if r.final_record.get("worst_client_accuracy") is not None]
     return {
         "final_accuracy_ci_low": f_low, "final_accuracy_ci_high": f_high,
         "best_accuracy_ci_low": b_low, "best_accuracy_ci_high": b_high, "interval": how,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.plots import accuracy_curves, speedup_by_target
+from fedlora.records import accuracies, is_scored
 from fedlora.runtime.outputs import write_csv
 from fedlora.stats import seed_interval
 
@@ -37,15 +38,14 @@ def time_to_accuracy(records: Records, target: float) -> dict[str, float] | None
             if rec.get(key) is not None:
                 carried.add(key)
                 sums[key] += float(rec[key])
-        if rec.get("accuracy") is not None and rec["accuracy"] >= target:
+        if is_scored(rec) and rec["accuracy"] >= target:
             return {"round": float(rec["round"]), **{k: v if k in carried else None for k, v in sums.items()}}
     return None
 
 
 def _accuracies(histories: Mapping[str, list[Records]]) -> list[list[float]]:
     """Each run's evaluated accuracies in round order; a run never evaluated is left out."""
-    curves = [[r["accuracy"] for r in recs if r.get("accuracy") is not None]
-              for runs in histories.values() for recs in runs]
+    curves = [accuracies(recs) for runs in histories.values() for recs in runs]
     return [c for c in curves if c]
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from fedlora.compare import method_configs, run_comparison
 from fedlora.config import DEFAULT_DATA_DIR, ConfigError, data_folder, read_tree
+from fedlora.records import loss_evaluated
 from fedlora.runtime.outputs import read_metrics, write_csv
 
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
@@ -100,7 +101,7 @@ def grid_points(grid: Grid, methods: list[str]) -> list[Point]:
 
 def validation_scores(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     """(accuracy, loss) of the last evaluated round, on the validation set."""
-    evaluated = [r for r in history if "test_loss" in r]
+    evaluated = loss_evaluated(history)
     if not evaluated:
         return None, None
     last = evaluated[-1]
