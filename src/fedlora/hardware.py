@@ -33,7 +33,7 @@ def resolve_device(name: str) -> str:
         if not cuda:
             build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device found"
             raise DeviceUnavailable(f"{name} is not available ({build}, torch {torch.__version__}); "
-                                    "use cpu or auto, or install a CUDA build of torch (README: GPUs)")
+                                    "use cpu or auto, or install a CUDA build of torch (docs/howto/gpu.md)")
         index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
         if index >= count:
             raise DeviceUnavailable(f"{name} is not available: this machine has {count} CUDA device(s)")
