@@ -6,7 +6,8 @@ so the reference cannot drift from it:
 - `<!-- fedlora:config -->`: every field of the config models (`fedlora.config.RunConfig`, the
   method options, the device classes): key, type, default, constraint, description;
 - `<!-- fedlora:config algorithm.NAME -->`: one method's options (on its concept page);
-- `<!-- fedlora:cli -->`: every command and option of the `fedlora` argument parser.
+- `<!-- fedlora:cli -->`: every command and option of the `fedlora` argument parser;
+- `<!-- fedlora:peaks -->`: the peak FLOPs/cycle/core per CPU family and dtype (fedlora.hardware).
 
 Descriptions are the fields' attribute docstrings (the string literal right under a field, the
 style config.py uses), read here from the classes' source with `ast`: the models themselves stay
@@ -37,7 +38,7 @@ from pydantic_core import PydanticUndefined
 
 log = logging.getLogger("mkdocs.plugins.fedlora")
 
-MARKER = re.compile(r"<!--\s*fedlora:(config|cli)\s*([\w.-]*)\s*-->")
+MARKER = re.compile(r"<!--\s*fedlora:(config|cli|peaks)\s*([\w.-]*)\s*-->")
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,16 @@ def argument_help(a: argparse.Action) -> str:
     return text
 
 
+def peaks_markdown() -> str:
+    """fedlora.hardware.CPU_FAMILIES as a table: what the benchmarks divide by."""
+    from fedlora.hardware import CPU_FAMILIES
+
+    lines = ["| CPU family | float32 FLOPs/cycle/core | bfloat16 FLOPs/cycle/core | why |", "| --- | --- | --- | --- |"]
+    for family in CPU_FAMILIES.values():
+        lines.append(f"| {family.name} | {family.float32} | {family.bfloat16} | {escape_cell(family.why)} |")
+    return "\n".join(lines)
+
+
 # --- the hook -------------------------------------------------------------------------------
 
 
@@ -380,6 +391,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         kind, arg = match.group(1), match.group(2)
         if kind == "cli":
             return cli_markdown()
+        if kind == "peaks":
+            return peaks_markdown()
         if arg.startswith("algorithm."):
             text, missing = method_markdown(arg.removeprefix("algorithm."))
         else:
