@@ -206,8 +206,8 @@ class Algorithm(ABC):
         return weighted_sum(tensors, weights)
 
     def tilt(self, updates: list[Update], terms: Sequence[Sequence[Term]]) -> dict[str, dict[str, float]]:
-        """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; terms[m][k]
-        = (p_k, B_k, A_k), module m's update being s Σ_k p_k B_k A_k); none when the aggregate
+        """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; `terms[m][k]
+        = (p_k, B_k, A_k)`, module m's update being s Σ_k p_k B_k A_k); none when the aggregate
         is a trimmed mean, which is no sum of the clients' terms. Its seconds go under
         DIAGNOSTIC_SECONDS (always present), which the runtime keeps out of the measured server time."""
         if self.setup.trimmed_mean > 0:

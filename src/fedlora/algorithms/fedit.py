@@ -36,7 +36,7 @@ from fedlora.algorithms.base import (
 class FedITOptions(MethodOptions):
     name: Literal["fedit"] = "fedit"
     rank: int | None = Field(None, ge=1)
-    """Homogeneous rank; None: the smallest client max rank."""
+    """Homogeneous rank; None: the smallest client max rank (must not exceed it)."""
 
 
 class FedIT(Algorithm):

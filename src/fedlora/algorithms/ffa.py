@@ -36,7 +36,7 @@ from fedlora.algorithms.base import (
 class FFALoRAOptions(MethodOptions):
     name: Literal["ffa"] = "ffa"
     rank: int | None = Field(None, ge=1)
-    """Homogeneous rank; None: the smallest client max rank."""
+    """Homogeneous rank; None: the smallest client max rank (must not exceed it)."""
 
 
 def frozen_A(setup: FederationSetup, rank: int) -> Tensors:

@@ -55,6 +55,7 @@ class HETLoRAOptions(MethodOptions):
     tail_rounding: Literal["floor", "ceil"] = "floor"
     """Tail start ⌊γ r⌋ (default) or ⌈γ r⌉ as the spec prints it (empty tail for r < 1/(1−γ))."""
     min_rank: int = Field(1, ge=1)
+    """Ranks never fall below this."""
     prune: bool = True
     """Self-pruning on; false keeps every client at its max rank (penalty still applies)."""
 
