@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="run several methods on identical partitions and budgets")
     cmp.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
-    cmp.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
-                     help="comma-separated methods or variants the config's `methods:` defines (default: the six)")
+    cmp.add_argument("--methods", help="comma-separated methods or variants the config's `methods:` defines "
+                     "(default: every registered method that does not opt out of default comparisons)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field for every method (repeatable)")
@@ -211,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="choose every method's lr and settings on a validation split, equal budgets")
     tune.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
-    tune.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
-                      help="comma-separated methods or variants (default: the six)")
+    tune.add_argument("--methods", help="comma-separated methods or variants (default: as compare's)")
     tune.add_argument("--grid", help="YAML: lr: [client lrs] (default 1e-3, 3e-3, 1e-2), "
                       "settings: {method: [{option: value}, ...]}, max_settings: N (the same cap for every method)")
     tune.add_argument("--validation-examples", type=int, default=200,

@@ -31,6 +31,7 @@ from fedlora.algorithms.base import (
     lora_init,
     train_loaded,
 )
+from fedlora.algorithms.registry import register_method
 
 
 class FedITOptions(MethodOptions):
@@ -39,8 +40,10 @@ class FedITOptions(MethodOptions):
     """Homogeneous rank; None: the smallest client max rank."""
 
 
+@register_method
 class FedIT(Algorithm):
     name = "fedit"
+    Options = FedITOptions
     homogeneous = True
     supports_trimmed_mean = True
 
