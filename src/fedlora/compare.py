@@ -82,9 +82,23 @@ class MethodRun:
         return (self.run_dir / "summary.json").exists()
 
 
-def parse_methods(text: str) -> list[str]:
+def default_methods() -> list[str]:
+    """What `compare` and `tune` run without --methods: every registered method but those that
+    opt out (`Algorithm.compared_by_default`)."""
+    return [name for name, cls in ALGORITHMS.items() if cls.compared_by_default]
+
+
+def _adapts_ranks(method: str) -> bool:
+    """Whether the registered `method` changes client ranks by round (False: unknown here)."""
+    cls = ALGORITHMS.get(method)
+    return bool(cls and cls.adapts_ranks)
+
+
+def parse_methods(text: str | None) -> list[str]:
     """Method labels: registered methods, or variants the config's `methods:` defines
-    (checked by method_configs, which reads the config)."""
+    (checked by method_configs, which reads the config); None: `default_methods()`."""
+    if text is None:
+        return default_methods()
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"config error: --methods: give distinct method names, got {text!r}")
@@ -493,7 +507,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
                                        xlabel="cumulative uplink, all clients (log scale)", setting=setting,
                                        untuned=untuned, split=split,
                                        title=f"{split.capitalize()} accuracy by uplink traffic"))
-        ranked = {m: rs[0] for m, rs in results.items() if rs and algorithm[m] in ("aflora", "hetlora")}
+        ranked = {m: rs[0] for m, rs in results.items() if rs and _adapts_ranks(algorithm[m])}
         if ranked:  # one seed's clients (each seed has its own partition): the caption names that seed
             shown = setting_caption(finished, [r.seed for r in ranked.values()])
             figures.append(ranks_per_client({m: r.history for m, r in ranked.items()}, out / "ranks_per_client.png",

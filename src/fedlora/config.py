@@ -396,7 +396,7 @@ class RunConfig(Strict):
     public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    algorithm: AlgorithmOptions = Field(discriminator="name")
+    algorithm: AlgorithmOptions
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)

@@ -140,8 +140,18 @@ class Algorithm(ABC):
     """One federated LoRA method: server init/payload/aggregate and the client's round."""
 
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    """The class of this method's `algorithm:` options; its `name` field defaults to `name`."""
     trains: ClassVar[str] = "AB"
-    """What a client trains and uploads ("AB", "B" or "B+lam"): the static cost figure."""
+    """What a client trains or uploads, whichever is more, per round: "AB", "A", "B", "B+lam"
+    (B and the diagonal λ) or "A/B" (A and B in alternate rounds): the static cost figure."""
+    cost_note: ClassVar[str] = ""
+    """Said after the method's row of `fedlora costs` (why its figure is only a bound)."""
+    adapts_ranks: ClassVar[bool] = False
+    """True when a client's rank changes from round to round: `compare` draws its ranks per client."""
+    compared_by_default: ClassVar[bool] = True
+    """False keeps the method out of `compare`'s and `tune`'s default --methods (it needs settings
+    of its own to be meaningful)."""
     homogeneous: ClassVar[bool] = False
     """True when every client trains at the weakest client's rank."""
     unbounded_keys: ClassVar[tuple[str, ...]] = ()
@@ -177,6 +187,11 @@ class Algorithm(ABC):
     def eval_factors(self, state: Tensors) -> Tensors:
         """Adapter factors the global model is evaluated with (empty: all merged in the base)."""
         return {}
+
+    def personal_factors(self, state: Tensors, client_state: Tensors) -> Tensors:
+        """Adapter factors client k would use on its own data, from the global state and its private
+        state (personalised evaluation). Default: the global model's."""
+        return self.eval_factors(state)
 
     # Multi-stage rounds (HierFedLoRA's intra-group cycles). A round is a list of stages; in
     # each stage some clients train (payload → client_train, as always); between stages the

@@ -30,6 +30,7 @@ from fedlora.algorithms.base import (
     train_loaded,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 
 class FedITOptions(MethodOptions):
@@ -38,8 +39,10 @@ class FedITOptions(MethodOptions):
     """Homogeneous rank; None: the smallest client max rank (must not exceed it)."""
 
 
+@register_method
 class FedIT(Algorithm):
     name = "fedit"
+    Options = FedITOptions
     homogeneous = True
 
     def __init__(self, options: FedITOptions, setup: FederationSetup) -> None:

@@ -41,6 +41,7 @@ from fedlora.algorithms.base import (
     lora_init,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 RANKS = "ranks"
 TAIL_NORM = "tail_norm"
@@ -90,8 +91,11 @@ def sparsity_weights(norms: list[float]) -> list[float]:
     return [x / total for x in norms]
 
 
+@register_method
 class HETLoRA(Algorithm):
     name = "hetlora"
+    Options = HETLoRAOptions
+    adapts_ranks = True
     options: HETLoRAOptions
 
     def __init__(self, options: HETLoRAOptions, setup: FederationSetup) -> None:
