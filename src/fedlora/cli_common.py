@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from fedlora.config import RunConfig
 
 
-
 def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 
