@@ -18,8 +18,6 @@ from fedlora.errors import ConfigError
 if TYPE_CHECKING:
     from fedlora.config import RunConfig
 
-DEFAULT_METHODS = "aflora,fedit,ffa,flora,flexlora,hetlora"
-
 
 def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
@@ -57,8 +55,8 @@ def progress_options() -> argparse.ArgumentParser:
 def study_options(what: str, command: str, seeds_default: str, seeds_help: str) -> argparse.ArgumentParser:
     """--methods, --seeds, --out: the commands that run several methods (`compare`, `tune`)."""
     parent = _parent()
-    parent.add_argument("--methods", default=DEFAULT_METHODS,
-                        help="comma-separated methods or variants the config's `methods:` defines (default: the six)")
+    parent.add_argument("--methods", help="comma-separated methods or variants the config's `methods:` defines "
+                        "(default: every registered method that does not opt out of default comparisons)")
     parent.add_argument("--seeds", default=seeds_default, help=seeds_help)
     parent.add_argument("--out", help=f"{what} directory (default runs/{command}-<config name>); rerunning into it resumes")
     return parent
