@@ -51,6 +51,7 @@ from fedlora.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_csv, write_json
 from fedlora.runtime.rundir import changed_fields_in, verify_run
 from fedlora.stats import MIN_SEEDS, PairedDifference, item_interval, paired_difference, seed_interval, with_holm
+from fedlora.tables import markdown_table
 from fedlora.tta import write_tta
 from fedlora.units import format_bytes
 
@@ -357,12 +358,10 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
     primary test over seeds (* marks Holm-adjusted p < 0.05 with ≥ MIN_SEEDS seeds), then the
     secondary within-seed views (item bootstrap, McNemar per seed)."""
     ref = reference or "–"
-    lines = [
-        f"| method | seeds | final accuracy [95% CI] | best accuracy [95% CI] | interval | worst class "
-        f"| worst client (which) | Δ final vs {ref} [95% t CI over seeds] | p (t) | p (Holm) "
-        "| within-seed: Δ items only [95%] | within-seed: McNemar p per seed |",
-        "|" + "---|" * 12,
-    ]
+    header = ["method", "seeds", "final accuracy [95% CI]", "best accuracy [95% CI]", "interval", "worst class",
+              "worst client (which)", f"Δ final vs {ref} [95% t CI over seeds]", "p (t)", "p (Holm)",
+              "within-seed: Δ items only [95%]", "within-seed: McNemar p per seed"]
+    table = []
 
     def num(x: Any) -> str:
         return "–" if x is None else f"{x:.4f}"
@@ -379,9 +378,9 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
             items = _ci(r["diff_items_low"], r["diff_items_high"]).strip()
         else:
             diff, p, holm_p, items, mc = ("reference" if r["method"] == reference else "–"), "–", "–", "–", "–"
-        lines.append(f"| {r['method']} | {r['seeds']} | {acc('final_accuracy')} | {acc('best_accuracy')} "
-                     f"| {r['interval'] or '–'} | {wc} | {wl} | {diff} | {p} | {holm_p} | {items} | {mc} |")
-    return "\n".join(lines) + "\n"
+        table.append([r["method"], r["seeds"], acc("final_accuracy"), acc("best_accuracy"), r["interval"] or "–",
+                      wc, wl, diff, p, holm_p, items, mc])
+    return "\n".join(markdown_table(header, table)) + "\n"
 
 
 def class_table(results: dict[str, list[SeedResult]]) -> str:
@@ -400,15 +399,14 @@ def class_table(results: dict[str, list[SeedResult]]) -> str:
         return "–" if mean is None else f"{mean:.4f}"
 
     lines = ["## Per-class accuracy\n", "Final evaluation, mean over seeds.\n",
-             "| method | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
-    for m, per_seed in finals.items():
-        if per_seed:
-            lines.append(f"| {m} | " + " | ".join(cell([a.get(c) for _, a in per_seed]) for c in classes) + " |")
+             *markdown_table(["method", *classes],
+                             ([m, *(cell([a.get(c) for _, a in per_seed]) for c in classes)]
+                              for m, per_seed in finals.items() if per_seed))]
     if any(len(per_seed) > 1 for per_seed in finals.values()):
         lines += ["", "Per seed (each seed has its own partition, `seed_S/METHOD/partition.json`).\n",
-                  "| method | seed | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 2)]
-        lines += [f"| {m} | {seed} | " + " | ".join(cell([a.get(c)]) for c in classes) + " |"
-                  for m, per_seed in finals.items() for seed, a in per_seed]
+                  *markdown_table(["method", "seed", *classes],
+                                  ([m, seed, *(cell([a.get(c)]) for c in classes)]
+                                   for m, per_seed in finals.items() for seed, a in per_seed))]
     return "\n".join(lines) + "\n"
 
 
@@ -425,13 +423,12 @@ def tilt_tables(histories: dict[str, list[list[dict[str, Any]]]]) -> str:
              f"Each client's aggregation weight p_k and its share of ΔW, mean over the rounds it took part in, "
              f"then over seeds. {SHARE_OF_DELTA_W}\n"]
     for key, title in (("client_weight", "weight p_k"), ("delta_share", "share of ΔW")):
-        lines += [f"| {title} | " + " | ".join(f"client {c}" for c in clients) + " |",
-                  "|" + "---|" * (len(clients) + 1)]
+        rows = []
         for m, hs in histories.items():
             cells = [_mean([v for h in hs if (v := mean_per_client(h, key, c)) is not None]) for c in clients]
             if any(v is not None for v in cells):
-                lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")
-        lines.append("")
+                rows.append([m, *("–" if v is None else f"{v:.3f}" for v in cells)])
+        lines += [*markdown_table([title, *(f"client {c}" for c in clients)], rows), ""]
     return "\n".join(lines)
 
 
@@ -461,21 +458,20 @@ def _pm(mean: float | None, std: float | None, n: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | seeds | final accuracy | best accuracy | client cost % | uplink / client / round "
-            "| downlink / client / round | server s / round | wall s / run |")
-    lines = [head, "|" + "---|" * 9]
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison's main table: accuracy, cost, bytes and time per method."""
+    header = ["method", "seeds", "final accuracy", "best accuracy", "client cost %", "uplink / client / round",
+              "downlink / client / round", "server s / round", "wall s / run"]
+    table = []
     for r in rows:
         cost = "–" if r["client_cost_percent"] is None else f"{r['client_cost_percent']:.4f}"
         server = "–" if r["server_seconds_per_round"] is None else f"{r['server_seconds_per_round']:.3f}"
         wall = "–" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
-        lines.append(
-            f"| {r['method']} | {r['seeds']} | {_pm(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} "
-            f"| {_pm(r['best_accuracy_mean'], r['best_accuracy_std'], r['seeds'])} | {cost} "
-            f"| {format_bytes(r['uplink_bytes_per_client_round'])} | {format_bytes(r['downlink_bytes_per_client_round'])} "
-            f"| {server} | {wall} |"
-        )
-    return "\n".join(lines) + "\n"
+        table.append([r["method"], r["seeds"], _pm(r["final_accuracy_mean"], r["final_accuracy_std"], r["seeds"]),
+                      _pm(r["best_accuracy_mean"], r["best_accuracy_std"], r["seeds"]), cost,
+                      format_bytes(r["uplink_bytes_per_client_round"]),
+                      format_bytes(r["downlink_bytes_per_client_round"]), server, wall])
+    return "\n".join(markdown_table(header, table)) + "\n"
 
 
 def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
@@ -540,7 +536,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "parameters a client trains or uploads over the base model's parameter count, averaged over "
          "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
          "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),
-        markdown_table(rows),
+        results_table(rows),
         STATISTICS_NOTE.format(split=split, min_seeds=MIN_SEEDS),
         (f"No paired differences: the reference method {reference!r} has no finished run here "
          "(choose one with --reference).\n" if reference and not has_reference else ""),
