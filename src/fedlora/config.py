@@ -21,10 +21,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from fedlora.aggregation import AggregationConfig, AttackConfig, check_pipeline
 from fedlora.algorithms import AlgorithmOptions
 from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from fedlora.data.custom import data_file_builder
+from fedlora.data.registry import registered_datasets
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.hardware import (
@@ -106,32 +109,6 @@ AG_NEWS_PROMPT = (
     "Classify the news article as World, Sports, Business or Technology.\n"
     "Article: {text}\nTopic:"
 )
-CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
-
-# Per-dataset defaults, filled in only for keys the config leaves out.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ag_news": {"task": "classification"},
-    "financial_phrasebank": {
-        "task": "classification",
-        "partition": "iid",
-        "prompt": "Classify the sentiment of the financial news sentence as negative, neutral or "
-        "positive.\nSentence: {text}\nSentiment:",
-        "label_words": ["negative", "neutral", "positive"],
-    },
-    "dolly": {"task": "instruction", "max_length": 256, "partition": "category_skew"},
-    "alpaca": {"task": "instruction", "max_length": 256, "partition": "iid"},
-    # Your own data: its own class names, and a prompt that names no AG News topics.
-    "custom": {"prompt": CUSTOM_PROMPT, "label_words": None},
-}
-
-DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
-"""Readers (`datasets` builders) of a custom data file, by suffix (before an optional .gz)."""
-
-
-def data_file_builder(path: Path) -> str | None:
-    """The builder that reads `path`, None for a format fedlora does not read."""
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    return DATA_FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
 
 
 class ColumnsConfig(Strict):
@@ -160,8 +137,11 @@ DEFAULT_DATA_DIR = Path("../shared/data")
 class DataConfig(Strict):
     """The clients' data: which dataset, how it is split, partitioned and encoded."""
 
-    dataset: Literal["ag_news", "financial_phrasebank", "dolly", "alpaca", "custom"] = "ag_news"
-    """The dataset, read from data_dir (or the hub); `custom` is your own file or hub dataset."""
+    dataset: str = Field("ag_news", json_schema_extra=lambda schema: schema.update(enum=list(registered_datasets())))
+    """A registered dataset (fedlora.data.registry), read from data_dir (or the hub): `ag_news`,
+    `financial_phrasebank`, `dolly`, `alpaca`, `custom` (your own file or hub dataset), or one a
+    module of yours registers (docs/howto/add-a-dataset.md). Its defaults fill the `data:` fields
+    the config leaves out."""
     task: Literal["classification", "instruction"] = "classification"
     """`classification` (label words, label-token loss, accuracy) or `instruction` (prompt
     template, loss on response tokens only, held-out loss and perplexity). Filled from the
@@ -234,12 +214,22 @@ class DataConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _dataset_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("dataset") in DATASET_DEFAULTS:
+        spec = registered_datasets().get(data.get("dataset")) if isinstance(data, dict) else None
+        if spec is not None:
             # the given keys first: on assignment `data` is the model's own fields, whose
             # order config.yaml keeps (a resumed comparison compares it with the saved one)
-            defaults = DATASET_DEFAULTS[data["dataset"]]
+            defaults = spec.defaults
             data = {**data, **{k: v for k, v in defaults.items() if k not in data}}
         return data
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        names = list(registered_datasets())
+        if v not in names:
+            expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return v
 
     @field_validator("label_words")
     @classmethod
@@ -275,13 +265,15 @@ class DataConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _custom_needs_source(self) -> DataConfig:
-        if self.dataset == "custom" and self.train_file is None and self.hub_name is None:
-            raise ValueError("dataset custom needs train_file or hub_name")
-        if self.dataset in ("dolly", "alpaca") and self.task != "instruction":
-            raise ValueError(f"dataset {self.dataset} is instruction data (task: instruction)")
+    def _dataset_rules(self) -> DataConfig:
+        spec = registered_datasets()[self.dataset]
+        problem = spec.check(self) if spec.check is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        if spec.task is not None and self.task != spec.task:
+            raise ValueError(f"dataset {self.dataset} is {spec.task} data (task: {spec.task})")
         for name in ("train_file", "test_file"):
-            if self.dataset != "custom" and getattr(self, name) is not None:
+            if not spec.takes_files and getattr(self, name) is not None:
                 raise ValueError(f"data.{name}: only for dataset custom ({self.dataset} is read from data_dir)")
         return self
 

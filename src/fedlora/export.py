@@ -33,11 +33,11 @@ from fedlora.algorithms.base import FederationSetup, Tensors
 from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
 from fedlora.files import atomic_write, load_tensors, tensors_to_bytes
+from fedlora.lowrank import stack_factors, svd_factors
 from fedlora.runtime.outputs import client_sizes
 from fedlora.runtime.rundir import saved_config, verify_run
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
-BASE_CHOICES = ("auto", "local", "hub")
 
 
 @dataclass
@@ -87,8 +87,7 @@ def stack_updates(parts: list[Factors], shapes: dict[str, tuple[int, int]]) -> F
         pairs = [p[name] for p in parts if name in p]
         if not pairs:
             continue
-        B = torch.cat([b.to(torch.float32) for b, _ in pairs], dim=1)
-        A = torch.cat([a.to(torch.float32) for _, a in pairs], dim=0)
+        B, A = stack_factors([b for b, _ in pairs], [a for _, a in pairs])
         if A.shape[0] > min(m, n):
             B, A, _ = compress(B, A, min(m, n))
         out[name] = (B, A)
@@ -97,12 +96,10 @@ def stack_updates(parts: list[Factors], shapes: dict[str, tuple[int, int]]) -> F
 
 def compress(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """Best rank-`rank` factors of B A (Eckart–Young) and the relative Frobenius error."""
-    delta = B.to(torch.float64) @ A.to(torch.float64)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    r = min(rank, S.numel())
+    B_r, A_r, S = svd_factors(B.to(torch.float64) @ A.to(torch.float64), rank)
     total = float(S.norm())
-    error = float(S[r:].norm()) / total if total > 0 else 0.0
-    return (U[:, :r] * S[:r]).to(torch.float32), Vh[:r].to(torch.float32), error
+    error = float(S[min(rank, S.numel()):].norm()) / total if total > 0 else 0.0
+    return B_r.to(torch.float32), A_r.to(torch.float32), error
 
 
 def _client_sizes(run_dir: Path, num_clients: int) -> list[int]:

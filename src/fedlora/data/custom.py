@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from datasets import Dataset
 
-from fedlora.config import data_file_builder
 from fedlora.data.reading import reading
+from fedlora.data.registry import DatasetSpec, Source, register_dataset
+from fedlora.data.splits import split_off_test
 from fedlora.errors import DataError
 
 if TYPE_CHECKING:
     from fedlora.config import DataConfig
+
+CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
+
+DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+"""Readers (`datasets` builders) of a custom data file, by suffix (before an optional .gz)."""
+
+
+def data_file_builder(path: Path) -> str | None:
+    """The builder that reads `path`, None for a format fedlora does not read."""
+    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
+    return DATA_FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
 
 
 def _read(path: Path, field: str) -> Dataset:
@@ -96,3 +109,20 @@ def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
         })
 
     return convert(raw_train), convert(raw_test) if raw_test is not None else None, names
+
+
+def _load(d: DataConfig, exclude: Collection[int]) -> Source:
+    train, test, names = load_custom(d)
+    if test is None:
+        train, test = split_off_test(train, d)
+    return Source(train, test, names)
+
+
+def _needs_a_source(d: DataConfig) -> str | None:
+    return "dataset custom needs train_file or hub_name" if d.train_file is None and d.hub_name is None else None
+
+
+register_dataset(DatasetSpec(
+    "custom", _load, files=lambda d: [("data.train_file", Path(d.train_file))] if d.train_file else [],
+    # its own class names, and a prompt that names no AG News topics
+    defaults={"prompt": CUSTOM_PROMPT, "label_words": None}, takes_files=True, check=_needs_a_source))

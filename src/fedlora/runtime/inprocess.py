@@ -44,6 +44,7 @@ from fedlora.data.task import FederatedTask, build_task
 from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
+from fedlora.records import summarize
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.files import atomic_write, tensors_to_bytes
@@ -341,23 +342,6 @@ class Simulation:
         return state, close_stage(), clients, rejected, client_states
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
-        accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
-        evaluated = [r for r in history if r.get("test_loss") is not None]
-        last_eval = evaluated[-1] if evaluated else {}
-        costs = [r["client_cost_percent"] for r in history if r["client_cost_percent"] is not None]
-        summary = {
-            "method": self.cfg.algorithm.name,
-            "rounds": len(history),
-            "final_accuracy": accs[-1][1] if accs else None,
-            "best_accuracy": max(a for _, a in accs) if accs else None,
-            "best_round": max(accs, key=lambda x: x[1])[0] if accs else None,
-            "final_test_loss": last_eval.get("test_loss"),
-            **({"final_perplexity": last_eval["perplexity"]} if "perplexity" in last_eval else {}),
-            "mean_client_cost_percent": float(np.mean(costs)) if costs else None,
-            "total_uplink_bytes": int(sum(r["uplink_bytes"] for r in history)),
-            "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in history)),
-            "wall_seconds": float(sum(r["wall_seconds"] for r in history)),
-            "rejected_updates": int(sum(len(r["rejected"]) for r in history)),
-        }
+        summary = summarize(self.cfg.algorithm.name, history)
         write_json(self.run_dir / "summary.json", summary)
         return summary

@@ -22,6 +22,7 @@ import torch
 from fedlora.config import BAD_YAML, ConfigError, RunConfig, dump_config, load_yaml
 from fedlora.hardware import cpu_model, preferred_compute_dtype
 from fedlora.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded, read_json
+from fedlora.records import RoundRecord
 
 UNTUNED_FILE = "untuned.json"
 """The untuned model's evaluation (`evaluation.untuned: true`): the figures' reference line."""
@@ -118,7 +119,10 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl from the history (atomic: it always matches a checkpoint)."""
+    """Rewrite metrics.jsonl from the history (atomic: it always matches a checkpoint); each
+    record is first checked against the one round record (a runtime's bug stops here)."""
+    for rec in history:
+        RoundRecord.model_validate(rec)
     text = "".join(json.dumps(rec) + "\n" for rec in history)
     atomic_write(run_dir / "metrics.jsonl", text)
 
