@@ -269,6 +269,15 @@ def read_fd_bounded(fd: int, max_bytes: int, what: str | Path) -> bytes:
             raise RunFileError(f"run error: {what}: more than the {max_bytes} a run file may have")
 
 
+def read_up_to(fd: int, n: int) -> bytes:
+    """The next `n` bytes of `fd` (fewer at its end), read in chunks: never more than asked."""
+    chunks, total = [], 0
+    while total < n and (chunk := os.read(fd, min(CHUNK, n - total))):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
 def read_bounded(path: Path, max_bytes: int, inside: Path | None = None) -> bytes:
     """A run file's bytes: a regular file reached without links below `inside`, refused (one
     line) when missing or longer than `max_bytes` bytes actually read."""
@@ -299,7 +308,7 @@ def read_user_file(path: Path, max_bytes: int, what: str) -> bytes:
         try:
             return read_fd_bounded(fd, max_bytes, path)
         except RunFileError:
-            raise ConfigError(f"{what}: {path}: more than the {max_bytes} bytes a config may have") from None
+            raise ConfigError(f"{what}: {path}: more than a config may have ({max_bytes} bytes)") from None
     finally:
         os.close(fd)
 
@@ -348,17 +357,45 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     return sha256_bytes(tensors_to_bytes(tensors))
 
 
-def load_tensors(path: Path, max_bytes: int = 1 << 40, expected_sha256: str | None = None,
+def load_tensors(path: Path, max_bytes: int | None = None, expected_sha256: str | None = None,
                  inside: Path | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; its header is checked (length against the
-    bytes read, JSON limits) before anything is parsed, and its SHA-256 against
-    `expected_sha256` if given."""
+    """(tensors, metadata) of a safetensors file. The header is read and checked first (its
+    length, JSON limits, every tensor's extent); only then the bytes it declares, counted, so a
+    garbled length or a sparse multi-gigabyte file costs what its header costs. Its SHA-256 is
+    checked against `expected_sha256` if given. `max_bytes` defaults to the memory available."""
     path = Path(path)
-    data = read_bounded(path, max_bytes, inside)
+    if max_bytes is None:
+        from fedlora.memory import available_bytes
+
+        max_bytes = available_bytes() // 2
+    fd = open_regular(path, os.O_RDONLY, inside)
+    try:
+        head = read_up_to(fd, 8)
+        if len(head) < 8:
+            raise RunFileError(f"run error: {path}: truncated ({len(head)} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > max_bytes:
+            raise RunFileError(f"run error: {path}: damaged or truncated (header length {n})")
+        raw_header = read_up_to(fd, n)
+        if len(raw_header) < n:
+            raise RunFileError(f"run error: {path}: damaged or truncated (header length {n}, file "
+                               f"{8 + len(raw_header)} bytes)")
+        header = _checked_header(path, raw_header)
+        size = max((end for _, end in _extents(path, header)), default=0)
+        if 8 + n + size > max_bytes:
+            raise RunFileError(f"run error: {path}: declares {8 + n + size} bytes, more than the {max_bytes} "
+                               "a run file may have here")
+        body = read_up_to(fd, size)
+        trailing = os.read(fd, 1)
+    finally:
+        os.close(fd)
+    if len(body) < size or trailing:
+        raise RunFileError(f"run error: {path}: {'truncated' if len(body) < size else 'longer than its header says'} "
+                           f"(its header declares {8 + n + size} bytes)")
+    data = head + raw_header + body
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise RunFileError(f"run error: {path}: altered, truncated or replaced since it was written "
                            "(SHA-256 differs from the checkpoint's record)")
-    header = safetensors_header(path, data)
     try:
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
@@ -369,14 +406,22 @@ def load_tensors(path: Path, max_bytes: int = 1 << 40, expected_sha256: str | No
     return tensors, metadata
 
 
-def safetensors_header(path: Path, data: bytes) -> dict[str, Any]:
-    """The JSON header of safetensors bytes, validated for size and shape before it is decoded."""
-    if len(data) < 8:
-        raise RunFileError(f"run error: {path}: truncated ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(data):
-        raise RunFileError(f"run error: {path}: damaged or truncated (header length {n}, file {len(data)} bytes)")
-    header = parse_json(data[8:8 + n], f"{path} (its header)")
+def _extents(path: Path, header: dict[str, Any]) -> list[tuple[int, int]]:
+    """Each tensor's [begin, end) in the data, checked to be two ordered non-negative integers."""
+    out = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise RunFileError(f"run error: {path}: damaged safetensors header (tensor {str(key)[:60]!r})")
+        out.append((offsets[0], offsets[1]))
+    return out
+
+
+def _checked_header(path: Path, raw: bytes) -> dict[str, Any]:
+    header = parse_json(raw, f"{path} (its header)")
     if not isinstance(header, dict):
         raise RunFileError(f"run error: {path}: damaged safetensors header")
     return header
