@@ -99,17 +99,15 @@ class ClientStore:
 def train(msg: Message, context: Context) -> Message:
     """Rebuild the base as of the round, run the method's client_train, return the update.
     (torch and the runtime are imported here, not at module level, so a `query` stays cheap.)"""
-    import yaml
-
     from fedlora.algorithms.base import Message as Payload
-    from fedlora.config import build_config
+    from fedlora.config import build_config, load_yaml
     from fedlora.runtime.checkpoint import load_merges
     from fedlora.runtime.inprocess import Federation
 
     k, n = node_identity(context)
     conf = msg.content.config_records["config"]
     round_, state_round = int(conf["round"]), int(conf["state-round"])
-    tree = yaml.safe_load(str(conf["config-yaml"]))
+    tree = load_yaml(str(conf["config-yaml"]))  # duplicate keys and alias bombs refused, as in a file
     if "data-dir" in context.node_config:
         tree.setdefault("data", {})["data_dir"] = str(context.node_config["data-dir"])
     cfg = build_config(tree)
