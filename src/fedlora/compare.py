@@ -47,7 +47,7 @@ from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setti
 from fedlora.records import accuracy_summary, scored_rounds
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
-from fedlora.files import read_bounded
+from fedlora.files import is_link_free, read_bounded, safe_name
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_csv, write_json
 from fedlora.runtime.rundir import changed_fields_in, verify_run
 from fedlora.stats import MIN_SEEDS, PairedDifference, item_interval, paired_difference, seed_interval, with_holm
@@ -104,7 +104,7 @@ def parse_methods(text: str | None) -> list[str]:
     (checked by method_configs, which reads the config); None: `default_methods()`."""
     if text is None:
         return default_methods()
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    methods = [safe_name(m.strip(), "--methods") for m in text.split(",") if m.strip()]
     if not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"config error: --methods: give distinct method names, got {text!r}")
     return methods
@@ -122,7 +122,15 @@ def method_configs(path: Path, methods: list[str], seeds: list[int], overrides: 
     """One resolved config per (method, seed); every error is reported before any run starts.
     `variants` adds entries to the config's `methods:` mapping (what `fedlora tune` runs)."""
     tree = read_tree(path)
-    per_method = {**(tree.pop("methods", None) or {}), **(variants or {})}
+    given = tree.pop("methods", None) or {}
+    if not isinstance(given, dict):
+        raise ConfigError("config error: methods: expected a mapping label → options")
+    per_method = {**given, **(variants or {})}
+    for label in [*per_method, *methods]:  # each names a run directory: OUT/seed_S/LABEL
+        safe_name(label, "methods")
+    if any(v is not None and not isinstance(v, dict) for v in per_method.values()):
+        bad = next(k for k, v in per_method.items() if v is not None and not isinstance(v, dict))
+        raise ConfigError(f"config error: methods.{bad}: expected a mapping of the method's options")
 
     def algorithm_of(label: str) -> str:  # a variant names its method: {name: hierfedlora, ...}
         return (per_method.get(label) or {}).get("name", label)
@@ -189,6 +197,9 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
     configs = method_configs(config, methods, seeds, overrides, variants)
     runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
     for run in runs:  # every run directory is checked before any run starts
+        if not is_link_free(run.run_dir, out):
+            raise ConfigError(f"config error: {run.run_dir}: a symbolic link, or inside one (below --out {out}); "
+                              "a comparison writes its runs only into real folders")
         if has_checkpoint(run.run_dir) and not run.done:
             verify_run(run.run_dir, configs[(run.method, run.seed)])  # names an edited file first
         check_not_mixed(configs[(run.method, run.seed)], run.run_dir)

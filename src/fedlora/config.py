@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -29,7 +28,9 @@ from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.data.custom import data_file_builder
 from fedlora.data.registry import registered_datasets
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
+from fedlora import schema
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
+from fedlora.files import read_user_file
 from fedlora.hardware import (
     DEVICE_CHOICES,
     DEVICE_NAMES,
@@ -42,8 +43,10 @@ from fedlora.hardware import (
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Strict(schema.Strict):
+    """Unknown keys and non-finite floats refused (fedlora.schema), assignments validated."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class ModelConfig(Strict):
@@ -165,7 +168,7 @@ class DataConfig(Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     """Share held out as test data when a dataset has no test split (FPB, Dolly, Alpaca,
     custom); identical texts stay on one side."""
-    split_seed: int = 0
+    split_seed: schema.Seed = 0
     """Seed of that split: fixed apart from the run seed so every seed tests on the same rows."""
     partition: Literal["iid", "label_skew", "dirichlet", "category_skew", "size_skew"] = "label_skew"
     """How the training pool is split among the clients (flwr-datasets partitioners; see
@@ -325,7 +328,7 @@ class FederationConfig(Strict):
     """K, the number of clients."""
     client_max_ranks: list[int] = Field(default_factory=lambda: list(PAPER_CLIENT_RANKS))
     """r_k^1, each client's largest LoRA rank, one per client (default: the paper's); each ≥ 1."""
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=1, le=schema.MAX_ROUNDS)
     """Global rounds."""
     fraction: float = 1.0
     """Share of clients sampled each round, in (0, 1] (paper: 1.0; 0.2 for the non-IID-degree
@@ -377,10 +380,10 @@ class LoggingConfig(Strict):
 class RunConfig(Strict):
     """One run: every section of a config file."""
 
-    seed: int = 0
+    seed: schema.Seed = 0
     """The run's seed: partition, test subset, public subset, client sampling,
-    initialisations, batches."""
-    threads: int | None = Field(None, ge=1)
+    initialisations, batches, a tiny model's weights; an integer in [0, 2³² − 1]."""
+    threads: int | None = Field(None, ge=1, le=schema.MAX_THREADS)
     """torch intra-op threads (None: torch's default)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -505,8 +508,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"config error: --set {pair}: expected key=value")
         key, raw = pair.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
+            out[key.strip()] = load_yaml(raw)
+        except BAD_YAML as err:
             problem = getattr(err, "problem", None) or "not a YAML value"
             raise ConfigError(f"config error: --set {pair}: {problem} (quote strings: key='value')") from None
     return out
@@ -551,23 +554,73 @@ Python's 4300-digit int limit; TypeError, ArithmeticError and RecursionError com
 values and self-referencing aliases meeting the validators)."""
 
 
+MAX_YAML_DEPTH = 32
+"""A config nests 4 deep; 32 leaves room and stops a "[[[[…" text before any recursion."""
+MAX_YAML_NODES = 100_000
+"""Values after aliases are expanded: a config has hundreds; a "billion laughs" text has 10⁹."""
+
+
+class _StrictLoader(YAML_LOADER):  # type: ignore[misc,valid-type]
+    """The safe loader, plus: a key twice in one mapping is an error (YAML says keys are
+    unique; PyYAML silently keeps the last), and the document's depth and size with aliases
+    expanded are bounded before anything is constructed."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_node_limits(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _check_node_limits(root: yaml.Node) -> None:
+    """Depth and expanded size of a composed document, counted without expanding it (each
+    node's size is computed once, children first)."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_YAML_DEPTH:
+            raise ValueError(f"nested too deeply (more than {MAX_YAML_DEPTH} levels)")
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_YAML_NODES:
+                raise ValueError(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in on_path:
+            raise ValueError("an alias refers to itself")
+        on_path.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
+
+
 def load_yaml(text: str | bytes) -> Any:
-    """Safe YAML: plain data only, never Python objects."""
-    return yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 (a safe loader)
+    """Safe YAML: plain data only, never Python objects; duplicate keys, deep nesting and
+    alias bombs refused (a yaml.YAMLError or a ValueError, both in BAD_YAML)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a safe loader)
 
 
 def read_tree(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file, or a one-line ConfigError."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config error: {path}: file not found")
-    if path.is_dir():
-        raise ConfigError(f"config error: {path}: is a folder, not a YAML file")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config error: {path}: {size} bytes, more than a config may have ({MAX_CONFIG_BYTES})")
+    raw = read_user_file(path, MAX_CONFIG_BYTES, "config error")  # bytes counted: /dev/zero, a FIFO
     try:
-        tree = load_yaml(path.read_text(encoding="utf-8")) or {}
+        tree = load_yaml(raw.decode("utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config error: {path}: not UTF-8 text") from None
     except yaml.YAMLError as err:

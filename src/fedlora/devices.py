@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from fedlora.schema import Strict
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
 
-class DeviceClass(BaseModel):
+class DeviceClass(Strict):
     """One kind of device. Throughput is what training sustains, not the chip's peak."""
-
-    model_config = ConfigDict(extra="forbid")
 
     flops: float = Field(gt=0)
     """Sustained training throughput in FLOP/s."""
@@ -42,10 +42,8 @@ PRESETS: dict[str, DeviceClass] = {
 }
 
 
-class DevicesConfig(BaseModel):
+class DevicesConfig(Strict):
     """The `devices:` section. Without it every client is the `reference` preset."""
-
-    model_config = ConfigDict(extra="forbid")
 
     classes: dict[str, DeviceClass] = Field(default_factory=dict)
     """Named device classes `{name: {flops, uplink_mbps, downlink_mbps, max_rank}}`; they add

@@ -83,10 +83,10 @@ class Wrapper(Algorithm):
         type(self).check(inner.name)
         super().__init__(inner.options, inner.setup)
         self.inner = inner
-        self.name = inner.name
-        self.trains = inner.trains
-        self.homogeneous = inner.homogeneous
-        self.unbounded_keys = inner.unbounded_keys
+        # the method's class-level traits, which Algorithm's defaults would otherwise shadow
+        for trait in ("name", "trains", "cost_note", "adapts_ranks", "compared_by_default", "homogeneous",
+                      "unbounded_keys"):
+            setattr(self, trait, getattr(inner, trait))
 
     def label(self) -> str:
         """The stage as the config names it (errors, logs), e.g. `krum`."""
@@ -164,6 +164,9 @@ class Wrapper(Algorithm):
 
     def eval_factors(self, state: Tensors) -> Tensors:
         return self.inner.eval_factors(state)
+
+    def personal_factors(self, state: Tensors, client_state: Tensors) -> Tensors:
+        return self.inner.personal_factors(state, client_state)
 
 
 def screen(algorithm: Algorithm, updates: list[Update]) -> list[Verdict]:
