@@ -95,8 +95,9 @@ def publish(source: Path, dest: Path) -> tuple[int, int]:
         out.parent.mkdir(parents=True, exist_ok=True)
         # checked again after mkdir: a folder on the way may have been swapped for a link meanwhile;
         # the rename replaces a link at the file itself, never writing through it
-        atomic_write(_safe_destination(target, rel), lambda tmp, rel=rel: shutil.copyfile(source / rel, tmp))
+        atomic_write(_safe_destination(target, rel), lambda tmp, rel=rel: shutil.copyfile(source / rel, tmp),
+                     inside=target)
         listed[str(rel)] = sha256_file(out)
     manifest = json.dumps({"source": str(source), "files": listed}, indent=1) + "\n"
-    atomic_write(_safe_destination(target, Path(MANIFEST)), manifest)
+    atomic_write(_safe_destination(target, Path(MANIFEST)), manifest, inside=target)
     return len(files), sum((source / rel).stat().st_size for rel in files)
