@@ -22,7 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from fedlora.algorithms import ALGORITHMS, AlgorithmOptions
+from fedlora.aggregation import AggregationConfig, AttackConfig, check_pipeline
+from fedlora.algorithms import AlgorithmOptions
+from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.hardware import (
@@ -105,8 +107,6 @@ AG_NEWS_PROMPT = (
     "Article: {text}\nTopic:"
 )
 CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 # Per-dataset defaults, filled in only for keys the config leaves out.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -374,19 +374,6 @@ class FederationConfig(Strict):
         return self
 
 
-class AggregationConfig(Strict):
-    """How the server screens and combines the clients' updates (README "Reliability")."""
-
-    norm_bound: float | None = Field(10.0, gt=1)
-    """An update whose norm exceeds norm_bound × the median update norm of its round is
-    rejected or clipped (`norm_action`); None: no norm bound."""
-    norm_action: Literal["reject", "clip"] = "reject"
-    """`reject`: the update is left out of the round; `clip`: it is scaled down to the bound."""
-    trimmed_mean: float = Field(0.0, ge=0, lt=0.5)
-    """Coordinate-wise trimmed mean dropping this share of the updates at each end (FedIT,
-    FFA-LoRA); 0: the methods' weighted mean."""
-
-
 class LoggingConfig(Strict):
     """Where a run's metrics go besides metrics.jsonl."""
 
@@ -409,11 +396,13 @@ class RunConfig(Strict):
     public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    algorithm: AlgorithmOptions = Field(discriminator="name")
+    algorithm: AlgorithmOptions
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
-    """The server's checks and combination of client updates (norm bound, trimmed mean)."""
+    """The server's screening and combination of client updates (norm bound, robust combines)."""
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    """Simulated adversarial clients, for measuring the defences (none by default)."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="before")
@@ -463,11 +452,9 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _trimmed_mean_fits_method(self) -> RunConfig:
-        if self.aggregation.trimmed_mean > 0 and not ALGORITHMS[self.algorithm.name].supports_trimmed_mean:
-            able = ", ".join(n for n, cls in ALGORITHMS.items() if cls.supports_trimmed_mean)
-            raise ValueError(f"aggregation.trimmed_mean: {self.algorithm.name} does not average same-shaped "
-                             f"updates; only {able} support it")
+    def _pipeline_fits_method(self) -> RunConfig:
+        """Each aggregation stage and the attack must be defined for the method (fedlora.aggregation)."""
+        check_pipeline(self)
         return self
 
     def device_profiles(self) -> list[DeviceProfile]:

@@ -54,6 +54,7 @@ from fedlora.algorithms.base import (
     timed,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 from fedlora.diagnostics import lambda_diagnostics, mean_over_modules, pruning_loss_increase
 
 
@@ -223,9 +224,13 @@ def unit_columns(m: int, r: int, generator: torch.Generator) -> Tensor:
 # --- the method -------------------------------------------------------------------------
 
 
+@register_method
 class AFLoRA(Algorithm):
     name = "aflora"
+    Options = AFLoRAOptions
     trains = "B+lam"
+    cost_note = " (before pruning: an upper bound)"
+    adapts_ranks = True
     unbounded_keys = (".mask",)
     options: AFLoRAOptions
 

@@ -54,6 +54,7 @@ from fedlora.algorithms.base import (
     lora_init,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 log = logging.getLogger("fedlora")
 FLOAT_BYTES = 4
@@ -178,9 +179,13 @@ def swap_refine(table: np.ndarray, members: list[list[int]], cost: Callable[[np.
     return members
 
 
+@register_method
 class HierFedLoRA(Algorithm):
     name = "hierfedlora"
+    Options = HierFedLoRAOptions
     homogeneous = True  # A and B at one rank; the static cost row is its full-depth upper bound
+    cost_note = " (full depth: an upper bound)"
+    compared_by_default = False  # its grouping and depths are planned for the config's devices
 
     def __init__(self, options: HierFedLoRAOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
