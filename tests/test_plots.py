@@ -366,5 +366,5 @@ def test_a_tuning_grid_of_single_points_is_a_labelled_dot_chart(figures, tmp_pat
     dots = [line for line in by_round.get_lines() if line.get_linestyle() == "None"]
     assert [float(d.get_xdata()[0]) for d in dots] == pytest.approx([0.4 + i / 100 for i in range(21)])
     assert by_round.texts[3].get_text() == "0.430 (round 2)" and by_round.get_xlabel() == "validation accuracy"
-    assert by_uplink.texts[0].get_text() == "0.400 (400 kB)" and "uplink" in by_uplink.get_xlabel()
+    assert by_uplink.texts[0].get_text() == "0.400 (400.00 kB)" and "uplink" in by_uplink.get_xlabel()
     assert by_round.get_legend() is None  # every dot is named on its row

@@ -238,7 +238,7 @@ def _accuracy_dot_chart(bands: Mapping[str, tuple[int, tuple, int]], path: Path,
         style = series_style(i)
         ax.plot([mean[0]], [row], ls="none", marker=style["marker"], color=style["color"], ms=5)
         where = (f"round {x[0]:g}" if x_unit is None
-                 else format_bytes(x[0], None) if x_unit == "bytes" else f"{x[0]:.3g} s")
+                 else format_bytes(x[0]) if x_unit == "bytes" else f"{x[0]:.3g} s")
         ax.annotate(f"{mean[0]:.3f} ({where})", (mean[0], row), xytext=(6, 0), textcoords="offset points",
                     va="center", fontsize=7)
     if target is not None:
@@ -249,7 +249,8 @@ def _accuracy_dot_chart(bands: Mapping[str, tuple[int, tuple, int]], path: Path,
     ax.set_ylim(len(labels) - 0.5, -0.5)  # first label on top
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi + 0.12 * (hi - lo))  # room for the written values
-    ax.set_xlabel(f"{split} accuracy" + ("" if x_unit is None else f" (beside it: {xlabel})"))
+    beside = xlabel.replace(" (log scale)", "").replace(", log scale", "")
+    ax.set_xlabel(f"{split} accuracy" + ("" if x_unit is None else f" (beside it: {beside})"))
     ax.grid(alpha=0.3, axis="x")
     _title(ax, title, setting)
     _legend_outside(ax)
@@ -323,7 +324,7 @@ def speedup_by_target(rows: Sequence[Mapping[str, Any]], path: Path, reference: 
             seeds = next(iter(at.values()))["paired_seeds"]
             style = series_style(order.index(method))
             server_bound = share.get(method, 0.0) >= SERVER_BOUND_SHARE
-            note = (f"; {share[method]:.0%} of its simulated time is server seconds measured on this CPU"
+            note = (f"; hollow: {share[method]:.0%} of its simulated time is server seconds measured here"
                     if server_bound else "")
             ax.errorbar(x, y, yerr=[y - low, high - y], ms=4, capsize=3, **style,
                         mfc="white" if server_bound else style["color"],
@@ -515,7 +516,8 @@ def ranks_per_client(series: Mapping[str, Records], path: Path, setting: str = "
     fig.suptitle("Rank each client trained at (mean over modules)" + note
                  + ("\n" + _wrap(setting, 100) if setting else ""), fontsize=10)
     legend_rows = 0 if by_tier else -(-len(clients) // 5)
-    fig.tight_layout(rect=(0, 0.035 * legend_rows if legend_rows else 0, 1, 1))
+    bottom = (0.2 * legend_rows + 0.1) / fig.get_size_inches()[1] if legend_rows else 0  # inches for the legend
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return _save(fig, path)
 
 
