@@ -14,7 +14,7 @@ The change a client made this round, d = upload − origin, is what the attacks 
     sign_flip    origin − d
     scale        origin + c d                     (c = attack.scale)
     gaussian     origin + ε, ε ~ N(0, σ²) per coordinate, σ = noise_scale × RMS(d) of that tensor
-    under_bound  origin − t d, t > 0 such that the upload's norm (as the norm bound measures it)
+    under_bound  u − t d = origin − (t − 1) d, t > 0 such that the upload's norm (as the norm bound measures it)
                  is margin × bound × the honest upload's norm: the reversed change, as large as a
                  norm bound relative to the round's median lets through when the honest uploads'
                  norms are alike (the attacker's own honest norm stands for the median)
@@ -163,7 +163,7 @@ class UploadAttack(Attack):
             return gaussian_change(upload, origin, self.noise_scale, generator)
         target = self.margin * self.bound * update_norm(upload, self.unbounded_keys)
         t = reversal_for_norm(upload, origin, target, self.unbounded_keys)
-        return scale_change(upload, origin, -t)
+        return scale_change(upload, origin, 1 - t)  # u − t d = origin + (1 − t) d
 
 
 @contextmanager
