@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_tree
+from test_flower import fast_builds  # noqa: F401  (the fixture: Flower runs with the task built once)
 
 from fedlora.aggregation import AggregationConfig, AttackConfig, build_pipeline
 from fedlora.aggregation.attack import LabelFlip, UploadAttack, choose_attackers, reversal_for_norm
@@ -206,3 +207,38 @@ def test_the_pipeline_places_the_attack_outside_the_defences():
     assert build_pipeline(Scripted("fedit", TRAINED), cfg).bound == 3.0  # aims under the server's bound
     cfg.aggregation = AggregationConfig(norm_bound=None)
     assert build_pipeline(Scripted("fedit", TRAINED), cfg).bound == 10.0
+
+
+# -- end to end, both runtimes ---------------------------------------------------------------------
+
+def test_a_run_without_defences_is_the_method_alone_bit_for_bit(data_dir, tmp_path, monkeypatch):
+    """The default pipeline (norm bound, mean) ends where the bare method does when nobody is an
+    outlier: the wrapping itself changes no number (main's code was compared the same way: all
+    seven methods, with and without the norm bound, gave identical final states and merges)."""
+    from safetensors.torch import load_file
+
+    from fedlora.runtime import inprocess
+    from fedlora.runtime.inprocess import Simulation
+
+    tree = tiny_tree(algorithm={"name": "aflora", "server_steps": 1}, threads=1, federation={"rounds": 2})
+    Simulation(build_config(tree), tmp_path / "pipeline", progress=False).run()
+    monkeypatch.setattr(inprocess, "build_pipeline", lambda method, cfg: method)
+    Simulation(build_config(tree), tmp_path / "bare", progress=False).run()
+    a, b = (load_file(str(tmp_path / d / "final_state.safetensors")) for d in ("pipeline", "bare"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_flower_clientapp_applies_the_attack_as_the_inprocess_runtime_does(data_dir, tmp_path, monkeypatch,
+                                                                                fast_builds):
+    """The attack wraps client_train, so the ClientApp (which builds the same pipeline) sends the
+    attacked upload: the Flower run ends where the in-process one does, and its records name the
+    attacker the seeded choice picked."""
+    from test_flower import _run_both_and_compare, _tree
+
+    tree = {**_tree("fedit"), "attack": {"kind": "sign_flip", "attackers": 1},
+            "aggregation": {"norm_bound": None, "combine": "median"}}
+    flower, inprocess = _run_both_and_compare(tree, tmp_path, monkeypatch)
+    (attacker,) = choose_attackers(3, 1, seed=0)
+    for records in (flower, inprocess):
+        for record in records:
+            assert [c["id"] for c in record["clients"] if c.get("attacker")] == [attacker]
