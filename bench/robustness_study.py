@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,17 +73,17 @@ def attack_sets(attack: str, k: int) -> dict[str, Any]:
 
 
 def tiny_grid(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """`data`: the synthetic two-class task's data section (tests/conftest.py write_synthetic_task)."""
+    """`data`: the synthetic two-class task's data section (tests/conftest.py write_synthetic_task).
+    Clean runs first, then 3 attackers, then 1, so a partial grid has every method and defence."""
     tiny = {**TINY, "data": {**TINY["data"], **data}}
     runs = []
-    for method in METHODS:
-        defences = ["none", "norm_bound"] if method == "hierfedlora" else list(DEFENCES)
-        for defence in defences:
-            for attack in ATTACKS:
-                for k in ([0] if attack == "clean" else [1, 3]):
-                    label = f"{method}-{defence}-{attack}" + (f"-{k}" if k else "")
-                    sets = {**DEFENCES[defence], **attack_sets(attack, k)}
-                    runs.append((label, {**tiny, "algorithm": algorithm(method, "tiny")}, sets))
+    for attack, k in [("clean", 0)] + [(a, k) for k in (3, 1) for a in ATTACKS[1:]]:
+        for method in METHODS:
+            defences = ["none", "norm_bound"] if method == "hierfedlora" else list(DEFENCES)
+            for defence in defences:
+                label = f"{method}-{defence}-{attack}" + (f"-{k}" if k else "")
+                sets = {**DEFENCES[defence], **attack_sets(attack, k)}
+                runs.append((label, {**tiny, "algorithm": algorithm(method, "tiny")}, sets))
     return runs
 
 
@@ -117,6 +118,8 @@ def run_one(run_dir: Path, tree: dict[str, Any], sets: dict[str, Any]) -> None:
 
     if (run_dir / "summary.json").exists():
         return
+    if run_dir.exists() and not has_checkpoint(run_dir):
+        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to resume
     cfg = build_config(tree, sets)
     Simulation(cfg, run_dir, progress=False).run(resume=has_checkpoint(run_dir))
 
