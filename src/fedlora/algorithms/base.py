@@ -140,8 +140,18 @@ class Algorithm(ABC):
     """One federated LoRA method: server init/payload/aggregate and the client's round."""
 
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    """The class of this method's `algorithm:` options; its `name` field defaults to `name`."""
     trains: ClassVar[str] = "AB"
-    """What a client trains and uploads ("AB", "B" or "B+lam"): the static cost figure."""
+    """What a client trains or uploads, whichever is more, per round: "AB", "A", "B", "B+lam"
+    (B and the diagonal λ) or "A/B" (A and B in alternate rounds): the static cost figure."""
+    cost_note: ClassVar[str] = ""
+    """Said after the method's row of `fedlora costs` (why its figure is only a bound)."""
+    adapts_ranks: ClassVar[bool] = False
+    """True when a client's rank changes from round to round: `compare` draws its ranks per client."""
+    compared_by_default: ClassVar[bool] = True
+    """False keeps the method out of `compare`'s and `tune`'s default --methods (it needs settings
+    of its own to be meaningful)."""
     homogeneous: ClassVar[bool] = False
     """True when every client trains at the weakest client's rank."""
     unbounded_keys: ClassVar[tuple[str, ...]] = ()
@@ -178,6 +188,11 @@ class Algorithm(ABC):
         """Adapter factors the global model is evaluated with (empty: all merged in the base)."""
         return {}
 
+    def personal_factors(self, state: Tensors, client_state: Tensors) -> Tensors:
+        """Adapter factors client k would use on its own data, from the global state and its private
+        state (personalised evaluation). Default: the global model's."""
+        return self.eval_factors(state)
+
     # Multi-stage rounds (HierFedLoRA's intra-group cycles). A round is a list of stages; in
     # each stage some clients train (payload → client_train, as always); between stages the
     # server calls aggregate_stage; after the last stage it calls aggregate as usual. Clients
@@ -194,8 +209,8 @@ class Algorithm(ABC):
         raise NotImplementedError(f"{self.name} has single-stage rounds")
 
     def tilt(self, updates: list[Update], terms: Sequence[Sequence[Term]]) -> dict[str, dict[str, float]]:
-        """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; terms[m][k]
-        = (p_k, B_k, A_k), module m's update being s Σ_k p_k B_k A_k). Its seconds go under
+        """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; `terms[m][k]
+        = (p_k, B_k, A_k)`, module m's update being s Σ_k p_k B_k A_k). Its seconds go under
         DIAGNOSTIC_SECONDS (always present), which the runtime keeps out of the measured server time."""
         tilt, seconds = timed(lambda: aggregation_tilt([u.client_id for u in updates], terms))
         return {**tilt, DIAGNOSTIC_SECONDS: seconds}

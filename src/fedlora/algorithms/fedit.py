@@ -30,16 +30,19 @@ from fedlora.algorithms.base import (
     train_loaded,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 
 class FedITOptions(MethodOptions):
     name: Literal["fedit"] = "fedit"
     rank: int | None = Field(None, ge=1)
-    """Homogeneous rank; None: the smallest client max rank."""
+    """Homogeneous rank; None: the smallest client max rank (must not exceed it)."""
 
 
+@register_method
 class FedIT(Algorithm):
     name = "fedit"
+    Options = FedITOptions
     homogeneous = True
 
     def __init__(self, options: FedITOptions, setup: FederationSetup) -> None:

@@ -31,12 +31,13 @@ from fedlora.algorithms.base import (
     train_loaded,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 
 class FFALoRAOptions(MethodOptions):
     name: Literal["ffa"] = "ffa"
     rank: int | None = Field(None, ge=1)
-    """Homogeneous rank; None: the smallest client max rank."""
+    """Homogeneous rank; None: the smallest client max rank (must not exceed it)."""
 
 
 def frozen_A(setup: FederationSetup, rank: int) -> Tensors:
@@ -45,8 +46,10 @@ def frozen_A(setup: FederationSetup, rank: int) -> Tensors:
     return {f"{name}.A": kaiming_rows(rank, n, g) for name, (_, n) in setup.module_shapes.items()}
 
 
+@register_method
 class FFALoRA(Algorithm):
     name = "ffa"
+    Options = FFALoRAOptions
     trains = "B"
     homogeneous = True
 

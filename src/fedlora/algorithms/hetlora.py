@@ -41,6 +41,7 @@ from fedlora.algorithms.base import (
     lora_init,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 RANKS = "ranks"
 TAIL_NORM = "tail_norm"
@@ -55,6 +56,7 @@ class HETLoRAOptions(MethodOptions):
     tail_rounding: Literal["floor", "ceil"] = "floor"
     """Tail start ⌊γ r⌋ (default) or ⌈γ r⌉ as the spec prints it (empty tail for r < 1/(1−γ))."""
     min_rank: int = Field(1, ge=1)
+    """Ranks never fall below this."""
     prune: bool = True
     """Self-pruning on; false keeps every client at its max rank (penalty still applies)."""
 
@@ -89,8 +91,11 @@ def sparsity_weights(norms: list[float]) -> list[float]:
     return [x / total for x in norms]
 
 
+@register_method
 class HETLoRA(Algorithm):
     name = "hetlora"
+    Options = HETLoRAOptions
+    adapts_ranks = True
     options: HETLoRAOptions
 
     def __init__(self, options: HETLoRAOptions, setup: FederationSetup) -> None:
