@@ -46,7 +46,7 @@ METHODS = ["fedit", "ffa", "flora", "flexlora", "hetlora", "aflora", "hierfedlor
 TINY = {
     "seed": 0, "threads": 1,
     "model": {"name": "tiny-llama", "compute_dtype": "float32"},
-    "data": {"max_length": 32},  # + the synthetic task (tests/conftest.py): learnable by the tiny model
+    "data": {"data_dir": DATA, "max_length": 32},  # + the synthetic task (tests/conftest.py): learnable by the tiny model
     "federation": {"num_clients": 10, "client_max_ranks": [8, 8, 4, 4, 4, 4, 2, 2, 2, 2], "rounds": 2,
                    "local_steps": 4, "batch_size": 4, "lr": 0.01},
 }
