@@ -3,6 +3,7 @@ is known (ties, even counts, heterogeneous ranks), the stage protocol, and the r
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -183,10 +184,10 @@ def test_median_around_flexlora_and_flora_takes_each_clients_product():
 def test_every_method_declares_or_refuses_each_stage():
     """A method added later is refused by a combine until someone declares its view."""
     for name in ALGORITHMS:
-        assert (RobustCombine.acts_on(name) is None) == (name == "hierfedlora")
+        assert (RobustCombine.acts_on(name) is None) == (name in ("hierfedlora", "fedex"))
         assert NormBound.acts_on(name)
     assert RobustCombine.acts_on("newmethod") is None and NormBound.acts_on("newmethod")
-    assert set(VIEWS) == set(ALGORITHMS) - {"hierfedlora"}
+    assert set(VIEWS) == set(ALGORITHMS) - {"hierfedlora", "fedex"}
 
 
 def test_an_undefined_combination_is_refused_with_one_line_before_any_work():
@@ -216,8 +217,11 @@ def test_no_defence_is_the_bare_method_and_stages_nest_in_order():
 
 def test_a_wrapper_overrides_every_method_of_the_protocol():
     """A protocol method a wrapper forgot would run the base class's default on the wrapper."""
-    protocol = {n for n, v in vars(Algorithm).items() if callable(v) and not n.startswith("_")} - {"tilt"}
+    protocol = {n for n, v in vars(Algorithm).items() if inspect.isfunction(v) and not n.startswith("_")} - {"tilt"}
     assert protocol <= set(vars(Wrapper)), protocol - set(vars(Wrapper))
+    setup = FederationSetup({"w": (1, 3)}, [4, 2], [10, 10], scaling=1.0, seed=0)
+    wrapped = NormBound(AFLoRA(AFLoRAOptions(), setup), bound=10.0, action="reject")
+    assert (wrapped.trains, wrapped.unbounded_keys, wrapped.Options) == ("B+lam", (".mask",), AFLoRAOptions)
 
 
 def test_screening_verdicts_pass_inward_and_join_notes():
