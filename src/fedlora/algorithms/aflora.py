@@ -364,7 +364,7 @@ class AFLoRA(Algorithm):
             masks = [u.tensors[f"{name}.mask"] for u in updates]
             padded = [zero_pad(u.tensors[f"{name}.B"], h, self.r_max) for u, h in zip(updates, masks)]
             p = rank_weights([int(h.sum()) for h in masks], sizes, opts.weighting)
-            new_state[f"{name}.B"] = weighted_sum(padded, p)
+            new_state[f"{name}.B"] = self.average(padded, p)  # the combine a privacy stage wraps
             new_state[f"{name}.A"] = state[f"{name}.A"]
             weighted[name] = (p, padded)
         metrics: dict[str, float | dict[str, float]] = {}

@@ -43,6 +43,7 @@ from fedlora.data.task import FederatedTask, build_task
 from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
+from fedlora.privacy.stage import PrivacyStage
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.files import atomic_write, tensors_to_bytes
@@ -92,6 +93,8 @@ class Federation:
     algorithm: Algorithm
     total_params: int
     profiles: list[DeviceProfile]
+    privacy: PrivacyStage | None = None
+    """Differential privacy (config `privacy`), set by the runtime once it knows the run's history."""
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
@@ -198,6 +201,10 @@ class Simulation:
         else:
             refuse_existing_run(self.run_dir)
         fed = self.fed = Federation.build(cfg)
+        per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
+        # σ and the budget before any training (a resume with more rounds may be refused here)
+        fed.privacy = PrivacyStage.build(cfg, fed.algorithm.setup.num_examples, per_round,
+                                         ckpt.history if resume else [])
         if resume:
             adopt_config(self.run_dir, ckpt, cfg)
             torch.set_num_threads(ckpt.threads)
@@ -224,7 +231,6 @@ class Simulation:
             self.tensorboard = TensorBoardLog(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
-        per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
         try:
             with self._progress() as bar:
                 t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
@@ -251,8 +257,12 @@ class Simulation:
         s0 = time.perf_counter()
         server_metrics: dict[str, Any] = {}
         merges = ckpt.merges
+        privacy_info = None
         if clients:
-            agg = algo.aggregate(state, updates, fed.server(t))
+            if fed.privacy is not None and fed.privacy.mechanism is not None:
+                agg, privacy_info = fed.privacy.aggregate(algo, state, updates, fed.server(t), t, ckpt.history)
+            else:
+                agg = algo.aggregate(state, updates, fed.server(t))
             fed.adapters.clear()
             _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
@@ -289,6 +299,8 @@ class Simulation:
             rejected=rejected,
             **server_metrics,
         )
+        if fed.privacy is not None:
+            record["privacy"] = fed.privacy.record(t, ckpt.history, selected, privacy_info)
         new = Checkpoint(
             round=t, state=state, client_states=client_states,
             sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],
@@ -333,6 +345,8 @@ class Simulation:
             payload = algo.payload(state, k)
             update, new_client_state = algo.client_train(ctx, payload, client_states.get(k, {}))
             fed.adapters.clear()
+            if fed.privacy is not None and fed.privacy.clips_on_client:
+                update = fed.privacy.client_upload(update, payload, t, ckpt.history)
             record = accept_update(fed, state, t, update, payload, time.perf_counter() - c0, rejected)
             if record is not None:
                 record.update(flops=ctx.flops, stage=stage, lane=lane)
