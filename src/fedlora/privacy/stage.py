@@ -13,6 +13,7 @@ from typing import Any
 from fedlora.algorithms.base import Aggregate, Algorithm, Message, Tensors, Update
 from fedlora.privacy.budget import RECORD, Budget, plan_budget
 from fedlora.privacy.client_level import ClientLevel, delta_noise_multiplier, next_clip_norm, noise_generator
+from fedlora.privacy.dpsgd import SampleDP
 from fedlora.privacy.uploads import CLIENT_LEVEL
 
 COUNT_STREAM = 2**32 - 1
@@ -59,6 +60,13 @@ class PrivacyStage:
     @property
     def sample_level(self) -> bool:
         return self.budget.mode == "sample"
+
+    def sample_dp(self, round_: int, client: int) -> SampleDP | None:
+        """Client `client`'s DP-SGD settings this round (sample level; else None)."""
+        if not self.sample_level:
+            return None
+        return SampleDP(float(self.options.clip_norm), self.budget.noise_multiplier,
+                        noise_generator(self.seed, round_, client))
 
     def clip_norm(self, history: list[dict[str, Any]]) -> float:
         """This round's C: the adaptive value the last round left, else the configured one."""

@@ -140,6 +140,7 @@ class Federation:
             loss_mode=self.cfg.data.loss, local_steps=f.local_steps, batch_size=f.batch_size,
             lr=f.lr, pad_id=self.pad_id, seed=seed,
             compute_dtype=self.cfg.model.compute_dtype, task=self.task.kind,
+            dp=self.privacy.sample_dp(round_, client_id) if self.privacy is not None else None,
         )
 
     def server(self, round_: int) -> PublicServer:
