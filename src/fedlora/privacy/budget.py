@@ -15,8 +15,18 @@ from typing import Any
 from fedlora.errors import ConfigError
 from fedlora.privacy.accountant import calibrate, epsilon
 
-RECORD = "privacy"
-"""The key of a round's privacy record in metrics.jsonl (TensorBoard: privacy/epsilon, …)."""
+PREFIX = "privacy_"
+"""A round's privacy fields in metrics.jsonl (and TensorBoard): privacy_epsilon, privacy_delta, …"""
+
+
+def recorded(record: dict[str, Any], key: str) -> Any:
+    """Field `key` of a round's privacy record (None when absent)."""
+    return record.get(PREFIX + key)
+
+
+def flat(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields as a round record holds them (prefixed)."""
+    return {PREFIX + k: v for k, v in fields.items()}
 
 
 def participations(history: list[dict[str, Any]], client: int) -> int:
@@ -64,13 +74,14 @@ class Budget:
             )
 
     def record(self, round_: int, history: list[dict[str, Any]], participants: list[int]) -> dict[str, Any]:
-        """The round's privacy record: ε at δ so far (sample level: the largest over the clients,
+        """The round's privacy fields (unprefixed): ε at δ so far (sample level: the largest over the clients,
         and each client's), δ and σ."""
-        out: dict[str, Any] = {"delta": self.delta, "noise_multiplier": self.noise_multiplier,
-                               "planned_rounds": self.planned_rounds}
+        out: dict[str, Any] = {"delta": self.delta, "noise_multiplier": self.noise_multiplier}
+        if self.target_epsilon is not None:  # what σ was calibrated for: a resume checks against it
+            out["planned_rounds"] = self.planned_rounds
         if self.mode == "client":
             return {"epsilon": self.epsilon(self.populations[0], round_), **out}
-        last = history[-1].get(RECORD, {}).get("client_epsilon", {}) if history else {}
+        last = (recorded(history[-1], "client_epsilon") or {}) if history else {}
         per_client = {str(k): float(v) for k, v in last.items()}
         for k in participants:
             per_client[str(k)] = self.epsilon(self.populations[k], participations(history, k) + 1)
@@ -97,9 +108,10 @@ def plan_budget(cfg: Any, num_examples: list[int], per_round: int, history: list
                               f"examples; the smallest client has {small}, batch_size is {fed.batch_size}")
         populations, sample, steps = list(num_examples), fed.batch_size, fed.local_steps
     delta = p.delta if p.delta is not None else default_delta(p.mode, fed.num_clients, num_examples)
-    recorded = [r[RECORD] for r in history if RECORD in r]
-    if recorded:
-        sigma, planned = recorded[-1].get("noise_multiplier"), recorded[0].get("planned_rounds")
+    private = [r for r in history if recorded(r, "noise_multiplier") is not None]
+    if private:
+        sigma = recorded(private[-1], "noise_multiplier")
+        planned = fed.rounds if p.target_epsilon is None else recorded(private[0], "planned_rounds")
         if not (_positive(sigma) and isinstance(planned, int) and planned >= 1):
             raise ConfigError("config error: metrics of the run: its privacy record has no valid noise_multiplier "
                               "and planned_rounds; cannot resume its accounting")

@@ -60,7 +60,7 @@ def delta_noise_multiplier(noise_multiplier: float, count_noise: float | None) -
         return noise_multiplier
     rest = noise_multiplier**-2 - (2 * count_noise) ** -2
     if rest <= 0:
-        raise ValueError(f"privacy.count_noise: {count_noise} must exceed noise_multiplier / 2 "
+        raise ValueError(f"privacy.count_noise: {count_noise:g} must exceed noise_multiplier / 2 "
                          f"= {noise_multiplier / 2:.4g}")
     return rest**-0.5
 

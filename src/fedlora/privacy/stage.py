@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora.algorithms.base import Aggregate, Algorithm, Message, Tensors, Update
-from fedlora.privacy.budget import RECORD, Budget, plan_budget
+from fedlora.privacy.budget import Budget, flat, plan_budget, recorded
 from fedlora.privacy.client_level import ClientLevel, delta_noise_multiplier, next_clip_norm, noise_generator
 from fedlora.privacy.dpsgd import SampleDP
 from fedlora.privacy.uploads import CLIENT_LEVEL
@@ -71,8 +71,8 @@ class PrivacyStage:
     def clip_norm(self, history: list[dict[str, Any]]) -> float:
         """This round's C: the adaptive value the last round left, else the configured one."""
         for r in reversed(history):
-            if RECORD in r and "next_clip_norm" in r[RECORD]:
-                return float(r[RECORD]["next_clip_norm"])
+            if recorded(r, "next_clip_norm") is not None:
+                return float(recorded(r, "next_clip_norm"))
         return float(self.options.clip_norm)
 
     def client_upload(self, update: Update, payload: Message, round_: int, history: list[dict[str, Any]]) -> Update:
@@ -95,7 +95,7 @@ class PrivacyStage:
 
     def record(self, round_: int, history: list[dict[str, Any]], participants: list[int],
                info: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The round's `privacy` record: ε so far at δ, σ, and the clipping of the round."""
+        """The round's privacy fields (privacy_epsilon, …): ε so far at δ, σ, the round's clipping."""
         out = self.budget.record(round_, history, participants)
         if self.sample_level:
             out["clip_norm"] = float(self.options.clip_norm)
@@ -105,4 +105,4 @@ class PrivacyStage:
                 out["next_clip_norm"] = out["clip_norm"]
         else:
             out.update(info)
-        return out
+        return flat(out)

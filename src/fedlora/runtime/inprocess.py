@@ -301,7 +301,7 @@ class Simulation:
             **server_metrics,
         )
         if fed.privacy is not None:
-            record["privacy"] = fed.privacy.record(t, ckpt.history, selected, privacy_info)
+            record.update(fed.privacy.record(t, ckpt.history, selected, privacy_info))
         new = Checkpoint(
             round=t, state=state, client_states=client_states,
             sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],

@@ -1,0 +1,408 @@
+"""Differential privacy (fedlora.privacy): clipping per method, noise of the right size added
+after clipping, ε from dp-accounting's own functions, target_epsilon across resume, DP-SGD's
+per-example clipping, and one-line refusals of undefined configs."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_tree
+from dp_accounting import dp_event
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from safetensors.torch import load_file
+
+from fedlora.algorithms.base import Update, weighted_sum
+from fedlora.cli import main
+from fedlora.config import ConfigError, build_config
+from fedlora.privacy.accountant import calibrate, epsilon, step_event
+from fedlora.privacy.budget import Budget, default_delta, participations, plan_budget
+from fedlora.privacy.client_level import (
+    ClientLevel,
+    clip_upload,
+    combined_with,
+    delta_noise_multiplier,
+    equal_weights,
+    next_clip_norm,
+    noise_generator,
+    noisy_sum,
+)
+from fedlora.privacy.dpsgd import SampleDP, clipped_sum, dp_train_steps, noised_mean, private_batches
+from fedlora.privacy.uploads import CLIENT_LEVEL, clip_factor, deltas, joint_norm, refusal
+from fedlora.runtime.inprocess import Simulation
+from fedlora.runtime.outputs import read_metrics
+from fedlora.train import train_steps
+
+
+def _std_within(sample: torch.Tensor, expected: float, tolerance_se: float = 5.0) -> None:
+    """The sample's mean is 0 and its standard deviation `expected`, each within 5 standard
+    errors (the std's standard error is about std / √(2n))."""
+    n = sample.numel()
+    x = sample.double().flatten()
+    assert abs(float(x.mean())) < tolerance_se * expected / math.sqrt(n)
+    assert abs(float(x.std()) - expected) < tolerance_se * expected / math.sqrt(2 * n)
+
+
+# ---------------------------------------------------------------- noise and clipping
+
+def test_server_noise_has_sigma_c_times_the_largest_weight():
+    zeros = [torch.zeros(300, 400) for _ in range(3)]
+    weights = [0.2, 0.5, 0.3]
+    out = noisy_sum(1.7 * 0.8, noise_generator(0, 1))(zeros, weights)
+    _std_within(out, 1.7 * 0.8 * 0.5)
+
+
+def test_server_noise_is_added_to_the_weighted_sum():
+    tensors = [torch.full((200, 500), 1.0), torch.full((200, 500), 3.0)]
+    out = noisy_sum(0.1, noise_generator(0, 2))(tensors, [0.75, 0.25])
+    _std_within(out - 1.5, 0.1 * 0.75)
+
+
+def test_client_noise_is_its_share_and_the_equal_mean_carries_the_full_noise():
+    m, sigma, clip = 4, 1.3, 0.5
+    mech = ClientLevel(CLIENT_LEVEL["ffa"], sigma, True, m, seed=0)
+    ref = {"q.B": torch.zeros(250, 400)}
+    ups = [mech.client_upload(Update(k, {"q.B": torch.zeros(250, 400)}, 10, {}), ref, 1, clip) for k in range(m)]
+    _std_within(ups[0].tensors["q.B"], sigma * clip / math.sqrt(m))
+    assert not torch.equal(ups[0].tensors["q.B"], ups[1].tensors["q.B"])  # each client its own draw
+    mean = equal_weights([u.tensors["q.B"] for u in ups], [0.7, 0.1, 0.1, 0.1])
+    _std_within(mean, sigma * clip / m)  # = σ C · max p with p = 1/m: what the server adds
+
+
+def test_noise_is_added_after_clipping():
+    """A delta of norm 1000 clipped to C = 1, then noised: the mean over draws is the clipped
+    delta (noise before clipping would leave a norm ≤ C; no clipping would average to 1000)."""
+    spec = CLIENT_LEVEL["ffa"]
+    ref = {"m.B": torch.ones(4, 2)}
+    delta = torch.zeros(4, 2)
+    delta[0, 0] = 1000.0
+    upload = Update(0, {"m.B": ref["m.B"] + delta}, 5, {})
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([clip_upload(spec, ref, upload, 1.0, 2.0, g).update.tensors["m.B"] - ref["m.B"]
+                         for _ in range(4000)])
+    assert float(draws.norm(dim=(1, 2)).min()) > 1.0  # noise on top of the clipped delta
+    expected = torch.zeros(4, 2)
+    expected[0, 0] = 1.0
+    assert torch.allclose(draws.mean(0), expected, atol=5 * 2.0 / math.sqrt(4000))
+    _std_within(draws - expected, 2.0)
+
+
+def test_fedit_clips_a_and_b_jointly_against_what_it_received():
+    payload = {"q.A": torch.ones(2, 3), "q.B": torch.zeros(4, 2)}
+    upload = Update(0, {"q.A": torch.ones(2, 3) + 3.0, "q.B": torch.full((4, 2), 4.0)}, 5, {})
+    out = clip_upload(CLIENT_LEVEL["fedit"], payload, upload, 2.0)
+    norm = math.sqrt(6 * 9 + 8 * 16)
+    assert out.norm == pytest.approx(norm) and not out.unclipped
+    assert torch.allclose(out.update.tensors["q.A"], torch.ones(2, 3) + 3.0 * 2.0 / norm)
+    assert torch.allclose(out.update.tensors["q.B"], torch.full((4, 2), 4.0 * 2.0 / norm))
+
+
+def test_a_delta_inside_the_ball_is_untouched():
+    payload = {"q.B": torch.zeros(2, 2)}
+    upload = Update(0, {"q.B": torch.full((2, 2), 0.5)}, 5, {})
+    out = clip_upload(CLIENT_LEVEL["ffa"], payload, upload, 1.0)
+    assert out.unclipped and out.norm == pytest.approx(1.0)
+    assert torch.equal(out.update.tensors["q.B"], upload.tensors["q.B"])
+    assert clip_factor(1.0, 1.0) == 1.0 and clip_factor(4.0, 1.0) == 0.25
+
+
+def test_aflora_clips_b_lambda_from_zero_and_leaves_the_mask():
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    upload = Update(0, {"q.B": torch.full((2, 2), 3.0), "q.mask": mask}, 5, {})
+    payload = {"q.A": torch.ones(3, 5), "q.merge.B": torch.ones(2, 8)}
+    out = clip_upload(CLIENT_LEVEL["aflora"], payload, upload, 3.0)
+    assert out.norm == pytest.approx(6.0)
+    assert torch.allclose(out.update.tensors["q.B"], torch.full((2, 2), 1.5))
+    assert torch.equal(out.update.tensors["q.mask"], mask)
+
+
+def test_ffa_clips_only_b():
+    payload = {"q.B": torch.zeros(2, 2)}
+    d = deltas(CLIENT_LEVEL["ffa"], payload, {"q.B": torch.ones(2, 2), "q.A": torch.ones(2, 2) * 9})
+    assert set(d) == {"q.B"} and joint_norm(d) == pytest.approx(2.0)
+
+
+def test_wrapped_average_is_restored_and_the_tilt_not_recorded():
+    class Toy:
+        setup = None
+
+        def average(self, tensors, weights):
+            return weighted_sum(tensors, weights)
+
+        def aggregate(self, state, updates, server):
+            from fedlora.algorithms.base import Aggregate
+            return Aggregate({"q.B": self.average([u.tensors["q.B"] for u in updates], [0.5, 0.5])},
+                             metrics={"client_weight": {"0": 0.5}, "delta_share": {"0": 1.0}, "kept": 1.0})
+
+        def payload(self, state, k):
+            from fedlora.algorithms.base import Message
+            return Message(dict(state))
+
+    toy = Toy()
+    with combined_with(toy, lambda t, w: t[0] * 0 + 7):
+        assert float(toy.average([torch.ones(1)], [1.0])) == 7
+    assert float(toy.average([torch.ones(1)], [1.0])) == 1  # the method's own again
+    mech = ClientLevel(CLIENT_LEVEL["ffa"], 0.0, False, 2, 0)
+    ups = [Update(k, {"q.B": torch.full((1, 1), 10.0 * (k + 1))}, 1, {}) for k in range(2)]
+    agg, unclipped = mech.aggregate(toy, {"q.B": torch.zeros(1, 1)}, ups, None, 1, 1.0)
+    assert float(agg.state["q.B"]) == pytest.approx(1.0) and unclipped == 0  # both clipped to 1
+    assert agg.metrics == {"kept": 1.0}
+
+
+def test_adaptive_clipping_follows_andrew_et_al():
+    assert delta_noise_multiplier(1.0, None) == 1.0
+    assert delta_noise_multiplier(1.0, 1.0) == pytest.approx((1 - 0.25) ** -0.5)
+    with pytest.raises(ValueError, match="count_noise"):
+        delta_noise_multiplier(2.0, 1.0)
+    g = torch.Generator().manual_seed(0)
+    nxt, share = next_clip_norm(2.0, 3, 4, 1e-9, 0.5, 0.2, g)
+    assert share == pytest.approx(0.75) and nxt == pytest.approx(2.0 * math.exp(-0.2 * 0.25))
+    draws = torch.tensor([next_clip_norm(1.0, 2, 4, 0.8, 0.5, 0.2, g)[1] for _ in range(20000)])
+    _std_within(draws - 0.5, 0.8 / 4)
+
+
+# ---------------------------------------------------------------- the accountant
+
+@pytest.mark.parametrize("sigma, steps", [(0.8, 1), (1.1, 20), (3.0, 100)])
+def test_epsilon_of_full_participation_is_the_librarys_gaussian_composition(sigma, steps):
+    acc = RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(sigma), steps)
+    assert epsilon(10, 10, sigma, steps, 1e-3) == acc.get_epsilon(1e-3)
+
+
+def test_epsilon_by_pld_is_the_librarys():
+    pld = PLDAccountant()
+    pld.compose(dp_event.GaussianDpEvent(2.0), 3)
+    assert epsilon(10, 10, 2.0, 3, 1e-3, "pld") == pld.get_epsilon(1e-3)
+
+
+@pytest.mark.parametrize("population, sample, sigma, steps", [(100, 10, 1.0, 5), (50, 8, 2.0, 30)])
+def test_epsilon_of_a_fixed_size_draw_is_the_librarys_replace_one_event(population, sample, sigma, steps):
+    acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_event.SampledWithoutReplacementDpEvent(population, sample, dp_event.GaussianDpEvent(sigma / 2)), steps)
+    assert epsilon(population, sample, sigma, steps, 1e-5) == acc.get_epsilon(1e-5)
+    assert step_event(population, sample, sigma)[1] is NeighboringRelation.REPLACE_ONE
+
+
+def test_epsilon_edges():
+    assert epsilon(10, 10, 1.0, 0, 0.1) == 0.0
+    assert epsilon(10, 10, 0.0, 3, 0.1) == math.inf
+    assert epsilon(10, 10, 1.0, 4, 0.1) > epsilon(10, 10, 1.0, 3, 0.1) > epsilon(10, 10, 2.0, 3, 0.1)
+    with pytest.raises(ValueError):
+        step_event(5, 6, 1.0)
+    with pytest.raises(ValueError):
+        step_event(5, 0, 1.0)
+
+
+@pytest.mark.parametrize("target", [8.0, 2.0])
+def test_calibration_is_the_smallest_sigma_within_the_target(target):
+    sigma = calibrate(10, 10, 5, target, 0.1)
+    assert epsilon(10, 10, sigma, 5, 0.1) <= target
+    assert epsilon(10, 10, sigma - 1e-3, 5, 0.1) > target
+
+
+def _budget(**kw) -> Budget:
+    args = dict(mode="client", noise_multiplier=1.0, delta=0.1, target_epsilon=None, accountant="rdp",
+                populations=[10], sample=10, steps_per_round=1, planned_rounds=3)
+    return Budget(**{**args, **kw})
+
+
+def test_budget_refuses_rounds_beyond_the_target_naming_the_calibration():
+    b = _budget(noise_multiplier=calibrate(10, 10, 3, 4.0, 0.1), target_epsilon=4.0)
+    b.check(3)
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon: 4 rounds would spend ε = .*calibrated for 3"):
+        b.check(4)
+    _budget().check(1000)  # no target: nothing to refuse
+
+
+def test_sample_level_record_is_per_client_and_the_worst_is_the_smallest_every_round():
+    b = _budget(mode="sample", populations=[40, 20, 40], sample=4, steps_per_round=2)
+    history = [{"clients": [{"id": 0}], "rejected": [{"client": 1, "reason": "x"}],
+                "privacy_client_epsilon": {"0": 9.0, "1": 9.0}}]
+    assert participations(history, 0) == 1 and participations(history, 1) == 1 and participations(history, 2) == 0
+    rec = b.record(2, history, [1, 2])
+    assert rec["client_epsilon"]["0"] == 9.0  # not in this round: last value kept
+    assert rec["client_epsilon"]["1"] == epsilon(20, 4, 1.0, 4, 0.1)
+    assert rec["client_epsilon"]["2"] == epsilon(40, 4, 1.0, 2, 0.1)
+    assert rec["epsilon"] == max(rec["client_epsilon"].values())
+    assert b.worst_epsilon(2) == epsilon(20, 4, 1.0, 4, 0.1)
+    assert _budget().record(3, [], [0])["epsilon"] == epsilon(10, 10, 1.0, 3, 0.1)
+    assert default_delta("client", 10, [5, 7]) == 0.1 and default_delta("sample", 10, [5, 7]) == 0.2
+
+
+# ---------------------------------------------------------------- DP-SGD
+
+def test_clipped_sum_clips_each_example_jointly():
+    per_example = [[torch.tensor([3.0]), torch.tensor([4.0])], [torch.tensor([0.3]), torch.tensor([0.4])]]
+    a, b = clipped_sum(per_example, 1.0)
+    assert float(a) == pytest.approx(0.6 + 0.3) and float(b) == pytest.approx(0.8 + 0.4)
+
+
+def test_dp_sgd_noise_has_sigma_c_over_the_batch():
+    out = noised_mean([torch.zeros(400, 500)], 8, 0.5, 1.5, torch.Generator().manual_seed(1))[0]
+    _std_within(out, 1.5 * 0.5 / 8)
+
+
+def test_dp_sgd_without_clipping_or_noise_is_the_batch_gradient_step():
+    """C large and σ tiny: the noised mean of per-example gradients is the batch's mean
+    gradient, so the step equals the non-private one."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3), torch.randn(6)
+
+    def run(private: bool) -> torch.Tensor:
+        w = torch.nn.Parameter(torch.ones(3))
+        batch = {"input_ids": x, "target": y}
+        loss = lambda b: ((b["input_ids"] @ w - b["target"]) ** 2).mean()  # noqa: E731
+        if private:
+            dp_train_steps([([w], 0.1)], [batch], loss, SampleDP(1e9, 1e-12, torch.Generator().manual_seed(0)))
+        else:
+            train_steps([([w], 0.1)], [batch], loss)
+        return w.detach()
+
+    assert torch.allclose(run(True), run(False), atol=1e-6)
+
+
+def test_private_batches_are_fresh_draws_of_distinct_examples():
+    from fedlora.data.encode import Encoded
+
+    examples = [Encoded(input_ids=[i + 5, 7], target=i % 2) for i in range(10)]
+    import numpy as np
+    batches = private_batches(examples, 4, 30, np.random.SeedSequence(0), 0)
+    firsts = [b["input_ids"][:, 0].tolist() for b in batches]
+    assert all(len(set(f)) == 4 for f in firsts)
+    assert len({tuple(sorted(f)) for f in firsts}) > 5  # not one walk through a fixed order
+
+
+# ---------------------------------------------------------------- configs: one line each
+
+@pytest.mark.parametrize("algorithm, privacy, extra, needle", [
+    ({"name": "flexlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "not defined for flexlora"),
+    ({"name": "flora"}, {"mode": "client", "noise_multiplier": 1}, {}, "not defined for flora"),
+    ({"name": "hetlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "not defined for hetlora"),
+    ({"name": "aflora"}, {"mode": "client", "noise_multiplier": 1}, {}, "set algorithm.ddr: false"),
+    ({"name": "aflora", "ddr": False}, {"mode": "client", "noise_multiplier": 1, "noise": "client"}, {},
+     "use noise: server"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "noise": "client"}, {},
+     "aggregation.norm_bound: null"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1}, {"aggregation": {"trimmed_mean": 0.2}},
+     "trimmed_mean"),
+    ({"name": "fedit"}, {"mode": "none", "target_epsilon": 2}, {}, "privacy.target_epsilon: set, but"),
+    ({"name": "fedit"}, {"mode": "client"}, {}, "exactly one of noise_multiplier and target_epsilon"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "target_epsilon": 2}, {}, "exactly one"),
+    ({"name": "fedit"}, {"mode": "sample", "noise_multiplier": 1, "clipping": "adaptive"}, {},
+     "privacy.clipping: only for mode client"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "clip_lr": 0.1}, {},
+     "privacy.clip_lr: only for clipping adaptive"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "accountant": "pld"},
+     {"federation": {"fraction": 0.5}}, "pld does not account for sampling"),
+    ({"name": "fedit"}, {"mode": "sample", "noise_multiplier": 1, "accountant": "pld"}, {}, "use rdp"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 0}, {}, "privacy.noise_multiplier"),
+    ({"name": "fedit"}, {"mode": "client", "target_epsilon": -1}, {}, "privacy.target_epsilon"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "delta": 1.5}, {}, "privacy.delta"),
+    ({"name": "fedit"}, {"mode": "laplace"}, {}, "privacy.mode"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "epsilon": 3}, {}, "privacy.epsilon: unknown key"),
+])
+def test_bad_privacy_configs_are_one_line(algorithm, privacy, extra, needle):
+    tree = tiny_tree(algorithm=algorithm, privacy=privacy, **extra)
+    with pytest.raises(ConfigError) as err:
+        build_config(tree)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("config error: "), msg
+
+
+@pytest.mark.parametrize("algorithm, privacy", [
+    ({"name": "fedit"}, {"mode": "client", "target_epsilon": 2}),
+    ({"name": "ffa"}, {"mode": "client", "noise_multiplier": 1, "clipping": "adaptive", "clip_lr": 0.1}),
+    ({"name": "aflora", "ddr": False}, {"mode": "client", "noise_multiplier": 1, "accountant": "pld"}),
+    ({"name": "hetlora"}, {"mode": "sample", "noise_multiplier": 1}),
+    ({"name": "fedit"}, {"mode": "none"}),
+])
+def test_defined_privacy_configs_pass(algorithm, privacy):
+    assert build_config(tiny_tree(algorithm=algorithm, privacy=privacy)).privacy.mode == privacy["mode"]
+
+
+def test_client_noise_without_norm_bound_is_defined_and_count_noise_too_small_is_refused():
+    cfg = build_config(tiny_tree(algorithm={"name": "fedit"}, aggregation={"norm_bound": None},
+                                 privacy={"mode": "client", "noise_multiplier": 1, "noise": "client"}))
+    assert cfg.privacy.noise == "client"
+    from fedlora.privacy.stage import PrivacyStage
+    bad = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={
+        "mode": "client", "noise_multiplier": 4, "clipping": "adaptive", "count_noise": 1}))
+    with pytest.raises(ConfigError, match="privacy.count_noise: 1 must exceed"):
+        PrivacyStage.build(bad, [10] * 4, 4, [])
+
+
+def test_sample_level_needs_batches_no_larger_than_a_client():
+    cfg = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={"mode": "sample", "noise_multiplier": 1}))
+    with pytest.raises(ConfigError, match="smallest client has 3, batch_size is 4"):
+        plan_budget(cfg, [10, 3, 20, 20], 4, [])
+
+
+def test_a_damaged_privacy_record_stops_the_resume():
+    cfg = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={"mode": "client", "noise_multiplier": 1}))
+    with pytest.raises(ConfigError, match="no valid noise_multiplier"):
+        plan_budget(cfg, [10] * 4, 4, [{"privacy_noise_multiplier": "nan", "privacy_planned_rounds": 2}])
+
+
+def test_refusal_names_the_defined_methods():
+    assert refusal("fedit") is None
+    assert refusal("newmethod").endswith("it is for fedit, ffa, aflora")
+
+
+# ---------------------------------------------------------------- end to end (tiny model)
+
+DP_TREE = tiny_tree(algorithm={"name": "fedit"}, federation={"rounds": 2},
+                    privacy={"mode": "client", "target_epsilon": 4.0})
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory) -> Path:
+    if not Path(DP_TREE["data"]["data_dir"]).exists():
+        pytest.skip("shared data not found")
+    run_dir = tmp_path_factory.mktemp("dp") / "run"
+    Simulation(build_config(DP_TREE), run_dir, progress=False).run()
+    return run_dir
+
+
+def test_epsilon_is_recorded_every_round_and_stays_within_the_target(private_run):
+    history = read_metrics(private_run)
+    sigma = history[0]["privacy_noise_multiplier"]
+    assert sigma == calibrate(4, 4, 2, 4.0, 0.25)
+    for t, record in enumerate(history, 1):
+        assert record["privacy_epsilon"] == epsilon(4, 4, sigma, t, 0.25)
+        assert record["privacy_delta"] == 0.25 and "client_weight" not in record
+    assert history[-1]["privacy_epsilon"] <= 4.0
+
+
+def test_a_resume_with_more_rounds_beyond_the_target_stops_before_training(private_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(private_run, run)
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["run", "--quiet", "--resume", str(run), "--set", "federation.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "privacy.target_epsilon: 3 rounds would spend" in err
+    assert "calibrated for 2" in err
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_resumed_private_run_equals_an_uninterrupted_one(tmp_path):
+    """σ fixed, adaptive clipping (state carried in the records), noise on the server: one round,
+    then a resume to two, equals two rounds at once (state, ε, C)."""
+    tree = tiny_tree(algorithm={"name": "aflora", "server_steps": 1, "ddr": False}, federation={"rounds": 1},
+                     privacy={"mode": "client", "noise_multiplier": 0.7, "clipping": "adaptive"})
+    if not Path(tree["data"]["data_dir"]).exists():
+        pytest.skip("shared data not found")
+    Simulation(build_config(tree), tmp_path / "a", progress=False).run()
+    assert main(["run", "--quiet", "--resume", str(tmp_path / "a"), "--set", "federation.rounds=2"]) == 0
+    tree["federation"]["rounds"] = 2
+    Simulation(build_config(tree), tmp_path / "b", progress=False).run()
+    a, b = (load_file(tmp_path / r / "final_state.safetensors") for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pa, pb = ([{k: v for k, v in r.items() if k.startswith("privacy_")} for r in read_metrics(tmp_path / d)]
+              for d in "ab")
+    assert pa == pb and pa[1]["privacy_clip_norm"] == pa[0]["privacy_next_clip_norm"] != pa[0]["privacy_clip_norm"]
