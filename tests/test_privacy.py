@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,92 @@ def test_a_resumed_private_run_equals_an_uninterrupted_one(tmp_path):
     pa, pb = ([{k: v for k, v in r.items() if k.startswith("privacy_")} for r in read_metrics(tmp_path / d)]
               for d in "ab")
     assert pa == pb and pa[1]["privacy_clip_norm"] == pa[0]["privacy_next_clip_norm"] != pa[0]["privacy_clip_norm"]
+
+
+# ---------------------------------------------------------------- the run's stage (no model)
+
+def _stage(privacy: dict, algorithm: dict | None = None, **sections):
+    from fedlora.privacy.stage import PrivacyStage
+    cfg = build_config(tiny_tree(algorithm=algorithm or {"name": "ffa"}, privacy=privacy, **sections))
+    return PrivacyStage.build(cfg, [30, 20, 40, 10], 4, [])
+
+
+def test_stage_of_each_mode():
+    assert _stage({"mode": "none"}) is None
+    fixed = _stage({"mode": "client", "noise_multiplier": 1.5})
+    assert fixed.mechanism.delta_multiplier == 1.5 and not fixed.clips_on_client and not fixed.sample_level
+    assert fixed.sample_dp(1, 0) is None and fixed.count_noise is None
+    adaptive = _stage({"mode": "client", "noise_multiplier": 1.5, "clipping": "adaptive"})
+    assert adaptive.count_noise == 1.5  # max(4 / 20, σ)
+    assert adaptive.mechanism.delta_multiplier == pytest.approx(delta_noise_multiplier(1.5, 1.5))
+    assert _stage({"mode": "client", "noise_multiplier": 0.1, "clipping": "adaptive"}).count_noise == pytest.approx(0.2)
+    assert _stage({"mode": "client", "noise_multiplier": 1, "clipping": "adaptive", "count_noise": 3}).count_noise == 3
+    client = _stage({"mode": "client", "noise_multiplier": 1, "noise": "client"}, aggregation={"norm_bound": None})
+    assert client.clips_on_client and client.mechanism.planned_clients == 4
+    sample = _stage({"mode": "sample", "noise_multiplier": 0.9, "clip_norm": 0.3})
+    assert sample.sample_level and sample.mechanism is None and not sample.clips_on_client
+    dp = sample.sample_dp(2, 1)
+    assert (dp.clip_norm, dp.noise_multiplier) == (0.3, 0.9)
+    assert torch.equal(torch.randn(3, generator=dp.generator), torch.randn(3, generator=noise_generator(0, 2, 1)))
+    assert sample.budget.populations == [30, 20, 40, 10] and sample.budget.sample == 4
+    assert sample.budget.steps_per_round == 2 and sample.budget.delta == 0.1
+
+
+def test_stage_clip_norm_and_records():
+    stage = _stage({"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive", "clip_norm": 0.5})
+    assert stage.clip_norm([]) == 0.5
+    history = [{"privacy_next_clip_norm": 0.7}, {"round": 2}]
+    assert stage.clip_norm(history) == 0.7
+    rec = stage.record(3, history, [0, 1], None)  # no update this round: C unchanged
+    assert rec["privacy_clip_norm"] == 0.7 and rec["privacy_next_clip_norm"] == 0.7
+    assert rec["privacy_epsilon"] == epsilon(4, 4, 1.0, 3, 0.25) and rec["privacy_delta"] == 0.25
+    assert "privacy_planned_rounds" not in rec
+    rec = stage.record(1, [], [0], {"clip_norm": 0.5, "next_clip_norm": 0.6})
+    assert rec["privacy_clip_norm"] == 0.5 and rec["privacy_next_clip_norm"] == 0.6
+    fixed = _stage({"mode": "client", "noise_multiplier": 1.0})
+    assert "privacy_next_clip_norm" not in fixed.record(1, [], [0], None)
+    sample = _stage({"mode": "sample", "noise_multiplier": 1.0, "clip_norm": 0.3})
+    assert sample.record(1, [], [0])["privacy_clip_norm"] == 0.3
+    target = _stage({"mode": "client", "target_epsilon": 5.0})
+    assert target.record(1, [], [0])["privacy_planned_rounds"] == 2
+
+
+class Toy:
+    """A method whose aggregate is its combine of every update's q.B with weights 0.5 each."""
+
+    def average(self, tensors, weights):
+        return weighted_sum(tensors, weights)
+
+    def aggregate(self, state, updates, server):
+        from fedlora.algorithms.base import Aggregate
+        return Aggregate({"q.B": self.average([u.tensors["q.B"] for u in updates], [0.5] * len(updates))})
+
+    def payload(self, state, k):
+        from fedlora.algorithms.base import Message
+        return Message(dict(state))
+
+
+def test_stage_aggregate_moves_the_adaptive_clip_norm():
+    stage = _stage({"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive", "clip_norm": 1.0,
+                    "count_noise": 2.0, "clip_lr": 0.3, "target_quantile": 0.4})
+    ups = [Update(0, {"q.B": torch.full((1, 1), 0.5)}, 1, {}), Update(1, {"q.B": torch.full((1, 1), 5.0)}, 1, {})]
+    agg, info = stage.aggregate(Toy(), {"q.B": torch.zeros(1, 1)}, ups, None, 3, [])
+    nxt, share = next_clip_norm(1.0, 1, 2, 2.0, 0.4, 0.3, noise_generator(0, 3, 2**32 - 1))
+    assert info == {"clip_norm": 1.0, "next_clip_norm": nxt, "noisy_unclipped_share": share}
+    fixed = _stage({"mode": "client", "noise_multiplier": 1.0})
+    assert fixed.aggregate(Toy(), {"q.B": torch.zeros(1, 1)}, ups, None, 3, [])[1] == {"clip_norm": 1.0}
+
+
+def test_client_side_upload_reports_its_clip_bit_and_the_server_counts_them():
+    stage = _stage({"mode": "client", "noise_multiplier": 1.0, "noise": "client", "clip_norm": 1.0},
+                   algorithm={"name": "fedit"}, aggregation={"norm_bound": None})
+    from fedlora.algorithms.base import Message
+    payload = Message({"q.A": torch.zeros(1, 2), "q.B": torch.zeros(2, 1)})
+    small = stage.client_upload(Update(0, {"q.A": torch.zeros(1, 2), "q.B": torch.full((2, 1), 0.1)}, 1, {}),
+                                payload, 1, [])
+    big = stage.client_upload(Update(1, {"q.A": torch.zeros(1, 2), "q.B": torch.full((2, 1), 9.0)}, 1, {}),
+                              payload, 1, [])
+    assert small.metrics["dp_unclipped"] == 1.0 and big.metrics["dp_unclipped"] == 0.0
+    ups = [replace(small, tensors={"q.B": torch.ones(2, 1)}), replace(big, tensors={"q.B": torch.full((2, 1), 3.0)})]
+    agg, unclipped = stage.mechanism.aggregate(Toy(), {}, ups, None, 1, 1.0)
+    assert unclipped == 1 and torch.equal(agg.state["q.B"], torch.full((2, 1), 2.0))  # equal weights, no noise

@@ -373,6 +373,8 @@ class Simulation:
             "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in history)),
             "wall_seconds": float(sum(r["wall_seconds"] for r in history)),
             "rejected_updates": int(sum(len(r["rejected"]) for r in history)),
+            # the privacy spent (fedlora.privacy): ε at δ after the last round
+            **{k: history[-1][k] for k in ("privacy_epsilon", "privacy_delta") if history and k in history[-1]},
         }
         write_json(self.run_dir / "summary.json", summary)
         return summary
