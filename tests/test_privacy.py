@@ -23,18 +23,20 @@ from fedlora.cli import main
 from fedlora.config import ConfigError, build_config
 from fedlora.privacy.accountant import calibrate, epsilon, step_event
 from fedlora.privacy.budget import Budget, default_delta, participations, plan_budget
+from fedlora.aggregation.privacy import ClientLevelDP, PrivacyStage, SampleLevelDP, privacy_wrapper
+from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions
+from fedlora.algorithms.base import FederationSetup, Message
+from fedlora.algorithms.fedit import FedIT, FedITOptions
+from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
 from fedlora.privacy.client_level import (
-    ClientLevel,
     clip_upload,
-    combined_with,
     delta_noise_multiplier,
-    equal_weights,
     next_clip_norm,
     noise_generator,
-    noisy_sum,
+    noisy_weighted_sum,
 )
 from fedlora.privacy.dpsgd import SampleDP, clipped_sum, dp_train_steps, noised_mean, private_batches
-from fedlora.privacy.uploads import CLIENT_LEVEL, clip_factor, deltas, joint_norm, refusal
+from fedlora.privacy.uploads import CLIENT_LEVEL, by_rank, clip_factor, deltas, joint_norm
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_metrics
 from fedlora.train import train_steps
@@ -54,25 +56,97 @@ def _std_within(sample: torch.Tensor, expected: float, tolerance_se: float = 5.0
 def test_server_noise_has_sigma_c_times_the_largest_weight():
     zeros = [torch.zeros(300, 400) for _ in range(3)]
     weights = [0.2, 0.5, 0.3]
-    out = noisy_sum(1.7 * 0.8, noise_generator(0, 1))(zeros, weights)
+    out = noisy_weighted_sum(zeros, weights, 1.7 * 0.8, noise_generator(0, 1))
     _std_within(out, 1.7 * 0.8 * 0.5)
 
 
 def test_server_noise_is_added_to_the_weighted_sum():
     tensors = [torch.full((200, 500), 1.0), torch.full((200, 500), 3.0)]
-    out = noisy_sum(0.1, noise_generator(0, 2))(tensors, [0.75, 0.25])
+    out = noisy_weighted_sum(tensors, [0.75, 0.25], 0.1, noise_generator(0, 2))
     _std_within(out - 1.5, 0.1 * 0.75)
+
+
+SETUP = FederationSetup(module_shapes={"q": (30, 40), "v": (20, 40)}, client_max_ranks=[4, 4, 2, 2],
+                        num_examples=[10, 20, 30, 40], scaling=1.0, seed=0)
+
+
+class Fixed(FFALoRA):
+    """FFA-LoRA whose client 'trains' to a given upload (B = the global B + k + 1)."""
+
+    def client_train(self, ctx, payload, client_state):
+        k = ctx.client_id
+        return Update(k, {key: t + (k + 1) for key, t in payload.tensors.items()}, 10, {}), client_state
+
+
+class Ctx:
+    def __init__(self, k):
+        self.client_id = k
+
+
+def _wrapped(method, sigma: float, clip: float, on_client: bool = False, round_: int = 1) -> ClientLevelDP:
+    wrapper = ClientLevelDP(method, seed=0, on_client=on_client, planned_clients=4)
+    wrapper.settings.noise_multiplier, wrapper.settings.clip_norm, wrapper.settings.round_ = sigma, clip, round_
+    return wrapper
 
 
 def test_client_noise_is_its_share_and_the_equal_mean_carries_the_full_noise():
     m, sigma, clip = 4, 1.3, 0.5
-    mech = ClientLevel(CLIENT_LEVEL["ffa"], sigma, True, m, seed=0)
-    ref = {"q.B": torch.zeros(250, 400)}
-    ups = [mech.client_upload(Update(k, {"q.B": torch.zeros(250, 400)}, 10, {}), ref, 1, clip) for k in range(m)]
-    _std_within(ups[0].tensors["q.B"], sigma * clip / math.sqrt(m))
-    assert not torch.equal(ups[0].tensors["q.B"], ups[1].tensors["q.B"])  # each client its own draw
-    mean = equal_weights([u.tensors["q.B"] for u in ups], [0.7, 0.1, 0.1, 0.1])
-    _std_within(mean, sigma * clip / m)  # = σ C · max p with p = 1/m: what the server adds
+    wrapper = _wrapped(Fixed(FFALoRAOptions(rank=2), SETUP), sigma, clip, on_client=True)
+    state = wrapper.init_state()
+    ups = [wrapper.client_train(Ctx(k), wrapper.payload(state, k), {})[0] for k in range(m)]
+    noise = [torch.cat([u.tensors[k].flatten() for k in sorted(state)]) for u in ups]
+    _std_within(noise[0] - noise[0].mean(), sigma * clip / math.sqrt(m), 6.0)  # B's 100 coords: the delta is (k+1)·1
+    assert all(u.metrics["dp_unclipped"] == 0.0 for u in ups)
+    assert not torch.equal(noise[0], noise[1])  # each client its own draw
+    agg = wrapper.aggregate(state, ups, None)
+    expected = weighted_sum([u.tensors["q.B"] for u in ups], [0.25] * 4)
+    assert torch.allclose(agg.state["q.B"], expected, atol=1e-6)  # equal weights, nothing added
+    assert wrapper.unclipped == (0, 4)
+
+
+def test_client_noise_draws_sum_to_sigma_c_over_m():
+    g = noise_generator(0, 1, 0)
+    shares = [clip_upload(CLIENT_LEVEL["ffa"], {"q.B": torch.zeros(200, 300)}, Update(k, {"q.B": torch.zeros(200, 300)},
+                                                                                      1, {}), 1.0, 2.0 / 2, g)
+              for k in range(4)]
+    mean = weighted_sum([c.update.tensors["q.B"] for c in shares], [0.25] * 4)
+    _std_within(mean, 2.0 / 4)
+
+
+def test_server_side_stage_is_the_methods_sum_of_clipped_uploads_plus_noise():
+    """FedIT, FFA-LoRA and AFLoRA: without noise the stage's aggregate is the method's own of the
+    clipped uploads; with noise the difference has σ C max_k p_k per coordinate."""
+    fedit = FedIT(FedITOptions(rank=2), SETUP)
+    state = fedit.init_state()
+    ups = [Update(k, {key: t + 0.01 * (k + 1) for key, t in state.items()}, SETUP.num_examples[k], {})
+           for k in range(4)]
+    big = _wrapped(fedit, 0.0, 1e6).aggregate(state, ups, None)
+    assert all(torch.allclose(big.state[k], fedit.aggregate(state, ups, None).state[k], atol=1e-6) for k in state)
+    assert "client_weight" not in big.metrics
+    small = _wrapped(fedit, 0.0, 0.2)  # delta norms 0.161 (k + 1): only client 0's is within C
+    clipped = [clip_upload(CLIENT_LEVEL["fedit"], state, u, 0.2).update for u in ups]
+    out = small.aggregate(state, ups, None)
+    assert all(torch.allclose(out.state[k], fedit.aggregate(state, clipped, None).state[k], atol=1e-6) for k in state)
+    assert small.unclipped == (1, 4)
+    noisy = _wrapped(fedit, 3.0, 0.2).aggregate(state, ups, None)
+    diff = torch.cat([(noisy.state[k] - out.state[k]).flatten() for k in sorted(state)])
+    _std_within(diff, 3.0 * 0.2 * 0.4, 6.0)  # p_max = 40 / 100
+
+    aflora = AFLoRA(AFLoRAOptions(ddr=False, dlf=False), SETUP)
+    a_state = aflora.init_state()
+    a_ups = [Update(k, {"q.B": torch.full((30, r), 0.1), "q.mask": torch.ones(r),
+                        "v.B": torch.full((20, r), 0.1), "v.mask": torch.ones(r)}, SETUP.num_examples[k], {})
+             for k, r in enumerate(SETUP.client_max_ranks)]
+    plain = aflora.aggregate(a_state, a_ups, None)
+    quiet = _wrapped(aflora, 0.0, 1e6).aggregate(a_state, a_ups, None)
+    assert torch.allclose(quiet.state["q.B"], plain.state["q.B"], atol=1e-6)
+    p = by_rank(aflora, a_ups)
+    raw = [math.log1p(r) * n for r, n in zip(SETUP.client_max_ranks, SETUP.num_examples)]
+    assert p == pytest.approx([w / sum(raw) for w in raw])
+    loud = _wrapped(aflora, 2.0, 1e6).aggregate(a_state, a_ups, None)
+    diff = torch.cat([(loud.state[k] - plain.state[k]).flatten() for k in ("q.B", "v.B")])
+    _std_within(diff, 2.0 * 1e6 * max(p), 6.0)
+    assert torch.equal(loud.merge["q"][1], plain.merge["q"][1])  # A untouched (no public data here)
 
 
 def test_noise_is_added_after_clipping():
@@ -126,33 +200,6 @@ def test_ffa_clips_only_b():
     payload = {"q.B": torch.zeros(2, 2)}
     d = deltas(CLIENT_LEVEL["ffa"], payload, {"q.B": torch.ones(2, 2), "q.A": torch.ones(2, 2) * 9})
     assert set(d) == {"q.B"} and joint_norm(d) == pytest.approx(2.0)
-
-
-def test_wrapped_average_is_restored_and_the_tilt_not_recorded():
-    class Toy:
-        setup = None
-
-        def average(self, tensors, weights):
-            return weighted_sum(tensors, weights)
-
-        def aggregate(self, state, updates, server):
-            from fedlora.algorithms.base import Aggregate
-            return Aggregate({"q.B": self.average([u.tensors["q.B"] for u in updates], [0.5, 0.5])},
-                             metrics={"client_weight": {"0": 0.5}, "delta_share": {"0": 1.0}, "kept": 1.0})
-
-        def payload(self, state, k):
-            from fedlora.algorithms.base import Message
-            return Message(dict(state))
-
-    toy = Toy()
-    with combined_with(toy, lambda t, w: t[0] * 0 + 7):
-        assert float(toy.average([torch.ones(1)], [1.0])) == 7
-    assert float(toy.average([torch.ones(1)], [1.0])) == 1  # the method's own again
-    mech = ClientLevel(CLIENT_LEVEL["ffa"], 0.0, False, 2, 0)
-    ups = [Update(k, {"q.B": torch.full((1, 1), 10.0 * (k + 1))}, 1, {}) for k in range(2)]
-    agg, unclipped = mech.aggregate(toy, {"q.B": torch.zeros(1, 1)}, ups, None, 1, 1.0)
-    assert float(agg.state["q.B"]) == pytest.approx(1.0) and unclipped == 0  # both clipped to 1
-    assert agg.metrics == {"kept": 1.0}
 
 
 def test_adaptive_clipping_follows_andrew_et_al():
@@ -282,16 +329,16 @@ def test_private_batches_are_fresh_draws_of_distinct_examples():
 # ---------------------------------------------------------------- configs: one line each
 
 @pytest.mark.parametrize("algorithm, privacy, extra, needle", [
-    ({"name": "flexlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "not defined for flexlora"),
-    ({"name": "flora"}, {"mode": "client", "noise_multiplier": 1}, {}, "not defined for flora"),
-    ({"name": "hetlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "not defined for hetlora"),
+    ({"name": "flexlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "undefined for flexlora"),
+    ({"name": "flora"}, {"mode": "client", "noise_multiplier": 1}, {}, "undefined for flora"),
+    ({"name": "hetlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "undefined for hetlora"),
     ({"name": "aflora"}, {"mode": "client", "noise_multiplier": 1}, {}, "set algorithm.ddr: false"),
     ({"name": "aflora", "ddr": False}, {"mode": "client", "noise_multiplier": 1, "noise": "client"}, {},
      "use noise: server"),
     ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "noise": "client"}, {},
      "aggregation.norm_bound: null"),
-    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1}, {"aggregation": {"trimmed_mean": 0.2}},
-     "trimmed_mean"),
+    ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1}, {"aggregation": {"combine": "median"}},
+     "not aggregation.combine median"),
     ({"name": "fedit"}, {"mode": "none", "target_epsilon": 2}, {}, "privacy.target_epsilon: set, but"),
     ({"name": "fedit"}, {"mode": "client"}, {}, "exactly one of noise_multiplier and target_epsilon"),
     ({"name": "fedit"}, {"mode": "client", "noise_multiplier": 1, "target_epsilon": 2}, {}, "exactly one"),
@@ -327,15 +374,10 @@ def test_defined_privacy_configs_pass(algorithm, privacy):
     assert build_config(tiny_tree(algorithm=algorithm, privacy=privacy)).privacy.mode == privacy["mode"]
 
 
-def test_client_noise_without_norm_bound_is_defined_and_count_noise_too_small_is_refused():
+def test_client_noise_without_norm_bound_is_defined():
     cfg = build_config(tiny_tree(algorithm={"name": "fedit"}, aggregation={"norm_bound": None},
                                  privacy={"mode": "client", "noise_multiplier": 1, "noise": "client"}))
     assert cfg.privacy.noise == "client"
-    from fedlora.privacy.stage import PrivacyStage
-    bad = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={
-        "mode": "client", "noise_multiplier": 4, "clipping": "adaptive", "count_noise": 1}))
-    with pytest.raises(ConfigError, match="privacy.count_noise: 1 must exceed"):
-        PrivacyStage.build(bad, [10] * 4, 4, [])
 
 
 def test_sample_level_needs_batches_no_larger_than_a_client():
@@ -348,11 +390,6 @@ def test_a_damaged_privacy_record_stops_the_resume():
     cfg = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={"mode": "client", "noise_multiplier": 1}))
     with pytest.raises(ConfigError, match="no valid noise_multiplier"):
         plan_budget(cfg, [10] * 4, 4, [{"privacy_noise_multiplier": "nan", "privacy_planned_rounds": 2}])
-
-
-def test_refusal_names_the_defined_methods():
-    assert refusal("fedit") is None
-    assert refusal("newmethod").endswith("it is for fedit, ffa, aflora")
 
 
 # ---------------------------------------------------------------- end to end (tiny model)
@@ -412,87 +449,79 @@ def test_a_resumed_private_run_equals_an_uninterrupted_one(tmp_path):
 # ---------------------------------------------------------------- the run's stage (no model)
 
 def _stage(privacy: dict, algorithm: dict | None = None, **sections):
-    from fedlora.privacy.stage import PrivacyStage
+    from fedlora.aggregation import build_pipeline
+    from fedlora.algorithms import build_algorithm
     cfg = build_config(tiny_tree(algorithm=algorithm or {"name": "ffa"}, privacy=privacy, **sections))
-    return PrivacyStage.build(cfg, [30, 20, 40, 10], 4, [])
+    setup = FederationSetup(module_shapes={"q": (6, 8)}, client_max_ranks=list(cfg.federation.client_max_ranks),
+                            num_examples=[30, 20, 40, 10], scaling=1.0, seed=0)
+    pipeline = build_pipeline(build_algorithm(cfg.algorithm, setup), cfg)
+    return PrivacyStage.build(cfg, pipeline, 4, []), pipeline
 
 
 def test_stage_of_each_mode():
-    assert _stage({"mode": "none"}) is None
-    fixed = _stage({"mode": "client", "noise_multiplier": 1.5})
-    assert fixed.mechanism.delta_multiplier == 1.5 and not fixed.clips_on_client and not fixed.sample_level
-    assert fixed.sample_dp(1, 0) is None and fixed.count_noise is None
-    adaptive = _stage({"mode": "client", "noise_multiplier": 1.5, "clipping": "adaptive"})
+    none, pipe = _stage({"mode": "none"})
+    assert none is None and privacy_wrapper(pipe) is None
+    fixed, pipe = _stage({"mode": "client", "noise_multiplier": 1.5})
+    pipe = privacy_wrapper(pipe)  # inside the norm bound
+    assert isinstance(pipe, ClientLevelDP) and fixed.wrapper is pipe and not pipe.on_client
+    assert pipe.settings.noise_multiplier == 1.5 and fixed.count_noise is None and not fixed.sample_level
+    adaptive, pipe = _stage({"mode": "client", "noise_multiplier": 1.5, "clipping": "adaptive"})
     assert adaptive.count_noise == 1.5  # max(4 / 20, σ)
-    assert adaptive.mechanism.delta_multiplier == pytest.approx(delta_noise_multiplier(1.5, 1.5))
-    assert _stage({"mode": "client", "noise_multiplier": 0.1, "clipping": "adaptive"}).count_noise == pytest.approx(0.2)
-    assert _stage({"mode": "client", "noise_multiplier": 1, "clipping": "adaptive", "count_noise": 3}).count_noise == 3
-    client = _stage({"mode": "client", "noise_multiplier": 1, "noise": "client"}, aggregation={"norm_bound": None})
-    assert client.clips_on_client and client.mechanism.planned_clients == 4
-    sample = _stage({"mode": "sample", "noise_multiplier": 0.9, "clip_norm": 0.3})
-    assert sample.sample_level and sample.mechanism is None and not sample.clips_on_client
-    dp = sample.sample_dp(2, 1)
-    assert (dp.clip_norm, dp.noise_multiplier) == (0.3, 0.9)
-    assert torch.equal(torch.randn(3, generator=dp.generator), torch.randn(3, generator=noise_generator(0, 2, 1)))
+    assert adaptive.wrapper.settings.noise_multiplier == pytest.approx(delta_noise_multiplier(1.5, 1.5))
+    assert _stage({"mode": "client", "noise_multiplier": 0.1, "clipping": "adaptive"})[0].count_noise == pytest.approx(0.2)
+    assert _stage({"mode": "client", "noise_multiplier": 1, "clipping": "adaptive", "count_noise": 3})[0].count_noise == 3
+    client, pipe = _stage({"mode": "client", "noise_multiplier": 1, "noise": "client"}, aggregation={"norm_bound": None})
+    assert isinstance(pipe, ClientLevelDP) and pipe.on_client and pipe.planned_clients == 4
+    sample, pipe = _stage({"mode": "sample", "noise_multiplier": 0.9, "clip_norm": 0.3})
+    assert isinstance(pipe.inner, SampleLevelDP) and sample.sample_level and privacy_wrapper(pipe) is pipe.inner
     assert sample.budget.populations == [30, 20, 40, 10] and sample.budget.sample == 4
     assert sample.budget.steps_per_round == 2 and sample.budget.delta == 0.1
+    sample.start_round(2, [])
+    ctx = Ctx(1)
+
+    class Inner(FFALoRA):
+        def client_train(self, ctx, payload, client_state):
+            return ctx.dp, client_state
+
+    wrapped = SampleLevelDP(Inner(FFALoRAOptions(), SETUP), seed=0)
+    wrapped.settings = sample.wrapper.settings
+    dp, _ = wrapped.client_train(ctx, None, {})
+    assert (dp.clip_norm, dp.noise_multiplier) == (0.3, 0.9)
+    assert torch.equal(torch.randn(3, generator=dp.generator), torch.randn(3, generator=noise_generator(0, 2, 1)))
+
+
+def test_an_unset_stage_refuses_to_run():
+    wrapper = SampleLevelDP(FFALoRA(FFALoRAOptions(), SETUP), seed=0)
+    with pytest.raises(RuntimeError, match="no noise multiplier"):
+        wrapper.client_train(Ctx(0), None, {})
 
 
 def test_stage_clip_norm_and_records():
-    stage = _stage({"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive", "clip_norm": 0.5})
+    stage, _ = _stage({"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive", "clip_norm": 0.5})
     assert stage.clip_norm([]) == 0.5
     history = [{"privacy_next_clip_norm": 0.7}, {"round": 2}]
     assert stage.clip_norm(history) == 0.7
-    rec = stage.record(3, history, [0, 1], None)  # no update this round: C unchanged
+    stage.start_round(3, history)
+    rec = stage.record(3, history, [0, 1])  # no update this round: C unchanged
     assert rec["privacy_clip_norm"] == 0.7 and rec["privacy_next_clip_norm"] == 0.7
     assert rec["privacy_epsilon"] == epsilon(4, 4, 1.0, 3, 0.25) and rec["privacy_delta"] == 0.25
     assert "privacy_planned_rounds" not in rec
-    rec = stage.record(1, [], [0], {"clip_norm": 0.5, "next_clip_norm": 0.6})
-    assert rec["privacy_clip_norm"] == 0.5 and rec["privacy_next_clip_norm"] == 0.6
-    fixed = _stage({"mode": "client", "noise_multiplier": 1.0})
-    assert "privacy_next_clip_norm" not in fixed.record(1, [], [0], None)
-    sample = _stage({"mode": "sample", "noise_multiplier": 1.0, "clip_norm": 0.3})
+    stage.wrapper.unclipped = (1, 2)
+    rec = stage.record(3, history, [0, 1])
+    nxt, share = next_clip_norm(0.7, 1, 2, stage.count_noise, 0.5, 0.2, noise_generator(0, 3, 2**32 - 1))
+    assert (rec["privacy_next_clip_norm"], rec["privacy_noisy_unclipped_share"]) == (nxt, share)
+    stage.start_round(4, history)
+    assert stage.wrapper.unclipped is None and stage.wrapper.settings.round_ == 4
+    fixed, _ = _stage({"mode": "client", "noise_multiplier": 1.0})
+    fixed.start_round(1, [])
+    assert "privacy_next_clip_norm" not in fixed.record(1, [], [0])
+    sample, _ = _stage({"mode": "sample", "noise_multiplier": 1.0, "clip_norm": 0.3})
+    sample.start_round(1, [])
     assert sample.record(1, [], [0])["privacy_clip_norm"] == 0.3
-    target = _stage({"mode": "client", "target_epsilon": 5.0})
+    target, _ = _stage({"mode": "client", "target_epsilon": 5.0})
     assert target.record(1, [], [0])["privacy_planned_rounds"] == 2
 
 
-class Toy:
-    """A method whose aggregate is its combine of every update's q.B with weights 0.5 each."""
-
-    def average(self, tensors, weights):
-        return weighted_sum(tensors, weights)
-
-    def aggregate(self, state, updates, server):
-        from fedlora.algorithms.base import Aggregate
-        return Aggregate({"q.B": self.average([u.tensors["q.B"] for u in updates], [0.5] * len(updates))})
-
-    def payload(self, state, k):
-        from fedlora.algorithms.base import Message
-        return Message(dict(state))
-
-
-def test_stage_aggregate_moves_the_adaptive_clip_norm():
-    stage = _stage({"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive", "clip_norm": 1.0,
-                    "count_noise": 2.0, "clip_lr": 0.3, "target_quantile": 0.4})
-    ups = [Update(0, {"q.B": torch.full((1, 1), 0.5)}, 1, {}), Update(1, {"q.B": torch.full((1, 1), 5.0)}, 1, {})]
-    agg, info = stage.aggregate(Toy(), {"q.B": torch.zeros(1, 1)}, ups, None, 3, [])
-    nxt, share = next_clip_norm(1.0, 1, 2, 2.0, 0.4, 0.3, noise_generator(0, 3, 2**32 - 1))
-    assert info == {"clip_norm": 1.0, "next_clip_norm": nxt, "noisy_unclipped_share": share}
-    fixed = _stage({"mode": "client", "noise_multiplier": 1.0})
-    assert fixed.aggregate(Toy(), {"q.B": torch.zeros(1, 1)}, ups, None, 3, [])[1] == {"clip_norm": 1.0}
-
-
-def test_client_side_upload_reports_its_clip_bit_and_the_server_counts_them():
-    stage = _stage({"mode": "client", "noise_multiplier": 1.0, "noise": "client", "clip_norm": 1.0},
-                   algorithm={"name": "fedit"}, aggregation={"norm_bound": None})
-    from fedlora.algorithms.base import Message
-    payload = Message({"q.A": torch.zeros(1, 2), "q.B": torch.zeros(2, 1)})
-    small = stage.client_upload(Update(0, {"q.A": torch.zeros(1, 2), "q.B": torch.full((2, 1), 0.1)}, 1, {}),
-                                payload, 1, [])
-    big = stage.client_upload(Update(1, {"q.A": torch.zeros(1, 2), "q.B": torch.full((2, 1), 9.0)}, 1, {}),
-                              payload, 1, [])
-    assert small.metrics["dp_unclipped"] == 1.0 and big.metrics["dp_unclipped"] == 0.0
-    ups = [replace(small, tensors={"q.B": torch.ones(2, 1)}), replace(big, tensors={"q.B": torch.full((2, 1), 3.0)})]
-    agg, unclipped = stage.mechanism.aggregate(Toy(), {}, ups, None, 1, 1.0)
-    assert unclipped == 1 and torch.equal(agg.state["q.B"], torch.full((2, 1), 2.0))  # equal weights, no noise
+def test_count_noise_too_small_is_refused():
+    with pytest.raises(ConfigError, match="privacy.count_noise: 1 must exceed"):
+        _stage({"mode": "client", "noise_multiplier": 4, "clipping": "adaptive", "count_noise": 1})

@@ -1,9 +1,5 @@
-"""Client-level DP (DP-FedAvg): clip each client's contribution, add Gaussian noise to the sum.
-
-It wraps a method's aggregation the way Flower's `DifferentialPrivacyServerSide…Clipping`
-wraps a strategy: the uploads are clipped before the method sees them, and the method's
-own combine (`Algorithm.average`: Σ_k p_k t_k) gains the noise, so whatever the method does
-after it (AFLoRA's server fine-tuning of A) is post-processing of a private release.
+"""Client-level DP (DP-FedAvg)'s maths: clip each client's contribution, add Gaussian noise to
+the sum. The stage that applies it around a method is `fedlora.aggregation.privacy`.
 
 Sensitivity: the method's weights p_k are public (example counts, fixed ranks), so one
 client moves Σ_k p_k clip(Δ_k) by at most C · max_k p_k; the noise has standard deviation
@@ -21,23 +17,18 @@ pair is one Gaussian mechanism of noise multiplier σ.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedlora.algorithms.base import Algorithm, Tensors, Update, weighted_sum
+from fedlora.algorithms.base import Update, weighted_sum
 from fedlora.privacy.uploads import ClippedUpload, clip_factor, deltas, joint_norm
 
 PRIVACY_STREAM = 2**31 - 2
 """The seed stream of the privacy noise (the server's is 2**31 - 1)."""
-
-TILT_KEYS = ("client_weight", "delta_share")
-"""Per-client diagnostics of a round's aggregate: they describe individual updates, so a
-private run does not record them."""
 
 
 def noise_generator(seed: int, round_: int, client: int | None = None) -> torch.Generator:
@@ -101,69 +92,8 @@ def clip_upload(spec: ClippedUpload, payload: Mapping[str, Tensor], update: Upda
     return Clipped(replace(update, tensors=tensors), norm, clip_norm)
 
 
-Combine = Callable[[list[Tensor], list[float]], Tensor]
-
-
-def noisy_sum(std_per_weight: float, generator: torch.Generator) -> Combine:
-    """Σ_k p_k t_k + N(0, (std_per_weight · max_k p_k)²): the server's noise on the method's sum."""
-
-    def combine(tensors: list[Tensor], weights: list[float]) -> Tensor:
-        total = weighted_sum(tensors, weights)
-        return total + gaussian_like(total, std_per_weight * max(weights), generator)
-
-    return combine
-
-
-def equal_weights(tensors: list[Tensor], weights: list[float]) -> Tensor:
-    """The mean with equal weights: client-side noise is calibrated for 1/m each."""
-    return weighted_sum(tensors, [1.0 / len(tensors)] * len(tensors))
-
-
-@contextmanager
-def combined_with(algorithm: Algorithm, combine: Combine) -> Iterator[None]:
-    """Within the block the method's `average` (its Σ_k p_k t_k) is `combine`: the wrapper
-    reaches inside the aggregation without the method knowing."""
-    algorithm.average = combine  # type: ignore[method-assign]  (an instance attribute shadows the method)
-    try:
-        yield
-    finally:
-        del algorithm.average
-
-
-@dataclass(frozen=True)
-class ClientLevel:
-    """The client-level mechanism of one run: what is clipped, σ_Δ, where the noise is added."""
-
-    spec: ClippedUpload
-    delta_multiplier: float
-    """σ_Δ: the updates' noise in units of C · max_k p_k."""
-    on_client: bool
-    planned_clients: int
-    """m, the clients sampled per round (client-side noise is 1/√m of the sum's)."""
-    seed: int
-
-    def client_upload(self, update: Update, payload: Mapping[str, Tensor], round_: int, clip_norm: float) -> Update:
-        """`noise: client`: the client clips its delta and adds its share of the noise; it
-        reports whether it was clipped (adaptive clipping's count, noised at the server)."""
-        std = self.delta_multiplier * clip_norm / math.sqrt(self.planned_clients)
-        out = clip_upload(self.spec, payload, update, clip_norm, std, noise_generator(self.seed, round_, update.client_id))
-        return replace(out.update, metrics={**out.update.metrics, "dp_unclipped": float(out.unclipped)})
-
-    def aggregate(self, algorithm: Algorithm, state: Tensors, updates: list[Update], server, round_: int,
-                  clip_norm: float):
-        """The method's aggregate of the clipped uploads with the noise in its sum; returns it
-        and how many updates were within C (before clipping)."""
-        if self.on_client:  # clipped and noised by the clients: equal weights, nothing to add
-            unclipped = sum(int(u.metrics.get("dp_unclipped", 0.0) == 1.0) for u in updates)
-            combine: Combine = equal_weights
-        else:
-            clipped = [clip_upload(self.spec, algorithm.payload(state, u.client_id).tensors, u, clip_norm)
-                       for u in updates]
-            updates = [c.update for c in clipped]
-            unclipped = sum(c.unclipped for c in clipped)
-            combine = noisy_sum(self.delta_multiplier * clip_norm, noise_generator(self.seed, round_))
-        with combined_with(algorithm, combine):
-            agg = algorithm.aggregate(state, updates, server)
-        for key in TILT_KEYS:
-            agg.metrics.pop(key, None)
-        return agg, unclipped
+def noisy_weighted_sum(tensors: list[Tensor], weights: list[float], std_per_weight: float,
+                       generator: torch.Generator) -> Tensor:
+    """Σ_k p_k t_k + N(0, (std_per_weight · max_k p_k)²): the method's sum with the server's noise."""
+    total = weighted_sum(tensors, weights)
+    return total + gaussian_like(total, std_per_weight * max(weights), generator)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora.algorithms.base import Tensors
+from fedlora.algorithms.aflora import rank_weights
+from fedlora.algorithms.base import Algorithm, Tensors, Update, data_weights
 
 Reference = Callable[[Mapping[str, Tensor], str, Tensor], Tensor]
 """(payload tensors, upload key, uploaded tensor) → what that tensor started the round as."""
@@ -41,20 +42,35 @@ def zero(payload: Mapping[str, Tensor], key: str, uploaded: Tensor) -> Tensor:
     return torch.zeros_like(uploaded)
 
 
+def by_examples(method: Algorithm, updates: list[Update]) -> list[float]:
+    """FedIT's and FFA-LoRA's p_k = |D_k| / Σ|D|."""
+    return data_weights(updates)
+
+
+def by_rank(method: Algorithm, updates: list[Update]) -> list[float]:
+    """AFLoRA's eq. 12 weights from each upload's rank (one per client: its masks' mean rank is
+    its fixed rank, since pruning is off under client-level DP) and example count."""
+    name = next(iter(method.setup.module_shapes))
+    ranks = [int(u.tensors[f"{name}.mask"].sum()) for u in updates]
+    return rank_weights(ranks, [u.num_examples for u in updates], method.options.weighting)
+
+
 @dataclass(frozen=True)
 class ClippedUpload:
-    """Which uploaded tensors (by name suffix) are clipped, and what each started from."""
+    """Which uploaded tensors (by name suffix) are clipped, what each started from, and the
+    method's weights p_k (public: example counts, ranks)."""
 
     clipped: tuple[str, ...]
     reference: Reference
+    weights: Callable[[Algorithm, list[Update]], list[float]]
     what: str
     """One line for the docs and the run's log."""
 
 
 CLIENT_LEVEL: dict[str, ClippedUpload] = {
-    "fedit": ClippedUpload((".A", ".B"), received, "A and B of every module, minus the global A and B"),
-    "ffa": ClippedUpload((".B",), received, "B of every module, minus the global B (A is frozen)"),
-    "aflora": ClippedUpload((".B",), zero, "B'Λ of every module (B Λ starts each round at zero)"),
+    "fedit": ClippedUpload((".A", ".B"), received, by_examples, "A and B of every module, minus the global A and B"),
+    "ffa": ClippedUpload((".B",), received, by_examples, "B of every module, minus the global B (A is frozen)"),
+    "aflora": ClippedUpload((".B",), zero, by_rank, "B'Λ of every module (B Λ starts each round at zero)"),
 }
 """Methods where client-level DP is defined, and what it clips."""
 
@@ -65,15 +81,6 @@ UNDEFINED: dict[str, str] = {
     "hierfedlora": "clients of a group train one after another within a round, each on the last one's update",
 }
 """Methods where it is not defined, with the reason given in the one-line refusal."""
-
-
-def refusal(method: str) -> str | None:
-    """None when client-level DP is defined for `method`, else why not (one line)."""
-    if method in CLIENT_LEVEL:
-        return None
-    why = UNDEFINED.get(method, "its aggregation is not a weighted sum of the clients' uploads")
-    able = ", ".join(CLIENT_LEVEL)
-    return f"client-level DP is not defined for {method} ({why}); it is for {able}"
 
 
 def deltas(spec: ClippedUpload, payload: Mapping[str, Tensor], tensors: Tensors) -> Tensors:

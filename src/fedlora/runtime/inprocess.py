@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from fedlora.adapters import Adapters
+from fedlora.aggregation import build_pipeline
+from fedlora.aggregation.privacy import PrivacyStage
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import (
     DIAGNOSTIC_SECONDS,
@@ -43,7 +45,6 @@ from fedlora.data.task import FederatedTask, build_task
 from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_task
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
-from fedlora.privacy.stage import PrivacyStage
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.files import atomic_write, tensors_to_bytes
@@ -117,11 +118,10 @@ class Federation:
             num_examples=[len(c) for c in task.clients],
             scaling=cfg.scaling,
             seed=cfg.seed,
-            trimmed_mean=cfg.aggregation.trimmed_mean,
             **device_setup(cfg, model, adapters, task, profiles),
         )
-        with option_errors():
-            algorithm = build_algorithm(cfg.algorithm, setup)
+        with option_errors():  # the method inside its aggregation pipeline (attack, defences)
+            algorithm = build_pipeline(build_algorithm(cfg.algorithm, setup), cfg)
         return cls(cfg, model, tokenizer, adapters, task, algorithm, total, profiles)
 
     @property
@@ -140,7 +140,6 @@ class Federation:
             loss_mode=self.cfg.data.loss, local_steps=f.local_steps, batch_size=f.batch_size,
             lr=f.lr, pad_id=self.pad_id, seed=seed,
             compute_dtype=self.cfg.model.compute_dtype, task=self.task.kind,
-            dp=self.privacy.sample_dp(round_, client_id) if self.privacy is not None else None,
         )
 
     def server(self, round_: int) -> PublicServer:
@@ -204,8 +203,7 @@ class Simulation:
         fed = self.fed = Federation.build(cfg)
         per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
         # σ and the budget before any training (a resume with more rounds may be refused here)
-        fed.privacy = PrivacyStage.build(cfg, fed.algorithm.setup.num_examples, per_round,
-                                         ckpt.history if resume else [])
+        fed.privacy = PrivacyStage.build(cfg, fed.algorithm, per_round, ckpt.history if resume else [])
         if resume:
             adopt_config(self.run_dir, ckpt, cfg)
             torch.set_num_threads(ckpt.threads)
@@ -253,17 +251,15 @@ class Simulation:
         cfg, algo = self.cfg, fed.algorithm
         start = time.perf_counter()
         selected = sample_clients(sampler, cfg.federation.num_clients, cfg.federation.fraction)
+        if fed.privacy is not None:
+            fed.privacy.start_round(t, ckpt.history)
         state, updates, clients, rejected, client_states = self._train_clients(fed, t, ckpt, selected, on_client)
 
         s0 = time.perf_counter()
         server_metrics: dict[str, Any] = {}
         merges = ckpt.merges
-        privacy_info = None
         if clients:
-            if fed.privacy is not None and fed.privacy.mechanism is not None:
-                agg, privacy_info = fed.privacy.aggregate(algo, state, updates, fed.server(t), t, ckpt.history)
-            else:
-                agg = algo.aggregate(state, updates, fed.server(t))
+            agg = algo.aggregate(state, updates, fed.server(t))
             fed.adapters.clear()
             _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
@@ -301,7 +297,7 @@ class Simulation:
             **server_metrics,
         )
         if fed.privacy is not None:
-            record.update(fed.privacy.record(t, ckpt.history, selected, privacy_info))
+            record.update(fed.privacy.record(t, ckpt.history, selected))
         new = Checkpoint(
             round=t, state=state, client_states=client_states,
             sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],
@@ -346,8 +342,6 @@ class Simulation:
             payload = algo.payload(state, k)
             update, new_client_state = algo.client_train(ctx, payload, client_states.get(k, {}))
             fed.adapters.clear()
-            if fed.privacy is not None and fed.privacy.clips_on_client:
-                update = fed.privacy.client_upload(update, payload, t, ckpt.history)
             record = accept_update(fed, state, t, update, payload, time.perf_counter() - c0, rejected)
             if record is not None:
                 record.update(flops=ctx.flops, stage=stage, lane=lane)
