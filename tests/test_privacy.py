@@ -104,6 +104,22 @@ def test_client_noise_is_its_share_and_the_equal_mean_carries_the_full_noise():
     assert wrapper.unclipped == (0, 4)
 
 
+def test_client_side_noise_is_the_clients_own_seeded_draw_and_its_state_passes_through():
+    class Keeps(Fixed):
+        def client_train(self, ctx, payload, client_state):
+            update, _ = super().client_train(ctx, payload, client_state)
+            return update, client_state
+
+    wrapper = _wrapped(Keeps(FFALoRAOptions(rank=2), SETUP), 1.3, 0.5, on_client=True, round_=3)
+    state = wrapper.init_state()
+    mine = {"q.lam": torch.ones(2)}
+    update, kept = wrapper.client_train(Ctx(2), wrapper.payload(state, 2), mine)
+    assert kept is mine
+    plain = Update(2, {key: t + 3 for key, t in state.items()}, 10, {})
+    expected = clip_upload(CLIENT_LEVEL["ffa"], state, plain, 0.5, 1.3 * 0.5 / 2, noise_generator(0, 3, 2))
+    assert all(torch.equal(update.tensors[k], expected.update.tensors[k]) for k in state)
+
+
 def test_client_noise_draws_sum_to_sigma_c_over_m():
     g = noise_generator(0, 1, 0)
     shares = [clip_upload(CLIENT_LEVEL["ffa"], {"q.B": torch.zeros(200, 300)}, Update(k, {"q.B": torch.zeros(200, 300)},
@@ -296,23 +312,43 @@ def test_dp_sgd_noise_has_sigma_c_over_the_batch():
     _std_within(out, 1.5 * 0.5 / 8)
 
 
-def test_dp_sgd_without_clipping_or_noise_is_the_batch_gradient_step():
-    """C large and σ tiny: the noised mean of per-example gradients is the batch's mean
-    gradient, so the step equals the non-private one."""
+def _toy_steps(private: bool, dtype: str = "float32", sigma: float = 1e-12, clip: float = 1e4, seed: int = 0,
+               regularised: bool = False):
+    """Two SGD steps of a linear model on batches of 6 (an unused parameter too), privately or not;
+    (the weights after, the unused parameter after, the losses)."""
     torch.manual_seed(0)
-    x, y = torch.randn(6, 3), torch.randn(6)
+    batches = [{"input_ids": torch.randn(6, 3), "target": torch.randn(6)} for _ in range(2)]
+    w, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    loss = lambda b: ((b["input_ids"] @ w - b["target"]) ** 2).mean()  # noqa: E731
+    reg = (lambda: (w**2).sum() * 0.5) if regularised else None
+    groups = [([w, unused], 0.1, "sgd")]
+    if private:
+        losses = dp_train_steps(groups, batches, loss, SampleDP(clip, sigma, torch.Generator().manual_seed(seed)),
+                                reg, dtype)
+    else:
+        losses = train_steps(groups, batches, loss, reg, dtype)
+    return w.detach(), unused.detach(), losses
 
-    def run(private: bool) -> torch.Tensor:
-        w = torch.nn.Parameter(torch.ones(3))
-        batch = {"input_ids": x, "target": y}
-        loss = lambda b: ((b["input_ids"] @ w - b["target"]) ** 2).mean()  # noqa: E731
-        if private:
-            dp_train_steps([([w], 0.1)], [batch], loss, SampleDP(1e9, 1e-12, torch.Generator().manual_seed(0)))
-        else:
-            train_steps([([w], 0.1)], [batch], loss)
-        return w.detach()
 
-    assert torch.allclose(run(True), run(False), atol=1e-6)
+@pytest.mark.parametrize("dtype, regularised", [("float32", False), ("float32", True), ("bfloat16", False)])
+def test_dp_sgd_without_clipping_or_noise_is_the_batch_gradient_step(dtype, regularised):
+    """C large and σ tiny: the mean of per-example gradients is the batch's mean gradient (plus
+    the regulariser's, unclipped), so SGD steps and reported losses equal the non-private ones;
+    a parameter the loss does not use gets no step."""
+    w, unused, losses = _toy_steps(True, dtype, regularised=regularised)
+    w0, unused0, losses0 = _toy_steps(False, dtype, regularised=regularised)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert torch.allclose(w, w0, atol=tol) and torch.allclose(unused, unused0, atol=1e-6)
+    assert losses == pytest.approx(losses0, abs=tol)
+
+
+def test_dp_sgd_clips_each_example_and_draws_its_noise_from_the_given_generator():
+    clipped, _, _ = _toy_steps(True, clip=1e-3)
+    free, _, _ = _toy_steps(True)
+    step = torch.ones(3) - clipped
+    assert float(step.norm()) <= 2 * 0.1 * 1e-3 + 1e-7 < float((torch.ones(3) - free).norm())  # 2 steps of ≤ lr·C
+    a, b, c = (_toy_steps(True, sigma=5.0, seed=s)[0] for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_private_batches_are_fresh_draws_of_distinct_examples():
@@ -324,6 +360,8 @@ def test_private_batches_are_fresh_draws_of_distinct_examples():
     firsts = [b["input_ids"][:, 0].tolist() for b in batches]
     assert all(len(set(f)) == 4 for f in firsts)
     assert len({tuple(sorted(f)) for f in firsts}) > 5  # not one walk through a fixed order
+    again = private_batches(examples, 4, 30, np.random.SeedSequence(0), 0)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))
 
 
 # ---------------------------------------------------------------- configs: one line each
@@ -386,10 +424,28 @@ def test_sample_level_needs_batches_no_larger_than_a_client():
         plan_budget(cfg, [10, 3, 20, 20], 4, [])
 
 
-def test_a_damaged_privacy_record_stops_the_resume():
+@pytest.mark.parametrize("sigma", ["nan", True, 0, -1.0, float("inf"), None])
+def test_a_damaged_privacy_record_is_refused_before_training(sigma):
     cfg = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={"mode": "client", "noise_multiplier": 1}))
+    history = [{"privacy_noise_multiplier": sigma, "privacy_planned_rounds": 2}, {"privacy_epsilon": 1.0}]
+    if sigma is None:  # no σ recorded at all: the configured one
+        assert plan_budget(cfg, [10] * 4, 4, history).noise_multiplier == 1
+        return
     with pytest.raises(ConfigError, match="no valid noise_multiplier"):
-        plan_budget(cfg, [10] * 4, 4, [{"privacy_noise_multiplier": "nan", "privacy_planned_rounds": 2}])
+        plan_budget(cfg, [10] * 4, 4, history)
+
+
+def test_the_recorded_sigma_and_plan_are_kept_when_a_run_goes_on():
+    cfg = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={"mode": "client", "noise_multiplier": 1}))
+    assert plan_budget(cfg, [10] * 4, 4, [{"privacy_noise_multiplier": 0.8}]).noise_multiplier == 0.8
+    target = build_config(tiny_tree(algorithm={"name": "fedit"}, privacy={"mode": "client", "target_epsilon": 50}))
+    history = [{"privacy_noise_multiplier": 0.9, "privacy_planned_rounds": 1}]
+    b = plan_budget(target, [10] * 4, 4, history)
+    assert (b.noise_multiplier, b.planned_rounds, b.target_epsilon) == (0.9, 1, 50)
+    with pytest.raises(ConfigError, match="no valid"):
+        plan_budget(target, [10] * 4, 4, [{"privacy_noise_multiplier": 0.9, "privacy_planned_rounds": 0}])
+    with pytest.raises(ConfigError, match="no valid"):
+        plan_budget(target, [10] * 4, 4, [{"privacy_noise_multiplier": 0.9, "privacy_planned_rounds": 1.5}])
 
 
 # ---------------------------------------------------------------- end to end (tiny model)
@@ -472,6 +528,10 @@ def test_stage_of_each_mode():
     assert _stage({"mode": "client", "noise_multiplier": 1, "clipping": "adaptive", "count_noise": 3})[0].count_noise == 3
     client, pipe = _stage({"mode": "client", "noise_multiplier": 1, "noise": "client"}, aggregation={"norm_bound": None})
     assert isinstance(pipe, ClientLevelDP) and pipe.on_client and pipe.planned_clients == 4
+    from fedlora.aggregation import stage_names
+    assert stage_names(pipe) == ["client-level DP (client noise)"]
+    assert stage_names(_stage({"mode": "client", "noise_multiplier": 1})[1])[-1] == "client-level DP (server noise)"
+    assert stage_names(_stage({"mode": "sample", "noise_multiplier": 1})[1])[-1] == "sample-level DP (DP-SGD)"
     sample, pipe = _stage({"mode": "sample", "noise_multiplier": 0.9, "clip_norm": 0.3})
     assert isinstance(pipe.inner, SampleLevelDP) and sample.sample_level and privacy_wrapper(pipe) is pipe.inner
     assert sample.budget.populations == [30, 20, 40, 10] and sample.budget.sample == 4
@@ -481,11 +541,13 @@ def test_stage_of_each_mode():
 
     class Inner(FFALoRA):
         def client_train(self, ctx, payload, client_state):
-            return ctx.dp, client_state
+            return (ctx.dp, payload), client_state
 
     wrapped = SampleLevelDP(Inner(FFALoRAOptions(), SETUP), seed=0)
     wrapped.settings = sample.wrapper.settings
-    dp, _ = wrapped.client_train(ctx, None, {})
+    mine, sent = {"x": torch.ones(1)}, Message({})
+    (dp, got), kept = wrapped.client_train(ctx, sent, mine)
+    assert got is sent and kept is mine
     assert (dp.clip_norm, dp.noise_multiplier) == (0.3, 0.9)
     assert torch.equal(torch.randn(3, generator=dp.generator), torch.randn(3, generator=noise_generator(0, 2, 1)))
 

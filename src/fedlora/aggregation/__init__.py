@@ -58,7 +58,9 @@ def combine_stage(cfg: Any) -> Stage | None:
 
 def privacy_stage(cfg: Any) -> Stage | None:
     """Client-level DP or DP-SGD (fedlora.aggregation.privacy); its σ is set by the runtime."""
-    p = cfg.privacy
+    p = getattr(cfg, "privacy", None)  # a partial config (tests) has no privacy section
+    if p is None:
+        return None
     if p.mode == "client":
         per_round = max(1, int(cfg.federation.fraction * cfg.federation.num_clients + 0.5))
         return partial(ClientLevelDP, seed=cfg.seed, on_client=p.noise == "client", planned_clients=per_round)
