@@ -24,6 +24,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.min_clients < 1:
         raise ConfigError("config error: --min-clients: must be >= 1")
     cfg.check_files()
+    if cfg.privacy.mode != "none":  # the stage lives in the in-process runtime so far
+        raise ConfigError(f"config error: privacy.mode: {cfg.privacy.mode} is not on the Flower runtime yet; use fedlora run")
     from fedlora.data.task import check_data
 
     check_data(cfg)  # a bad data file stops here with one line, not inside the Flower apps
