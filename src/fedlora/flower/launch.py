@@ -160,6 +160,10 @@ class LocalFederation:
             self.start_node(i)
         return self
 
+    def flwr_prefix(self) -> list[str]:
+        """What `flwr run` is started under to reach the SuperLink (nothing on the host itself)."""
+        return []
+
     def _wait_until_listening(self) -> None:
         _wait_for_port(self.port, self.procs["superlink"], self.workdir / "logs" / "superlink.log")
 

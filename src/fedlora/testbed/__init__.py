@@ -74,6 +74,27 @@ class TestbedProfile(BaseModel):
         return node.uplink_mbps or c.uplink_mbps, node.downlink_mbps or c.downlink_mbps
 
 
+def load_profile(path: str | Path) -> TestbedProfile:
+    """A testbed profile file, or a one-line ConfigError naming the file and the field."""
+    from pydantic import ValidationError
+
+    from fedlora.config import read_tree
+    from fedlora.errors import ConfigError
+
+    tree = read_tree(path)
+    try:
+        profile = TestbedProfile.model_validate(tree)
+        for node in profile.nodes:
+            profile.link(node)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"testbed profile {path}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+    except ValueError as err:
+        raise ConfigError(f"testbed profile {path}: {err}") from None
+    return profile
+
+
 def available() -> str | None:
     """None if this process can build a testbed here, else the reason (for a clear skip/error)."""
     if os.geteuid() != 0:
@@ -159,6 +180,22 @@ class Testbed(LocalFederation):
             self._write_manifest()
         return super().start()
 
+    def __enter__(self) -> Testbed:
+        """SIGTERM leaves through `__exit__` too (its default would end the process with the
+        namespaces still there); Ctrl-C does already, as KeyboardInterrupt."""
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            if getattr(self, "_old_sigterm", None) is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+
     def stop(self) -> None:
         """Processes by pid (their process groups), then cgroups, then namespaces; the manifest
         goes last, and stays (listing what is left) if anything could not be removed."""
@@ -168,6 +205,10 @@ class Testbed(LocalFederation):
             self._write_manifest()
             raise TestbedError(f"testbed {self.prefix}: could not remove {', '.join(left)}")
         (self.workdir / MANIFEST).unlink(missing_ok=True)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def cleanup(workdir: Path) -> list[str]:
