@@ -125,3 +125,27 @@ def test_an_interrupted_testbed_leaves_nothing(tmp_path, how):
     for pid in manifest["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.slow
+def test_testbed_command_runs_a_federation_and_leaves_nothing(data_dir, tmp_path):
+    """`fedlora flower testbed PROFILE CONFIG` with 3 tiny nodes of different devices: the run
+    finishes with every client in every round, and no namespace or cgroup of it remains."""
+    import yaml
+    from conftest import tiny_tree
+
+    tree = tiny_tree(algorithm={"name": "fedit"}, threads=1,
+                     federation={"num_clients": 3, "client_max_ranks": [8, 4, 2], "rounds": 2})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    (tmp_path / "tb.yaml").write_text(yaml.safe_dump({"nodes": [
+        {"device": "high", "cpu": 1.0}, {"device": "mid", "cpu": 0.5}, {"device": "low", "cpu": 0.5}]}))
+    before = {n for n in namespaces() if n.startswith("flt")}
+    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "flower", "testbed", str(tmp_path / "tb.yaml"),
+                           str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--min-clients", "3", "--quiet"],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    log = tmp_path / "run/flower/flwr_run.log"
+    assert proc.returncode == 0, proc.stdout + proc.stderr + (log.read_text() if log.exists() else "")
+    rounds = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [sorted(c["id"] for c in r["clients"]) for r in rounds if "clients" in r] == [[0, 1, 2]] * 2
+    assert {n for n in namespaces() if n.startswith("flt")} == before
+    assert not (tmp_path / "run/flower/testbed" / MANIFEST).exists()
