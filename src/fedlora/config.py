@@ -27,7 +27,7 @@ from fedlora.algorithms import AlgorithmOptions
 from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.data.custom import data_file_builder
 from fedlora.data.registry import registered_datasets
-from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
+from fedlora.devices import DeviceProfile, DevicesConfig, capability_ranks, resolve_profiles
 from fedlora import schema
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.files import read_user_file
@@ -327,7 +327,9 @@ class FederationConfig(Strict):
     num_clients: int = Field(10, ge=1)
     """K, the number of clients."""
     client_max_ranks: list[int] = Field(default_factory=lambda: list(PAPER_CLIENT_RANKS))
-    """r_k^1, each client's largest LoRA rank, one per client (default: the paper's); each ≥ 1."""
+    """r_k^1, each client's largest LoRA rank, one per client (default: the paper's); each ≥ 1.
+    `auto`: derived from each client's device throughput by `fedlora.devices.capability_rank`
+    (docs: "Measured devices"), recorded as a list in the run's config.yaml."""
     rounds: int = Field(5, ge=1, le=schema.MAX_ROUNDS)
     """Global rounds."""
     fraction: float = 1.0
@@ -369,6 +371,74 @@ class FederationConfig(Strict):
         return self
 
 
+class PrivacyConfig(Strict):
+    """Differential privacy (docs/concepts/privacy.md): what a client's data is protected by."""
+
+    mode: Literal["none", "client", "sample"] = "none"
+    """`none`; `client`: client-level DP (each round, each client's whole contribution is
+    clipped to `clip_norm` and the sum noised: protects a client's whole data set); `sample`:
+    DP-SGD on every client (per-example gradients clipped, noised each local step: protects
+    one training example)."""
+    noise_multiplier: float | None = Field(None, gt=0)
+    """σ: the noise's standard deviation in units of the clipped sum's sensitivity. Give this
+    or `target_epsilon`."""
+    target_epsilon: float | None = Field(None, gt=0)
+    """The ε the run may spend at `delta` over federation.rounds: σ is calibrated to it (the
+    accountant's own search), and a resume with more rounds that would exceed it is refused."""
+    delta: float | None = Field(None, gt=0, lt=1)
+    """δ of the reported ε. None: 1/N, N the clients (`client`) or the smallest client's
+    example count (`sample`)."""
+    clip_norm: float = Field(1.0, gt=0)
+    """C: the ℓ2 bound of a client's round delta (`client`) or of one example's gradient of
+    the trained factors (`sample`); with adaptive clipping, its start."""
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    """`adaptive` (`client` only): C follows a quantile of the update norms (Andrew et al. 2021)."""
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    """Adaptive clipping: the share of updates C aims to leave unclipped."""
+    clip_lr: float = Field(0.2, gt=0)
+    """Adaptive clipping: η of C ← C · exp(−η (b̄ − quantile))."""
+    count_noise: float | None = Field(None, gt=0)
+    """Adaptive clipping: σ_b, the noise on the count of unclipped updates (None: clients per
+    round / 20, the paper's advice, or σ if larger: with few clients m/20 would leave nothing
+    for the updates); it must exceed σ / 2."""
+    noise: Literal["server", "client"] = "server"
+    """`client` level: where clipping and noise happen. `server`: the trusted server clips every
+    upload and noises the method's weighted sum; `client`: each client clips and adds its share
+    of the noise before uploading, and the server averages with equal weights."""
+    accountant: Literal["rdp", "pld"] = "rdp"
+    """dp-accounting's RDP or PLD accountant; PLD only when nothing is sampled (every client
+    every round, `client` mode)."""
+
+
+def privacy_refusal(cfg: RunConfig) -> str | None:
+    """Why this privacy setting is undefined for this run (one line), or None."""
+    p, method = cfg.privacy, cfg.algorithm.name
+    # fields away from their defaults (a run's own config.yaml names every field)
+    given = {k for k, f in PrivacyConfig.model_fields.items() if k != "mode" and getattr(p, k) != f.default}
+    if p.mode == "none":
+        return f"privacy.{sorted(given)[0]}: set, but privacy.mode is none" if given else None
+    if (p.noise_multiplier is None) == (p.target_epsilon is None):
+        return "privacy: give exactly one of noise_multiplier and target_epsilon"
+    sampled = p.mode == "sample" or cfg.federation.fraction < 1
+    if p.accountant == "pld" and sampled:
+        return "privacy.accountant: pld does not account for sampling without replacement; use rdp"
+    if p.mode == "sample":
+        client_only = sorted(given & {"clipping", "target_quantile", "clip_lr", "count_noise", "noise"})
+        return f"privacy.{client_only[0]}: only for mode client" if client_only else None
+    if method == "aflora" and getattr(cfg.algorithm, "ddr", False):
+        return "privacy.mode: aflora's pruning masks depend on the data and are sent un-noised; set algorithm.ddr: false"
+    if p.noise == "client" and method == "aflora":
+        return "privacy.noise: client needs equal weights and ranks; aflora weights and pads by rank: use noise: server"
+    if p.noise == "client" and cfg.aggregation.norm_bound is not None:
+        return "privacy.noise: client: the norm bound could reject a noised update and leave the sum short of noise; set aggregation.norm_bound: null"
+    if cfg.aggregation.combine != "mean":
+        return f"privacy.mode: the noise is calibrated for the method's weighted sum, not aggregation.combine {cfg.aggregation.combine}"
+    adaptive_only = sorted(given & {"target_quantile", "clip_lr", "count_noise"})
+    if p.clipping == "fixed" and adaptive_only:
+        return f"privacy.{adaptive_only[0]}: only for clipping adaptive"
+    return None
+
+
 class LoggingConfig(Strict):
     """Where a run's metrics go besides metrics.jsonl."""
 
@@ -399,16 +469,24 @@ class RunConfig(Strict):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     """Simulated adversarial clients, for measuring the defences (none by default)."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    """Differential privacy: client-level or sample-level (DP-SGD), with its accountant."""
 
     @model_validator(mode="before")
     @classmethod
     def _ranks_from_devices(cls, tree: Any) -> Any:
-        """`devices.max_ranks: devices` fills federation.client_max_ranks from the profiles."""
+        """`devices.max_ranks: devices` fills federation.client_max_ranks from the profiles;
+        `federation.client_max_ranks: auto` from their throughputs (the capability rule)."""
         dev = tree.get("devices") if isinstance(tree, dict) else None
-        if not isinstance(dev, dict) or dev.get("max_ranks") != "devices":
+        fed = tree.get("federation") if isinstance(tree, dict) else None
+        auto = isinstance(fed, dict) and fed.get("client_max_ranks") == "auto"
+        if not auto and (not isinstance(dev, dict) or dev.get("max_ranks") != "devices"):
             return tree
+        if auto and isinstance(dev, dict) and dev.get("max_ranks") == "devices":
+            raise ValueError("federation.client_max_ranks: auto and devices.max_ranks: devices both set the ranks; "
+                             "give one")
         try:
-            devices = DevicesConfig.model_validate(dev)
+            devices = DevicesConfig.model_validate(dev or {})
         except ValidationError:
             return tree  # the field validation below reports it
         fed = tree.get("federation") or {}
@@ -420,9 +498,12 @@ class RunConfig(Strict):
         if not isinstance(n, int) or n < 1 or seed is None:
             return tree  # the field validation below reports it
         try:
-            ranks = [p.max_rank for p in resolve_profiles(devices, n, seed)]
+            profiles = resolve_profiles(devices, n, seed)
         except ValueError as err:
             raise ValueError(str(err)) from None
+        if auto:
+            return {**tree, "federation": {**fed, "client_max_ranks": capability_ranks([p.flops for p in profiles])}}
+        ranks = [p.max_rank for p in profiles]
         # a run's own config.yaml names the ranks it was given: those are accepted back (resume)
         if fed.get("client_max_ranks", ranks) != ranks:
             raise ValueError(f"federation.client_max_ranks: {fed['client_max_ranks']} differs from the devices' "
@@ -450,6 +531,13 @@ class RunConfig(Strict):
     def _pipeline_fits_method(self) -> RunConfig:
         """Each aggregation stage and the attack must be defined for the method (fedlora.aggregation)."""
         check_pipeline(self)
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_defined(self) -> RunConfig:
+        why = privacy_refusal(self)
+        if why:
+            raise ValueError(why)
         return self
 
     def device_profiles(self) -> list[DeviceProfile]:

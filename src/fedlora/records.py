@@ -112,4 +112,6 @@ def summarize(method: str, records: Sequence[Record]) -> dict[str, Any]:
         "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in records)),
         "wall_seconds": float(sum(r["wall_seconds"] for r in records)),
         "rejected_updates": int(sum(len(r.get("rejected", [])) for r in records)),
+        # the privacy spent (fedlora.privacy): ε at δ after the last round
+        **{k: records[-1][k] for k in ("privacy_epsilon", "privacy_delta") if records and k in records[-1]},
     }

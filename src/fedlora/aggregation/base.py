@@ -39,6 +39,7 @@ and the hooks it needs, and a factory `cfg -> functools.partial(YourStage, **opt
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -83,10 +84,10 @@ class Wrapper(Algorithm):
         type(self).check(inner.name)
         super().__init__(inner.options, inner.setup)
         self.inner = inner
-        # the method's class-level traits, which Algorithm's defaults would otherwise shadow
-        for trait in ("name", "trains", "cost_note", "adapts_ranks", "compared_by_default", "homogeneous",
-                      "unbounded_keys"):
-            setattr(self, trait, getattr(inner, trait))
+        self.name = inner.name
+        for trait, value in vars(Algorithm).items():  # what the method declares of itself (trains, ...)
+            if not trait.startswith("_") and not inspect.isfunction(value) and not isinstance(value, property):
+                setattr(self, trait, getattr(inner, trait))
 
     def label(self) -> str:
         """The stage as the config names it (errors, logs), e.g. `krum`."""

@@ -56,7 +56,6 @@ class FedSALoRA(Algorithm):
     name = "fedsa"
     Options = FedSALoRAOptions
     homogeneous = True
-    supports_trimmed_mean = True
     options: FedSALoRAOptions
 
     def __init__(self, options: FedSALoRAOptions, setup: FederationSetup) -> None:

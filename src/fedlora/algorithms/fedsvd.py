@@ -67,7 +67,6 @@ class FedSVD(Algorithm):
     Options = FedSVDOptions
     trains = "B"
     homogeneous = True
-    supports_trimmed_mean = True
     options: FedSVDOptions
 
     def __init__(self, options: FedSVDOptions, setup: FederationSetup) -> None:

@@ -55,7 +55,6 @@ class RoLoRA(Algorithm):
     Options = RoLoRAOptions
     trains = "A/B"
     homogeneous = True
-    supports_trimmed_mean = True
     options: RoLoRAOptions
 
     def __init__(self, options: RoLoRAOptions, setup: FederationSetup) -> None:

@@ -27,6 +27,7 @@ import torch
 from rich.progress import Progress
 from fedlora.adapters import Adapters
 from fedlora.aggregation import build_pipeline
+from fedlora.aggregation.privacy import PrivacyStage
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import (
     DIAGNOSTIC_SECONDS,
@@ -95,6 +96,8 @@ class Federation:
     algorithm: Algorithm
     total_params: int
     profiles: list[DeviceProfile]
+    privacy: PrivacyStage | None = None
+    """Differential privacy (config `privacy`), set by the runtime once it knows the run's history."""
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
@@ -202,6 +205,9 @@ class Simulation:
         else:
             refuse_existing_run(self.run_dir)
         fed = self.fed = Federation.build(cfg)
+        per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
+        # σ and the budget before any training (a resume with more rounds may be refused here)
+        fed.privacy = PrivacyStage.build(cfg, fed.algorithm, per_round, ckpt.history if resume else [])
         if resume:
             for state in (ckpt.state, *ckpt.client_states.values()):
                 check_state(state, fed.adapters.shapes(), self.run_dir / CHECKPOINT)
@@ -230,7 +236,6 @@ class Simulation:
             self.tensorboard = TensorBoardLog(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
-        per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
         try:
             with self._progress() as bar:
                 t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
@@ -252,6 +257,8 @@ class Simulation:
         cfg, algo = self.cfg, fed.algorithm
         start = time.perf_counter()
         selected = sample_clients(sampler, cfg.federation.num_clients, cfg.federation.fraction)
+        if fed.privacy is not None:
+            fed.privacy.start_round(t, ckpt.history)
         state, updates, clients, rejected, client_states = self._train_clients(fed, t, ckpt, selected, on_client)
 
         s0 = time.perf_counter()
@@ -295,6 +302,8 @@ class Simulation:
             rejected=rejected,
             **server_metrics,
         )
+        if fed.privacy is not None:
+            record.update(fed.privacy.record(t, ckpt.history, selected))
         new = Checkpoint(
             round=t, state=state, client_states=client_states,
             sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],
