@@ -90,14 +90,14 @@ def build_pipeline(method: Algorithm, cfg: Any) -> Algorithm:
 def check_pipeline(cfg: Any) -> None:
     """The config's stages against its method, before any model loads: Undefined (one line) for
     the first undefined combination; also what a stage needs of the rest of the config."""
+    if cfg.attack.attackers > cfg.federation.num_clients:
+        raise Undefined(f"attack.attackers: {cfg.attack.attackers} of federation.num_clients="
+                        f"{cfg.federation.num_clients} clients")
     method = cfg.algorithm.name
     for factory in SLOTS.values():
         stage = factory(cfg)
         if stage is not None:
             stage.func.check(method)
-    if cfg.attack.attackers > cfg.federation.num_clients:
-        raise Undefined(f"attack.attackers: {cfg.attack.attackers} of federation.num_clients="
-                        f"{cfg.federation.num_clients} clients")
     if cfg.attack.kind == "label_flip" and cfg.data.task != "classification":
         raise Undefined(f"attack.kind: label_flip needs class labels; data.task is {cfg.data.task}")
 
