@@ -124,3 +124,11 @@ def test_fedsa_clients_are_judged_with_global_a_and_their_own_b_and_compared_wit
     line = next(x for x in md.splitlines() if x.startswith("| fedsa |") and "client-mean" not in x and x.count("|") == 8)
     a, b = aligned(recorded["fedsa"], recorded["fedit"])
     assert f"{a.mean() - b.mean():+.4f}" in line  # Δ pooled vs fedit, on the same items
+
+
+def test_the_flower_runtime_refuses_personalized_in_one_line(tmp_path):
+    from fedlora.flower.server_app import FlowerRun
+
+    cfg = build_config(tiny_tree(evaluation={"personalized": True}, algorithm={"name": "fedsa"}))
+    with pytest.raises(ConfigError, match="evaluation.personalized: in-process runtime only"):
+        FlowerRun(cfg, tmp_path / "run", grid=None)
