@@ -165,3 +165,25 @@ def test_an_installed_packages_entry_point_registers_its_method(tmp_path, monkey
     finally:
         ALGORITHMS.pop("toy-avg-b", None)
         sys.modules.pop("toy_method", None)
+
+
+def test_build_algorithm_builds_the_named_methods_class_with_its_options():
+    from fedlora.algorithms import build_algorithm
+    from fedlora.algorithms.base import FederationSetup
+    from fedlora.algorithms.registry import parse_options
+
+    setup = FederationSetup({"m": (4, 3)}, [2, 2], [5, 5], 0.5, 0)
+    algo = build_algorithm(parse_options({"name": "rolora", "first": "A"}), setup)
+    assert type(algo) is ALGORITHMS["rolora"] and algo.options.first == "A" and algo.setup is setup
+
+
+def test_the_config_reference_schema_lists_every_registered_methods_options(toy_module):
+    from pydantic import TypeAdapter
+
+    from fedlora.algorithms import AlgorithmOptions
+
+    schema = TypeAdapter(AlgorithmOptions).json_schema()
+    names = [alt["properties"]["name"]["const"] for alt in schema["oneOf"]]
+    assert names == list(ALGORITHMS) and "toy-avg-b" in names
+    toy = schema["oneOf"][names.index("toy-avg-b")]
+    assert toy["properties"]["scale"]["default"] == 1.0 and toy["additionalProperties"] is False

@@ -62,6 +62,7 @@ def test_methods_are_paired_on_the_same_items_whatever_their_order():
     assert rows["all-right"]["personal_accuracy"] == 1.0 and "diff" not in rows["ref"]
     assert rows["ref"]["worst_client_accuracy"] == 0.0 and rows["ref"]["worst_clients"] == "1"
     assert rows["all-right"]["mcnemar"] == "0.25"  # 3 discordant pairs, all one way: 2·0.5³
+    assert rows["all-right"]["p_value"] is None  # one seed: no t over seeds, only the item bootstrap
 
 
 def test_personalized_is_refused_for_instruction_tasks():
@@ -112,7 +113,8 @@ def test_fedsa_clients_are_judged_with_global_a_and_their_own_b_and_compared_wit
             else:
                 factors = ckpt.state
             fed.adapters.load(factors)
-            preds, _ = predict_classes(fed.model, fed.task.personal[k], fed.task.label_ids, fed.pad_id, 8)
+            preds, _ = predict_classes(fed.model, fed.task.personal[k], fed.task.label_ids, fed.pad_id,
+                                       fed.cfg.federation.eval_batch_size, fed.cfg.model.compute_dtype)
             fed.adapters.clear()
             mine = items["personal_client"] == k
             assert items["personal_prediction"][mine].tolist() == preds.tolist()
@@ -121,7 +123,7 @@ def test_fedsa_clients_are_judged_with_global_a_and_their_own_b_and_compared_wit
     assert np.array_equal(recorded["fedsa"]["personal_id"], recorded["fedit"]["personal_id"])  # same items
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## Personalised accuracy" in md
-    line = next(x for x in md.splitlines() if x.startswith("| fedsa |") and "client-mean" not in x and x.count("|") == 8)
+    line = next(x for x in md.splitlines() if x.startswith("| fedsa |") and x.count("|") == 9)
     a, b = aligned(recorded["fedsa"], recorded["fedit"])
     assert f"{a.mean() - b.mean():+.4f}" in line  # Δ pooled vs fedit, on the same items
 

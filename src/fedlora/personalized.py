@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.stats import item_interval, paired_bootstrap, seed_interval
+from fedlora.stats import item_interval, paired_difference, seed_interval, with_holm
 
 PREFIX = "personal_"
 KEYS = ("client", "id", "label", "prediction", "correct")
@@ -69,9 +69,10 @@ def personal_comparison(final: Mapping[str, Mapping[int, Mapping[str, np.ndarray
     """Per method (final[method][seed] = that run's final per-item records): the mean over seeds
     of the client-mean and worst-client accuracy, the 95% interval of the client mean (t over
     seeds, or with one seed the bootstrap over items), and the paired difference of pooled
-    held-out accuracy against `reference` over the seeds both share (hierarchical bootstrap,
-    McNemar per seed)."""
-    rows = []
+    held-out accuracy against `reference` over the seeds both share, with fedlora.stats' protocol
+    (primary: Student t over the seeds' differences, Holm-adjusted across the table; secondary:
+    the within-seed item bootstrap and McNemar per seed)."""
+    rows, diffs = [], []
     ref = final.get(reference or "", {})
     for method, per_seed in final.items():
         metrics = [personal_metrics(per_seed[s]) for s in sorted(per_seed)]
@@ -80,19 +81,25 @@ def personal_comparison(final: Mapping[str, Mapping[int, Mapping[str, np.ndarray
             _, low, high = (float(v) for v in seed_interval(means))
         else:
             low, high = item_interval(next(iter(per_seed.values()))[f"{PREFIX}correct"], STATS_SEED)
-        row: dict[str, Any] = {
+        rows.append({
             "method": method, "seeds": len(metrics), "personal_accuracy": float(means.mean()),
             "ci_low": low, "ci_high": high,
             "worst_client_accuracy": float(np.mean([m["personal_worst_accuracy"] for m in metrics])),
             "worst_clients": ";".join(str(m["personal_worst_client"]) for m in metrics),
-        }
+        })
         pairs = [p for s in sorted(per_seed) if s in ref and (p := aligned(per_seed[s], ref[s])) is not None]
-        if method != reference and pairs:
-            diff = paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], STATS_SEED)
+        diffs.append(paired_difference([a for a, _ in pairs], [b for _, b in pairs], STATS_SEED)
+                     if method != reference and pairs else None)
+    for row, diff in zip(rows, with_holm(diffs)):
+        if diff is not None:
             row.update(diff=diff.mean, diff_low=diff.low, diff_high=diff.high, p_value=diff.p_value,
-                       significant=diff.significant, mcnemar=";".join(f"{p:.4g}" for p in diff.mcnemar))
-        rows.append(row)
+                       p_holm=diff.p_holm, significant=diff.significant, items_low=diff.items_low,
+                       items_high=diff.items_high, mcnemar=";".join(f"{p:.4g}" for p in diff.mcnemar))
     return rows
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    return "" if low is None else f" [{low:.4f}, {high:.4f}]"
 
 
 def personal_table(rows: list[dict[str, Any]], reference: str | None) -> str:
@@ -105,17 +112,21 @@ def personal_table(rows: list[dict[str, Any]], reference: str | None) -> str:
         "Each client's accuracy on its own held-out items (a seeded part of its training shard, never "
         "trained on) with the model it would use: the global model, or its personal one (FedSA-LoRA: "
         "the global A with its own B). Mean over clients (unweighted) and the worst client, final "
-        f"evaluation, mean over seeds. Δ is the pooled held-out accuracy minus {ref}'s on the same items "
-        "(hierarchical bootstrap over seeds and items; * p < 0.05), McNemar's exact p per seed.\n",
-        f"| method | seeds | client-mean accuracy [95% CI] | worst client (which, per seed) | Δ pooled vs {ref} [95% CI] | p | McNemar p per seed |",
-        "|" + "---|" * 7,
+        f"evaluation, mean over seeds. Δ is the pooled held-out accuracy minus {ref}'s on the same items: "
+        "its interval and p are Student's t over the seeds' differences (p Holm-adjusted across this "
+        "table; * marks p_Holm < 0.05 with at least 3 seeds); the item bootstrap within seeds and "
+        "McNemar's exact p per seed are the test-set noise of these trained models only.\n",
+        f"| method | seeds | client-mean accuracy [95% CI] | worst client (which, per seed) "
+        f"| Δ pooled vs {ref} [95% CI, t] | p (Holm) | Δ: items within seeds | McNemar p per seed |",
+        "|" + "---|" * 8,
     ]
     for r in rows:
         if "diff" in r:
-            d = f"{r['diff']:+.4f}{'*' if r['significant'] else ''} [{r['diff_low']:.4f}, {r['diff_high']:.4f}]"
-            p, mc = f"{r['p_value']:.4f}", r["mcnemar"]
+            d = f"{r['diff']:+.4f}{'*' if r['significant'] else ''}{_interval(r['diff_low'], r['diff_high'])}"
+            p = "–" if r["p_value"] is None else f"{r['p_value']:.4f} ({r['p_holm']:.4f})"
+            items, mc = _interval(r["items_low"], r["items_high"]).strip(), r["mcnemar"]
         else:
-            d, p, mc = ("reference" if r["method"] == reference else "–"), "–", "–"
-        lines.append(f"| {r['method']} | {r['seeds']} | {r['personal_accuracy']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
-                     f"| {r['worst_client_accuracy']:.4f} ({r['worst_clients']}) | {d} | {p} | {mc} |")
+            d, p, items, mc = ("reference" if r["method"] == reference else "–"), "–", "–", "–"
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['personal_accuracy']:.4f}{_interval(r['ci_low'], r['ci_high'])} "
+                     f"| {r['worst_client_accuracy']:.4f} ({r['worst_clients']}) | {d} | {p} | {items} | {mc} |")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from fedlora.adapters import Adapters
+from fedlora.aggregation import build_pipeline
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import (
     DIAGNOSTIC_SECONDS,
@@ -115,11 +116,10 @@ class Federation:
             num_examples=[len(c) for c in task.clients],
             scaling=cfg.scaling,
             seed=cfg.seed,
-            trimmed_mean=cfg.aggregation.trimmed_mean,
             **device_setup(cfg, model, adapters, task, profiles),
         )
-        with option_errors():
-            algorithm = build_algorithm(cfg.algorithm, setup)
+        with option_errors():  # the method inside its aggregation pipeline (attack, defences)
+            algorithm = build_pipeline(build_algorithm(cfg.algorithm, setup), cfg)
         return cls(cfg, model, tokenizer, adapters, task, algorithm, total, profiles)
 
     @property
@@ -158,7 +158,8 @@ class Federation:
         (`Algorithm.personal_factors`), and the per-item records (fedlora.personalized). A
         method without personal models is evaluated once, with the global adapter."""
         algo, cfg = self.algorithm, self.cfg
-        shared = type(algo).personal_factors is Algorithm.personal_factors
+        method = getattr(algo, "method", algo)  # the method inside its aggregation pipeline
+        shared = type(method).personal_factors is Algorithm.personal_factors
         parts = []
         for k, examples in enumerate(self.task.personal):
             if not shared or k == 0:
