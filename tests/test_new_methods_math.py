@@ -289,3 +289,42 @@ def test_one_rank_the_weakest_clients_or_the_requested(cls, options):
     with pytest.raises(ValueError, match="algorithm.rank: 4 exceeds the smallest client max rank 2"):
         cls(options(rank=4), setup())
     assert cls.homogeneous
+
+
+def test_fedex_keeps_a_float32_state_from_uploads_of_another_dtype():
+    """Clients may upload float64 (or half) factors: the state and the residual the base is merged
+    with stay float32, with the same values."""
+    algo = FedExLoRA(FedExLoRAOptions(residual="factors"), setup())
+    dense = FedExLoRA(FedExLoRAOptions(residual="dense"), setup())
+    u = [Update(x.client_id, {k: v.double() for k, v in x.tensors.items()}, x.num_examples) for x in ups()]
+    p = data_weights(u)
+    for agg in (algo.aggregate(algo.init_state(), u, server=None), dense.aggregate(dense.init_state(), u, server=None)):
+        assert all(t.dtype == torch.float32 for t in agg.state.values())
+        assert all(t.dtype == torch.float32 for pair in agg.merge.values() for t in pair)
+        for name in SHAPES:
+            As, Bs = [x.tensors[f"{name}.A"] for x in u], [x.tensors[f"{name}.B"] for x in u]
+            R_hand = by_hand(p, [b @ a for a, b in zip(As, Bs)]) - by_hand(p, Bs) @ by_hand(p, As)
+            mB, mA = agg.merge[name]
+            close(mB.double() @ mA.double(), R_hand, 1e-4)
+
+
+def test_rolora_first_a_alternates_from_a():
+    algo = RoLoRA(RoLoRAOptions(first="A"), setup())
+    assert [algo.factor(t) for t in (1, 2, 3, 4)] == ["A", "B", "A", "B"]
+
+
+def test_rolora_tilt_is_each_clients_term_of_the_product():
+    """B round: client k's term is p_k B_k A; A round: p_k B A_k (the diagnostics by hand)."""
+    from fedlora.diagnostics import aggregation_tilt
+
+    algo = RoLoRA(RoLoRAOptions(), setup())
+    state = {k: (torch.randn_like(v) if k != "round" else v) for k, v in algo.init_state().items()}
+    for t, trained in ((1, "B"), (2, "A")):
+        state["round"] = torch.tensor(t)
+        u = ups(trained)
+        p = data_weights(u)
+        got = algo.aggregate(state, u, server=None).metrics["delta_share"]
+        terms = [[(pk, x.tensors[f"{n}.B"] if trained == "B" else state[f"{n}.B"],
+                   state[f"{n}.A"] if trained == "B" else x.tensors[f"{n}.A"]) for pk, x in zip(p, u)] for n in SHAPES]
+        expected = aggregation_tilt([x.client_id for x in u], terms)["delta_share"]
+        assert got == pytest.approx(expected)
