@@ -242,3 +242,25 @@ def test_the_flower_clientapp_applies_the_attack_as_the_inprocess_runtime_does(d
     for records in (flower, inprocess):
         for record in records:
             assert [c["id"] for c in record["clients"] if c.get("attacker")] == [attacker]
+
+
+def test_gaussian_change_is_origin_plus_the_seeded_noise():
+    from fedlora.aggregation.attack import gaussian_change
+
+    origin = {"w": torch.full((3, 4), 2.0), "e": torch.zeros(0)}
+    upload = {"w": origin["w"] + 0.5, "e": torch.zeros(0)}
+    out = gaussian_change(upload, origin, 3.0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    torch.randn((0,), generator=g)  # "e" first (sorted keys)
+    expected = 2.0 + 3.0 * 0.5 * torch.randn((3, 4), generator=g)
+    assert torch.equal(out["w"], expected) and out["e"].numel() == 0
+
+
+def test_reversal_for_norm_edge_cases():
+    origin = {"w.B": torch.zeros(2)}
+    upload = {"a.mask": torch.ones(2) * 9, "w.B": torch.tensor([3.0, 4.0]), "w.A": torch.zeros(2)}
+    # masks skipped (not a stop), an unattacked key counts with no change: |1 − t| · 5 = 10 → t = 3
+    assert reversal_for_norm(upload, origin, 10.0, (".mask",)) == pytest.approx(3.0)
+    assert reversal_for_norm({"w.B": torch.ones(2)}, {"w.B": torch.ones(2)}, 10.0, ()) == 0.0  # no change
+    assert reversal_for_norm({"w.B": torch.ones(2)}, {"w.B": torch.zeros(2)}, 0.5, ()) == pytest.approx(
+        1 + 0.5 / 2 ** 0.5)  # target below the honest norm: still the larger root

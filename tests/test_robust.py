@@ -255,3 +255,121 @@ def test_weighted_sum_with_one_update_of_weight_one_is_the_identity():
     """Why the consensus update is exact: zeros + 1.0 · t is t, bit for bit."""
     t = torch.randn(5, 7, generator=torch.Generator().manual_seed(3))
     assert torch.equal(weighted_sum([t], [1.0]), t)
+
+
+# -- the factories and the delegation (what mutation testing asked for) ---------------------------
+
+def test_the_config_reaches_every_stage_option():
+    from fedlora.aggregation import attack_stage, combine_stage, screening_stage
+    from fedlora.aggregation.attack import LabelFlip, UploadAttack, choose_attackers
+
+    cfg = config(aggregation={"combine": "multi_krum", "byzantine": 2, "select": 3, "norm_action": "clip"},
+                 attack={"kind": "gaussian", "attackers": 2, "seed": 7, "scale": 3.0, "noise_scale": 0.5,
+                         "margin": 0.8, "bound": 4.0})
+    combine = combine_stage(cfg)
+    assert combine.func is RobustCombine and combine.keywords == {
+        "kind": "multi_krum", "trim": 0.1, "byzantine": 2, "select": 3}
+    assert screening_stage(cfg).keywords == {"bound": 10.0, "action": "clip"}
+    attack = attack_stage(cfg)
+    assert attack.func is UploadAttack and attack.keywords == {
+        "attackers": choose_attackers(4, 2, 7), "kind": "gaussian", "scale": 3.0, "noise_scale": 0.5,
+        "margin": 0.8, "bound": 4.0}
+    flip = attack_stage(config(attack={"kind": "label_flip", "attackers": 1}))
+    assert flip.func is LabelFlip and flip.keywords == {"attackers": choose_attackers(4, 1, 0)}
+    assert choose_attackers(10, 10, 3) == frozenset(range(10))  # distinct: drawn without replacement
+    assert RobustCombine(fedit_updates([1.0])[0], "trimmed_mean", trim=0.25).label() == "trimmed_mean 0.25"
+    assert RobustCombine(fedit_updates([1.0])[0], "multi_krum", byzantine=2).label() == "multi_krum (f=2)"
+
+
+def test_every_attacker_may_attack_and_label_flip_takes_a_classification_task():
+    from fedlora.config import build_config
+    from conftest import tiny_tree
+
+    cfg = build_config(tiny_tree(attack={"kind": "label_flip", "attackers": 4}))  # 4 of 4 clients
+    assert cfg.attack.attackers == cfg.federation.num_clients
+
+
+class Recorder(Algorithm):
+    """Records each protocol call's arguments and returns a marker."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__(FedITOptions(), FederationSetup({"w": (1, 1)}, [1], [1], 1.0, 0))
+        self.calls = []
+
+    def _record(self, name, *args):
+        self.calls.append((name, args))
+        return name
+
+    def init_state(self):
+        return self._record("init_state")
+
+    def payload(self, state, client_id):
+        return self._record("payload", state, client_id)
+
+    def client_train(self, ctx, payload, client_state):
+        return self._record("client_train", ctx, payload, client_state)
+
+    def expected_shapes(self, state, update):
+        return self._record("expected_shapes", state, update)
+
+    def aggregate(self, state, updates, server):
+        return self._record("aggregate", state, updates, server)
+
+    def eval_factors(self, state):
+        return self._record("eval_factors", state)
+
+    def personal_factors(self, state, client_state):
+        return self._record("personal_factors", state, client_state)
+
+    def stages(self, state, selected):
+        return self._record("stages", state, selected)
+
+    def aggregate_stage(self, state, updates, stage):
+        return self._record("aggregate_stage", state, updates, stage)
+
+    def validate(self, state, update):
+        return self._record("validate", state, update)
+
+
+def test_a_wrapper_passes_every_call_and_argument_through_unchanged():
+    class Pass(Wrapper):
+        DEFAULT = "anything"
+
+    inner = Recorder()
+    inner.trains, inner.homogeneous, inner.unbounded_keys = "B", True, (".m",)
+    wrapped = Pass(inner)
+    assert (wrapped.options, wrapped.trains, wrapped.homogeneous, wrapped.unbounded_keys) == (
+        inner.options, "B", True, (".m",))
+    assert wrapped.label() == "Pass" and wrapped.method is inner and wrapped.calls is inner.calls
+    with pytest.raises(AttributeError, match="^inner$"):  # before __init__ set it: no endless recursion
+        _ = Pass.__new__(Pass).inner
+    calls = [("init_state",), ("payload", "S", 3), ("client_train", "C", "P", "CS"),
+             ("expected_shapes", "S", "U"), ("aggregate", "S", ["U"], "SV"), ("eval_factors", "S"),
+             ("personal_factors", "S", "CS"), ("stages", "S", [1, 2]), ("aggregate_stage", "S", ["U"], 1),
+             ("validate", "S", "U")]
+    for name, *args in calls:
+        assert getattr(wrapped, name)(*args) == name
+    assert inner.calls == [(name, tuple(args)) for name, *args in calls]
+    assert [v.update for v in Pass(NormBound(inner, 10.0, "reject")).screen([])] == []
+
+
+def test_combines_hand_the_server_context_to_the_method():
+    inner = Recorder()
+    inner.name = "fedit"
+    method, updates = fedit_updates([1.0, 2.0, 3.0])
+    for kind in ("median", "krum"):
+        inner.calls.clear()
+        wrapped = RobustCombine.__new__(RobustCombine)
+        RobustCombine.__init__(wrapped, inner, kind)
+        try:
+            wrapped.aggregate({}, updates, "SERVER")
+        except AttributeError:
+            pass  # the recorder's result is no Aggregate; the call is what matters
+        assert inner.calls[0][0] == "aggregate" and inner.calls[0][1][2] == "SERVER"
+
+
+def test_median_of_five_takes_the_third():
+    values = [T([5.0]), T([1.0]), T([4.0]), T([2.0]), T([3.0])]
+    assert torch.equal(coordinate_median(values), T([3.0]))

@@ -136,7 +136,7 @@ class Wrapper(Algorithm):
         return self.inner.expected_shapes(state, update)
 
     def validate(self, state: Tensors, update: Update) -> None:
-        self.inner.validate(state, update)
+        return self.inner.validate(state, update)
 
     def screen(self, updates: list[Update]) -> list[Verdict]:
         return screen(self.inner, updates)
