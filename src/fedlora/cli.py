@@ -111,7 +111,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError("config error: --validation-examples: must be >= 1")
     out = Path(args.out or f"runs/tune-{Path(args.config).stem}")
     command = run_tuning(Path(args.config), methods, grid, out, args.validation_examples, args.seed,
-                         test_seeds, args.set, progress=not args.quiet)
+                         test_seeds, args.set, progress=not args.quiet, allow_edge=args.allow_edge)
     print((out / "tuning.md").read_text())
     print(f"tuning directory: {out}")
     print(f"next, the chosen settings at {len(test_seeds)} seeds on the test set:\n  {command}")
@@ -220,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="seed of the tuning runs")
     tune.add_argument("--seeds", default="0,1,2", help="seeds of the printed test-set compare command")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field for the tuning runs only, e.g. a reduced budget")
+                      help="override a config field for the tuning runs and the printed test command "
+                      "(the test budget is the tuning budget), e.g. threads=1")
+    tune.add_argument("--allow-edge", action="store_true",
+                      help="write tuned.yaml even when a chosen lr is an end of the grid (flagged in tuning.md)")
     tune.add_argument("--out", help="tuning directory (default runs/tune-<config name>); rerunning into it resumes")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(func=_cmd_tune)

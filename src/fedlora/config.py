@@ -291,6 +291,12 @@ class FederationConfig(Strict):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
     eval_every: int = Field(1, ge=1)
+    eval_subset: int | None = Field(None, ge=1)
+    """Rounds before the last evaluate only this many test items, a seeded subset that is the same
+    every round, for every method and every seed of one test set (cheap curves, e.g. every round);
+    the last round evaluates the whole test subset. Each evaluated round logs the subset's accuracy
+    (`subset_accuracy`), the curve whose mean is the run's `accuracy_auc`. None: every evaluated
+    round uses the whole test subset."""
     eval_batch_size: int = Field(32, ge=1)
 
     @field_validator("client_max_ranks")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -164,12 +165,17 @@ def evaluate_lm(
 
 
 def evaluate_task(
-    model: nn.Module, task: FederatedTask, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32"
+    model: nn.Module, task: FederatedTask, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32",
+    positions: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], Items]:
     """The task's own evaluation ("loss" always; "accuracy" for classification, or MMLU's
     macro accuracy for instruction tasks judged on MMLU; classification adds the per-class,
     confusion and worst-client fields of fedlora.class_metrics) plus the MMLU details when
-    enabled; and the per-item records (`id`: the test items' rows in the test split)."""
+    enabled; and the per-item records (`id`: the test items' rows in the test split).
+    `positions`: evaluate only these test items (federation.eval_subset)."""
+    if positions is not None:
+        ids = task.test_ids or list(range(len(task.test)))
+        task = replace(task, test=[task.test[i] for i in positions], test_ids=[ids[i] for i in positions])
     if task.kind == "classification":
         preds, logprobs = predict_classes(model, task.test, task.label_ids, pad_id, batch_size, compute_dtype)
         items = classification_items(task.test, preds, logprobs)
@@ -187,3 +193,43 @@ def evaluate_task(
         if task.kind != "classification":
             out["accuracy"] = out["mmlu_accuracy"]
     return out, items
+
+
+SUBSET_SEED = 0xE7A1
+"""The eval subset's draw depends on this and the test set's size only: every method and seed
+of one test set evaluates the same items in the rounds before the last."""
+
+
+def subset_positions(test_size: int, subset: int | None) -> np.ndarray | None:
+    """Sorted positions of the seeded eval subset in the test set (None: no subset, or one as large)."""
+    if subset is None or subset >= test_size:
+        return None
+    rng = np.random.default_rng([SUBSET_SEED, test_size])
+    return np.sort(rng.choice(test_size, size=subset, replace=False))
+
+
+def curve_accuracy(record: dict[str, Any]) -> float | None:
+    """A round's point on the accuracy curve: the eval subset's accuracy when the run has one
+    (the same items every round), else the round's accuracy."""
+    return record.get("subset_accuracy", record.get("accuracy"))
+
+
+def accuracy_auc(history: Sequence[dict[str, Any]]) -> float | None:
+    """Area under the accuracy curve, normalised: the mean over evaluated rounds of
+    `curve_accuracy` (with evaluation every round, the area under the per-round step curve ÷
+    rounds; 1.0 is a model right from round 1). A secondary metric beside final accuracy: it
+    rewards learning early and staying up, and moves less with the stopping round."""
+    points = [a for r in history if (a := curve_accuracy(r)) is not None]
+    return float(np.mean(points)) if points else None
+
+
+def plateau_round(curve: Sequence[float], gain: float = 0.005, window: int = 3) -> int | None:
+    """The first round (1-based) at which a per-round accuracy curve has stopped rising: the mean
+    of its last `window` rounds exceeds the mean of the `window` rounds before them by less than
+    `gain` (issue 31's pilot rule, 0.5 points over 3 rounds, on window means so that one noisy
+    evaluation neither ends nor prolongs it). None: still rising at the curve's end."""
+    c = np.asarray(curve, dtype=np.float64)
+    for r in range(2 * window, len(c) + 1):
+        if c[r - window:r].mean() - c[r - 2 * window:r - window].mean() < gain:
+            return r
+    return None

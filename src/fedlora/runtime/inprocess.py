@@ -36,12 +36,12 @@ from fedlora.algorithms.base import (
     Update,
     first_non_finite,
 )
-from fedlora.clock import device_setup, simulated_round
+from fedlora.clock import device_setup, server_clock_seconds, simulated_round
 from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
-from fedlora.devices import DeviceProfile
-from fedlora.evaluate import evaluate_task
+from fedlora.devices import DeviceProfile, server_profile
+from fedlora.evaluate import accuracy_auc, evaluate_task, subset_positions
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
 from fedlora.runtime.checkpoint import Checkpoint, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
@@ -92,6 +92,11 @@ class Federation:
     algorithm: Algorithm
     total_params: int
     profiles: list[DeviceProfile]
+
+    @property
+    def server_profile(self) -> DeviceProfile:
+        """The declared server device (devices.server): its throughput times the server's FLOPs."""
+        return server_profile(self.cfg.devices)
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
@@ -152,16 +157,30 @@ class Federation:
         return evaluate_task(self.model, self.task, self.pad_id, self.cfg.federation.eval_batch_size,
                              self.cfg.model.compute_dtype)[0]
 
-    def evaluate(self, state: Tensors) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task)."""
+    @property
+    def eval_positions(self) -> np.ndarray | None:
+        """The seeded eval subset's positions in the test set (federation.eval_subset), or None."""
+        return subset_positions(len(self.task.test), self.cfg.federation.eval_subset)
+
+    def evaluate(self, state: Tensors, subset: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task), on
+        the eval subset when `subset` and the run has one; `subset_accuracy` (the curve's point)
+        and `eval_items` added."""
+        positions = self.eval_positions
         self.adapters.load(self.algorithm.eval_factors(state))
         try:
-            return evaluate_task(
+            ev, items = evaluate_task(
                 self.model, self.task, self.pad_id,
                 self.cfg.federation.eval_batch_size, self.cfg.model.compute_dtype,
+                positions if subset else None,
             )
         finally:
             self.adapters.clear()
+        ev["eval_items"] = len(items["id"])
+        if positions is not None and "correct" in items and self.task.kind == "classification":
+            correct = items["correct"] if subset else items["correct"][positions]
+            ev["subset_accuracy"] = float(np.mean(correct))
+        return ev, items
 
 
 def _check_server_result(round_: int, agg: Aggregate) -> None:
@@ -251,8 +270,9 @@ class Simulation:
         s0 = time.perf_counter()
         server_metrics: dict[str, Any] = {}
         merges = ckpt.merges
+        server = fed.server(t)
         if clients:
-            agg = algo.aggregate(state, updates, fed.server(t))
+            agg = algo.aggregate(state, updates, server)
             fed.adapters.clear()
             _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
@@ -266,11 +286,12 @@ class Simulation:
         # whose seconds are recorded apart so that a round's wall time can be accounted for
         diagnostic_seconds = server_metrics.pop(DIAGNOSTIC_SECONDS, 0.0)
         server_seconds = time.perf_counter() - s0 - diagnostic_seconds
-        sim = simulated_round(clients, fed.profiles, server_seconds, cfg.devices.server_time, ckpt.history)
+        sim = simulated_round(clients, fed.profiles, server_clock_seconds(
+            cfg.devices.server_time, server_seconds, server.flops, fed.server_profile), ckpt.history)
 
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
-            ev, items = fed.evaluate(state)
+            ev, items = fed.evaluate(state, subset=t < cfg.federation.rounds)
             write_eval_items(self.run_dir, t, items)
             record.update(test_loss=ev.pop("loss"), **ev)  # "accuracy" unless loss is all there is
         n = len(clients)
@@ -282,6 +303,7 @@ class Simulation:
             uplink_bytes=sum(c["uplink_bytes"] for c in clients),
             downlink_bytes=sum(c["downlink_bytes"] for c in clients),
             server_seconds=server_seconds,
+            server_flops=server.flops,
             server_diagnostic_seconds=diagnostic_seconds,
             wall_seconds=time.perf_counter() - start,
             **sim,
@@ -351,6 +373,7 @@ class Simulation:
             "final_accuracy": accs[-1][1] if accs else None,
             "best_accuracy": max(a for _, a in accs) if accs else None,
             "best_round": max(accs, key=lambda x: x[1])[0] if accs else None,
+            "accuracy_auc": accuracy_auc(history),
             "final_test_loss": last_eval.get("test_loss"),
             **({"final_perplexity": last_eval["perplexity"]} if "perplexity" in last_eval else {}),
             "mean_client_cost_percent": float(np.mean(costs)) if costs else None,
