@@ -21,7 +21,7 @@ declare -A EXTRA=([agnews]="" [fpb]="--set federation.local_steps=4 --set federa
 plateau() {  # the pilot's decision: "R" when both curves have plateaued, "" while either rises
   "$PY" - "$@" <<'PYEOF'
 import json, sys
-from fedlora.evaluate import plateau_round
+from fedlora.records import plateau_round
 rounds = []
 for run in sys.argv[1:]:
     curve = [r["accuracy"] for r in map(json.loads, open(f"{run}/metrics.jsonl")) if r.get("accuracy") is not None]

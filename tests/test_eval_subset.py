@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_tree
 
 from fedlora.config import ConfigError, build_config
-from fedlora.evaluate import accuracy_auc, plateau_round, subset_positions
+from fedlora.evaluate import subset_positions
+from fedlora.records import accuracy_auc, plateau_round
 from fedlora.runtime.outputs import read_eval_items, read_metrics
 
 

@@ -1,7 +1,8 @@
 """Typed run configuration: YAML in, validated model out, one-line errors naming the field.
 
-Every option is documented in the README ("Configuration"). Unknown keys are errors, so a
-typo never silently falls back to a default.
+Every option is documented by the attribute docstring under its field, from which the site's
+configuration reference is generated (tools/docgen.py, docs/reference/configuration.md).
+Unknown keys are errors, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -20,10 +20,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from fedlora.algorithms import ALGORITHMS, AlgorithmOptions
+from fedlora.aggregation import AggregationConfig, AttackConfig, check_pipeline
+from fedlora.algorithms import AlgorithmOptions
+from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from fedlora.data.custom import data_file_builder
+from fedlora.data.registry import registered_datasets
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
+from fedlora import schema
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
+from fedlora.files import read_user_file
 from fedlora.hardware import (
     DEVICE_CHOICES,
     DEVICE_NAMES,
@@ -36,23 +43,31 @@ from fedlora.hardware import (
 PAPER_CLIENT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Strict(schema.Strict):
+    """Unknown keys and non-finite floats refused (fedlora.schema), assignments validated."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class ModelConfig(Strict):
+    """The base model, where LoRA goes, and where and in which dtype it computes."""
+
     name: str = "smollm2-135m"
     """`smollm2-135m` (the offline wheel), `tiny-llama` / `tiny-gpt2` (random, for tests),
-    a hub name, a local model folder, or a path to a `.gguf` file."""
+    a hub name (`gpt2`, `TinyLlama/TinyLlama-1.1B-Chat-v1.0`, …), a local model folder, or a
+    path to a `.gguf` file."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    """Modules that get LoRA, by name or name suffix as in PEFT: `nn.Linear` and GPT-2's `Conv1D`."""
     device: str = "auto"
-    """Where training and evaluation run: `auto` (cuda, else mps, else cpu), `cpu`, `cuda`,
-    `cuda:N` or `mps`. Kept as written in config.yaml, so each host resolves `auto` itself."""
+    """Where training, the server's public-data steps and evaluation run: `auto` (cuda, else
+    mps, else cpu), `cpu`, `cuda`, `cuda:N` or `mps`; aggregation and checkpoints stay on the
+    CPU. Kept as written in config.yaml, so each host resolves `auto` itself."""
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
     """Autocast dtype of forward/backward; weights, adapters and merges stay float32. `auto`
-    becomes bfloat16 on CUDA GPUs that compute it and where the CPU computes it natively (AMX or
-    AVX512-BF16), else float32 (elsewhere torch emulates bfloat16, many times slower); the
-    run's config.yaml records the dtype it resolved to."""
+    becomes bfloat16 on CUDA GPUs that compute it (compute capability ≥ 8.0) and where the CPU
+    computes it natively (`amx_bf16` or `avx512_bf16` in /proc/cpuinfo), else float32 (older
+    GPUs, MPS; on other CPUs torch emulates bfloat16, many times slower); the run's config.yaml
+    records the dtype it resolved to. `float32` for exact arithmetic."""
 
     @field_validator("compute_dtype")
     @classmethod
@@ -85,6 +100,8 @@ def torch_device(name: str, field: str = "model.device") -> str:
 
 
 class LoRAConfig(Strict):
+    """The one LoRA scaling s every method shares."""
+
     alpha: float = Field(16.0, gt=0)
     """Scaling numerator: s = alpha / r_max, one constant for every client and round."""
     scaling: float | None = Field(None, gt=0)
@@ -95,34 +112,6 @@ AG_NEWS_PROMPT = (
     "Classify the news article as World, Sports, Business or Technology.\n"
     "Article: {text}\nTopic:"
 )
-CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-
-# Per-dataset defaults, filled in only for keys the config leaves out.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ag_news": {"task": "classification"},
-    "financial_phrasebank": {
-        "task": "classification",
-        "partition": "iid",
-        "prompt": "Classify the sentiment of the financial news sentence as negative, neutral or "
-        "positive.\nSentence: {text}\nSentiment:",
-        "label_words": ["negative", "neutral", "positive"],
-    },
-    "dolly": {"task": "instruction", "max_length": 256, "partition": "category_skew"},
-    "alpaca": {"task": "instruction", "max_length": 256, "partition": "iid"},
-    # Your own data: its own class names, and a prompt that names no AG News topics.
-    "custom": {"prompt": CUSTOM_PROMPT, "label_words": None},
-}
-
-DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
-"""Readers (`datasets` builders) of a custom data file, by suffix (before an optional .gz)."""
-
-
-def data_file_builder(path: Path) -> str | None:
-    """The builder that reads `path`, None for a format fedlora does not read."""
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    return DATA_FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
 
 
 class ColumnsConfig(Strict):
@@ -130,11 +119,18 @@ class ColumnsConfig(Strict):
     instruction [+ input] + response [+ category])."""
 
     text: str = "text"
+    """Classification: the text column."""
     label: str = "label"
+    """Classification: the label column (strings or ints; class order = the hub's ClassLabel
+    names, else the sorted distinct values)."""
     instruction: str = "instruction"
+    """Instruction data: the instruction column."""
     input: str | None = None
+    """Instruction data: the optional input (context) column."""
     response: str = "response"
+    """Instruction data: the response column."""
     category: str | None = None
+    """Instruction data: the optional category column, what label-based partitions split on."""
 
 
 DEFAULT_DATA_DIR = Path("../shared/data")
@@ -142,65 +138,101 @@ DEFAULT_DATA_DIR = Path("../shared/data")
 
 
 class DataConfig(Strict):
-    dataset: Literal["ag_news", "financial_phrasebank", "dolly", "alpaca", "custom"] = "ag_news"
+    """The clients' data: which dataset, how it is split, partitioned and encoded."""
+
+    dataset: str = Field("ag_news", json_schema_extra=lambda schema: schema.update(enum=list(registered_datasets())))
+    """A registered dataset (fedlora.data.registry), read from data_dir (or the hub): `ag_news`,
+    `financial_phrasebank`, `dolly`, `alpaca`, `custom` (your own file or hub dataset), or one a
+    module of yours registers (docs/howto/add-a-dataset.md). Its defaults fill the `data:` fields
+    the config leaves out."""
     task: Literal["classification", "instruction"] = "classification"
-    """Filled from the dataset when left out (`custom`: classification unless set)."""
+    """`classification` (label words, label-token loss, accuracy) or `instruction` (prompt
+    template, loss on response tokens only, held-out loss and perplexity). Filled from the
+    dataset when left out (`custom`: classification unless set)."""
     data_dir: Path = DEFAULT_DATA_DIR
+    """Folder with `ag_news/`, `financial_phrasebank/`, `dolly/`, `alpaca/`, `mmlu/` (a relative
+    path is also tried from the project root)."""
     hub_name: str | None = None
-    """Online only: load this hub dataset instead of the local copy."""
+    """Online only: load this hub dataset instead of the local copy (columns: `ag_news` text,
+    label; `financial_phrasebank` sentence, label; `dolly` instruction, context, response,
+    category; `alpaca` instruction, input, output; `custom` its train and test splits)."""
     hub_config: str | None = None
-    """Hub dataset configuration (e.g. `sentences_allagree` for financial_phrasebank)."""
+    """Hub dataset configuration (financial_phrasebank's default: `sentences_<agreement>agree`)."""
     agreement: Literal["50", "66", "75", "all"] = "all"
-    """Financial PhraseBank: annotator agreement level of the file read."""
+    """Financial PhraseBank: the file read, by the share of annotators agreeing."""
     train_file: Path | None = None
-    """`custom`: a CSV, JSON or JSONL file (or a hub dataset via hub_name)."""
+    """`custom`: a CSV, JSON or JSONL file, optionally .gz (or a hub dataset via hub_name)."""
     test_file: Path | None = None
     """`custom`: held-out file; without one, a seeded split of the train file."""
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    """Share held out as test data when a dataset has no test split (FPB, Dolly, Alpaca, custom)."""
-    split_seed: int = 0
+    """Share held out as test data when a dataset has no test split (FPB, Dolly, Alpaca,
+    custom); identical texts stay on one side."""
+    split_seed: schema.Seed = 0
     """Seed of that split: fixed apart from the run seed so every seed tests on the same rows."""
     partition: Literal["iid", "label_skew", "dirichlet", "category_skew", "size_skew"] = "label_skew"
+    """How the training pool is split among the clients (flwr-datasets partitioners; see
+    docs/concepts/data.md, "Partitions")."""
     labels_per_client: int = Field(2, ge=1)
+    """`label_skew`: labels per client (paper: 2)."""
     dirichlet_alpha: float = Field(0.5, gt=0)
     """`dirichlet`: concentration over labels (categories); smaller is more skewed."""
     epsilon: float = Field(0.5, gt=0)
     """`category_skew` (FedIT): the Dirichlet concentration over categories (paper: 0.2-0.6)."""
     min_partition_size: int | None = Field(None, ge=1)
-    """Dirichlet schemes redraw until every client has this many (None: 10, FedIT's 40)."""
+    """Dirichlet schemes redraw (up to 10 times) until every client has this many (None: 10
+    for `dirichlet`, FedIT's 40 for `category_skew`)."""
     size_distribution: Literal["linear", "square", "exponential"] = "linear"
     """`size_skew`: client k's share grows as k+1, (k+1)^2 or e^(k+1); IID within."""
     train_examples: int | None = Field(None, ge=1)
     """Seeded cap on the training pool before partitioning (None: all of it)."""
     test_examples: int = Field(1000, ge=1)
+    """Size of the fixed, seeded test subset."""
     validation_examples: int | None = Field(None, ge=1)
     """Tuning only (`fedlora tune` sets it): carve this many examples off the training pool
     (seeded, before train_examples caps it) and evaluate on them instead of the test set, which
     is then never evaluated. None: evaluate on the test set."""
     max_length: int = Field(64, ge=8)
+    """Tokens per example. Classification: the text is truncated, the prompt's ending kept.
+    Instruction: the response keeps at least half the budget, the prompt loses its start first."""
     prompt: str = AG_NEWS_PROMPT
+    """Classification template with `{text}`; the model scores the next token (per dataset;
+    `custom`: a prompt that names no AG News topics)."""
     label_words: list[str] | None = Field(
         default_factory=lambda: ["World", "Sports", "Business", "Technology"], min_length=2
     )
-    """None: the dataset's class names (the default of `custom`)."""
+    """One word per class, no word twice (their first tokens must differ); None: the
+    dataset's class names (the default of `custom`)."""
     loss: Literal["classes", "vocab"] = "classes"
     """`classes`: cross-entropy over the label words' logits (paper eq. 10, |L| classes);
     `vocab`: cross-entropy of the label token over the whole vocabulary."""
     instruction_prompt: str = ALPACA_PROMPT
+    """Instruction template with `{instruction}` (Alpaca's), used when the chat template is not."""
     instruction_prompt_with_input: str = ALPACA_PROMPT_WITH_INPUT
+    """The same with `{instruction}` and `{input}`, for examples that have an input."""
     chat_template: bool = True
-    """Instruction data: wrap the prompt in the tokenizer's chat template when it has one."""
+    """Instruction data: wrap instruction (+ input) as one user turn in the tokenizer's chat
+    template when it has one (SmolLM2 has); false: the templates above."""
 
     @model_validator(mode="before")
     @classmethod
     def _dataset_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("dataset") in DATASET_DEFAULTS:
+        spec = registered_datasets().get(data.get("dataset")) if isinstance(data, dict) else None
+        if spec is not None:
             # the given keys first: on assignment `data` is the model's own fields, whose
             # order config.yaml keeps (a resumed comparison compares it with the saved one)
-            defaults = DATASET_DEFAULTS[data["dataset"]]
+            defaults = spec.defaults
             data = {**data, **{k: v for k, v in defaults.items() if k not in data}}
         return data
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        names = list(registered_datasets())
+        if v not in names:
+            expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return v
 
     @field_validator("label_words")
     @classmethod
@@ -236,13 +268,15 @@ class DataConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _custom_needs_source(self) -> DataConfig:
-        if self.dataset == "custom" and self.train_file is None and self.hub_name is None:
-            raise ValueError("dataset custom needs train_file or hub_name")
-        if self.dataset in ("dolly", "alpaca") and self.task != "instruction":
-            raise ValueError(f"dataset {self.dataset} is instruction data (task: instruction)")
+    def _dataset_rules(self) -> DataConfig:
+        spec = registered_datasets()[self.dataset]
+        problem = spec.check(self) if spec.check is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        if spec.task is not None and self.task != spec.task:
+            raise ValueError(f"dataset {self.dataset} is {spec.task} data (task: {spec.task})")
         for name in ("train_file", "test_file"):
-            if self.dataset != "custom" and getattr(self, name) is not None:
+            if not spec.takes_files and getattr(self, name) is not None:
                 raise ValueError(f"data.{name}: only for dataset custom ({self.dataset} is read from data_dir)")
         return self
 
@@ -271,26 +305,42 @@ class PublicDataConfig(Strict):
     """The server's public set (AFLoRA's server-side A fine-tuning)."""
 
     dataset: Literal["alpaca"] = "alpaca"
+    """The public set's dataset (the only one: Alpaca)."""
     fraction: float = Field(0.02, gt=0, le=1)
-    """Seeded share of the Alpaca file drawn as the public set (paper: 2%)."""
+    """Seeded share of the Alpaca file drawn as the public set (paper: 2%; here 2% of the
+    5,000-example copy = 100; 1.0: the whole copy). When clients also train on `alpaca`, these
+    rows are removed from their pool first (disjoint)."""
     max_length: int = Field(128, ge=16)
+    """Tokens per public example (the response keeps at least half)."""
     hub_name: str | None = None
-    """Online only: draw from this hub dataset (e.g. `tatsu-lab/alpaca`, the paper's 52k)."""
+    """Online only: draw from this hub dataset (e.g. `tatsu-lab/alpaca`, the paper's 52k:
+    2% = 1,040)."""
     heldout_examples: int = Field(16, ge=0)
     """Seeded public examples outside the public set, never trained on: the server's loss on
-    them before and after its A fine-tuning is logged every round (0: not measured)."""
+    them before and after its A fine-tuning is logged every round (0: not measured). Excluded
+    from the clients' pool when they train on `alpaca`."""
 
 
 class FederationConfig(Strict):
+    """The clients, the rounds and the clients' local training budget."""
+
     num_clients: int = Field(10, ge=1)
+    """K, the number of clients."""
     client_max_ranks: list[int] = Field(default_factory=lambda: list(PAPER_CLIENT_RANKS))
-    rounds: int = Field(5, ge=1)
+    """r_k^1, each client's largest LoRA rank, one per client (default: the paper's); each ≥ 1."""
+    rounds: int = Field(5, ge=1, le=schema.MAX_ROUNDS)
+    """Global rounds."""
     fraction: float = 1.0
-    """Share of clients sampled each round, in (0, 1]."""
+    """Share of clients sampled each round, in (0, 1] (paper: 1.0; 0.2 for the non-IID-degree
+    study)."""
     local_steps: int = Field(10, ge=1)
+    """Optimiser steps per client per round."""
     batch_size: int = Field(8, ge=1)
+    """Examples per step."""
     lr: float = Field(1e-3, gt=0)
+    """Adam learning rate of the clients (no weight decay)."""
     eval_every: int = Field(1, ge=1)
+    """Evaluate every N rounds (and always after the last)."""
     eval_subset: int | None = Field(None, ge=1)
     """Rounds before the last evaluate only this many test items, a seeded subset that is the same
     every round, for every method and every seed of one test set (cheap curves, e.g. every round);
@@ -298,6 +348,7 @@ class FederationConfig(Strict):
     (`subset_accuracy`), the curve whose mean is the run's `accuracy_auc`. None: every evaluated
     round uses the whole test subset."""
     eval_batch_size: int = Field(32, ge=1)
+    """Examples per evaluation batch."""
 
     @field_validator("client_max_ranks")
     @classmethod
@@ -324,17 +375,72 @@ class FederationConfig(Strict):
         return self
 
 
-class AggregationConfig(Strict):
-    """How the server screens and combines the clients' updates (README "Reliability")."""
+class PrivacyConfig(Strict):
+    """Differential privacy (docs/concepts/privacy.md): what a client's data is protected by."""
 
-    norm_bound: float | None = Field(10.0, gt=1)
-    """An update whose norm exceeds norm_bound × the median update norm of its round is
-    rejected or clipped (`norm_action`); None: no norm bound."""
-    norm_action: Literal["reject", "clip"] = "reject"
-    """`reject`: the update is left out of the round; `clip`: it is scaled down to the bound."""
-    trimmed_mean: float = Field(0.0, ge=0, lt=0.5)
-    """Coordinate-wise trimmed mean dropping this share of the updates at each end (FedIT,
-    FFA-LoRA); 0: the methods' weighted mean."""
+    mode: Literal["none", "client", "sample"] = "none"
+    """`none`; `client`: client-level DP (each round, each client's whole contribution is
+    clipped to `clip_norm` and the sum noised: protects a client's whole data set); `sample`:
+    DP-SGD on every client (per-example gradients clipped, noised each local step: protects
+    one training example)."""
+    noise_multiplier: float | None = Field(None, gt=0)
+    """σ: the noise's standard deviation in units of the clipped sum's sensitivity. Give this
+    or `target_epsilon`."""
+    target_epsilon: float | None = Field(None, gt=0)
+    """The ε the run may spend at `delta` over federation.rounds: σ is calibrated to it (the
+    accountant's own search), and a resume with more rounds that would exceed it is refused."""
+    delta: float | None = Field(None, gt=0, lt=1)
+    """δ of the reported ε. None: 1/N, N the clients (`client`) or the smallest client's
+    example count (`sample`)."""
+    clip_norm: float = Field(1.0, gt=0)
+    """C: the ℓ2 bound of a client's round delta (`client`) or of one example's gradient of
+    the trained factors (`sample`); with adaptive clipping, its start."""
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    """`adaptive` (`client` only): C follows a quantile of the update norms (Andrew et al. 2021)."""
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    """Adaptive clipping: the share of updates C aims to leave unclipped."""
+    clip_lr: float = Field(0.2, gt=0)
+    """Adaptive clipping: η of C ← C · exp(−η (b̄ − quantile))."""
+    count_noise: float | None = Field(None, gt=0)
+    """Adaptive clipping: σ_b, the noise on the count of unclipped updates (None: clients per
+    round / 20, the paper's advice, or σ if larger: with few clients m/20 would leave nothing
+    for the updates); it must exceed σ / 2."""
+    noise: Literal["server", "client"] = "server"
+    """`client` level: where clipping and noise happen. `server`: the trusted server clips every
+    upload and noises the method's weighted sum; `client`: each client clips and adds its share
+    of the noise before uploading, and the server averages with equal weights."""
+    accountant: Literal["rdp", "pld"] = "rdp"
+    """dp-accounting's RDP or PLD accountant; PLD only when nothing is sampled (every client
+    every round, `client` mode)."""
+
+
+def privacy_refusal(cfg: RunConfig) -> str | None:
+    """Why this privacy setting is undefined for this run (one line), or None."""
+    p, method = cfg.privacy, cfg.algorithm.name
+    # fields away from their defaults (a run's own config.yaml names every field)
+    given = {k for k, f in PrivacyConfig.model_fields.items() if k != "mode" and getattr(p, k) != f.default}
+    if p.mode == "none":
+        return f"privacy.{sorted(given)[0]}: set, but privacy.mode is none" if given else None
+    if (p.noise_multiplier is None) == (p.target_epsilon is None):
+        return "privacy: give exactly one of noise_multiplier and target_epsilon"
+    sampled = p.mode == "sample" or cfg.federation.fraction < 1
+    if p.accountant == "pld" and sampled:
+        return "privacy.accountant: pld does not account for sampling without replacement; use rdp"
+    if p.mode == "sample":
+        client_only = sorted(given & {"clipping", "target_quantile", "clip_lr", "count_noise", "noise"})
+        return f"privacy.{client_only[0]}: only for mode client" if client_only else None
+    if method == "aflora" and getattr(cfg.algorithm, "ddr", False):
+        return "privacy.mode: aflora's pruning masks depend on the data and are sent un-noised; set algorithm.ddr: false"
+    if p.noise == "client" and method == "aflora":
+        return "privacy.noise: client needs equal weights and ranks; aflora weights and pads by rank: use noise: server"
+    if p.noise == "client" and cfg.aggregation.norm_bound is not None:
+        return "privacy.noise: client: the norm bound could reject a noised update and leave the sum short of noise; set aggregation.norm_bound: null"
+    if cfg.aggregation.combine != "mean":
+        return f"privacy.mode: the noise is calibrated for the method's weighted sum, not aggregation.combine {cfg.aggregation.combine}"
+    adaptive_only = sorted(given & {"target_quantile", "clip_lr", "count_noise"})
+    if p.clipping == "fixed" and adaptive_only:
+        return f"privacy.{adaptive_only[0]}: only for clipping adaptive"
+    return None
 
 
 class LoggingConfig(Strict):
@@ -346,8 +452,12 @@ class LoggingConfig(Strict):
 
 
 class RunConfig(Strict):
-    seed: int = 0
-    threads: int | None = Field(None, ge=1)
+    """One run: every section of a config file."""
+
+    seed: schema.Seed = 0
+    """The run's seed: partition, test subset, public subset, client sampling,
+    initialisations, batches, a tiny model's weights; an integer in [0, 2³² − 1]."""
+    threads: int | None = Field(None, ge=1, le=schema.MAX_THREADS)
     """torch intra-op threads (None: torch's default)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -355,12 +465,16 @@ class RunConfig(Strict):
     public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    algorithm: AlgorithmOptions = Field(discriminator="name")
+    algorithm: AlgorithmOptions
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
-    """The server's checks and combination of client updates (norm bound, trimmed mean)."""
+    """The server's screening and combination of client updates (norm bound, robust combines)."""
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    """Simulated adversarial clients, for measuring the defences (none by default)."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    """Differential privacy: client-level or sample-level (DP-SGD), with its accountant."""
 
     @model_validator(mode="before")
     @classmethod
@@ -409,11 +523,16 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _trimmed_mean_fits_method(self) -> RunConfig:
-        if self.aggregation.trimmed_mean > 0 and not ALGORITHMS[self.algorithm.name].supports_trimmed_mean:
-            able = ", ".join(n for n, cls in ALGORITHMS.items() if cls.supports_trimmed_mean)
-            raise ValueError(f"aggregation.trimmed_mean: {self.algorithm.name} does not average same-shaped "
-                             f"updates; only {able} support it")
+    def _pipeline_fits_method(self) -> RunConfig:
+        """Each aggregation stage and the attack must be defined for the method (fedlora.aggregation)."""
+        check_pipeline(self)
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_defined(self) -> RunConfig:
+        why = privacy_refusal(self)
+        if why:
+            raise ValueError(why)
         return self
 
     def device_profiles(self) -> list[DeviceProfile]:
@@ -472,8 +591,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"config error: --set {pair}: expected key=value")
         key, raw = pair.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
+            out[key.strip()] = load_yaml(raw)
+        except BAD_YAML as err:
             problem = getattr(err, "problem", None) or "not a YAML value"
             raise ConfigError(f"config error: --set {pair}: {problem} (quote strings: key='value')") from None
     return out
@@ -518,23 +637,73 @@ Python's 4300-digit int limit; TypeError, ArithmeticError and RecursionError com
 values and self-referencing aliases meeting the validators)."""
 
 
+MAX_YAML_DEPTH = 32
+"""A config nests 4 deep; 32 leaves room and stops a "[[[[…" text before any recursion."""
+MAX_YAML_NODES = 100_000
+"""Values after aliases are expanded: a config has hundreds; a "billion laughs" text has 10⁹."""
+
+
+class _StrictLoader(YAML_LOADER):  # type: ignore[misc,valid-type]
+    """The safe loader, plus: a key twice in one mapping is an error (YAML says keys are
+    unique; PyYAML silently keeps the last), and the document's depth and size with aliases
+    expanded are bounded before anything is constructed."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_node_limits(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _check_node_limits(root: yaml.Node) -> None:
+    """Depth and expanded size of a composed document, counted without expanding it (each
+    node's size is computed once, children first)."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_YAML_DEPTH:
+            raise ValueError(f"nested too deeply (more than {MAX_YAML_DEPTH} levels)")
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_YAML_NODES:
+                raise ValueError(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in on_path:
+            raise ValueError("an alias refers to itself")
+        on_path.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
+
+
 def load_yaml(text: str | bytes) -> Any:
-    """Safe YAML: plain data only, never Python objects."""
-    return yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 (a safe loader)
+    """Safe YAML: plain data only, never Python objects; duplicate keys, deep nesting and
+    alias bombs refused (a yaml.YAMLError or a ValueError, both in BAD_YAML)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a safe loader)
 
 
 def read_tree(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file, or a one-line ConfigError."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config error: {path}: file not found")
-    if path.is_dir():
-        raise ConfigError(f"config error: {path}: is a folder, not a YAML file")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config error: {path}: {size} bytes, more than a config may have ({MAX_CONFIG_BYTES})")
+    raw = read_user_file(path, MAX_CONFIG_BYTES, "config error")  # bytes counted: /dev/zero, a FIFO
     try:
-        tree = load_yaml(path.read_text(encoding="utf-8")) or {}
+        tree = load_yaml(raw.decode("utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config error: {path}: not UTF-8 text") from None
     except yaml.YAMLError as err:

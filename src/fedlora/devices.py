@@ -13,20 +13,22 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from fedlora.schema import Strict
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
 
-class DeviceClass(BaseModel):
+class DeviceClass(Strict):
     """One kind of device. Throughput is what training sustains, not the chip's peak."""
-
-    model_config = ConfigDict(extra="forbid")
 
     flops: float = Field(gt=0)
     """Sustained training throughput in FLOP/s."""
     uplink_mbps: float = Field(gt=0)
+    """Upload bandwidth in Mbit/s."""
     downlink_mbps: float = Field(gt=0)
+    """Download bandwidth in Mbit/s."""
     max_rank: int = Field(ge=1)
     """The largest LoRA rank the device's memory allows."""
 
@@ -42,28 +44,30 @@ PRESETS: dict[str, DeviceClass] = {
 }
 
 
-class DevicesConfig(BaseModel):
+class DevicesConfig(Strict):
     """The `devices:` section. Without it every client is the `reference` preset."""
 
-    model_config = ConfigDict(extra="forbid")
-
     classes: dict[str, DeviceClass] = Field(default_factory=dict)
-    """Named device classes; they add to (or replace) the presets high, mid, low, reference."""
+    """Named device classes `{name: {flops, uplink_mbps, downlink_mbps, max_rank}}`; they add
+    to (or replace) the presets high, mid, low, reference."""
     assign: list[str] | None = None
     """One class name per client (client k gets assign[k])."""
     mix: dict[str, float] | None = None
-    """Class name → share of clients; counts are rounded, then assigned by a seeded shuffle."""
+    """Class name → share of clients; counts are rounded (largest remainder), then assigned
+    by a seeded shuffle."""
     spread: float = Field(0.0, ge=0)
     """σ of a seeded log-normal factor on each device's throughput and bandwidths (0: none)."""
     max_ranks: Literal["config", "devices"] = "config"
-    """`devices`: federation.client_max_ranks is taken from each client's device class."""
+    """`devices`: federation.client_max_ranks is taken from each client's device class (leave
+    that key unset); `config`: from federation.client_max_ranks."""
     server: str = "server"
     """Device class of the server (a preset or one of `classes`): its `flops` throughput turns the
     server's training FLOPs (AFLoRA's A fine-tuning) into simulated seconds."""
     server_time: Literal["flops", "measured", "none"] = "flops"
     """Server share of a round's simulated time: `flops`, its training FLOPs on the `server`
     device (independent of the machine's load); `measured`, the aggregation's wall seconds on
-    this machine (what runs before issue 31 used; they vary with load); `none`, free."""
+    this machine (`server_seconds`, diagnostics excluded; what runs before issue 31 used, they
+    vary with load); `none`, free."""
 
     @model_validator(mode="after")
     def _names_known(self) -> DevicesConfig:

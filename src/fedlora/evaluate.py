@@ -207,29 +207,3 @@ def subset_positions(test_size: int, subset: int | None) -> np.ndarray | None:
     rng = np.random.default_rng([SUBSET_SEED, test_size])
     return np.sort(rng.choice(test_size, size=subset, replace=False))
 
-
-def curve_accuracy(record: dict[str, Any]) -> float | None:
-    """A round's point on the accuracy curve: the eval subset's accuracy when the run has one
-    (the same items every round), else the round's accuracy."""
-    return record.get("subset_accuracy", record.get("accuracy"))
-
-
-def accuracy_auc(history: Sequence[dict[str, Any]]) -> float | None:
-    """Area under the accuracy curve, normalised: the mean over evaluated rounds of
-    `curve_accuracy` (with evaluation every round, the area under the per-round step curve ÷
-    rounds; 1.0 is a model right from round 1). A secondary metric beside final accuracy: it
-    rewards learning early and staying up, and moves less with the stopping round."""
-    points = [a for r in history if (a := curve_accuracy(r)) is not None]
-    return float(np.mean(points)) if points else None
-
-
-def plateau_round(curve: Sequence[float], gain: float = 0.005, window: int = 3) -> int | None:
-    """The first round (1-based) at which a per-round accuracy curve has stopped rising: the mean
-    of its last `window` rounds exceeds the mean of the `window` rounds before them by less than
-    `gain` (issue 31's pilot rule, 0.5 points over 3 rounds, on window means so that one noisy
-    evaluation neither ends nor prolongs it). None: still rising at the curve's end."""
-    c = np.asarray(curve, dtype=np.float64)
-    for r in range(2 * window, len(c) + 1):
-        if c[r - window:r].mean() - c[r - 2 * window:r - window].mean() < gain:
-            return r
-    return None

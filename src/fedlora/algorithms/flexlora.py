@@ -36,6 +36,8 @@ from fedlora.algorithms.base import (
     lora_init,
     train_loaded,
 )
+from fedlora.algorithms.registry import register_method
+from fedlora.lowrank import svd_factors
 
 
 class FlexLoRAOptions(MethodOptions):
@@ -52,20 +54,15 @@ def full_update(Bs: list[Tensor], As: list[Tensor], weights: list[float], dtype:
     return out
 
 
-def svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, A, all singular values): B = U[:, :r] Σ[:r], A = Vᵀ[:r], so B A is the best rank-r
-    approximation of `delta` and ‖delta − B A‖_F = ‖Σ[r:]‖₂."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return U[:, :rank] * S[:rank], Vh[:rank], S
-
-
 def truncate(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """A client's share of the global factors: the leading `rank` singular directions."""
     return B[:, :rank].contiguous(), A[:rank].contiguous()
 
 
+@register_method
 class FlexLoRA(Algorithm):
     name = "flexlora"
+    Options = FlexLoRAOptions
     options: FlexLoRAOptions
 
     def __init__(self, options: FlexLoRAOptions, setup: FederationSetup) -> None:

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from datasets import Dataset
 
-from fedlora.config import ALPACA_PROMPT as PROMPT
-from fedlora.config import ALPACA_PROMPT_WITH_INPUT as PROMPT_WITH_INPUT
+from fedlora.data.reading import reading_dataset
+from fedlora.data.registry import DatasetSpec, Source, register_dataset
+from fedlora.data.splits import split_off_test
+
+if TYPE_CHECKING:
+    from fedlora.config import DataConfig
 
 ALPACA_FILE = "alpaca/alpaca_5000.json.gz"
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 def load_alpaca(data_dir: Path, hub_name: str | None = None) -> list[dict[str, str]]:
@@ -55,5 +63,19 @@ def alpaca_dataset(records: list[dict[str, str]]) -> Dataset:
 
 
 def as_prompt_response(record: dict[str, str]) -> tuple[str, str]:
-    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT
+    template = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT
     return template.format(**record), record["output"]
+
+
+def _load(d: DataConfig, exclude: Collection[int]) -> Source:
+    """`exclude`: the rows drawn as the server's public set, kept out of the clients' data."""
+    with reading_dataset(d):
+        records = load_alpaca(d.data_dir, d.hub_name)
+        skip = set(exclude)
+        full = alpaca_dataset([r for i, r in enumerate(records) if i not in skip])
+        return Source(*split_off_test(full, d), ["all"])
+
+
+register_dataset(DatasetSpec(
+    "alpaca", _load, files=lambda d: [("data.data_dir", d.data_dir / ALPACA_FILE)], task="instruction",
+    defaults={"task": "instruction", "max_length": 256, "partition": "iid"}))

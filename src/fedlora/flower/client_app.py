@@ -61,14 +61,13 @@ class ClientStore:
         self.root = root
 
     def save_merges(self, content: RecordDict) -> None:
-        from fedlora.runtime.checkpoint import merge_path
         from fedlora.files import atomic_write, tensors_to_bytes
+        from fedlora.runtime.checkpoint import merge_path
 
         for key, record in content.array_records.items():
             if key.startswith(MERGE_PREFIX):
                 path = merge_path(self.root, int(key[len(MERGE_PREFIX):]))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, tensors_to_bytes(from_arrays(record)))
+                atomic_write(path, tensors_to_bytes(from_arrays(record)), inside=self.root)
 
     def state_path(self, round_: int) -> Path:
         return self.root / "state" / f"round_{round_:04d}.safetensors"
@@ -83,15 +82,14 @@ class ClientStore:
             log.warning("client state of round %d not found in %s: starting from the initial state",
                         round_, path.parent)
             return {}
-        return load_tensors(path)[0]
+        return load_tensors(path, inside=self.root)[0]
 
     def save_state(self, round_: int, state, keep_from: int) -> None:
         """Save the state after `round_`; drop states older than `keep_from` (never needed again)."""
         from fedlora.files import atomic_write, tensors_to_bytes
 
         path = self.state_path(round_)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, tensors_to_bytes(state))
+        atomic_write(path, tensors_to_bytes(state), inside=self.root)
         for old in path.parent.glob("round_*.safetensors"):
             if int(old.stem.split("_")[1]) < keep_from:
                 old.unlink(missing_ok=True)
@@ -101,17 +99,15 @@ class ClientStore:
 def train(msg: Message, context: Context) -> Message:
     """Rebuild the base as of the round, run the method's client_train, return the update.
     (torch and the runtime are imported here, not at module level, so a `query` stays cheap.)"""
-    import yaml
-
     from fedlora.algorithms.base import Message as Payload
-    from fedlora.config import build_config
+    from fedlora.config import build_config, load_yaml
     from fedlora.runtime.checkpoint import load_merges
     from fedlora.runtime.inprocess import Federation
 
     k, n = node_identity(context)
     conf = msg.content.config_records["config"]
     round_, state_round = int(conf["round"]), int(conf["state-round"])
-    tree = yaml.safe_load(str(conf["config-yaml"]))
+    tree = load_yaml(str(conf["config-yaml"]))  # duplicate keys and alias bombs refused, as in a file
     if "data-dir" in context.node_config:
         tree.setdefault("data", {})["data_dir"] = str(context.node_config["data-dir"])
     cfg = build_config(tree)

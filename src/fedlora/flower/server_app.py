@@ -32,12 +32,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.algorithms.base import InvalidUpdate, Update
-from fedlora.config import build_config, dump_config
+from fedlora.config import build_config, dump_config, load_yaml
 from fedlora.flower.records import checked_run_key, from_arrays, merge_key, to_arrays
 from fedlora.runtime.checkpoint import merge_path
 from fedlora.files import RunFileError, load_tensors, read_json
@@ -59,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     for noisy in ("httpx", "transformers", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     rc = context.run_config
-    cfg = build_config(yaml.safe_load(str(rc["config-yaml"])))
+    cfg = build_config(load_yaml(str(rc["config-yaml"])))
     run = FlowerRun(
         cfg, Path(str(rc["out"])), grid,
         min_clients=int(rc.get("min-clients", 1)),
@@ -183,7 +182,7 @@ class FlowerRun(Simulation):
             })
             for r in range(self.merged_through.get(k, 0) + 1, t):
                 if merge_path(self.run_dir, r).exists():
-                    content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r))[0])
+                    content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r), inside=self.run_dir)[0])
             messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
             sent[node] = (lane, k, payload)
 
