@@ -106,7 +106,8 @@ def test_twenty_clients_get_distinct_colours_panels_per_rank_tier_and_legends_ou
     plots.ranks_per_client({"aflora": ten, "hetlora": ten}, tmp_path / "r10.png")
     small = figures[1]
     assert len(small.axes) == 2 and small.axes[0].get_yscale() == "log"  # few clients: one panel per method
-    assert small.legends[0].get_window_extent().x0 >= small.axes[-1].get_window_extent().x1
+    below = small.legends[0].get_window_extent()
+    assert all(below.y1 <= ax.get_window_extent().y0 for ax in small.axes)  # one legend, under the panels
 
 
 def test_byte_axes_read_in_kb_and_mb(figures, tmp_path):
@@ -256,6 +257,78 @@ def test_the_speedup_figure_keeps_each_methods_colour_and_leaves_missed_targets_
     assert "95% t interval" in ax.get_title()
 
 
+def _visible(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def test_many_methods_over_seeds_get_a_panel_each_instead_of_overlapping_bands(figures, tmp_path):
+    """Nine methods' 95% bands on one axis could not be told apart (issue 32)."""
+    runs = {f"m{i}": [_records([0.5 + i / 50, 0.6 + s / 20 + i / 50]) for s in range(3)] for i in range(9)}
+    plots.accuracy_curves(runs, tmp_path / "a.png", untuned=0.25, setting="ag_news · 10 clients")
+    fig = figures[0]
+    panels = _visible(fig)
+    assert [ax.get_title() for ax in panels] == list(runs)
+    for i, ax in enumerate(panels):
+        assert len(ax.collections) == 1  # its own band only
+        grey = [line for line in ax.get_lines() if mcolors.to_hex(line.get_color()) == mcolors.to_hex("0.82")]
+        assert len(grey) == 8  # every other method's mean, for context
+        own = [line for line in ax.get_lines() if line.get_label() == "mean of 3 seeds"]
+        np.testing.assert_allclose(own[0].get_ydata(), [0.5 + i / 50 + 0.0, 0.6 + 0.05 + i / 50])  # the mean of 3 seeds
+        assert "untuned model 0.25" in [line.get_label() for line in ax.get_lines()]
+    assert len({ax.get_position().x0 for ax in panels}) == 3  # rows of three: readable at page width
+    assert panels[0].get_shared_y_axes().joined(panels[0], panels[-1])  # one accuracy scale
+    assert "95% interval over seeds" in fig._suptitle.get_text() and "10 clients" in fig._suptitle.get_text()
+    plots.accuracy_curves(dict(list(runs.items())[:3]), tmp_path / "b.png")  # three: one panel, three bands
+    assert len(_visible(figures[1])) == 1 and len(figures[1].axes[0].collections) == 3
+
+
+def test_the_rank_figure_is_a_grid_that_names_overlapping_clients(figures, tmp_path):
+    caps = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+    records = [{"round": t, "ranks": {str(c): float(cap) if cap <= 4 else cap * (1 - t * (c % 2 + 1) / 20)
+                                      for c, cap in enumerate(caps)}} for t in (1, 2, 3, 4)]
+    methods = {m: records for m in ("aflora", "aflora-no-ddr", "aflora-no-dlf", "aflora-data", "hetlora")}
+    plots.ranks_per_client(methods, tmp_path / "r.png")
+    fig = figures[0]
+    panels = _visible(fig)
+    assert [ax.get_title() for ax in panels] == list(methods)
+    assert len({ax.get_position().x0 for ax in panels}) == 2  # two per row
+    assert fig.get_size_inches()[0] <= 9  # not one row of five panels 30 inches wide
+    labelled = [ax.xaxis.get_major_ticks()[0].label1.get_visible() for ax in panels]
+    assert labelled == [False, False, False, True, True]  # the lowest panel of each column, none missing
+    for ax in panels:  # the four rank-4 clients draw one line: named on it
+        assert [t.get_text() for t in ax.texts] == ["clients 6–9 overlap"]
+    assert "named on the line" in fig._suptitle.get_text()
+    near = {"0": [(1, 64.0), (2, 63.9)], "1": [(1, 64.0), (2, 63.8)], "2": [(1, 4.0), (2, 4.0)]}
+    assert plots._same_lines(near) == [["0", "1"]]  # 0.005 of a 64-to-4 log axis apart: one line
+    assert plots._same_lines(near | {"2": [(1, 64.0), (2, 55.0)]}, log=False) == []  # on a 64-to-55 axis, apart
+    assert plots._client_names(["2", "5"]) == "clients 2, 5"
+
+
+def test_speedup_panels_mark_points_set_by_measured_server_seconds(figures, tmp_path):
+    methods = ["aflora", "ffa", "flora", "flexlora"]
+    rows = [{"target": t, "method": m, "speedup": s, "speedup_low": s / 2, "speedup_high": s * 2, "paired_seeds": 3,
+             "reached_seeds": 3} for t in (0.6, 0.65) for m, s in zip(methods, (0.02, 0.9, 0.25, 0.16))]
+    plots.speedup_by_target(rows, tmp_path / "s.png", "fedit", labels=["fedit", *methods],
+                            server_share={"aflora": 0.95, "ffa": 0.01, "flora": 0.1, "flexlora": 0.53})
+    fig = figures[0]
+    panels = _visible(fig)
+    assert [ax.get_title().split()[0] for ax in panels] == methods
+    hollow = {ax.get_title().split()[0]: mcolors.to_hex(ax.containers[0].lines[0].get_markerfacecolor())
+              for ax in panels}
+    assert hollow["aflora"] == hollow["flexlora"] == "#ffffff" and "#ffffff" not in (hollow["ffa"], hollow["flora"])
+    assert "measured server seconds" in panels[0].get_title() and "measured server seconds" not in panels[1].get_title()
+    assert "hollow points (aflora, flexlora)" in fig._suptitle.get_text()
+    for ax in panels:
+        shown = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert shown == [] or "1×" in shown  # inner panels share the outer panels' labels
+    labelled = [t.get_text() for t in panels[0].get_yticklabels() if t.get_text()]
+    assert {"0.01×", "0.1×", "1×"} <= set(labelled)
+    one = [r for r in rows if r["method"] == "flora"]  # a single method: one panel, its ticks labelled
+    plots.speedup_by_target(one, tmp_path / "one.png", "fedit", server_share={"flora": 0.1})
+    ticks = [t.get_text() for t in figures[1].axes[0].get_yticklabels() if t.get_text()]
+    assert len(ticks) >= 3 and "1×" in ticks
+
+
 def test_report_of_a_tuning_run_says_validation(figures, tmp_path):
     from fedlora.report import write_report
     from fedlora.runtime.outputs import write_metrics
@@ -281,3 +354,17 @@ def test_a_tuning_comparisons_figures_all_say_validation(figures, tmp_path):
     write_comparison(tmp_path, runs, ["fedit", "aflora"], target=0.75)
     labels = [f.axes[0].get_ylabel() for f in figures if "accuracy" in f.axes[0].get_ylabel()]
     assert len(labels) == 3 and set(labels) == {"validation accuracy"}  # by round, by uplink, by time
+
+
+def test_a_tuning_grid_of_single_points_is_a_labelled_dot_chart(figures, tmp_path):
+    """Twenty-one points in one column matched to a 21-entry legend by colour could not be read."""
+    runs = {f"m{i}-lr0.01": [[{**_records([0.4 + i / 100])[0], "round": 2}]] for i in range(21)}
+    plots.accuracy_curves(runs, tmp_path / "a.png", split="validation")
+    plots.accuracy_curves(runs, tmp_path / "u.png", x_key="uplink_bytes", x_unit="bytes", xlabel="uplink")
+    by_round, by_uplink = figures[0].axes[0], figures[1].axes[0]
+    assert [t.get_text() for t in by_round.get_yticklabels()] == list(runs)
+    dots = [line for line in by_round.get_lines() if line.get_linestyle() == "None"]
+    assert [float(d.get_xdata()[0]) for d in dots] == pytest.approx([0.4 + i / 100 for i in range(21)])
+    assert by_round.texts[3].get_text() == "0.430 (round 2)" and by_round.get_xlabel() == "validation accuracy"
+    assert by_uplink.texts[0].get_text() == "0.400 (400.00 kB)" and "uplink" in by_uplink.get_xlabel()
+    assert by_round.get_legend() is None  # every dot is named on its row

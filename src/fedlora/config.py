@@ -27,7 +27,7 @@ from fedlora.algorithms import AlgorithmOptions
 from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.data.custom import data_file_builder
 from fedlora.data.registry import registered_datasets
-from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
+from fedlora.devices import DeviceProfile, DevicesConfig, capability_ranks, resolve_profiles
 from fedlora import schema
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.files import read_user_file
@@ -327,7 +327,9 @@ class FederationConfig(Strict):
     num_clients: int = Field(10, ge=1)
     """K, the number of clients."""
     client_max_ranks: list[int] = Field(default_factory=lambda: list(PAPER_CLIENT_RANKS))
-    """r_k^1, each client's largest LoRA rank, one per client (default: the paper's); each ≥ 1."""
+    """r_k^1, each client's largest LoRA rank, one per client (default: the paper's); each ≥ 1.
+    `auto`: derived from each client's device throughput by `fedlora.devices.capability_rank`
+    (docs: "Measured devices"), recorded as a list in the run's config.yaml."""
     rounds: int = Field(5, ge=1, le=schema.MAX_ROUNDS)
     """Global rounds."""
     fraction: float = 1.0
@@ -479,12 +481,18 @@ class RunConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _ranks_from_devices(cls, tree: Any) -> Any:
-        """`devices.max_ranks: devices` fills federation.client_max_ranks from the profiles."""
+        """`devices.max_ranks: devices` fills federation.client_max_ranks from the profiles;
+        `federation.client_max_ranks: auto` from their throughputs (the capability rule)."""
         dev = tree.get("devices") if isinstance(tree, dict) else None
-        if not isinstance(dev, dict) or dev.get("max_ranks") != "devices":
+        fed = tree.get("federation") if isinstance(tree, dict) else None
+        auto = isinstance(fed, dict) and fed.get("client_max_ranks") == "auto"
+        if not auto and (not isinstance(dev, dict) or dev.get("max_ranks") != "devices"):
             return tree
+        if auto and isinstance(dev, dict) and dev.get("max_ranks") == "devices":
+            raise ValueError("federation.client_max_ranks: auto and devices.max_ranks: devices both set the ranks; "
+                             "give one")
         try:
-            devices = DevicesConfig.model_validate(dev)
+            devices = DevicesConfig.model_validate(dev or {})
         except ValidationError:
             return tree  # the field validation below reports it
         fed = tree.get("federation") or {}
@@ -496,9 +504,12 @@ class RunConfig(Strict):
         if not isinstance(n, int) or n < 1 or seed is None:
             return tree  # the field validation below reports it
         try:
-            ranks = [p.max_rank for p in resolve_profiles(devices, n, seed)]
+            profiles = resolve_profiles(devices, n, seed)
         except ValueError as err:
             raise ValueError(str(err)) from None
+        if auto:
+            return {**tree, "federation": {**fed, "client_max_ranks": capability_ranks([p.flops for p in profiles])}}
+        ranks = [p.max_rank for p in profiles]
         # a run's own config.yaml names the ranks it was given: those are accepted back (resume)
         if fed.get("client_max_ranks", ranks) != ranks:
             raise ValueError(f"federation.client_max_ranks: {fed['client_max_ranks']} differs from the devices' "

@@ -19,7 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from fedlora.files import read_json
 from fedlora.records import is_scored
@@ -156,23 +158,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | None = None,
-                    xlabel: str = "round", title: str = "Test accuracy", setting: str = "",
-                    x_unit: str | None = None, target: float | None = None,
-                    untuned: float | None = None, split: str = "test") -> Path:
-    """Accuracy on `split` against rounds, or against the cumulative sum of `x_key` on a log
-    axis in `x_unit` ("bytes" or "seconds"), per label; optional target and untuned-model
-    lines. Series styles: `series_style`."""
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
-    for i, (label, seeds) in enumerate(runs.items()):
-        band = seed_band([_evaluated(recs, x_key) for recs in seeds])
-        if band is None:
-            continue
-        x, mean, lo, hi = band
-        (line,) = ax.plot(x, mean, ms=3, **series_style(i),
-                          label=label + (f" (mean of {len(seeds)})" if len(seeds) > 1 else ""))
-        if len(seeds) > 1:
-            ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color(), lw=0)
+SMALL_MULTIPLES_ABOVE = 3
+"""More series than this, with seed bands (or speed-up intervals), get one panel each: nine
+overlapping 95% bands cannot be told apart."""
+
+
+def _grid(n: int, cols: int, width: float, height: float, **kw):
+    """A figure of n panels in rows of at most `cols`, each width × height inches; unused
+    panels are hidden. Returns (fig, the n axes in reading order)."""
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 1.0), squeeze=False, **kw)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _accuracy_axes(ax, x_unit: str | None, xlabel: str, split: str, target: float | None,
+                   untuned: float | None) -> None:
+    """Reference lines, x axis (rounds or a log unit), labels and grid of one accuracy panel."""
     if target is not None:
         ax.axhline(target, color="black", ls="--", lw=1, label=f"target {target:.4g}")
     if untuned is not None:
@@ -185,45 +190,200 @@ def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{split} accuracy")
     ax.grid(alpha=0.3, which="major")
+
+
+def accuracy_curves(runs: Mapping[str, list[Records]], path: Path, x_key: str | None = None,
+                    xlabel: str = "round", title: str = "Test accuracy", setting: str = "",
+                    x_unit: str | None = None, target: float | None = None,
+                    untuned: float | None = None, split: str = "test") -> Path:
+    """Accuracy on `split` against rounds, or against the cumulative sum of `x_key` on a log
+    axis in `x_unit` ("bytes" or "seconds"), per label; optional target and untuned-model
+    lines. Series styles: `series_style`. With several seeds each label's mean has its 95%
+    interval as a band; past SMALL_MULTIPLES_ABOVE such labels every label gets a panel of its
+    own (its band in colour, the other labels' means in light grey for context, one shared y
+    axis), since overlapping bands cannot be read."""
+    bands = {label: (i, band, len(seeds)) for i, (label, seeds) in enumerate(runs.items())
+             if (band := seed_band([_evaluated(recs, x_key) for recs in seeds])) is not None}
+    banded = any(n > 1 for _, _, n in bands.values())
     band_note = "; bands: 95% interval over seeds" if any(len(s) > 1 for s in runs.values()) else ""
+    if banded and len(bands) > SMALL_MULTIPLES_ABOVE:
+        return _accuracy_small_multiples(bands, path, x_unit, xlabel, split, target, untuned,
+                                         title + band_note, setting)
+    if len(bands) > DOT_CHART_ABOVE and all(len(band[0]) == 1 for _, band, _ in bands.values()):
+        return _accuracy_dot_chart(bands, path, x_unit, xlabel, split, target, untuned, title, setting)
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    for label, (i, (x, mean, lo, hi), n) in bands.items():
+        (line,) = ax.plot(x, mean, ms=3, **series_style(i), label=label + (f" (mean of {n})" if n > 1 else ""))
+        if n > 1:
+            ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color(), lw=0)
+    _accuracy_axes(ax, x_unit, xlabel, split, target, untuned)
     _title(ax, title + band_note, setting)
     _legend_outside(ax)
     return _save(fig, path)
 
 
+DOT_CHART_ABOVE = 8
+"""More series than this with one evaluated point each (a tuning grid) are drawn as a labelled
+dot chart: a column of look-alike markers matched to a long legend cannot be read."""
+
+
+def _accuracy_dot_chart(bands: Mapping[str, tuple[int, tuple, int]], path: Path, x_unit: str | None,
+                        xlabel: str, split: str, target: float | None, untuned: float | None,
+                        title: str, setting: str) -> Path:
+    """One row per label (in the given order), its accuracy as a dot, the x quantity (round,
+    uplink, seconds) written beside it."""
+    labels = list(bands)
+    fig, ax = plt.subplots(figsize=(7.2, 0.8 + 0.24 * len(labels)))
+    for row, label in enumerate(labels):
+        i, (x, mean, _, _), _ = bands[label]
+        style = series_style(i)
+        ax.plot([mean[0]], [row], ls="none", marker=style["marker"], color=style["color"], ms=5)
+        where = (f"round {x[0]:g}" if x_unit is None
+                 else format_bytes(x[0]) if x_unit == "bytes" else f"{x[0]:.3g} s")
+        ax.annotate(f"{mean[0]:.3f} ({where})", (mean[0], row), xytext=(6, 0), textcoords="offset points",
+                    va="center", fontsize=7)
+    if target is not None:
+        ax.axvline(target, color="black", ls="--", lw=1, label=f"target {target:.4g}")
+    if untuned is not None:
+        ax.axvline(untuned, color="grey", ls=":", lw=1.2, label=f"untuned model {untuned:.4g}")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # first label on top
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi + 0.12 * (hi - lo))  # room for the written values
+    beside = xlabel.replace(" (log scale)", "").replace(", log scale", "")
+    ax.set_xlabel(f"{split} accuracy" + ("" if x_unit is None else f" (beside it: {beside})"))
+    ax.grid(alpha=0.3, axis="x")
+    _title(ax, title, setting)
+    _legend_outside(ax)
+    return _save(fig, path)
+
+
+def _accuracy_small_multiples(bands: Mapping[str, tuple[int, tuple, int]], path: Path, x_unit: str | None,
+                              xlabel: str, split: str, target: float | None, untuned: float | None,
+                              title: str, setting: str) -> Path:
+    """One panel per label: its mean and band in its colour over the others' means in grey."""
+    fig, axes = _grid(len(bands), 3, 3.3, 2.5, sharex=True, sharey=True)
+    for ax, (label, (i, (x, mean, lo, hi), n)) in zip(axes, bands.items()):
+        for other, (_, (ox, omean, _, _), _) in bands.items():
+            if other != label:
+                ax.plot(ox, omean, color="0.82", lw=0.9, zorder=1, label="the other methods' means")
+        (line,) = ax.plot(x, mean, ms=3, zorder=3, **series_style(i), label=f"mean of {n} seeds")
+        if n > 1:
+            ax.fill_between(x, lo, hi, alpha=0.25, color=line.get_color(), lw=0, zorder=2,
+                            label="95% interval over seeds")
+        ax.set_title(label, fontsize=9, color=line.get_color())
+        _accuracy_axes(ax, x_unit, xlabel, split, target, untuned)
+        ax.tick_params(labelsize=7)
+    _outer_labels(axes, 3)  # tick labels and axis names on the outer panels only
+    seeds = max(n for _, _, n in bands.values())
+    handles = {f"a panel's method: mean of {seeds} seeds": Line2D([], [], color="0.3", marker="o", ms=3),
+               "its 95% interval over seeds": Patch(color="0.3", alpha=0.25, lw=0),
+               "the other methods' means": Line2D([], [], color="0.82", lw=0.9)}
+    handles |= {h.get_label(): h for h in axes[0].get_lines() if h.get_label().startswith(("target", "untuned"))}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(title + ("\n" + _wrap(setting, 100) if setting else ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return _save(fig, path)
+
+
+SERVER_BOUND_SHARE = 0.5
+"""A method whose simulated time is at least this share measured server seconds is marked: its
+speed-up is set by this machine's server, not by the simulated devices."""
+
+
 def speedup_by_target(rows: Sequence[Mapping[str, Any]], path: Path, reference: str, setting: str = "",
-                      split: str = "test", labels: Sequence[str] = ()) -> Path:
+                      split: str = "test", labels: Sequence[str] = (),
+                      server_share: Mapping[str, float] | None = None) -> Path:
     """Each method's paired speed-up over `reference` (fedlora.tta.speedup_sweep rows) against
     the accuracy target, on a log axis with its 95% interval as error bars; a target a pair did
     not reach in every seed has no point. The line at 1× is parity with the reference. `labels`:
     the comparison's methods in order (reference included), so each keeps its colour from the
-    accuracy figures."""
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    order = list(dict.fromkeys([*labels, *methods]))
+    accuracy figures. Past SMALL_MULTIPLES_ABOVE methods each gets a panel (one shared log
+    axis). `server_share`: per method, the share of its simulated time that is server seconds
+    measured on this machine; at SERVER_BOUND_SHARE or more its points are hollow and it says so."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)
+               if any(r["speedup"] is not None for r in rows if r["method"] == m)]
+    order = list(dict.fromkeys([*labels, *(r["method"] for r in rows)]))
     targets = sorted({r["target"] for r in rows})
-    for j, method in enumerate(methods):
-        at = {r["target"]: r for r in rows if r["method"] == method and r["speedup"] is not None}
-        if not at:
-            continue
-        shown = [at.get(t) for t in targets]  # a missed target is a gap (NaN), not a line across it
-        x = np.array(targets) + (j - (len(methods) - 1) / 2) * 0.004  # side by side
-        y = np.array([np.nan if r is None else r["speedup"] for r in shown])
-        low = np.array([np.nan if r is None else r["speedup_low"] or r["speedup"] for r in shown])
-        high = np.array([np.nan if r is None else r["speedup_high"] or r["speedup"] for r in shown])
-        seeds = next(iter(at.values()))["paired_seeds"]
-        ax.errorbar(x, y, yerr=[y - low, high - y], ms=4, capsize=3, **series_style(order.index(method)),
-                    label=method + (f" (geometric mean of {seeds})" if seeds > 1 else ""))
-    ax.axhline(1.0, color="black", ls="--", lw=1, label=f"as fast as {reference}")
-    ax.set_yscale("log")
-    _log_axis(ax.yaxis, "×")
-    ax.set_xlabel(f"{split} accuracy target")
-    ax.set_ylabel(f"speed-up over {reference} (simulated time, log scale)")
-    ax.grid(alpha=0.3, which="major")
+    share = dict(server_share or {})
     bars = "; bars: 95% t interval over seeds" if any(r["speedup_low"] is not None for r in rows) else ""
-    _title(ax, f"Time-to-accuracy speed-up by target{bars}", setting)
-    _legend_outside(ax)
+    panels = [[m] for m in methods] if len(methods) > SMALL_MULTIPLES_ABOVE else [methods]
+    if len(panels) == 1:
+        fig, ax = plt.subplots(figsize=(7.2, 4.2))
+        axes = [ax]
+    else:
+        fig, axes = _grid(len(panels), 2, 4.2, 2.4, sharex=True, sharey=True)
+    for ax, shown in zip(axes, panels):
+        for j, method in enumerate(shown):
+            at = {r["target"]: r for r in rows if r["method"] == method and r["speedup"] is not None}
+            picked = [at.get(t) for t in targets]  # a missed target is a gap (NaN), not a line across it
+            x = np.array(targets) + (j - (len(shown) - 1) / 2) * 0.004  # side by side
+            y = np.array([np.nan if r is None else r["speedup"] for r in picked])
+            low = np.array([np.nan if r is None else r["speedup_low"] or r["speedup"] for r in picked])
+            high = np.array([np.nan if r is None else r["speedup_high"] or r["speedup"] for r in picked])
+            seeds = next(iter(at.values()))["paired_seeds"]
+            style = series_style(order.index(method))
+            server_bound = share.get(method, 0.0) >= SERVER_BOUND_SHARE
+            note = (f"; hollow: {share[method]:.0%} of its simulated time is server seconds measured here"
+                    if server_bound else "")
+            ax.errorbar(x, y, yerr=[y - low, high - y], ms=4, capsize=3, **style,
+                        mfc="white" if server_bound else style["color"],
+                        label=method + (f" (geometric mean of {seeds})" if seeds > 1 else "") + note)
+            if len(panels) > 1:
+                ax.set_title(method + (" · measured server seconds (hollow)" if server_bound else ""),
+                             fontsize=9, color=style["color"])
+        ax.axhline(1.0, color="black", ls="--", lw=1, label=f"as fast as {reference}")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="major")
+        ax.set_xlabel(f"{split} accuracy target")
+        ax.set_ylabel(f"speed-up over {reference}" + (" (simulated time, log scale)" if len(panels) == 1 else ""))
+        if len(panels) > 1:
+            ax.tick_params(labelsize=7)
+    for ax in axes:
+        _ratio_axis(ax)
+    if len(panels) > 1:
+        _outer_labels(axes, 2)
+    what = f"Time-to-accuracy speed-up over {reference} by target (simulated time){bars}"
+    if len(panels) == 1:
+        _title(axes[0], what, setting)
+        _legend_outside(axes[0])
+    else:
+        bound = [m for m in methods if share.get(m, 0.0) >= SERVER_BOUND_SHARE]
+        if bound:
+            what += ("\nhollow points (" + ", ".join(bound) + "): most of their simulated time is the server's\n"
+                     "seconds measured on this CPU, not the simulated devices'")
+        fig.suptitle(what + ("\n" + _wrap(setting, 100) if setting else ""), fontsize=10)
+        fig.tight_layout()
     return _save(fig, path)
+
+
+def _ratio_axis(ax) -> None:
+    """A log ratio axis from and to a labelled tick, labelled at 1-2-5 steps ("0.5×", "1×",
+    "2×"), or at 1-1.5-2-3-5-7 when it spans less than a decade, so at least three ticks show."""
+    lo, hi = ax.get_ylim()
+    steps = (1.0, 2.0, 5.0) if hi / lo >= 10 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    grid = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 2)
+            for m in steps]
+    lo, hi = max(v for v in grid if v <= lo), min(v for v in grid if v >= hi)
+    ax.yaxis.set_major_locator(FixedLocator([v for v in grid if lo <= v <= hi]))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.set_ylim(lo, hi)
+
+
+def _outer_labels(axes: Sequence, cols: int) -> None:
+    """Tick labels and axis names only on the left column and on the lowest panel of each
+    column (a panel whose neighbour below is missing keeps its x labels)."""
+    n = len(axes)
+    for i, ax in enumerate(axes):
+        bottom, left = i + cols >= n, i % cols == 0
+        ax.xaxis.set_tick_params(labelbottom=bottom)
+        ax.yaxis.set_tick_params(labelleft=left)
+        if not bottom:
+            ax.set_xlabel("")
+        if not left:
+            ax.set_ylabel("")
 
 
 def metric_by_round(series: Mapping[str, Records], key: str, path: Path, ylabel: str,
@@ -268,46 +428,97 @@ def _rank_tiers(series: Mapping[str, Records], clients: list[str]) -> list[tuple
     return [(t, [c for c in clients if first[c] == t]) for t in sorted({first[c] for c in clients}, reverse=True)]
 
 
+OVERLAP = 0.01
+"""Two rank lines closer than this share of the panel's height at every round are drawn on top
+of each other."""
+
+
+def _same_lines(points: Mapping[str, list[tuple[int, float]]], log: bool = True) -> list[list[str]]:
+    """Groups (two or more) of clients whose rank lines overlap at every round: closer than
+    OVERLAP of the panel's span (in log₂ rank on a log axis), each client joined to the first
+    group whose first client it is that close to."""
+    scale = (lambda v: float(np.log2(v)) if v > 0 else float("-inf")) if log else float
+    values = [scale(v) for pts in points.values() for _, v in pts]
+    finite = [v for v in values if np.isfinite(v)]
+    tolerance = OVERLAP * (max(finite) - min(finite)) if finite else 0.0
+    groups: list[list[str]] = []
+    for c, pts in points.items():
+        if not pts:
+            continue
+        for group in groups:
+            lead = points[group[0]]
+            if [r for r, _ in lead] == [r for r, _ in pts] and all(
+                    abs(scale(a) - scale(b)) <= tolerance for (_, a), (_, b) in zip(lead, pts)):
+                group.append(c)
+                break
+        else:
+            groups.append([c])
+    return [g for g in groups if len(g) > 1]
+
+
+def _client_names(clients: Sequence[str]) -> str:
+    """"clients 6–9" for a consecutive run, else "clients 2, 5, 7"."""
+    ids = sorted(int(c) for c in clients)
+    if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2:
+        return f"clients {ids[0]}–{ids[-1]}"
+    return "clients " + ", ".join(map(str, ids))
+
+
 def ranks_per_client(series: Mapping[str, Records], path: Path, setting: str = "",
                      small_multiples_above: int = 10) -> Path:
-    """The rank each client trained at, round by round, one column per label. Up to
-    `small_multiples_above` clients share one panel (log₂ axis, one legend outside); with more,
-    each starting-rank tier (2 to 5 of them) gets its own row and legend, since a tier's lines
-    would lie on top of each other on a shared axis. Every client has a colour of its own."""
+    """The rank each client trained at, round by round: a grid of panels, one per label (two
+    per row, so it reads at page width). Up to `small_multiples_above` clients share a panel
+    (log₂ axis, one legend below); with more, each starting-rank tier (2 to 5 of them) gets its
+    own row and legend, since a tier's lines would lie on top of each other on a shared axis.
+    Every client has a colour of its own, and clients whose lines coincide are named on the line."""
     clients = sorted({c for recs in series.values() for r in recs for c in r.get("ranks", {})}, key=int)
     colour = dict(zip(clients, _distinct_colours(len(clients))))
     tiers = _rank_tiers(series, clients) if len(clients) > small_multiples_above else []
     if not 1 < len(tiers) <= 5:  # a panel per client would be no easier to read
         tiers = [(None, clients)]
-    rows, cols = len(tiers), len(series)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols + 1.6, 3.9 if rows == 1 else 2.4 * rows + 0.8),
-                             squeeze=False, sharex=True)
-    for j, (label, recs) in enumerate(series.items()):
-        for i, (tier_rank, tier) in enumerate(tiers):
-            ax = axes[i][j]
-            for c in tier:
-                pts = [(r["round"], r["ranks"][c]) for r in recs if r.get("ranks", {}).get(c) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker=".", color=colour[c], label=f"client {c}")
-            ax.set_title(label if tier_rank is None else f"{label}: clients starting at rank {tier_rank:g}",
-                         fontsize=9)
-            _round_axis(ax.xaxis)
-            if tier_rank is None:  # ranks 4 … 64 on one axis: powers of two
-                ax.set_yscale("log", base=2)
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-            ax.grid(alpha=0.3)
-            if tier_rank is not None and j == cols - 1:
-                _legend_outside(ax, ncol=1 if len(tier) <= 6 else 2)
-        axes[-1][j].set_xlabel("round")
-    for row in axes:
-        row[0].set_ylabel("rank (mean over modules)" if rows == 1 else "rank")
-    if rows == 1:
-        handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
-        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   fontsize=7, frameon=False, ncol=1 if len(handles) <= 12 else 2)
-    fig.suptitle("Rank each client trained at (mean over modules)"
+    by_tier = tiers[0][0] is not None
+    if by_tier:  # rows are tiers, columns the labels
+        rows, cols = len(tiers), len(series)
+        fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols + 1.6, 2.4 * rows + 0.8), squeeze=False, sharex=True)
+        cells = [(grid[i][j], label, tier_rank, tier) for j, label in enumerate(series)
+                 for i, (tier_rank, tier) in enumerate(tiers)]
+    else:
+        fig, flat = _grid(len(series), 2, 4.3, 2.9, sharex=True, sharey=True)
+        cells = [(ax, label, None, clients) for ax, label in zip(flat, series)]
+    overlaps = False
+    for ax, label, tier_rank, tier in cells:
+        recs = series[label]
+        points = {c: [(r["round"], r["ranks"][c]) for r in recs if r.get("ranks", {}).get(c) is not None]
+                  for c in tier}
+        for c, pts in points.items():
+            if pts:
+                ax.plot(*zip(*pts), marker=".", color=colour[c], label=f"client {c}")
+        for group in _same_lines(points, log=tier_rank is None):
+            overlaps = True
+            x, y = points[group[0]][-1]
+            ax.annotate(f"{_client_names(group)} overlap", (x, y), xytext=(-4, 4), textcoords="offset points",
+                        ha="right", va="bottom", fontsize=7, color=colour[group[0]])
+        ax.set_title(label if tier_rank is None else f"{label}: clients starting at rank {tier_rank:g}", fontsize=9)
+        _round_axis(ax.xaxis)
+        if tier_rank is None:  # ranks 4 … 64 on one axis: powers of two
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("round")
+        ax.set_ylabel("rank (mean over modules)" if not by_tier else "rank", fontsize=8)
+        if by_tier and label == list(series)[-1]:
+            _legend_outside(ax, ncol=1 if len(tier) <= 6 else 2)
+    if not by_tier:
+        _outer_labels([ax for ax, *_ in cells], 2)
+        handles = {h.get_label(): h for ax, *_ in cells for h in ax.get_lines()}
+        fig.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 0.0),
+                   fontsize=8, frameon=False, ncol=min(len(handles), 5))
+    note = "\nclients whose lines overlap in every round are named on the line" if overlaps else ""
+    fig.suptitle("Rank each client trained at (mean over modules)" + note
                  + ("\n" + _wrap(setting, 100) if setting else ""), fontsize=10)
-    fig.tight_layout()
+    legend_rows = 0 if by_tier else -(-len(clients) // 5)
+    bottom = (0.2 * legend_rows + 0.1) / fig.get_size_inches()[1] if legend_rows else 0  # inches for the legend
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return _save(fig, path)
 
 

@@ -187,12 +187,36 @@ def write_tta(out: Path, per_seed: PerSeed, target: float | None, reference: str
     sweep = speedup_sweep(per_seed, reference, sweep_targets(per_seed)) if reference else []
     if sweep:
         write_csv(out / "tta_sweep.csv", SWEEP_COLUMNS, sweep)
-        plot = speedup_by_target(sweep, out / "speedup_vs_target.png", reference, setting, split, list(per_seed))
+        plot = speedup_by_target(sweep, out / "speedup_vs_target.png", reference, setting, split, list(per_seed),
+                                 server_share={m: measured_server_share(runs) for m, runs in per_seed.items()})
         text += f"{sweep_markdown(sweep, reference)}\n![{plot.stem}]({plot.name})\n"
     else:  # a rebuild without a reference leaves no stale sweep behind
         for name in ("tta_sweep.csv", "speedup_vs_target.png"):
             (out / name).unlink(missing_ok=True)
     return text
+
+
+def measured_server_share(runs: Mapping[int, Records]) -> float:
+    """The share of a method's simulated time (all its seeds' rounds) that is the server's measured
+    seconds: a round's simulated time less its slowest lane (each lane the sum over its stages of
+    the slowest client's simulated seconds, as fedlora.clock adds them). 0 without a clock."""
+    total = server = 0.0
+    for records in runs.values():
+        for rec in records:
+            sim = rec.get("sim_seconds")
+            if not isinstance(sim, (int, float)) or sim <= 0:
+                continue
+            stages: dict[tuple[int, int], float] = {}
+            for c in rec.get("clients") or []:
+                if isinstance(c, dict) and isinstance(c.get("sim_seconds"), (int, float)):
+                    key = (int(c.get("lane") or 0), int(c.get("stage") or 0))
+                    stages[key] = max(stages.get(key, 0.0), float(c["sim_seconds"]))
+            lanes: dict[int, float] = {}
+            for (lane, _), seconds in stages.items():
+                lanes[lane] = lanes.get(lane, 0.0) + seconds
+            total += sim
+            server += max(0.0, sim - max(lanes.values(), default=0.0))
+    return server / total if total else 0.0
 
 
 def _speedup_cell(row: dict[str, Any]) -> str:
