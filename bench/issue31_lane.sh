@@ -12,6 +12,7 @@ PY=${PY:-/work/main/.venv/bin/python}
 CAP=${CAP:-18}            # pilot: at most this many rounds
 STUDY_CAP=${STUDY_CAP:-10} # the studies' budget cap on rounds (docs/studies_plan.md)
 VALIDATION=500
+DATA=${DATA:-/work/shared/data}  # the configs' relative data_dir would resolve beside the code copy
 export PYTHONPATH=$CODE/src OMP_NUM_THREADS=1
 fed() { nice -n 10 "$PY" -m fedlora.cli "$@"; }
 
@@ -40,7 +41,7 @@ for task in agnews fpb; do
       if [ -f "$run/checkpoint.safetensors" ]; then
         fed run --resume "$run" --set federation.rounds=$R --quiet || exit 1
       else
-        fed run "${CONFIG[$task]}" --out "$run" --quiet --set algorithm.name=$m --set threads=1 \
+        fed run "${CONFIG[$task]}" --out "$run" --quiet --set algorithm.name=$m --set threads=1 --set data.data_dir=$DATA \
           --set data.validation_examples=$VALIDATION --set evaluation.mmlu=false --set federation.eval_subset=null \
           --set federation.eval_every=1 --set federation.rounds=$R ${EXTRA[$task]/--set federation.eval_subset=100/} || exit 1
       fi
@@ -59,6 +60,6 @@ for task in agnews fpb; do
   rounds=$(cat "$OUT/pilot/$task/ROUNDS")
   fed tune "${CONFIG[$task]}" --methods aflora,fedit,ffa,flora,flexlora,hetlora \
     --grid "$CODE/configs/grids/lr_wide.yaml" --validation-examples $VALIDATION --seed 0 --seeds 0,1,2,3,4 \
-    --out "$OUT/tune/$task" --quiet --set threads=1 --set federation.rounds=$rounds ${EXTRA[$task]}
+    --out "$OUT/tune/$task" --quiet --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$rounds ${EXTRA[$task]}
   echo "$(date -u +%FT%TZ) tune $task: exit $? (2: a choice at the grid's edge, see tuning.md)" | tee -a "$OUT/lane.log"
 done
