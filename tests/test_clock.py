@@ -5,7 +5,7 @@ import pytest
 from conftest import tiny_tree
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedlora.clock import ModelShape, round_time, train_flops
+from fedlora.clock import ModelShape, example_flops, lm_train_flops, loaded_modules, round_time, train_flops
 from fedlora.config import ConfigError, build_config
 from fedlora.data.encode import sample_batches
 from fedlora.devices import (
@@ -156,8 +156,94 @@ def test_every_method_reports_simulated_time(data_dir, tmp_path):
     hist = read_metrics(tmp_path)
     for r in hist:
         slowest = max(c["sim_seconds"] for c in r["clients"])
-        assert r["sim_seconds"] == pytest.approx(slowest + r["server_seconds"])
+        assert r["server_flops"] == 0 and r["server_sim_seconds"] == 0  # FedIT's server trains nothing
+        assert r["sim_seconds"] == pytest.approx(slowest)  # the measured server seconds are not on the clock
         assert all(c["flops"] > 0 for c in r["clients"])
         assert max(r["clients"], key=lambda c: c["sim_seconds"])["id"] in (2, 3)  # a low device
     assert hist[1]["sim_time"] == pytest.approx(hist[0]["sim_seconds"] + hist[1]["sim_seconds"])
     assert np.isfinite(hist[-1]["wall_seconds"])
+
+
+def test_server_lm_flops_count_the_head_at_every_labelled_position(data_dir, monkeypatch):
+    """The server's public steps (causal-LM loss on the response tokens) read the whole vocabulary
+    at each labelled target position, not at one per example; against torch's counter on the real
+    step the only difference left is the documented over-count of the lowest trained layer."""
+    import torch
+
+    monkeypatch.setattr("fedlora.train.MIN_SHARED_PREFIX", 10**9)
+    from fedlora.train import lm_loss
+
+    fed = Federation.build(build_config(tiny_tree()))  # AFLoRA: the method with a public set
+    assert fed.task.public
+    shapes = fed.adapters.shapes()
+    state = fed.algorithm.init_state()  # A at r_max rows
+    factors = {**state, **{k[:-2] + ".B": torch.zeros(shapes[k[:-2]][0], a.shape[0]) for k, a in state.items()}}
+    fed.adapters.load(factors, trainable={"A"})  # AFLoRA's A fine-tuning: A trains, B frozen, every layer
+    batches = sample_batches(fed.task.public, 4, 2, 0, fed.pad_id)
+    shape = ModelShape.of(fed.model)
+    lora = loaded_modules(fed.adapters)
+    ours = lm_train_flops(fed.model, fed.adapters, batches)
+    by_hand = 0.0
+    for b in batches:
+        n, T = b["input_ids"].shape
+        positions = int((b["labels"][:, 1:] != -100).sum())
+        assert n < positions  # several response tokens per example
+        by_hand += n * example_flops(shape, T, lora, shape.vocab, head_positions=0)
+        by_hand += positions * 2 * shape.hidden * shape.vocab * 2  # head rows, forward and input gradient
+    assert ours == pytest.approx(by_hand, rel=1e-12)
+    fed.model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            for b in batches:
+                lm_loss(fed.model, b).backward()
+    finally:
+        fed.model.set_attn_implementation("sdpa")
+        fed.adapters.clear()
+    assert counter.get_total_flops() <= ours <= 1.25 * counter.get_total_flops()
+
+
+def _one_aflora_round(tmp_path, name, devices=None):
+    from fedlora.runtime.inprocess import Simulation
+    from fedlora.runtime.outputs import read_metrics
+
+    tree = tiny_tree(federation={"rounds": 1, "local_steps": 1}, devices=devices or {})
+    Simulation(build_config(tree), tmp_path / name, progress=False).run()
+    return read_metrics(tmp_path / name)[0]
+
+
+def test_a_slowed_server_changes_measured_seconds_not_simulated_time(data_dir, tmp_path, monkeypatch):
+    """Issue 31: the machine's load must not reach the simulated clock. The server's public steps
+    slowed by a second change `server_seconds` (the diagnostic) and nothing simulated; the
+    server's share is its counted FLOPs over the declared server device."""
+    import time
+
+    from fedlora.runtime.context import PublicServer
+
+    normal = _one_aflora_round(tmp_path, "normal")
+    train_public = PublicServer.train_public
+
+    def slowed(self, *args, **kwargs):
+        time.sleep(1.0)
+        return train_public(self, *args, **kwargs)
+
+    monkeypatch.setattr(PublicServer, "train_public", slowed)
+    slow = _one_aflora_round(tmp_path, "slow")
+    assert slow["server_seconds"] >= normal["server_seconds"] + 0.9
+    assert slow["server_flops"] == normal["server_flops"] > 0
+    for key in ("sim_seconds", "sim_time", "server_sim_seconds"):
+        assert slow[key] == normal[key], key
+    assert normal["server_sim_seconds"] == normal["server_flops"] / 1e13  # the `server` preset
+    slowest = max(c["sim_seconds"] for c in normal["clients"])
+    assert normal["sim_seconds"] == pytest.approx(slowest + normal["server_sim_seconds"])
+
+    fast = _one_aflora_round(tmp_path, "fast", {"classes": {"gpu": {"flops": 1e15, "uplink_mbps": 1,
+                                                                    "downlink_mbps": 1, "max_rank": 8}},
+                                                "server": "gpu"})
+    assert fast["server_sim_seconds"] == pytest.approx(normal["server_sim_seconds"] / 100)
+    measured = _one_aflora_round(tmp_path, "measured", {"server_time": "measured"})  # the old clock: load shows
+    assert measured["server_sim_seconds"] == measured["server_seconds"] >= 1.0
+
+
+def test_server_device_must_be_known():
+    with pytest.raises(ConfigError, match="unknown device class 'tpu'"):
+        build_config(tiny_tree(devices={"server": "tpu"}))

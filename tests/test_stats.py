@@ -204,6 +204,7 @@ def test_compare_writes_intervals_and_paired_differences(tmp_path):
     assert float(flex["diff_items_low"]) < 0.1 < float(flex["diff_items_high"]) and float(flex["p_value"]) == 0
     assert float(flora["diff_vs_reference"]) == 0 and float(flora["p_value"]) == 1 and flora["significant"] == "False"
     assert float(flex["p_holm"]) == 0 and float(flora["p_holm"]) == 1
+    assert float(flex["accuracy_auc_mean"]) == pytest.approx(0.9)  # one evaluated round: its accuracy
     assert flex["interval"] == "t over seeds" and flex["paired_seeds"] == "3"
     assert float(flex["final_accuracy_ci_low"]) == pytest.approx(0.9) == float(flex["final_accuracy_ci_high"])
     assert float(flex["diff_ci_low"]) == pytest.approx(0.1) == pytest.approx(float(flex["diff_ci_high"]))

@@ -34,7 +34,7 @@ def test_tune_chooses_by_validation_and_never_touches_the_test_set(data_dir, tmp
     monkeypatch.setattr(inprocess, "evaluate_task", lambda model, task, *a: evaluated.append(task) or real(model, task, *a))
     out = tmp_path / "tune"
     args = ["tune", str(cfg), "--methods", "aflora,fedit", "--grid", str(grid), "--validation-examples", "24",
-            "--out", str(out), "--quiet", "--set", "federation.rounds=1"]
+            "--out", str(out), "--quiet", "--set", "federation.rounds=1", "--allow-edge"]  # two lrs: both ends
     assert main(args) == 0
 
     # every evaluation saw the validation set: disjoint from the test set and from every client's data
@@ -63,7 +63,7 @@ def test_tune_chooses_by_validation_and_never_touches_the_test_set(data_dir, tmp
     assert tuned["methods"]["fedit-fast"]["set"] == {"federation.lr": 0.5}  # the variant's own change wins
     printed = capsys.readouterr().out
     assert (f"fedlora compare {out / 'tuned.yaml'} --methods aflora,fedit,aflora-no-ddr,fedit-fast --seeds 0,1,2"
-            in printed)
+            f" --out {out / 'test'} --set federation.rounds=1" in printed)  # the tuning budget is the test budget
     assert "| method | setting |" in (out / "tuning.md").read_text()
     assert "Accuracy is on the validation subset" in (out / "validation" / "comparison.md").read_text()
 
@@ -142,3 +142,64 @@ def test_shipped_comparison_config_runs_the_tuned_settings():
     for key in shipped:
         tuned[key].data.data_dir = shipped[key].data.data_dir
         assert changed_fields(shipped[key], tuned[key]) == [], key
+
+
+def _fake_grid_runs(monkeypatch, scores):
+    """run_tuning's comparison replaced by finished runs whose validation accuracy is
+    scores[lr] (loss 1 − accuracy): the choice and the edge check without training."""
+    from fedlora import tune
+    from fedlora.compare import MethodRun
+    from fedlora.runtime.outputs import write_json, write_metrics
+
+    def fake(config, labels, seeds, out, overrides, progress=True, variants=None, reference=None):
+        runs = []
+        for label in labels:
+            run = MethodRun(label, seeds[0], out / f"seed_{seeds[0]}" / label)
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            acc = scores[variants[label]["set"]["federation.lr"]]
+            write_metrics(run.run_dir, [{"round": 1, "accuracy": acc, "test_loss": 1 - acc, "clients": [],
+                                         "uplink_bytes": 0, "downlink_bytes": 0, "wall_seconds": 0.0,
+                                         "server_seconds": 0.0}])
+            write_json(run.run_dir / "summary.json", {"method": label})
+            runs.append(run)
+        return runs
+
+    monkeypatch.setattr(tune, "run_comparison", fake)
+
+
+@pytest.mark.parametrize(("scores", "edge"), [
+    ({0.001: 0.5, 0.003: 0.7, 0.01: 0.6}, None),  # the middle wins: published
+    ({0.001: 0.5, 0.003: 0.6, 0.01: 0.7}, "highest"),  # still rising at the top
+    ({0.001: 0.7, 0.003: 0.6, 0.01: 0.5}, "lowest"),
+    ({0.001: 0.6, 0.003: 0.7, 0.01: 0.7}, None),  # a tie: lower loss, then the earlier grid point (0.003)
+])
+def test_a_choice_at_the_grids_edge_is_not_published(data_dir, tmp_path, monkeypatch, scores, edge):
+    from fedlora.tune import EdgeChoice, Grid, run_tuning
+
+    _fake_grid_runs(monkeypatch, scores)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_tree()))
+    out = tmp_path / "tune"
+    out.mkdir()
+    (out / "tuned.yaml").write_text("stale: from an earlier grid\n")
+    grid = Grid(lrs=list(scores))
+    if edge is None:
+        run_tuning(cfg, ["fedit"], grid, out, 24, 0, [0, 1], ["threads=1"])
+        assert "No method's lr choice is an end of the grid." in (out / "tuning.md").read_text()
+        assert yaml.safe_load((out / "tuned.yaml").read_text())["methods"]["fedit"]["set"]["federation.lr"] == 0.003
+        return
+    with pytest.raises(EdgeChoice, match=f"fedit \\(lr [0-9.]+, the {edge}\\).*extend lr in --grid"):
+        run_tuning(cfg, ["fedit"], grid, out, 24, 0, [0, 1], [])
+    md = (out / "tuning.md").read_text()
+    assert not (out / "tuned.yaml").exists() and "Not published" in md and f"the {edge} of" in md
+    run_tuning(cfg, ["fedit"], grid, out, 24, 0, [0, 1], [], allow_edge=True)  # flagged, but written
+    assert (out / "tuned.yaml").exists() and f"the {edge} of" in (out / "tuning.md").read_text()
+
+
+def test_edge_choices_by_hand():
+    from fedlora.tune import Grid, Point, edge_choices
+
+    chosen = {"a": Point("a", 0, {}, 0.01), "b": Point("b", 0, {}, 0.003), "c": Point("c", 0, {}, 0.001)}
+    assert edge_choices(Grid(lrs=[0.001, 0.003, 0.01]), chosen) == {"a": "highest", "c": "lowest"}
+    assert edge_choices(Grid(lrs=[0.01, 0.003, 0.001]), chosen) == {"a": "highest", "c": "lowest"}  # any order
+    assert edge_choices(Grid(lrs=[0.003]), {"b": chosen["b"]}) == {"b": "only"}

@@ -96,7 +96,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError("config error: --validation-examples: must be >= 1")
     out = Path(args.out or f"runs/tune-{Path(args.config).stem}")
     command = run_tuning(Path(args.config), methods, grid, out, args.validation_examples, args.seed,
-                         test_seeds, args.set, progress=not args.quiet)
+                         test_seeds, args.set, progress=not args.quiet, allow_edge=args.allow_edge)
     print((out / "tuning.md").read_text())
     print(f"tuning directory: {out}")
     print(f"next, the chosen settings at {len(test_seeds)} seeds on the test set:\n  {command}")
@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="choose every method's lr and settings on a validation split, equal budgets",
                           parents=[config_options(methods_config, "override a config field for the tuning runs "
-                                                  "only, e.g. a reduced budget"),
+                                                  "and the printed test command (the test budget is the "
+                                                  "tuning budget), e.g. threads=1"),
                                    study_options("tuning", "tune", "0,1,2", "seeds of the printed test-set compare command"),
                                    quiet])
     tune.add_argument("--grid", help="YAML: lr: [client lrs] (default 1e-3, 3e-3, 1e-2), "
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--validation-examples", type=int, default=200,
                       help="examples carved off the training pool to choose by (default 200)")
     tune.add_argument("--seed", type=int, default=0, help="seed of the tuning runs")
+    tune.add_argument("--allow-edge", action="store_true",
+                      help="write tuned.yaml even when a chosen lr is an end of the grid (flagged in tuning.md)")
     tune.set_defaults(func=_cmd_tune)
 
     exp = sub.add_parser("export", help="a finished run as a PEFT adapter or a merged model")

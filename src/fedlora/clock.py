@@ -2,7 +2,10 @@
 
 A round's simulated wall-clock time is the slowest participant's
     local training FLOPs / throughput + bytes up / uplink + bytes down / downlink
-plus the server's time. Methods with intra-group stages (HierFedLoRA) run groups ("lanes")
+plus the server's time: by default its training FLOPs (AFLoRA's A fine-tuning on public data)
+over the throughput of the declared server device (`devices.server`), so that no simulated
+number depends on how busy the machine was (docs/concepts/server-clock.md). The measured
+seconds stay in every record (`server_seconds`) as a diagnostic. Methods with intra-group stages (HierFedLoRA) run groups ("lanes")
 in parallel: a lane's time is the sum over its stages of its slowest client in that stage,
 and the round waits for the slowest lane.
 
@@ -15,7 +18,9 @@ decoder layer,
     (autograd never reaches lower: nothing there requires a gradient):
               2·T·Σ m·n (input gradients; base weights are frozen)  +  8·T²·w  +
               per LoRA module 2·T·r·(m+n) (input path) + 2·T·r·m if B trains + 2·T·r·n if A trains
-plus the output rows the loss needs at one position: 2·h·rows forward, the same backward.
+plus the output rows the loss needs: 2·h·rows forward, the same backward, at one position per
+example for the label-word loss, and at every labelled (response) token for causal-LM loss
+(the server's public-data steps: `lm_train_flops`).
 The lowest trained layer is counted whole, though autograd skips the gradients there that
 lead only below it (q/k/v input gradients, the LoRA input path, dK when k_proj has no LoRA):
 an over-count of part of one layer's backward, on the safe side. tests/test_clock.py checks
@@ -111,8 +116,10 @@ def loaded_modules(adapters: Adapters) -> list[LoRAModule]:
     return out
 
 
-def example_flops(shape: ModelShape, tokens: int, lora: Iterable[LoRAModule], head_rows: int) -> float:
-    """Forward + backward FLOPs of one training example of `tokens` tokens (see module doc)."""
+def example_flops(shape: ModelShape, tokens: int, lora: Iterable[LoRAModule], head_rows: int,
+                  head_positions: int = 1) -> float:
+    """Forward + backward FLOPs of one training example of `tokens` tokens whose loss reads the
+    output layer at `head_positions` positions (see module doc)."""
     lora = list(lora)
     T, w = tokens, shape.attn_width
     trained = [mod.layer for mod in lora if mod.trains]
@@ -128,17 +135,24 @@ def example_flops(shape: ModelShape, tokens: int, lora: Iterable[LoRAModule], he
         if mod.layer >= lowest:
             total += 2.0 * T * mod.rank * (mod.m + mod.n)
             total += 2.0 * T * mod.rank * (mod.m * mod.train_b + mod.n * mod.train_a)
-    total += 2.0 * shape.hidden * head_rows * (2 if trained else 1)
+    total += 2.0 * shape.hidden * head_rows * head_positions * (2 if trained else 1)
     return total
 
 
 def batch_flops(shape: ModelShape, batches: Iterable[Mapping[str, Tensor]], lora: list[LoRAModule],
-                head_rows: int) -> float:
-    """Sum over batches of batch size × example_flops(padded width)."""
+                head_rows: int, lm: bool = False) -> float:
+    """Sum over batches of batch size × example_flops(padded width); with `lm` (causal-LM loss
+    on the labelled tokens, train.lm_loss) the output layer at each labelled target position."""
     total = 0.0
     for b in batches:
         n, width = b["input_ids"].shape
-        total += n * example_flops(shape, int(width), lora, head_rows)
+        if not lm:
+            total += n * example_flops(shape, int(width), lora, head_rows)
+            continue
+        positions = int((b["labels"][:, 1:] != -100).sum())
+        body = example_flops(shape, int(width), lora, head_rows, head_positions=0)
+        head = example_flops(shape, int(width), lora, head_rows, head_positions=1) - body
+        total += n * body + positions * head
     return total
 
 
@@ -147,6 +161,13 @@ def train_flops(model: nn.Module, adapters: Adapters, batches: list[Mapping[str,
     """FLOPs of training on `batches` with the adapters as loaded now (the LocalClient hook)."""
     shape = ModelShape.of(model)
     return batch_flops(shape, batches, loaded_modules(adapters), head_rows or shape.vocab)
+
+
+def lm_train_flops(model: nn.Module, adapters: Adapters, batches: list[Mapping[str, Tensor]]) -> float:
+    """FLOPs of causal-LM training on `batches` (the server's public steps) with the adapters as
+    loaded now: the whole vocabulary at every labelled position."""
+    shape = ModelShape.of(model)
+    return batch_flops(shape, batches, loaded_modules(adapters), shape.vocab, lm=True)
 
 
 def planned_train_flops(shape: ModelShape, module_shapes: Mapping[str, tuple[int, int]], rank: int,
@@ -180,16 +201,25 @@ def round_time(clients: list[dict[str, Any]], profiles: list[DeviceProfile], ser
 
 
 
+def server_clock_seconds(server_time: str, measured: float, flops: float, server: DeviceProfile) -> float:
+    """The server's share of a round on the simulated clock: its training FLOPs over the declared
+    server device's throughput (`flops`, the default), the measured seconds (`measured`: depends
+    on the machine's load) or nothing (`none`)."""
+    if server_time == "flops":
+        return flops / server.flops
+    return measured if server_time == "measured" else 0.0
+
+
 def simulated_round(clients: list[dict[str, Any]], profiles: list[DeviceProfile], server_seconds: float,
-                    server_time: str, history: list[dict[str, Any]]) -> dict[str, float]:
+                    history: list[dict[str, Any]]) -> dict[str, float]:
     """The runtime hook: sets each client record's sim_seconds; returns the round's sim_seconds
-    and the run's cumulative sim_time (beside the real wall_seconds)."""
-    server = server_seconds if server_time == "measured" else 0.0
-    seconds, per_client = round_time(clients, profiles, server)
+    and the run's cumulative sim_time (beside the real wall_seconds). `server_seconds` is the
+    server's simulated share (`server_clock_seconds`)."""
+    seconds, per_client = round_time(clients, profiles, server_seconds)
     for c, s in zip(clients, per_client):
         c["sim_seconds"] = s
     before = history[-1].get("sim_time", 0.0) if history else 0.0
-    return {"sim_seconds": seconds, "sim_time": before + seconds}
+    return {"server_sim_seconds": server_seconds, "sim_seconds": seconds, "sim_time": before + seconds}
 
 
 def device_setup(cfg: RunConfig, model: nn.Module, adapters: Adapters, task: FederatedTask,

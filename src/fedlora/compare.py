@@ -63,7 +63,7 @@ MAX_TABLE_BYTES = 10_000_000
 
 COLUMNS = [
     "method", "seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean",
-    "best_accuracy_std", "client_cost_percent", "uplink_bytes_per_client_round",
+    "best_accuracy_std", "accuracy_auc_mean", "accuracy_auc_std", "client_cost_percent", "uplink_bytes_per_client_round",
     "downlink_bytes_per_client_round", "server_seconds_per_round", "wall_seconds",
     "final_accuracy_ci_low", "final_accuracy_ci_high", "best_accuracy_ci_low", "best_accuracy_ci_high",
     "interval", "worst_class_accuracy", "worst_client_accuracy", "worst_client",
@@ -237,12 +237,14 @@ def _std(xs: list[float]) -> float | None:
 
 def method_row(method: str, histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One table row from the metrics of each seed's run of `method`."""
-    finals, bests, costs, walls, up, down, server = [], [], [], [], [], [], []
+    finals, bests, costs, walls, up, down, server, aucs = [], [], [], [], [], [], [], []
     for recs in histories:
         acc = accuracy_summary(recs)
         if acc.final is not None:
             finals.append(acc.final)
             bests.append(acc.best)
+        if acc.auc is not None:
+            aucs.append(acc.auc)
         participations = sum(len(r["clients"]) for r in recs)
         costs += [r["client_cost_percent"] for r in recs if r.get("client_cost_percent") is not None]
         if participations:
@@ -257,6 +259,8 @@ def method_row(method: str, histories: list[list[dict[str, Any]]]) -> dict[str, 
         "final_accuracy_std": _std(finals),
         "best_accuracy_mean": _mean(bests),
         "best_accuracy_std": _std(bests),
+        "accuracy_auc_mean": _mean(aucs),
+        "accuracy_auc_std": _std(aucs),
         "client_cost_percent": _mean(costs),
         "uplink_bytes_per_client_round": _mean(up),
         "downlink_bytes_per_client_round": _mean(down),
@@ -485,16 +489,17 @@ def _pm(mean: float | None, std: float | None, n: int) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """The comparison's main table: accuracy, cost, bytes and time per method."""
-    header = ["method", "seeds", "final accuracy", "best accuracy", "client cost %", "uplink / client / round",
-              "downlink / client / round", "server s / round", "wall s / run"]
+    """The comparison's main table: accuracy (final, best, AUC), cost, bytes and time per method."""
+    header = ["method", "seeds", "final accuracy", "best accuracy", "accuracy AUC", "client cost %",
+              "uplink / client / round", "downlink / client / round", "server s / round", "wall s / run"]
     table = []
     for r in rows:
         cost = "–" if r["client_cost_percent"] is None else f"{r['client_cost_percent']:.4f}"
         server = "–" if r["server_seconds_per_round"] is None else f"{r['server_seconds_per_round']:.3f}"
         wall = "–" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
         table.append([r["method"], r["seeds"], _pm(r["final_accuracy_mean"], r["final_accuracy_std"], r["seeds"]),
-                      _pm(r["best_accuracy_mean"], r["best_accuracy_std"], r["seeds"]), cost,
+                      _pm(r["best_accuracy_mean"], r["best_accuracy_std"], r["seeds"]),
+                      _pm(r["accuracy_auc_mean"], r["accuracy_auc_std"], r["seeds"]), cost,
                       format_bytes(r["uplink_bytes_per_client_round"]),
                       format_bytes(r["downlink_bytes_per_client_round"]), server, wall])
     return "\n".join(markdown_table(header, table)) + "\n"
@@ -558,7 +563,9 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         (f"Seeds: {sorted({r.seed for r in runs})}. Every method ran on the same client partition, {split} "
          f"subset and budget; the resolved configs are in each run directory (e.g. {cfg_note}).\n"),
         (f"Accuracy is on the {split} subset after the last round (final) and the best evaluated round "
-         "(best); ± is the standard deviation over seeds. Client cost is the paper's metric: "
+         "(best); accuracy AUC (secondary) is the mean accuracy over the evaluated rounds, on the fixed "
+         "eval subset when the runs have one (federation.eval_subset): the normalised area under the "
+         "accuracy curve; ± is the standard deviation over seeds. Client cost is the paper's metric: "
          "parameters a client trains or uploads over the base model's parameter count, averaged over "
          "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
          "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),

@@ -352,6 +352,12 @@ class FederationConfig(Strict):
     """Adam learning rate of the clients (no weight decay)."""
     eval_every: int = Field(1, ge=1)
     """Evaluate every N rounds (and always after the last)."""
+    eval_subset: int | None = Field(None, ge=1)
+    """Rounds before the last evaluate only this many test items, a seeded subset that is the same
+    every round, for every method and every seed of one test set (cheap curves, e.g. every round);
+    the last round evaluates the whole test subset. Each evaluated round logs the subset's accuracy
+    (`subset_accuracy`), the curve whose mean is the run's `accuracy_auc`. None: every evaluated
+    round uses the whole test subset."""
     eval_batch_size: int = Field(32, ge=1)
     """Examples per evaluation batch."""
 

@@ -40,6 +40,8 @@ PRESETS: dict[str, DeviceClass] = {
     "mid": DeviceClass(flops=5.0e11, uplink_mbps=20, downlink_mbps=50, max_rank=16),
     "low": DeviceClass(flops=1.0e11, uplink_mbps=5, downlink_mbps=20, max_rank=4),
     "reference": DeviceClass(flops=1.0e12, uplink_mbps=100, downlink_mbps=100, max_rank=64),
+    # the aggregation server: one data-centre accelerator at a modest sustained share of its peak
+    "server": DeviceClass(flops=1.0e13, uplink_mbps=1000, downlink_mbps=1000, max_rank=64),
 }
 
 
@@ -59,16 +61,21 @@ class DevicesConfig(Strict):
     max_ranks: Literal["config", "devices"] = "config"
     """`devices`: federation.client_max_ranks is taken from each client's device class (leave
     that key unset); `config`: from federation.client_max_ranks."""
-    server_time: Literal["measured", "none"] = "measured"
-    """Server share of a round's simulated time: the measured aggregation seconds
-    (`server_seconds`, diagnostics excluded), or none."""
+    server: str = "server"
+    """Device class of the server (a preset or one of `classes`): its `flops` throughput turns the
+    server's training FLOPs (AFLoRA's A fine-tuning) into simulated seconds."""
+    server_time: Literal["flops", "measured", "none"] = "flops"
+    """Server share of a round's simulated time: `flops`, its training FLOPs on the `server`
+    device (independent of the machine's load); `measured`, the aggregation's wall seconds on
+    this machine (`server_seconds`, diagnostics excluded; what runs before issue 31 used, they
+    vary with load); `none`, free."""
 
     @model_validator(mode="after")
     def _names_known(self) -> DevicesConfig:
         if self.assign is not None and self.mix is not None:
             raise ValueError("give either assign or mix, not both")
         known = {**PRESETS, **self.classes}
-        for name in [*(self.assign or []), *(self.mix or {})]:
+        for name in [*(self.assign or []), *(self.mix or {}), self.server]:
             if name not in known:
                 raise ValueError(f"unknown device class {name!r} (known: {sorted(known)})")
         if self.mix is not None and (not self.mix or any(v < 0 for v in self.mix.values())
@@ -155,3 +162,10 @@ def resolve_profiles(cfg: DevicesConfig | None, num_clients: int, seed: int) -> 
         out.append(DeviceProfile(name, c.flops * f[0], c.uplink_mbps * MBIT * f[1],
                                  c.downlink_mbps * MBIT * f[2], c.max_rank))
     return out
+
+
+def server_profile(cfg: DevicesConfig | None) -> DeviceProfile:
+    """The server's device (no spread: there is one server)."""
+    cfg = cfg or DevicesConfig()
+    c = {**PRESETS, **cfg.classes}[cfg.server]
+    return DeviceProfile(cfg.server, c.flops, c.uplink_mbps * MBIT, c.downlink_mbps * MBIT, c.max_rank)

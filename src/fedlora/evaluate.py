@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,12 +150,17 @@ def lm_metrics(items: Items) -> dict[str, float]:
 
 
 def evaluate_task(
-    model: nn.Module, task: FederatedTask, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32"
+    model: nn.Module, task: FederatedTask, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32",
+    positions: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], Items]:
     """The task's own evaluation ("loss" always; "accuracy" for classification, or MMLU's
     macro accuracy for instruction tasks judged on MMLU; classification adds the per-class,
     confusion and worst-client fields of fedlora.class_metrics) plus the MMLU details when
-    enabled; and the per-item records (`id`: the test items' rows in the test split)."""
+    enabled; and the per-item records (`id`: the test items' rows in the test split).
+    `positions`: evaluate only these test items (federation.eval_subset)."""
+    if positions is not None:
+        ids = task.test_ids or list(range(len(task.test)))
+        task = replace(task, test=[task.test[i] for i in positions], test_ids=[ids[i] for i in positions])
     if task.kind == "classification":
         preds, logprobs = predict_classes(model, task.test, task.label_ids, pad_id, batch_size, compute_dtype)
         items = classification_items(task.test, preds, logprobs)
@@ -172,3 +178,17 @@ def evaluate_task(
         if task.kind != "classification":
             out["accuracy"] = out["mmlu_accuracy"]
     return out, items
+
+
+SUBSET_SEED = 0xE7A1
+"""The eval subset's draw depends on this and the test set's size only: every method and seed
+of one test set evaluates the same items in the rounds before the last."""
+
+
+def subset_positions(test_size: int, subset: int | None) -> np.ndarray | None:
+    """Sorted positions of the seeded eval subset in the test set (None: no subset, or one as large)."""
+    if subset is None or subset >= test_size:
+        return None
+    rng = np.random.default_rng([SUBSET_SEED, test_size])
+    return np.sort(rng.choice(test_size, size=subset, replace=False))
+

@@ -511,8 +511,9 @@ def ranks_per_client(series: Mapping[str, Records], path: Path, setting: str = "
     if not by_tier:
         _outer_labels([ax for ax, *_ in cells], 2)
         handles = {h.get_label(): h for ax, *_ in cells for h in ax.get_lines()}
-        fig.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 0.0),
-                   fontsize=8, frameon=False, ncol=min(len(handles), 5))
+        if handles:  # runs that logged no ranks draw no lines: no legend (matplotlib refuses ncol 0)
+            fig.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 0.0),
+                       fontsize=8, frameon=False, ncol=min(len(handles), 5))
     note = "\nclients whose lines overlap in every round are named on the line" if overlaps else ""
     fig.suptitle("Rank each client trained at (mean over modules)" + note
                  + ("\n" + _wrap(setting, 100) if setting else ""), fontsize=10)

@@ -42,6 +42,10 @@ class RoundRecord(BaseModel):
     """Real seconds of the server's aggregation (its diagnostics excluded)."""
     sim_seconds: float | None = None
     """The round on the simulated clock (fedlora.clock): the slowest lane plus the server."""
+    server_flops: float | None = None
+    """FLOPs of the server's training steps this round (AFLoRA's A fine-tuning; 0: none)."""
+    server_sim_seconds: float | None = None
+    """The server's share of `sim_seconds` (devices.server_time: its FLOPs on devices.server)."""
     train_loss: float | None = None
     """Mean of the accepted clients' training losses (None: no update was accepted)."""
     client_cost_percent: float | None = None
@@ -50,6 +54,10 @@ class RoundRecord(BaseModel):
     """Test (or validation) accuracy of an evaluated round; MMLU's for instruction tasks."""
     test_loss: float | None = None
     """Test loss of an evaluated round (absent: the round was not evaluated)."""
+    eval_items: int | None = None
+    """Test items the round was evaluated on (federation.eval_subset before the last round)."""
+    subset_accuracy: float | None = Field(None, ge=0, le=1)
+    """Accuracy on the fixed eval subset (the accuracy curve's point; with eval_subset only)."""
     perplexity: float | None = None
     """Instruction tasks: test perplexity of an evaluated round."""
 
@@ -83,6 +91,8 @@ class AccuracySummary:
     best: float | None
     best_round: int | None
     """The first round of equal bests."""
+    auc: float | None = None
+    """The normalised area under the accuracy curve (`accuracy_auc`)."""
 
 
 def accuracy_summary(records: Sequence[Record]) -> AccuracySummary:
@@ -90,7 +100,35 @@ def accuracy_summary(records: Sequence[Record]) -> AccuracySummary:
     if not rounds:
         return AccuracySummary(None, None, None, None)
     best = max(rounds, key=lambda r: r["accuracy"])
-    return AccuracySummary(rounds[-1]["accuracy"], rounds[-1]["round"], best["accuracy"], best["round"])
+    return AccuracySummary(rounds[-1]["accuracy"], rounds[-1]["round"], best["accuracy"], best["round"],
+                           accuracy_auc(records))
+
+
+def curve_accuracy(record: Record) -> float | None:
+    """A round's point on the accuracy curve: the eval subset's accuracy when the run has one
+    (federation.eval_subset: the same items every round), else the round's accuracy."""
+    return record.get("subset_accuracy", record.get("accuracy"))
+
+
+def accuracy_auc(records: Sequence[Record]) -> float | None:
+    """Area under the accuracy curve, normalised: the mean over evaluated rounds of
+    `curve_accuracy` (with evaluation every round, the area under the per-round step curve ÷
+    rounds; 1.0 is a model right from round 1). A secondary metric beside final accuracy: it
+    rewards learning early and staying up, and moves less with the stopping round."""
+    points = [a for r in records if (a := curve_accuracy(r)) is not None]
+    return float(np.mean(points)) if points else None
+
+
+def plateau_round(curve: Sequence[float], gain: float = 0.005, window: int = 3) -> int | None:
+    """The first round (1-based) at which a per-round accuracy curve has stopped rising: the mean
+    of its last `window` rounds exceeds the mean of the `window` rounds before them by less than
+    `gain` (issue 31's pilot rule, 0.5 points over 3 rounds, on window means so that one noisy
+    evaluation neither ends nor prolongs it). None: still rising at the curve's end."""
+    c = np.asarray(curve, dtype=np.float64)
+    for r in range(2 * window, len(c) + 1):
+        if c[r - window:r].mean() - c[r - 2 * window:r - window].mean() < gain:
+            return r
+    return None
 
 
 def summarize(method: str, records: Sequence[Record]) -> dict[str, Any]:
@@ -105,6 +143,7 @@ def summarize(method: str, records: Sequence[Record]) -> dict[str, Any]:
         "final_accuracy": acc.final,
         "best_accuracy": acc.best,
         "best_round": acc.best_round,
+        "accuracy_auc": acc.auc,
         "final_test_loss": last_eval.get("test_loss"),
         **({"final_perplexity": last_eval["perplexity"]} if "perplexity" in last_eval else {}),
         "mean_client_cost_percent": float(np.mean(costs)) if costs else None,

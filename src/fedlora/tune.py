@@ -4,11 +4,16 @@ Protocol (issue 15): a validation set is carved off the training pool (`data.val
 no client trains on it and the test set is never evaluated); every method gets the same client
 learning-rate grid and at most the same number of method-specific settings (`max_settings`);
 each (method, setting, lr) is one run, evaluated on the validation set; the choice is the
-highest final validation accuracy (ties: lower validation loss, then grid order; tasks without
-accuracy: lowest loss). The runs are a `fedlora compare` of variants, one per grid point, so
-tuning resumes like a comparison. Outputs: `tuning.md` and `tuning.csv` (grid, scores,
-choices), `tuned.yaml` (the config with each method's choice in its `methods:` mapping) and
-the `fedlora compare` command that runs the choices at three seeds on the test set.
+highest final validation accuracy (TIE_RULE; tasks without accuracy: lowest loss). The runs are
+a `fedlora compare` of variants, one per grid point, so tuning resumes like a comparison.
+Outputs: `tuning.md` and `tuning.csv` (grid, scores, choices), `tuned.yaml` (the config with
+each method's choice in its `methods:` mapping) and the `fedlora compare` command that runs the
+choices on the test set with the same `--set` overrides: the test budget is the tuning budget.
+
+A choice at either end of the lr grid is not a tuned value (the curve may still be rising past
+it): `edge_choices` names them, tuning.md says so, and without `allow_edge` no tuned.yaml is
+written (a stale one is removed) and the command stops with one line: extend the grid and rerun
+into the same directory, where every finished grid point is reused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from fedlora.runtime.outputs import read_metrics, write_csv
 from fedlora.tables import markdown_table
 
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
+TIE_RULE = ("ties (the same validation accuracy, i.e. as many validation items right) go to the lower "
+            "validation loss, then to the earlier grid point (settings in the grid's order, lrs in the "
+            "grid's order)")
+
+
+class EdgeChoice(ConfigError):
+    """Some method's chosen lr is an end of the grid: nothing is published (exit code 2)."""
 
 
 @dataclass
@@ -128,6 +140,19 @@ def choose(points: list[Point]) -> dict[str, Point]:
     return best
 
 
+def edge_choices(grid: Grid, chosen: dict[str, Point]) -> dict[str, str]:
+    """Method → "lowest" / "highest" when its chosen lr is that end of the lr grid (with one or
+    two lrs every choice is an end)."""
+    low, high = min(grid.lrs), max(grid.lrs)
+    out = {}
+    for m, p in chosen.items():
+        if len(grid.lrs) == 1:
+            out[m] = "only"
+        elif p.lr in (low, high):
+            out[m] = "lowest" if p.lr == low else "highest"
+    return out
+
+
 def tuned_variants(tree: dict[str, Any], tuned: Collection[str]) -> list[str]:
     """The config's variants of tuned methods (`methods: {aflora-no-ddr: {name: aflora, ddr: false}}`):
     an ablation runs with its method's tuned settings plus its own change."""
@@ -159,9 +184,11 @@ def tuned_tree(config: Path, chosen: dict[str, Point]) -> dict[str, Any]:
 
 
 def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validation_examples: int,
-               seed: int, test_seeds: list[int], overrides: list[str], progress: bool = True) -> str:
+               seed: int, test_seeds: list[int], overrides: list[str], progress: bool = True,
+               allow_edge: bool = False) -> str:
     """Run (or resume) every grid point on the validation set; write the tables and tuned.yaml;
-    return the `fedlora compare` command for the test runs."""
+    return the `fedlora compare` command for the test runs (the same overrides: the same
+    budget). An lr choice at the grid's edge raises EdgeChoice after the tables, unless `allow_edge`."""
     points = grid_points(grid, methods)
     tree = read_tree(config)
     per_method = tree.get("methods") or {}
@@ -183,14 +210,27 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
         if run.done:
             p.accuracy, p.loss = validation_scores(read_metrics(run.run_dir))
     chosen = choose(points)
-    (out / "tuned.yaml").write_text(yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
+    edges = edge_choices(grid, chosen)
+    publish = allow_edge or not edges
+    tuned = out / "tuned.yaml"
     to_test = [m for m in methods if m in chosen] + tuned_variants(tree, chosen)
-    method_configs(out / "tuned.yaml", to_test, test_seeds, [])  # the printed command's configs are valid
     command = shlex.join([
-        "fedlora", "compare", str(out / "tuned.yaml"), "--methods", ",".join(to_test),
+        "fedlora", "compare", str(tuned), "--methods", ",".join(to_test),
         "--seeds", ",".join(map(str, test_seeds)), "--out", str(out / "test"),
+        *(w for o in overrides for w in ("--set", o)),
     ])
-    write_tables(out, grid, points, chosen, methods, validation_examples, seed, overrides, command)
+    if publish:
+        tuned.write_text(yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
+        method_configs(tuned, to_test, test_seeds, overrides)  # the printed command's configs are valid
+    else:
+        tuned.unlink(missing_ok=True)  # never leave an earlier grid's choices looking current
+    write_tables(out, grid, points, chosen, methods, validation_examples, seed, overrides,
+                 command if publish else None, edges)
+    if not publish:
+        where = ", ".join(f"{m} (lr {chosen[m].lr:g}, the {end})" for m, end in edges.items())
+        raise EdgeChoice(f"tune: chosen at the lr grid's edge: {where}; extend lr in --grid past it and rerun "
+                         f"into {out} (finished grid points are reused), or pass --allow-edge; tuning.md lists "
+                         "the scores, no tuned.yaml was written")
     return command
 
 
@@ -202,7 +242,8 @@ def _fmt(x: float | None) -> str:
 
 
 def write_tables(out: Path, grid: Grid, points: list[Point], chosen: dict[str, Point], methods: list[str],
-                 validation_examples: int, seed: int, overrides: list[str], command: str) -> None:
+                 validation_examples: int, seed: int, overrides: list[str], command: str | None,
+                 edges: dict[str, str] | None = None) -> None:
     write_csv(out / "tuning.csv", CSV_COLUMNS, ({
         "method": p.method, "setting": p.setting, "options": json.dumps(p.options, sort_keys=True),
         "lr": p.lr, "validation_accuracy": p.accuracy, "validation_loss": p.loss,
@@ -214,8 +255,9 @@ def write_tables(out: Path, grid: Grid, points: list[Point], chosen: dict[str, P
         (f"Validation: {validation_examples} examples carved off the training pool (seed {seed}); no client "
          "trains on them and the test set is never evaluated. Every method gets the client lr grid "
          f"{grid.lrs} and at most {grid.max_settings} method-specific setting(s); choice by final "
-         "validation accuracy (ties: lower validation loss). Overrides of the tuning runs: "
-         f"{' '.join(overrides) or 'none'}. Runs in `validation/seed_{seed}/<method>-s<setting>-lr<lr>/`.\n"),
+         f"validation accuracy; {TIE_RULE}. Overrides of the tuning runs, and of the test runs (the "
+         f"same budget): {' '.join(overrides) or 'none'}. Runs in "
+         f"`validation/seed_{seed}/<method>-s<setting>-lr<lr>/`.\n"),
         "Runs per method: " + ", ".join(f"{m} {n}" for m, n in runs.items()) + ".\n",
         *markdown_table(
             ["method", "setting", "options", "lr", "validation accuracy", "validation loss", "chosen"],
@@ -227,8 +269,14 @@ def write_tables(out: Path, grid: Grid, points: list[Point], chosen: dict[str, P
             [*([m, f"`{json.dumps(p.options, sort_keys=True)}`", f"{p.lr:g}", _fmt(p.accuracy)]
                for m, p in chosen.items()),
              *([m, "no run finished", "–", "–"] for m in methods if m not in chosen)]),
+        "\n## Edge of the grid\n",
+        ("No method's lr choice is an end of the grid.\n" if not edges else
+         "Chosen at an end of the lr grid (the score may still rise past it; extend the grid):\n\n"
+         + "".join(f"- {m}: lr {chosen[m].lr:g}, the {end} of {grid.lrs}\n" for m, end in edges.items())),
         "\n## Test runs\n",
-        f"The chosen settings are in `tuned.yaml`; three seeds on the test set:\n\n```\n{command}\n```\n",
+        (f"The chosen settings are in `tuned.yaml`; on the test set, with the tuning's overrides:\n\n"
+         f"```\n{command}\n```\n" if command else
+         "Not published: a choice is at the grid's edge (above), so no tuned.yaml was written.\n"),
     ]
     (out / "tuning.md").write_text("\n".join(text))
 

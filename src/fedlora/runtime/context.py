@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters import Adapters
 from fedlora.algorithms.base import ParamGroups
-from fedlora.clock import train_flops
+from fedlora.clock import lm_train_flops, train_flops
 from fedlora.data.encode import Encoded, collate, sample_batches
 from fedlora.privacy.dpsgd import SampleDP, dp_train_steps, private_batches
 from fedlora.train import classification_loss, lm_loss, mean_loss, model_device, train_steps
@@ -103,6 +103,7 @@ class PublicServer:
     compute_dtype: str = "float32"
     heldout: list[Encoded] = field(default_factory=list)
     """Public examples never trained on: measure whether the server's steps help."""
+    flops: float = 0.0  # training FLOPs of this round's public steps (fedlora.clock), for the simulated clock
 
     def heldout_loss(self) -> float | None:
         if not self.heldout:
@@ -114,4 +115,5 @@ class PublicServer:
         if not self.examples:
             raise ValueError("the server has no public data")
         batches = sample_batches(self.examples, batch_size, steps, self.seed, self.pad_id)
+        self.flops += lm_train_flops(self.model, self.adapters, batches)
         return train_steps(param_groups, batches, lambda b: lm_loss(self.model, b), None, self.compute_dtype)

@@ -38,12 +38,12 @@ from fedlora.algorithms.base import (
     Update,
     first_non_finite,
 )
-from fedlora.clock import device_setup, simulated_round
+from fedlora.clock import device_setup, server_clock_seconds, simulated_round
 from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
-from fedlora.devices import DeviceProfile
-from fedlora.evaluate import evaluate_task, predict_classes
+from fedlora.devices import DeviceProfile, server_profile
+from fedlora.evaluate import evaluate_task, predict_classes, subset_positions
 from fedlora.memory import ModelDims, check_memory
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
 from fedlora.personalized import concat_records, personal_metrics, personal_records
@@ -99,6 +99,11 @@ class Federation:
     profiles: list[DeviceProfile]
     privacy: PrivacyStage | None = None
     """Differential privacy (config `privacy`), set by the runtime once it knows the run's history."""
+
+    @property
+    def server_profile(self) -> DeviceProfile:
+        """The declared server device (devices.server): its throughput times the server's FLOPs."""
+        return server_profile(self.cfg.devices)
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Federation:
@@ -179,16 +184,30 @@ class Federation:
         items = concat_records(parts)
         return personal_metrics(items), items
 
-    def evaluate(self, state: Tensors) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task)."""
+    @property
+    def eval_positions(self) -> np.ndarray | None:
+        """The seeded eval subset's positions in the test set (federation.eval_subset), or None."""
+        return subset_positions(len(self.task.test), self.cfg.federation.eval_subset)
+
+    def evaluate(self, state: Tensors, subset: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task), on
+        the eval subset when `subset` and the run has one; `subset_accuracy` (the curve's point)
+        and `eval_items` added."""
+        positions = self.eval_positions
         self.adapters.load(self.algorithm.eval_factors(state))
         try:
-            return evaluate_task(
+            ev, items = evaluate_task(
                 self.model, self.task, self.pad_id,
                 self.cfg.federation.eval_batch_size, self.cfg.model.compute_dtype,
+                positions if subset else None,
             )
         finally:
             self.adapters.clear()
+        ev["eval_items"] = len(items["id"])
+        if positions is not None and "correct" in items and self.task.kind == "classification":
+            correct = items["correct"] if subset else items["correct"][positions]
+            ev["subset_accuracy"] = float(np.mean(correct))
+        return ev, items
 
 
 def _check_server_result(round_: int, agg: Aggregate) -> None:
@@ -284,8 +303,9 @@ class Simulation:
         s0 = time.perf_counter()
         server_metrics: dict[str, Any] = {}
         merges = ckpt.merges
+        server = fed.server(t)
         if clients:
-            agg = algo.aggregate(state, updates, fed.server(t))
+            agg = algo.aggregate(state, updates, server)
             fed.adapters.clear()
             _check_server_result(t, agg)
             state, server_metrics = agg.state, agg.metrics
@@ -299,11 +319,12 @@ class Simulation:
         # whose seconds are recorded apart so that a round's wall time can be accounted for
         diagnostic_seconds = server_metrics.pop(DIAGNOSTIC_SECONDS, 0.0)
         server_seconds = time.perf_counter() - s0 - diagnostic_seconds
-        sim = simulated_round(clients, fed.profiles, server_seconds, cfg.devices.server_time, ckpt.history)
+        sim = simulated_round(clients, fed.profiles, server_clock_seconds(
+            cfg.devices.server_time, server_seconds, server.flops, fed.server_profile), ckpt.history)
 
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
-            ev, items = fed.evaluate(state)
+            ev, items = fed.evaluate(state, subset=t < cfg.federation.rounds)
             if cfg.evaluation.personalized:
                 personal, personal_items = fed.evaluate_personal(state, client_states)
                 record.update(personal)
@@ -319,6 +340,7 @@ class Simulation:
             uplink_bytes=sum(c["uplink_bytes"] for c in clients),
             downlink_bytes=sum(c["downlink_bytes"] for c in clients),
             server_seconds=server_seconds,
+            server_flops=server.flops,
             server_diagnostic_seconds=diagnostic_seconds,
             wall_seconds=time.perf_counter() - start,
             **sim,

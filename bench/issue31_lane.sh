@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The issue 31 studies' background lane (docs/studies_plan.md): the round-count pilot on validation
+# data, then the tuning, for AG News label skew and Financial PhraseBank IID. One process at a time,
+# niced, one thread; every step resumes where it stopped, so rerunning this script after an
+# interruption (or after extending a grid) continues the lane. Outputs only under $OUT.
+#
+#   CODE=/work/studies/evidence/code-<sha> OUT=/work/studies/evidence bash bench/issue31_lane.sh
+set -uo pipefail
+CODE=${CODE:-$(cd "$(dirname "$0")/.." && pwd)}
+OUT=${OUT:-/work/studies/evidence}
+PY=${PY:-/work/main/.venv/bin/python}
+CAP=${CAP:-18}            # pilot: at most this many rounds
+STUDY_CAP=${STUDY_CAP:-10} # the studies' budget cap on rounds (docs/studies_plan.md)
+VALIDATION=500
+DATA=${DATA:-/work/shared/data}  # the configs' relative data_dir would resolve beside the code copy
+export PYTHONPATH=$CODE/src OMP_NUM_THREADS=1
+fed() { nice -n 10 "$PY" -m fedlora.cli "$@"; }
+
+declare -A CONFIG=([agnews]=$CODE/configs/studies/agnews_label_skew.yaml [fpb]=$CODE/configs/fpb_iid.yaml)
+declare -A EXTRA=([agnews]="" [fpb]="--set federation.local_steps=4 --set federation.eval_every=1 --set federation.eval_subset=100")
+
+plateau() {  # the pilot's decision: "R" when both curves have plateaued, "" while either rises
+  "$PY" - "$@" <<'PYEOF'
+import json, sys
+from fedlora.records import plateau_round
+rounds = []
+for run in sys.argv[1:]:
+    curve = [r["accuracy"] for r in map(json.loads, open(f"{run}/metrics.jsonl")) if r.get("accuracy") is not None]
+    rounds.append(plateau_round(curve))
+print("" if None in rounds else max(rounds))
+PYEOF
+}
+
+for task in agnews fpb; do
+  pilot=$OUT/pilot/$task
+  mkdir -p "$pilot"
+  decided=""
+  for R in $(seq 6 3 "$CAP"); do
+    for m in fedit aflora; do
+      run=$pilot/$m
+      if [ -f "$run/checkpoint.safetensors" ]; then
+        fed run --resume "$run" --set federation.rounds=$R --quiet || exit 1
+      else
+        fed run "${CONFIG[$task]}" --out "$run" --quiet --set algorithm.name=$m --set threads=1 --set data.data_dir=$DATA \
+          --set data.validation_examples=$VALIDATION --set evaluation.mmlu=false --set federation.eval_subset=null \
+          --set federation.eval_every=1 --set federation.rounds=$R ${EXTRA[$task]/--set federation.eval_subset=100/} || exit 1
+      fi
+    done
+    decided=$(plateau "$pilot/fedit" "$pilot/aflora")
+    echo "$(date -u +%FT%TZ) pilot $task: $R rounds, plateau: ${decided:-not yet}" | tee -a "$OUT/lane.log"
+    [ -n "$decided" ] && break
+  done
+  rounds=${decided:-$CAP}
+  [ "$rounds" -gt "$STUDY_CAP" ] && rounds=$STUDY_CAP
+  echo "$rounds" > "$pilot/ROUNDS"
+  echo "$(date -u +%FT%TZ) $task: study rounds $rounds" | tee -a "$OUT/lane.log"
+done
+
+for task in agnews fpb; do
+  rounds=$(cat "$OUT/pilot/$task/ROUNDS")
+  fed tune "${CONFIG[$task]}" --methods aflora,fedit,ffa,flora,flexlora,hetlora \
+    --grid "$CODE/configs/grids/lr_wide.yaml" --validation-examples $VALIDATION --seed 0 --seeds 0,1,2,3,4 \
+    --out "$OUT/tune/$task" --quiet --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$rounds ${EXTRA[$task]}
+  echo "$(date -u +%FT%TZ) tune $task: exit $? (2: a choice at the grid's edge, see tuning.md)" | tee -a "$OUT/lane.log"
+done
