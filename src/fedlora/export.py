@@ -32,9 +32,10 @@ from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import FederationSetup, Tensors
 from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
-from fedlora.files import atomic_write, load_tensors, tensors_to_bytes
+from fedlora.files import atomic_write, tensors_to_bytes
 from fedlora.runtime.outputs import client_sizes
-from fedlora.runtime.rundir import saved_config, verify_run
+from fedlora.runtime.rebuild import read_run
+from fedlora.runtime.rundir import saved_config
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
 BASE_CHOICES = ("auto", "local", "hub")
@@ -114,18 +115,15 @@ def load_run(run_dir: Path) -> RunModel:
     """Rebuild the run's base model and stack every update it learned (merges, then final)."""
     run_dir = Path(run_dir)
     cfg = saved_config(run_dir)
-    _, merges = verify_run(run_dir, cfg)  # the checkpoint, config.yaml and every merge file
-    final_path = run_dir / "final_state.safetensors"
-    if not final_path.exists():
-        raise FileNotFoundError(f"export: {run_dir} has no final_state.safetensors (the run did not finish)")
+    saved = read_run(run_dir, cfg, final=True)  # the checkpoint, config.yaml, every merge file
     model, tokenizer = load_base_model(cfg.model.name, seed=cfg.seed)
     adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
     shapes = adapters.shapes()
     setup = FederationSetup(shapes, list(cfg.federation.client_max_ranks),
                             _client_sizes(run_dir, cfg.federation.num_clients), cfg.scaling, cfg.seed)
-    final = build_algorithm(cfg.algorithm, setup).eval_factors(load_tensors(final_path)[0])
+    final = build_algorithm(cfg.algorithm, setup).eval_factors(saved.final_state)
     final_pairs = {name: pair for name in shapes if (pair := fold_diagonal(final, name)) is not None}
-    parts = [*merges, final_pairs]
+    parts = [*saved.merges, final_pairs]  # stacked, not replayed: an adapter of rank Σ_t r_t
     return RunModel(cfg, model, tokenizer, adapters, stack_updates(parts, shapes))
 
 

@@ -27,7 +27,7 @@ def required_files(cfg: RunConfig) -> list[tuple[str, Path]]:
             out.append(("data.data_dir", d.data_dir / DOLLY_FILE))
         elif d.dataset == "alpaca":
             out.append(("data.data_dir", d.data_dir / ALPACA_FILE))
-        else:
+        elif d.train_file is not None:  # none with nodes.local_data: the nodes hold the training data
             out.append(("data.train_file", Path(d.train_file)))
     if d.test_file is not None:
         out.append(("data.test_file", Path(d.test_file)))
