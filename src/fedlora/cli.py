@@ -9,12 +9,19 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from fedlora import __version__
+from fedlora.cli_common import (
+    config_options,
+    print_summary,
+    progress_options,
+    resolve_run,
+    run_options,
+    study_options,
+)
 from fedlora.errors import ConfigError, one_line
+from fedlora.flower.cli import add_parser as add_flower_parser
 
 # Errors a user can fix (a bad config, data file or path), shown as one line with exit
 # code 2. ConfigError (and DataError) messages name the field or file; the OS errors carry
@@ -22,32 +29,10 @@ from fedlora.errors import ConfigError, one_line
 INPUT_ERRORS = (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """The finished run's summary; its last line says what to do next."""
-    print(f"run directory: {run_dir}")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
-    print(f"next: fedlora report {run_dir}  (figures)  ·  "
-          f"fedlora export {run_dir} --format peft|merged  (use the model)")
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.config import load_config, parse_overrides
     from fedlora.runtime.inprocess import Simulation
-    from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg = (load_config(args.config, parse_overrides(args.set)) if args.config
-               else saved_config(run_dir, parse_overrides(args.set)))
-        verify_run(run_dir, cfg)  # one line before the model loads; the run checks again
-    else:
-        if not args.config:
-            raise ConfigError("config error: give a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(args.config, parse_overrides(args.set))
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{cfg.algorithm.name}-{stamp}")
-        refuse_existing_run(run_dir)
+    run_dir, cfg = resolve_run(args)
     cfg.check_files()
     summary = Simulation(cfg, run_dir, progress=not args.quiet).run(resume=bool(args.resume))
     print_summary(run_dir, summary)
@@ -174,34 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a federated fine-tuning in one process")
-    run.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field, e.g. federation.rounds=3 (repeatable)")
-    run.add_argument("--out", help="run directory (default runs/<method>-<time>)")
-    run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue an interrupted run (verified first); with --set federation.rounds=N, extend it")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet = progress_options()
+    run = sub.add_parser("run", help="run a federated fine-tuning in one process", parents=[
+        run_options("YAML config (see configs/)", "runs/<method>-<time>",
+                    "continue an interrupted run (verified first); with --set federation.rounds=N, extend it"),
+        quiet])
     run.set_defaults(func=_cmd_run)
 
-    ev = sub.add_parser("eval", help="evaluate the untuned model (or a run's final model) on a config's test set / MMLU")
-    ev.add_argument("config", help="YAML config: its data and evaluation sections (with --run: its model, lora and algorithm must be the run's)")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ev = sub.add_parser("eval", help="evaluate the untuned model (or a run's final model) on a config's test set / MMLU",
+                        parents=[config_options("YAML config: its data and evaluation sections (with --run: its "
+                                                "model, lora and algorithm must be the run's)")])
     ev.add_argument("--run", metavar="RUN_DIR", help="evaluate this run's final global model instead")
     ev.add_argument("--repeat", type=int, default=1, help="repeat N times; report the median time")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.set_defaults(func=_cmd_eval)
 
-    cmp = sub.add_parser("compare", help="run several methods on identical partitions and budgets")
-    cmp.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
-    cmp.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
-                     help="comma-separated methods or variants the config's `methods:` defines (default: the six)")
-    cmp.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field for every method (repeatable)")
-    cmp.add_argument("--out", help="comparison directory (default runs/compare-<config name>); "
-                     "rerunning into it resumes")
-    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    methods_config = "YAML config (its `methods:` mapping gives per-method options)"
+    cmp = sub.add_parser("compare", help="run several methods on identical partitions and budgets", parents=[
+        config_options(methods_config, "override a config field for every method (repeatable)"),
+        study_options("comparison", "compare", "0", "comma-separated seeds, e.g. 0,1,2"), quiet])
     cmp.add_argument("--target", type=float, help="accuracy for the time-to-accuracy table "
                      "(default: 0.95 × the lowest best accuracy over the methods)")
     cmp.add_argument("--reference", default="fedit",
@@ -209,20 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "skipped when it did not run)")
     cmp.set_defaults(func=_cmd_compare)
 
-    tune = sub.add_parser("tune", help="choose every method's lr and settings on a validation split, equal budgets")
-    tune.add_argument("config", help="YAML config (its `methods:` mapping gives per-method options)")
-    tune.add_argument("--methods", default="aflora,fedit,ffa,flora,flexlora,hetlora",
-                      help="comma-separated methods or variants (default: the six)")
+    tune = sub.add_parser("tune", help="choose every method's lr and settings on a validation split, equal budgets",
+                          parents=[config_options(methods_config, "override a config field for the tuning runs "
+                                                  "only, e.g. a reduced budget"),
+                                   study_options("tuning", "tune", "0,1,2", "seeds of the printed test-set compare command"),
+                                   quiet])
     tune.add_argument("--grid", help="YAML: lr: [client lrs] (default 1e-3, 3e-3, 1e-2), "
                       "settings: {method: [{option: value}, ...]}, max_settings: N (the same cap for every method)")
     tune.add_argument("--validation-examples", type=int, default=200,
                       help="examples carved off the training pool to choose by (default 200)")
     tune.add_argument("--seed", type=int, default=0, help="seed of the tuning runs")
-    tune.add_argument("--seeds", default="0,1,2", help="seeds of the printed test-set compare command")
-    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field for the tuning runs only, e.g. a reduced budget")
-    tune.add_argument("--out", help="tuning directory (default runs/tune-<config name>); rerunning into it resumes")
-    tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(func=_cmd_tune)
 
     exp = sub.add_parser("export", help="a finished run as a PEFT adapter or a merged model")
@@ -267,8 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--total-params", type=int,
                        help="denominator override (the paper divides by 124M / 1.1B / 3B)")
     costs.set_defaults(func=_cmd_costs)
-
-    from fedlora.flower.cli import add_parser as add_flower_parser
 
     add_flower_parser(sub)
     return parser

@@ -49,7 +49,7 @@ from fedlora.runtime.checkpoint import has_checkpoint
 from fedlora.files import read_bounded
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_csv, write_json
 from fedlora.runtime.rundir import changed_fields_in, verify_run
-from fedlora.stats import PairedDifference, item_interval, paired_bootstrap, seed_interval
+from fedlora.stats import MIN_SEEDS, PairedDifference, item_interval, paired_difference, seed_interval, with_holm
 from fedlora.tta import write_tta
 from fedlora.units import format_bytes
 
@@ -64,9 +64,12 @@ COLUMNS = [
     "downlink_bytes_per_client_round", "server_seconds_per_round", "wall_seconds",
     "final_accuracy_ci_low", "final_accuracy_ci_high", "best_accuracy_ci_low", "best_accuracy_ci_high",
     "interval", "worst_class_accuracy", "worst_client_accuracy", "worst_client",
-    "reference", "paired_seeds", "diff_vs_reference", "diff_ci_low", "diff_ci_high", "p_value", "significant",
-    "diff_seed_t_low", "diff_seed_t_high", "mcnemar_p",
+    "reference", "paired_seeds", "diff_vs_reference", "diff_ci_low", "diff_ci_high", "p_value", "p_holm",
+    "significant", "diff_items_low", "diff_items_high", "items_p", "mcnemar_p",
 ]
+"""diff_ci_* and p_value: the primary test (Student t over the seeds' paired differences), p_holm
+that p after Holm's adjustment across the table, significant: marked (≥ MIN_SEEDS seeds and
+p_holm < 0.05); diff_items_* and items_p: the secondary within-seed item bootstrap."""
 STATS_SEED = 0  # the bootstrap's generator: the same runs give the same intervals and p-values
 
 
@@ -82,9 +85,23 @@ class MethodRun:
         return (self.run_dir / "summary.json").exists()
 
 
-def parse_methods(text: str) -> list[str]:
+def default_methods() -> list[str]:
+    """What `compare` and `tune` run without --methods: every registered method but those that
+    opt out (`Algorithm.compared_by_default`)."""
+    return [name for name, cls in ALGORITHMS.items() if cls.compared_by_default]
+
+
+def _adapts_ranks(method: str) -> bool:
+    """Whether the registered `method` changes client ranks by round (False: unknown here)."""
+    cls = ALGORITHMS.get(method)
+    return bool(cls and cls.adapts_ranks)
+
+
+def parse_methods(text: str | None) -> list[str]:
     """Method labels: registered methods, or variants the config's `methods:` defines
-    (checked by method_configs, which reads the config)."""
+    (checked by method_configs, which reads the config); None: `default_methods()`."""
+    if text is None:
+        return default_methods()
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"config error: --methods: give distinct method names, got {text!r}")
@@ -318,7 +335,7 @@ def paired_statistics(results: list[SeedResult], reference: list[SeedResult]) ->
              if r.final is not None and r.seed in ref and np.array_equal(r.final["id"], ref[r.seed]["id"])]
     if not pairs:
         return None
-    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], STATS_SEED)
+    return paired_difference([a for a, _ in pairs], [b for _, b in pairs], STATS_SEED)
 
 
 def paired_columns(diff: PairedDifference | None, reference: str) -> dict[str, Any]:
@@ -326,9 +343,9 @@ def paired_columns(diff: PairedDifference | None, reference: str) -> dict[str, A
         return {"reference": reference}
     return {
         "reference": reference, "paired_seeds": diff.seeds, "diff_vs_reference": diff.mean,
-        "diff_ci_low": diff.low, "diff_ci_high": diff.high, "p_value": diff.p_value,
-        "significant": diff.significant, "diff_seed_t_low": diff.seed_low, "diff_seed_t_high": diff.seed_high,
-        "mcnemar_p": ";".join(f"{p:.4g}" for p in diff.mcnemar),
+        "diff_ci_low": diff.low, "diff_ci_high": diff.high, "p_value": diff.p_value, "p_holm": diff.p_holm,
+        "significant": diff.significant, "diff_items_low": diff.items_low, "diff_items_high": diff.items_high,
+        "items_p": diff.items_p, "mcnemar_p": ";".join(f"{p:.4g}" for p in diff.mcnemar),
     }
 
 
@@ -337,14 +354,20 @@ def _ci(low: float | None, high: float | None) -> str:
 
 
 def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
-    """Intervals, worst class / client, and paired differences against the reference (* marks
-    p < 0.05)."""
+    """Intervals, worst class / client, and paired differences against the reference: the
+    primary test over seeds (* marks Holm-adjusted p < 0.05 with ≥ MIN_SEEDS seeds), then the
+    secondary within-seed views (item bootstrap, McNemar per seed)."""
     ref = reference or "–"
     lines = [
         f"| method | seeds | final accuracy [95% CI] | best accuracy [95% CI] | interval | worst class "
-        f"| worst client (which) | Δ final vs {ref} [95% CI] | p | Δ: t over seeds | McNemar p per seed |",
-        "|" + "---|" * 11,
+        f"| worst client (which) | Δ final vs {ref} [95% t CI over seeds] | p (t) | p (Holm) "
+        "| within-seed: Δ items only [95%] | within-seed: McNemar p per seed |",
+        "|" + "---|" * 12,
     ]
+
+    def num(x: Any) -> str:
+        return "–" if x is None else f"{x:.4f}"
+
     for r in rows:
         def acc(key: str) -> str:
             return "–" if r[f"{key}_mean"] is None else f"{r[f'{key}_mean']:.4f}{_ci(r[f'{key}_ci_low'], r[f'{key}_ci_high'])}"
@@ -353,12 +376,12 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
         if r.get("diff_vs_reference") is not None:
             star = "*" if r["significant"] else ""
             diff = f"{r['diff_vs_reference']:+.4f}{star}{_ci(r['diff_ci_low'], r['diff_ci_high'])}"
-            p, mc = f"{r['p_value']:.4f}", r["mcnemar_p"]
-            t = _ci(r["diff_seed_t_low"], r["diff_seed_t_high"]).strip() or "–"
+            p, holm_p, mc = num(r["p_value"]), num(r["p_holm"]), r["mcnemar_p"]
+            items = _ci(r["diff_items_low"], r["diff_items_high"]).strip()
         else:
-            diff, p, t, mc = ("reference" if r["method"] == reference else "–"), "–", "–", "–"
+            diff, p, holm_p, items, mc = ("reference" if r["method"] == reference else "–"), "–", "–", "–", "–"
         lines.append(f"| {r['method']} | {r['seeds']} | {acc('final_accuracy')} | {acc('best_accuracy')} "
-                     f"| {r['interval'] or '–'} | {wc} | {wl} | {diff} | {p} | {t} | {mc} |")
+                     f"| {r['interval'] or '–'} | {wc} | {wl} | {diff} | {p} | {holm_p} | {items} | {mc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -420,12 +443,15 @@ STATISTICS_NOTE = (
     "wide); with one seed, the percentile bootstrap over {split} items (assumes independent items; it "
     "ignores training-seed variance). Worst class: the lowest per-class accuracy; worst client: the "
     "lowest accuracy re-weighted to a client's label mix (client id per seed); both of the final "
-    "evaluation, means over seeds. Δ: final accuracy minus the "
-    "reference's on the same {split} items, mean over seeds; its interval is a hierarchical paired "
-    "bootstrap (seeds resampled, then items within each seed; 10,000 resamples, seeded) and p the "
-    "two-sided bootstrap p-value that inverts it (* : p < 0.05). With few seeds the bootstrap's "
-    "seed level cannot show more spread than those seeds have: \"Δ: t over seeds\" is the Student-t "
-    "interval of the per-seed differences, the conservative check. McNemar: the exact test per seed on the "
+    "evaluation, means over seeds. Δ: final accuracy minus the reference's on the same {split} items, "
+    "mean over seeds. **Primary test** (the one the marks use): the paired t test over seeds (each "
+    "seed's mean difference is one observation), its 95% interval beside Δ, p (t) its two-sided "
+    "p-value and p (Holm) that p after Holm's correction across this table's comparisons; * marks "
+    "p (Holm) < 0.05 with at least {min_seeds} paired seeds. Its false-positive rate is 5% with 3-5 "
+    "seeds whatever the seed-to-seed spread (tests/test_calibration.py; docs/concepts/statistics.md "
+    "gives its power). **Secondary, within-seed views** (no marks): \"Δ items only\" resamples the "
+    "{split} items of each seed with the seeds fixed (10,000 resamples, seeded): the test-set noise of "
+    "these trained models, blind to training-seed variance; McNemar: the exact test per seed on the "
     "items exactly one of the two methods gets right (conditional on the trained models).\n"
 )
 
@@ -475,9 +501,12 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
         if not rs:
             continue
         row = {**method_row(m, histories[m]), **accuracy_statistics(rs)}
-        if has_reference and m != reference:
-            row.update(paired_columns(paired_statistics(rs, results[reference]), reference))
         rows.append(row)
+    if has_reference:  # Holm across the table's comparisons with the reference
+        others = [r for r in rows if r["method"] != reference]
+        diffs = with_holm([paired_statistics(results[r["method"]], results[reference]) for r in others])
+        for r, diff in zip(others, diffs):
+            r.update(paired_columns(diff, reference))
     write_csv(out / "comparison.csv", COLUMNS, rows)
 
     done = {m: h for m, h in histories.items() if h}
@@ -493,7 +522,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
                                        xlabel="cumulative uplink, all clients (log scale)", setting=setting,
                                        untuned=untuned, split=split,
                                        title=f"{split.capitalize()} accuracy by uplink traffic"))
-        ranked = {m: rs[0] for m, rs in results.items() if rs and algorithm[m] in ("aflora", "hetlora")}
+        ranked = {m: rs[0] for m, rs in results.items() if rs and _adapts_ranks(algorithm[m])}
         if ranked:  # one seed's clients (each seed has its own partition): the caption names that seed
             shown = setting_caption(finished, [r.seed for r in ranked.values()])
             figures.append(ranks_per_client({m: r.history for m, r in ranked.items()}, out / "ranks_per_client.png",
@@ -513,7 +542,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
          "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),
         markdown_table(rows),
-        STATISTICS_NOTE.format(split=split),
+        STATISTICS_NOTE.format(split=split, min_seeds=MIN_SEEDS),
         (f"No paired differences: the reference method {reference!r} has no finished run here "
          "(choose one with --reference).\n" if reference and not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),

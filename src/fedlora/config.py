@@ -1,7 +1,8 @@
 """Typed run configuration: YAML in, validated model out, one-line errors naming the field.
 
-Every option is documented in the README ("Configuration"). Unknown keys are errors, so a
-typo never silently falls back to a default.
+Every option is documented by the attribute docstring under its field, from which the site's
+configuration reference is generated (tools/docgen.py, docs/reference/configuration.md).
+Unknown keys are errors, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from fedlora.algorithms import ALGORITHMS, AlgorithmOptions
+from fedlora.aggregation import AggregationConfig, AttackConfig, check_pipeline
+from fedlora.algorithms import AlgorithmOptions
+from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.hardware import (
@@ -41,18 +44,24 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
+    """The base model, where LoRA goes, and where and in which dtype it computes."""
+
     name: str = "smollm2-135m"
     """`smollm2-135m` (the offline wheel), `tiny-llama` / `tiny-gpt2` (random, for tests),
-    a hub name, a local model folder, or a path to a `.gguf` file."""
+    a hub name (`gpt2`, `TinyLlama/TinyLlama-1.1B-Chat-v1.0`, …), a local model folder, or a
+    path to a `.gguf` file."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    """Modules that get LoRA, by name or name suffix as in PEFT: `nn.Linear` and GPT-2's `Conv1D`."""
     device: str = "auto"
-    """Where training and evaluation run: `auto` (cuda, else mps, else cpu), `cpu`, `cuda`,
-    `cuda:N` or `mps`. Kept as written in config.yaml, so each host resolves `auto` itself."""
+    """Where training, the server's public-data steps and evaluation run: `auto` (cuda, else
+    mps, else cpu), `cpu`, `cuda`, `cuda:N` or `mps`; aggregation and checkpoints stay on the
+    CPU. Kept as written in config.yaml, so each host resolves `auto` itself."""
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
     """Autocast dtype of forward/backward; weights, adapters and merges stay float32. `auto`
-    becomes bfloat16 on CUDA GPUs that compute it and where the CPU computes it natively (AMX or
-    AVX512-BF16), else float32 (elsewhere torch emulates bfloat16, many times slower); the
-    run's config.yaml records the dtype it resolved to."""
+    becomes bfloat16 on CUDA GPUs that compute it (compute capability ≥ 8.0) and where the CPU
+    computes it natively (`amx_bf16` or `avx512_bf16` in /proc/cpuinfo), else float32 (older
+    GPUs, MPS; on other CPUs torch emulates bfloat16, many times slower); the run's config.yaml
+    records the dtype it resolved to. `float32` for exact arithmetic."""
 
     @field_validator("compute_dtype")
     @classmethod
@@ -85,6 +94,8 @@ def torch_device(name: str, field: str = "model.device") -> str:
 
 
 class LoRAConfig(Strict):
+    """The one LoRA scaling s every method shares."""
+
     alpha: float = Field(16.0, gt=0)
     """Scaling numerator: s = alpha / r_max, one constant for every client and round."""
     scaling: float | None = Field(None, gt=0)
@@ -96,8 +107,6 @@ AG_NEWS_PROMPT = (
     "Article: {text}\nTopic:"
 )
 CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 # Per-dataset defaults, filled in only for keys the config leaves out.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -130,11 +139,18 @@ class ColumnsConfig(Strict):
     instruction [+ input] + response [+ category])."""
 
     text: str = "text"
+    """Classification: the text column."""
     label: str = "label"
+    """Classification: the label column (strings or ints; class order = the hub's ClassLabel
+    names, else the sorted distinct values)."""
     instruction: str = "instruction"
+    """Instruction data: the instruction column."""
     input: str | None = None
+    """Instruction data: the optional input (context) column."""
     response: str = "response"
+    """Instruction data: the response column."""
     category: str | None = None
+    """Instruction data: the optional category column, what label-based partitions split on."""
 
 
 DEFAULT_DATA_DIR = Path("../shared/data")
@@ -142,55 +158,78 @@ DEFAULT_DATA_DIR = Path("../shared/data")
 
 
 class DataConfig(Strict):
+    """The clients' data: which dataset, how it is split, partitioned and encoded."""
+
     dataset: Literal["ag_news", "financial_phrasebank", "dolly", "alpaca", "custom"] = "ag_news"
+    """The dataset, read from data_dir (or the hub); `custom` is your own file or hub dataset."""
     task: Literal["classification", "instruction"] = "classification"
-    """Filled from the dataset when left out (`custom`: classification unless set)."""
+    """`classification` (label words, label-token loss, accuracy) or `instruction` (prompt
+    template, loss on response tokens only, held-out loss and perplexity). Filled from the
+    dataset when left out (`custom`: classification unless set)."""
     data_dir: Path = DEFAULT_DATA_DIR
+    """Folder with `ag_news/`, `financial_phrasebank/`, `dolly/`, `alpaca/`, `mmlu/` (a relative
+    path is also tried from the project root)."""
     hub_name: str | None = None
-    """Online only: load this hub dataset instead of the local copy."""
+    """Online only: load this hub dataset instead of the local copy (columns: `ag_news` text,
+    label; `financial_phrasebank` sentence, label; `dolly` instruction, context, response,
+    category; `alpaca` instruction, input, output; `custom` its train and test splits)."""
     hub_config: str | None = None
-    """Hub dataset configuration (e.g. `sentences_allagree` for financial_phrasebank)."""
+    """Hub dataset configuration (financial_phrasebank's default: `sentences_<agreement>agree`)."""
     agreement: Literal["50", "66", "75", "all"] = "all"
-    """Financial PhraseBank: annotator agreement level of the file read."""
+    """Financial PhraseBank: the file read, by the share of annotators agreeing."""
     train_file: Path | None = None
-    """`custom`: a CSV, JSON or JSONL file (or a hub dataset via hub_name)."""
+    """`custom`: a CSV, JSON or JSONL file, optionally .gz (or a hub dataset via hub_name)."""
     test_file: Path | None = None
     """`custom`: held-out file; without one, a seeded split of the train file."""
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    """Share held out as test data when a dataset has no test split (FPB, Dolly, Alpaca, custom)."""
+    """Share held out as test data when a dataset has no test split (FPB, Dolly, Alpaca,
+    custom); identical texts stay on one side."""
     split_seed: int = 0
     """Seed of that split: fixed apart from the run seed so every seed tests on the same rows."""
     partition: Literal["iid", "label_skew", "dirichlet", "category_skew", "size_skew"] = "label_skew"
+    """How the training pool is split among the clients (flwr-datasets partitioners; see
+    docs/concepts/data.md, "Partitions")."""
     labels_per_client: int = Field(2, ge=1)
+    """`label_skew`: labels per client (paper: 2)."""
     dirichlet_alpha: float = Field(0.5, gt=0)
     """`dirichlet`: concentration over labels (categories); smaller is more skewed."""
     epsilon: float = Field(0.5, gt=0)
     """`category_skew` (FedIT): the Dirichlet concentration over categories (paper: 0.2-0.6)."""
     min_partition_size: int | None = Field(None, ge=1)
-    """Dirichlet schemes redraw until every client has this many (None: 10, FedIT's 40)."""
+    """Dirichlet schemes redraw (up to 10 times) until every client has this many (None: 10
+    for `dirichlet`, FedIT's 40 for `category_skew`)."""
     size_distribution: Literal["linear", "square", "exponential"] = "linear"
     """`size_skew`: client k's share grows as k+1, (k+1)^2 or e^(k+1); IID within."""
     train_examples: int | None = Field(None, ge=1)
     """Seeded cap on the training pool before partitioning (None: all of it)."""
     test_examples: int = Field(1000, ge=1)
+    """Size of the fixed, seeded test subset."""
     validation_examples: int | None = Field(None, ge=1)
     """Tuning only (`fedlora tune` sets it): carve this many examples off the training pool
     (seeded, before train_examples caps it) and evaluate on them instead of the test set, which
     is then never evaluated. None: evaluate on the test set."""
     max_length: int = Field(64, ge=8)
+    """Tokens per example. Classification: the text is truncated, the prompt's ending kept.
+    Instruction: the response keeps at least half the budget, the prompt loses its start first."""
     prompt: str = AG_NEWS_PROMPT
+    """Classification template with `{text}`; the model scores the next token (per dataset;
+    `custom`: a prompt that names no AG News topics)."""
     label_words: list[str] | None = Field(
         default_factory=lambda: ["World", "Sports", "Business", "Technology"], min_length=2
     )
-    """None: the dataset's class names (the default of `custom`)."""
+    """One word per class, no word twice (their first tokens must differ); None: the
+    dataset's class names (the default of `custom`)."""
     loss: Literal["classes", "vocab"] = "classes"
     """`classes`: cross-entropy over the label words' logits (paper eq. 10, |L| classes);
     `vocab`: cross-entropy of the label token over the whole vocabulary."""
     instruction_prompt: str = ALPACA_PROMPT
+    """Instruction template with `{instruction}` (Alpaca's), used when the chat template is not."""
     instruction_prompt_with_input: str = ALPACA_PROMPT_WITH_INPUT
+    """The same with `{instruction}` and `{input}`, for examples that have an input."""
     chat_template: bool = True
-    """Instruction data: wrap the prompt in the tokenizer's chat template when it has one."""
+    """Instruction data: wrap instruction (+ input) as one user turn in the tokenizer's chat
+    template when it has one (SmolLM2 has); false: the templates above."""
 
     @model_validator(mode="before")
     @classmethod
@@ -269,27 +308,44 @@ class PublicDataConfig(Strict):
     """The server's public set (AFLoRA's server-side A fine-tuning)."""
 
     dataset: Literal["alpaca"] = "alpaca"
+    """The public set's dataset (the only one: Alpaca)."""
     fraction: float = Field(0.02, gt=0, le=1)
-    """Seeded share of the Alpaca file drawn as the public set (paper: 2%)."""
+    """Seeded share of the Alpaca file drawn as the public set (paper: 2%; here 2% of the
+    5,000-example copy = 100; 1.0: the whole copy). When clients also train on `alpaca`, these
+    rows are removed from their pool first (disjoint)."""
     max_length: int = Field(128, ge=16)
+    """Tokens per public example (the response keeps at least half)."""
     hub_name: str | None = None
-    """Online only: draw from this hub dataset (e.g. `tatsu-lab/alpaca`, the paper's 52k)."""
+    """Online only: draw from this hub dataset (e.g. `tatsu-lab/alpaca`, the paper's 52k:
+    2% = 1,040)."""
     heldout_examples: int = Field(16, ge=0)
     """Seeded public examples outside the public set, never trained on: the server's loss on
-    them before and after its A fine-tuning is logged every round (0: not measured)."""
+    them before and after its A fine-tuning is logged every round (0: not measured). Excluded
+    from the clients' pool when they train on `alpaca`."""
 
 
 class FederationConfig(Strict):
+    """The clients, the rounds and the clients' local training budget."""
+
     num_clients: int = Field(10, ge=1)
+    """K, the number of clients."""
     client_max_ranks: list[int] = Field(default_factory=lambda: list(PAPER_CLIENT_RANKS))
+    """r_k^1, each client's largest LoRA rank, one per client (default: the paper's); each ≥ 1."""
     rounds: int = Field(5, ge=1)
+    """Global rounds."""
     fraction: float = 1.0
-    """Share of clients sampled each round, in (0, 1]."""
+    """Share of clients sampled each round, in (0, 1] (paper: 1.0; 0.2 for the non-IID-degree
+    study)."""
     local_steps: int = Field(10, ge=1)
+    """Optimiser steps per client per round."""
     batch_size: int = Field(8, ge=1)
+    """Examples per step."""
     lr: float = Field(1e-3, gt=0)
+    """Adam learning rate of the clients (no weight decay)."""
     eval_every: int = Field(1, ge=1)
+    """Evaluate every N rounds (and always after the last)."""
     eval_batch_size: int = Field(32, ge=1)
+    """Examples per evaluation batch."""
 
     @field_validator("client_max_ranks")
     @classmethod
@@ -314,19 +370,6 @@ class FederationConfig(Strict):
                 f"{self.num_clients} clients"
             )
         return self
-
-
-class AggregationConfig(Strict):
-    """How the server screens and combines the clients' updates (README "Reliability")."""
-
-    norm_bound: float | None = Field(10.0, gt=1)
-    """An update whose norm exceeds norm_bound × the median update norm of its round is
-    rejected or clipped (`norm_action`); None: no norm bound."""
-    norm_action: Literal["reject", "clip"] = "reject"
-    """`reject`: the update is left out of the round; `clip`: it is scaled down to the bound."""
-    trimmed_mean: float = Field(0.0, ge=0, lt=0.5)
-    """Coordinate-wise trimmed mean dropping this share of the updates at each end (FedIT,
-    FFA-LoRA); 0: the methods' weighted mean."""
 
 
 class LoggingConfig(Strict):
@@ -361,7 +404,11 @@ class NodesConfig(Strict):
 
 
 class RunConfig(Strict):
+    """One run: every section of a config file."""
+
     seed: int = 0
+    """The run's seed: partition, test subset, public subset, client sampling,
+    initialisations, batches."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads (None: torch's default)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -370,11 +417,13 @@ class RunConfig(Strict):
     public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    algorithm: AlgorithmOptions = Field(discriminator="name")
+    algorithm: AlgorithmOptions
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     """Simulated device profiles (fedlora.devices) for the simulated clock and HierFedLoRA."""
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
-    """The server's checks and combination of client updates (norm bound, trimmed mean)."""
+    """The server's screening and combination of client updates (norm bound, robust combines)."""
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    """Simulated adversarial clients, for measuring the defences (none by default)."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     nodes: NodesConfig = Field(default_factory=NodesConfig)
     """Flower: whether SuperNodes serve their own data files (see docs/howto/real-nodes.md)."""
@@ -444,11 +493,9 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _trimmed_mean_fits_method(self) -> RunConfig:
-        if self.aggregation.trimmed_mean > 0 and not ALGORITHMS[self.algorithm.name].supports_trimmed_mean:
-            able = ", ".join(n for n, cls in ALGORITHMS.items() if cls.supports_trimmed_mean)
-            raise ValueError(f"aggregation.trimmed_mean: {self.algorithm.name} does not average same-shaped "
-                             f"updates; only {able} support it")
+    def _pipeline_fits_method(self) -> RunConfig:
+        """Each aggregation stage and the attack must be defined for the method (fedlora.aggregation)."""
+        check_pipeline(self)
         return self
 
     def device_profiles(self) -> list[DeviceProfile]:

@@ -69,15 +69,18 @@ def architecture_shapes(arch: str, targets: list[str] | None = None) -> Architec
     return ArchitectureShapes(arch, total, shapes)
 
 
-def per_client_params(shapes: Mapping[str, tuple[int, int]], ranks: list[int], trains: str) -> list[int]:
+def per_client_params(shapes: Mapping[str, tuple[int, int]], ranks: list[int], trains: str) -> list[float]:
     """Parameters each client trains/uploads when it trains `trains` at rank r_k.
 
-    trains: "AB" (A and B), "B" (B only), "B+lam" (B and the diagonal λ).
+    trains: "AB" (A and B), "A" (A only), "B" (B only), "B+lam" (B and the diagonal λ),
+    "A/B" (A and B in alternate rounds: their mean per round).
     """
     per_rank = {
         "AB": sum(m + n for m, n in shapes.values()),
+        "A": sum(n for _, n in shapes.values()),
         "B": sum(m for m, _ in shapes.values()),
         "B+lam": sum(m + 1 for m, _ in shapes.values()),
+        "A/B": sum(m + n for m, n in shapes.values()) / 2,
     }[trains]
     return [per_rank * r for r in ranks]
 
@@ -89,15 +92,12 @@ def method_cost_rows(
     from fedlora.algorithms import ALGORITHMS
 
     total = total_params or shapes.total_params
-    what = {"AB": "A and B", "B": "B only", "B+lam": "B and λ"}
+    what = {"AB": "A and B", "A": "A only", "B": "B only", "B+lam": "B and λ", "A/B": "A or B (alternate rounds)"}
     out = []
     for method, algo in ALGORITHMS.items():
         rr = [min(ranks)] * len(ranks) if algo.homogeneous else ranks
         where = f"at the common rank {min(ranks)}" if algo.homogeneous else "at each client's max rank"
-        if method == "aflora":
-            where += " (before pruning: an upper bound)"
-        if method == "hierfedlora":
-            where += " (full depth: an upper bound)"
+        where += algo.cost_note
         params = per_client_params(shapes.modules, rr, algo.trains)
         out.append((method, f"{what[algo.trains]} {where}", 100.0 * sum(params) / len(params) / total))
     return out

@@ -26,7 +26,9 @@ class DeviceClass(BaseModel):
     flops: float = Field(gt=0)
     """Sustained training throughput in FLOP/s."""
     uplink_mbps: float = Field(gt=0)
+    """Upload bandwidth in Mbit/s."""
     downlink_mbps: float = Field(gt=0)
+    """Download bandwidth in Mbit/s."""
     max_rank: int = Field(ge=1)
     """The largest LoRA rank the device's memory allows."""
 
@@ -46,17 +48,21 @@ class DevicesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     classes: dict[str, DeviceClass] = Field(default_factory=dict)
-    """Named device classes; they add to (or replace) the presets high, mid, low, reference."""
+    """Named device classes `{name: {flops, uplink_mbps, downlink_mbps, max_rank}}`; they add
+    to (or replace) the presets high, mid, low, reference."""
     assign: list[str] | None = None
     """One class name per client (client k gets assign[k])."""
     mix: dict[str, float] | None = None
-    """Class name → share of clients; counts are rounded, then assigned by a seeded shuffle."""
+    """Class name → share of clients; counts are rounded (largest remainder), then assigned
+    by a seeded shuffle."""
     spread: float = Field(0.0, ge=0)
     """σ of a seeded log-normal factor on each device's throughput and bandwidths (0: none)."""
     max_ranks: Literal["config", "devices"] = "config"
-    """`devices`: federation.client_max_ranks is taken from each client's device class."""
+    """`devices`: federation.client_max_ranks is taken from each client's device class (leave
+    that key unset); `config`: from federation.client_max_ranks."""
     server_time: Literal["measured", "none"] = "measured"
-    """Server share of a round's simulated time: the measured aggregation seconds, or none."""
+    """Server share of a round's simulated time: the measured aggregation seconds
+    (`server_seconds`, diagnostics excluded), or none."""
 
     @model_validator(mode="after")
     def _names_known(self) -> DevicesConfig:

@@ -10,6 +10,7 @@ docs/benchmarks.md has both measured. So `compute_dtype: auto` asks the device.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -33,7 +34,7 @@ def resolve_device(name: str) -> str:
         if not cuda:
             build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device found"
             raise DeviceUnavailable(f"{name} is not available ({build}, torch {torch.__version__}); "
-                                    "use cpu or auto, or install a CUDA build of torch (README: GPUs)")
+                                    "use cpu or auto, or install a CUDA build of torch (docs/howto/gpu.md)")
         index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
         if index >= count:
             raise DeviceUnavailable(f"{name} is not available: this machine has {count} CUDA device(s)")
@@ -75,49 +76,129 @@ def cpu_model(cpuinfo: Path = CPUINFO) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def float32_flops_per_cycle(cpuinfo: Path = CPUINFO) -> tuple[int, str]:
-    """float32 FLOPs per cycle per core from the widest FMA the CPU advertises, and why.
+@dataclass(frozen=True)
+class CpuFamily:
+    """Peak FLOPs per cycle per core of one CPU family, per compute dtype, and why."""
 
-    Two FMA pipes per core is assumed (Zen 2/3/4, most Intel cores): AVX-512: 2 × 16 lanes × 2;
-    AVX2 + FMA: 2 × 8 × 2 = 32; AVX without FMA: 16 (add + mul pipes); else SSE: 8. Zen 1
-    (AMD family 23, models below 0x30: EPYC 7001 "Naples") advertises AVX2 but its two FMA
-    pipes are 128 bits wide, so a 256-bit FMA takes both: 2 × 4 × 2 = 16 (measured here: a
-    2048² float32 product runs at 34 GFLOP/s on one 2.0 GHz core, docs/benchmarks.md).
-    """
-    text = _cpuinfo(cpuinfo)
+    name: str
+    float32: int
+    bfloat16: int
+    why: str
+
+    def flops_per_cycle(self, dtype: str) -> int:
+        if dtype not in PEAK_DTYPES:
+            raise ValueError(f"no peak for dtype {dtype!r} (known: {', '.join(PEAK_DTYPES)})")
+        return getattr(self, dtype)
+
+
+PEAK_DTYPES = ("float32", "bfloat16")
+
+EMULATED = "bfloat16 has no native instruction here: torch computes it in float32, so its peak is float32's"
+
+CPU_FAMILIES: dict[str, CpuFamily] = {
+    "zen1": CpuFamily(
+        "AMD Zen 1 (Zen, Zen+; Hygon Dhyana)", 16, 16,
+        "2 FMA pipes of 128 bits, so a 256-bit AVX2 FMA takes both: 2 x 4 float32 lanes x 2 FLOPs "
+        "(measured: a 2048² float32 product at 34 GFLOP/s on one 2.0 GHz core, docs/benchmarks.md); " + EMULATED),
+    "zen2-3": CpuFamily(
+        "AMD Zen 2-3", 32, 32,
+        "2 FMA pipes of 256 bits: 2 x 8 float32 lanes x 2 FLOPs; " + EMULATED),
+    "zen4": CpuFamily(
+        "AMD Zen 4", 32, 64,
+        "AVX-512 executed as two 256-bit halves on its 2 FMA pipes: 2 x 8 float32 lanes x 2 FLOPs "
+        "(one 512-bit FMA per cycle, not two); AVX512-BF16 dot products (VDPBF16PS) do 2 bfloat16 "
+        "products per float32 lane: twice that"),
+    "intel-avx2": CpuFamily(
+        "Intel without AVX-512", 32, 32,
+        "AVX2 with 2 FMA pipes of 256 bits: 2 x 8 float32 lanes x 2 FLOPs; " + EMULATED),
+    "intel-avx512": CpuFamily(
+        "Intel with AVX-512, without AVX512-BF16 or AMX", 64, 64,
+        "2 AVX-512 FMA units (Xeon Gold/Platinum; parts with one unit reach half): 2 x 16 float32 "
+        "lanes x 2 FLOPs; " + EMULATED),
+    "intel-avx512-bf16": CpuFamily(
+        "Intel with AVX512-BF16, without AMX (Cooper Lake)", 64, 128,
+        "2 AVX-512 FMA units: 2 x 16 float32 lanes x 2 FLOPs; AVX512-BF16 dot products do 2 "
+        "bfloat16 products per float32 lane: twice that"),
+    "intel-amx": CpuFamily(
+        "Intel with AMX (Sapphire Rapids and later)", 64, 1024,
+        "float32 on 2 AVX-512 FMA units: 2 x 16 lanes x 2 FLOPs; bfloat16 on the AMX tile unit: "
+        "1024 FLOPs/cycle/core (16 x 32 bfloat16 products accumulated per cycle)"),
+    # Unknown vendors or families: the widest FMA the flags advertise, two pipes assumed.
+    "avx512": CpuFamily("AVX-512 CPU (family not in this table)", 64, 64,
+                        "AVX-512 with 2 FMA pipes assumed: 2 x 16 float32 lanes x 2 FLOPs; " + EMULATED),
+    "avx512-bf16": CpuFamily("AVX-512 CPU with AVX512-BF16 (family not in this table)", 64, 128,
+                             "AVX-512 with 2 FMA pipes assumed: 2 x 16 float32 lanes x 2 FLOPs; "
+                             "AVX512-BF16 dot products: twice that"),
+    "avx2": CpuFamily("AVX2 CPU (family not in this table)", 32, 32,
+                      "AVX2 with 2 FMA pipes assumed: 2 x 8 float32 lanes x 2 FLOPs; " + EMULATED),
+    "avx": CpuFamily("AVX CPU without FMA", 16, 16, "8-lane add + 8-lane mul per cycle; " + EMULATED),
+    "sse": CpuFamily("SSE (or unknown)", 8, 8, "4-lane add + 4-lane mul per cycle; " + EMULATED),
+}
+"""Peak FLOPs/cycle/core per CPU family and dtype: what the benchmarks divide by to say how close
+a step came to the hardware. Issue 32: Zen 4 was counted as two full 512-bit pipes (64)."""
+
+
+def _cpu_fields(text: str) -> tuple[set[str], str | None, int | None, int | None]:
+    """(flags, vendor, family, model) of the first processor in a cpuinfo text."""
     line = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
     flags = set(line.group(1).split()) if line else set()
-    if "avx512f" in flags:
-        return 64, "AVX-512 with 2 FMA pipes: 2 x 16 float32 lanes x 2 FLOPs = 64 FLOPs/cycle/core"
-    if {"avx2", "fma"} <= flags and _is_zen1(text):
-        return 16, "AVX2+FMA on Zen 1 (AMD family 23 model < 0x30, or Hygon Dhyana), 2 FMA pipes of 128 bits: 2 x 4 float32 lanes x 2 FLOPs = 16 FLOPs/cycle/core"
-    if {"avx2", "fma"} <= flags:
-        return 32, "AVX2+FMA, 2 FMA pipes: 2 x 8 float32 lanes x 2 FLOPs = 32 FLOPs/cycle/core"
-    if "avx" in flags:
-        return 16, "AVX without FMA: 8-lane add + 8-lane mul = 16 FLOPs/cycle/core"
-    return 8, "SSE (or unknown): 4-lane add + 4-lane mul = 8 FLOPs/cycle/core"
-
-
-def _is_zen1(text: str) -> bool:
-    """AMD family 23 (0x17) below model 0x30: Zen and Zen+, whose FMA units are 128 bits wide;
-    also Hygon Dhyana (family 24 = 0x18, models 0–3), a Zen 1 core under another vendor id
-    (later Hygon models are left at the full-width count: not known here)."""
     fields = dict(re.findall(r"^(vendor_id|cpu family|model)\s*:\s*(\S+)", text, re.MULTILINE))
     try:
-        vendor, family, model = fields.get("vendor_id"), int(fields["cpu family"]), int(fields["model"])
-        return (vendor == "AuthenticAMD" and family == 23 and model < 0x30) or (
-            vendor == "HygonGenuine" and family == 24 and model < 4)
+        family, model = int(fields["cpu family"]), int(fields["model"])
     except (KeyError, ValueError):
-        return False
+        family = model = None
+    return flags, fields.get("vendor_id"), family, model
 
 
-def float32_peak_gflops(cores: int, ghz: float | None = None, cpuinfo: Path = CPUINFO) -> tuple[float, str]:
-    """Theoretical float32 peak of `cores` cores (GFLOP/s) = cores × GHz × FLOPs/cycle, and the
+def family_key(flags: set[str], vendor: str | None, family: int | None, model: int | None) -> str:
+    """The CPU_FAMILIES key of a CPU described by its cpuinfo flags, vendor, family and model."""
+    avx512, bf16 = "avx512f" in flags, "avx512_bf16" in flags
+    fma = {"avx2", "fma"} <= flags
+    if vendor == "AuthenticAMD" and family == 23 and fma:
+        return "zen1" if model is not None and model < 0x30 else "zen2-3"  # Zen/Zen+ below 0x30
+    if vendor == "HygonGenuine" and family == 24 and model is not None and model < 4 and fma:
+        return "zen1"  # Dhyana: a Zen 1 core (later Hygon models are not known here)
+    if vendor == "AuthenticAMD" and family == 25:  # Zen 3 and Zen 4 share family 0x19
+        return "zen4" if avx512 else "zen2-3" if fma else "avx"
+    if vendor == "GenuineIntel":
+        if "amx_bf16" in flags:
+            return "intel-amx"
+        if avx512:
+            return "intel-avx512-bf16" if bf16 else "intel-avx512"
+        if fma:
+            return "intel-avx2"
+    if avx512:
+        return "avx512-bf16" if bf16 else "avx512"
+    if fma:
+        return "avx2"
+    return "avx" if "avx" in flags else "sse"
+
+
+def cpu_family(cpuinfo: Path = CPUINFO) -> CpuFamily:
+    """This CPU's row of CPU_FAMILIES (the `sse` row when nothing is known, e.g. off Linux)."""
+    return CPU_FAMILIES[family_key(*_cpu_fields(_cpuinfo(cpuinfo)))]
+
+
+def flops_per_cycle(dtype: str = "float32", cpuinfo: Path = CPUINFO) -> tuple[int, str]:
+    """Peak `dtype` FLOPs per cycle per core of this CPU, and why."""
+    family = cpu_family(cpuinfo)
+    per_cycle = family.flops_per_cycle(dtype)
+    return per_cycle, f"{family.name}: {per_cycle} {dtype} FLOPs/cycle/core ({family.why})"
+
+
+def peak_gflops(cores: int, dtype: str = "float32", ghz: float | None = None,
+                cpuinfo: Path = CPUINFO) -> tuple[float, str]:
+    """Theoretical `dtype` peak of `cores` cores (GFLOP/s) = cores × GHz × FLOPs/cycle, and the
     assumption spelled out. GHz: `ghz`, else the first `cpu MHz` in cpuinfo (the clock now,
     not the boost clock), else 0 (unknown: the fraction of peak cannot be computed)."""
-    per_cycle, why = float32_flops_per_cycle(cpuinfo)
+    per_cycle, why = flops_per_cycle(dtype, cpuinfo)
     if ghz is None:
         mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", _cpuinfo(cpuinfo), re.MULTILINE)
         ghz = float(mhz.group(1)) / 1000 if mhz else 0.0
     peak = cores * ghz * per_cycle
-    return peak, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOPs/cycle = {peak:.0f} GFLOP/s ({why})"
+    return peak, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOPs/cycle = {peak:.0f} GFLOP/s {dtype} ({why})"
+
+
+def float32_peak_gflops(cores: int, ghz: float | None = None, cpuinfo: Path = CPUINFO) -> tuple[float, str]:
+    """The float32 peak (`peak_gflops` in float32)."""
+    return peak_gflops(cores, "float32", ghz, cpuinfo)

@@ -1,30 +1,30 @@
-"""Federated LoRA methods, one module each, behind the protocol in `base`."""
+"""Federated LoRA methods, one module each, behind the protocol in `base`.
+
+Importing this package registers every method: each module here registers its own class
+(`registry.register_method`), and installed packages' methods come from the `fedlora.methods`
+entry points. Adding a method is one new module, here or in any package.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+import pkgutil
 
-from pydantic import Field
-
-from fedlora.algorithms.aflora import AFLoRA, AFLoRAOptions
 from fedlora.algorithms.base import Algorithm, FederationSetup, MethodOptions
-from fedlora.algorithms.fedit import FedIT, FedITOptions
-from fedlora.algorithms.ffa import FFALoRA, FFALoRAOptions
-from fedlora.algorithms.flexlora import FlexLoRA, FlexLoRAOptions
-from fedlora.algorithms.flora import FLoRA, FLoRAOptions
-from fedlora.algorithms.hetlora import HETLoRA, HETLoRAOptions
-from fedlora.algorithms.hierfedlora import HierFedLoRA, HierFedLoRAOptions
+from fedlora.algorithms.registry import (
+    ALGORITHMS,
+    RegisteredOptions,
+    build_algorithm,
+    load_entry_points,
+    register_method,
+)
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FLoRA, FlexLoRA, HETLoRA, HierFedLoRA)
-}
+AlgorithmOptions = RegisteredOptions
+"""The `algorithm:` section's type: the options of any registered method (by its `name`)."""
 
-AlgorithmOptions = Annotated[
-    AFLoRAOptions | FedITOptions | FFALoRAOptions | FLoRAOptions | FlexLoRAOptions | HETLoRAOptions
-    | HierFedLoRAOptions,
-    Field(discriminator="name"),
-]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+load_entry_points()
 
-
-def build_algorithm(options: MethodOptions, setup: FederationSetup) -> Algorithm:
-    return ALGORITHMS[options.name](options, setup)
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmOptions", "FederationSetup", "MethodOptions",
+           "build_algorithm", "register_method"]

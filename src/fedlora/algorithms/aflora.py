@@ -54,6 +54,7 @@ from fedlora.algorithms.base import (
     timed,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 from fedlora.diagnostics import lambda_diagnostics, mean_over_modules, pruning_loss_increase
 
 
@@ -65,17 +66,21 @@ class AFLoRAOptions(MethodOptions):
     """`zscore` (default): keep λ² ≥ mean − βσ, the statistical β-σ outlier rule the paper
     cites (a dimension can lie at most σ√(n−1) below the mean, so with β = 2 modules of rank
     ≤ 5 never prune); `paper-literal`: keep λ² ≥ βσ as eq. 8 is printed (with λ near its
-    init 1 and σ ≪ 1 it prunes nothing unless β ≈ 1/σ: see the README)."""
+    init 1 and σ ≪ 1 it prunes nothing unless β ≈ 1/σ: see docs/concepts/methods/aflora.md)."""
     gamma: float = Field(0.01, ge=0)
     """γ of the column-norm regulariser (eq. 10)."""
     min_rank: int = Field(1, ge=1)
+    """Ranks never fall below this."""
     alpha: float = Field(0.5, ge=0, le=1)
     """α of the A fusion (eq. 11): A' = α A + (1 − α) A_FT."""
     row_norm: float = Field(1.0, gt=0)
     """C: every row of the initial A_global has ℓ2 norm C."""
     server_steps: int = Field(5, ge=0)
+    """Server A fine-tuning steps per round on the public set."""
     server_lr: float = Field(1e-3, gt=0)
+    """Adam learning rate of the server's A fine-tuning."""
     server_batch_size: int = Field(4, ge=1)
+    """Public examples per server step."""
     weighting: Literal["normalized", "paper-literal", "data"] = "normalized"
     """`normalized`: p ∝ log(1+r)|D|, Σp = 1 (rank-aware, the paper's); `paper-literal`: eq. 12
     as printed (two separately normalised factors multiplied; Σp < 1); `data`: p ∝ |D|, Σp = 1
@@ -103,7 +108,8 @@ class AFLoRAOptions(MethodOptions):
     pruning_check: int = Field(0, ge=0)
     """Measure, per client and round, the loss increase of switching off the columns DDR prunes
     against as many random active columns (this many random draws, on the client's own
-    batches; 0: off; costs 1 + 1 + draws forward passes over the round's batches)."""
+    batches; 0: off; costs 1 + 1 + draws forward passes over the round's batches; see
+    "AFLoRA's diagnostics")."""
 
     @property
     def uses_public_data(self) -> bool:
@@ -218,9 +224,13 @@ def unit_columns(m: int, r: int, generator: torch.Generator) -> Tensor:
 # --- the method -------------------------------------------------------------------------
 
 
+@register_method
 class AFLoRA(Algorithm):
     name = "aflora"
+    Options = AFLoRAOptions
     trains = "B+lam"
+    cost_note = " (before pruning: an upper bound)"
+    adapts_ranks = True
     unbounded_keys = (".mask",)
     options: AFLoRAOptions
 

@@ -95,9 +95,6 @@ class FederationSetup:
     train_flops: Callable[[int, int], float] | None = None
     """FLOPs of one client's local training with LoRA of rank r trained in the last d layers:
     train_flops(d, r) (a planning estimate from the simulated clock)."""
-    trimmed_mean: float = 0.0
-    """Share of the updates dropped at each end, per coordinate, by methods whose aggregation
-    is a weighted mean of same-shaped tensors (`supports_trimmed_mean`); 0: the weighted mean."""
 
 
 class ClientContext(Protocol):
@@ -143,13 +140,20 @@ class Algorithm(ABC):
     """One federated LoRA method: server init/payload/aggregate and the client's round."""
 
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    """The class of this method's `algorithm:` options; its `name` field defaults to `name`."""
     trains: ClassVar[str] = "AB"
-    """What a client trains and uploads ("AB", "B" or "B+lam"): the static cost figure."""
+    """What a client trains or uploads, whichever is more, per round: "AB", "A", "B", "B+lam"
+    (B and the diagonal λ) or "A/B" (A and B in alternate rounds): the static cost figure."""
+    cost_note: ClassVar[str] = ""
+    """Said after the method's row of `fedlora costs` (why its figure is only a bound)."""
+    adapts_ranks: ClassVar[bool] = False
+    """True when a client's rank changes from round to round: `compare` draws its ranks per client."""
+    compared_by_default: ClassVar[bool] = True
+    """False keeps the method out of `compare`'s and `tune`'s default --methods (it needs settings
+    of its own to be meaningful)."""
     homogeneous: ClassVar[bool] = False
     """True when every client trains at the weakest client's rank."""
-    supports_trimmed_mean: ClassVar[bool] = False
-    """True when `aggregate` is a data-weighted mean of same-shaped tensors that `average`
-    may replace by a trimmed mean (config `aggregation.trimmed_mean`)."""
     unbounded_keys: ClassVar[tuple[str, ...]] = ()
     """Suffixes of uploaded tensors that are not part of the update's norm (AFLoRA's 0/1
     masks): the server's norm bound screens and clips the rest."""
@@ -184,6 +188,11 @@ class Algorithm(ABC):
         """Adapter factors the global model is evaluated with (empty: all merged in the base)."""
         return {}
 
+    def personal_factors(self, state: Tensors, client_state: Tensors) -> Tensors:
+        """Adapter factors client k would use on its own data, from the global state and its private
+        state (personalised evaluation). Default: the global model's."""
+        return self.eval_factors(state)
+
     # Multi-stage rounds (HierFedLoRA's intra-group cycles). A round is a list of stages; in
     # each stage some clients train (payload → client_train, as always); between stages the
     # server calls aggregate_stage; after the last stage it calls aggregate as usual. Clients
@@ -199,19 +208,10 @@ class Algorithm(ABC):
         """The state after an intermediate stage (every stage but the last)."""
         raise NotImplementedError(f"{self.name} has single-stage rounds")
 
-    def average(self, tensors: list[Tensor], weights: list[float]) -> Tensor:
-        """The weighted mean Σ p_k t_k, or the trimmed mean when the config asks for one."""
-        if self.setup.trimmed_mean > 0:
-            return trimmed_mean(tensors, weights, self.setup.trimmed_mean)
-        return weighted_sum(tensors, weights)
-
     def tilt(self, updates: list[Update], terms: Sequence[Sequence[Term]]) -> dict[str, dict[str, float]]:
-        """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; terms[m][k]
-        = (p_k, B_k, A_k), module m's update being s Σ_k p_k B_k A_k); none when the aggregate
-        is a trimmed mean, which is no sum of the clients' terms. Its seconds go under
+        """The round's `client_weight` and `delta_share` per client (`aggregation_tilt`; `terms[m][k]
+        = (p_k, B_k, A_k)`, module m's update being s Σ_k p_k B_k A_k). Its seconds go under
         DIAGNOSTIC_SECONDS (always present), which the runtime keeps out of the measured server time."""
-        if self.setup.trimmed_mean > 0:
-            return {DIAGNOSTIC_SECONDS: 0.0}
         tilt, seconds = timed(lambda: aggregation_tilt([u.client_id for u in updates], terms))
         return {**tilt, DIAGNOSTIC_SECONDS: seconds}
 
@@ -262,21 +262,6 @@ def weighted_sum(tensors: list[Tensor], weights: list[float]) -> Tensor:
     for t, w in zip(tensors, weights):
         out.add_(t.to(torch.float32), alpha=w)
     return out
-
-
-def trimmed_mean(tensors: list[Tensor], weights: list[float], trim: float) -> Tensor:
-    """Coordinate-wise weighted trimmed mean: per coordinate, drop the ⌊trim·K⌋ smallest and
-    ⌊trim·K⌋ largest of the K values, average the rest with their weights renormalised. With
-    nothing to drop (⌊trim·K⌋ = 0) it is `weighted_sum`, bit for bit."""
-    cut = int(trim * len(tensors))
-    if cut == 0:
-        return weighted_sum(tensors, weights)
-    values = torch.stack([t.to(torch.float32) for t in tensors])
-    w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * (values.dim() - 1))).expand_as(values)
-    order = values.argsort(dim=0)
-    kept = slice(cut, len(tensors) - cut)
-    v, wk = values.gather(0, order)[kept], w.gather(0, order)[kept]
-    return (v * wk).sum(0) / wk.sum(0)
 
 
 def common_rank(requested: int | None, client_max_ranks: list[int]) -> int:

@@ -6,8 +6,6 @@
 Clients start each round from the global A and B and train both. Averaging A and B
 separately is not averaging B A: (Σ p B)(Σ p A) ≠ Σ p B A, the aggregation interference
 the heterogeneous methods avoid. The global LoRA is kept across rounds, never merged.
-With `aggregation.trimmed_mean` each of A and B is a coordinate-wise trimmed mean instead
-(`Algorithm.average`), the kept clients' p_k renormalised per coordinate.
 """
 
 from __future__ import annotations
@@ -30,19 +28,22 @@ from fedlora.algorithms.base import (
     data_weights,
     lora_init,
     train_loaded,
+    weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 
 class FedITOptions(MethodOptions):
     name: Literal["fedit"] = "fedit"
     rank: int | None = Field(None, ge=1)
-    """Homogeneous rank; None: the smallest client max rank."""
+    """Homogeneous rank; None: the smallest client max rank (must not exceed it)."""
 
 
+@register_method
 class FedIT(Algorithm):
     name = "fedit"
+    Options = FedITOptions
     homogeneous = True
-    supports_trimmed_mean = True
 
     def __init__(self, options: FedITOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
@@ -65,7 +66,7 @@ class FedIT(Algorithm):
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)
-        new = {key: self.average([u.tensors[key] for u in updates], p) for key in state}
+        new = {key: weighted_sum([u.tensors[key] for u in updates], p) for key in state}
         # the tilt: B A = Σ_k p_k B_k Ā, client k's term of the averaged B times the averaged A
         terms = [[(pk, u.tensors[f"{name}.B"], new[f"{name}.A"]) for pk, u in zip(p, updates)]
                  for name in self.setup.module_shapes]

@@ -6,7 +6,6 @@
 Because every client holds the same A, averaging B is averaging B A: the aggregation is
 exact, at one homogeneous rank. A is never sent: every party rebuilds it from the seed,
 so the payload is B alone. The global LoRA is kept across rounds, never merged.
-With `aggregation.trimmed_mean` B is a coordinate-wise trimmed mean instead (`Algorithm.average`).
 """
 
 from __future__ import annotations
@@ -30,13 +29,15 @@ from fedlora.algorithms.base import (
     data_weights,
     kaiming_rows,
     train_loaded,
+    weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 
 class FFALoRAOptions(MethodOptions):
     name: Literal["ffa"] = "ffa"
     rank: int | None = Field(None, ge=1)
-    """Homogeneous rank; None: the smallest client max rank."""
+    """Homogeneous rank; None: the smallest client max rank (must not exceed it)."""
 
 
 def frozen_A(setup: FederationSetup, rank: int) -> Tensors:
@@ -45,11 +46,12 @@ def frozen_A(setup: FederationSetup, rank: int) -> Tensors:
     return {f"{name}.A": kaiming_rows(rank, n, g) for name, (_, n) in setup.module_shapes.items()}
 
 
+@register_method
 class FFALoRA(Algorithm):
     name = "ffa"
+    Options = FFALoRAOptions
     trains = "B"
     homogeneous = True
-    supports_trimmed_mean = True
 
     def __init__(self, options: FFALoRAOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)
@@ -73,7 +75,7 @@ class FFALoRA(Algorithm):
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)
-        new = {k: self.average([u.tensors[k] for u in updates], p) for k in state}
+        new = {k: weighted_sum([u.tensors[k] for u in updates], p) for k in state}
         terms = [[(pk, u.tensors[f"{name}.B"], self.A[f"{name}.A"]) for pk, u in zip(p, updates)]
                  for name in self.setup.module_shapes]  # B A = Σ_k p_k B_k A
         return Aggregate(state=new, metrics=self.tilt(updates, terms))

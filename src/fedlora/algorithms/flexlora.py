@@ -36,6 +36,7 @@ from fedlora.algorithms.base import (
     lora_init,
     train_loaded,
 )
+from fedlora.algorithms.registry import register_method
 
 
 class FlexLoRAOptions(MethodOptions):
@@ -64,8 +65,10 @@ def truncate(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return B[:, :rank].contiguous(), A[:rank].contiguous()
 
 
+@register_method
 class FlexLoRA(Algorithm):
     name = "flexlora"
+    Options = FlexLoRAOptions
     options: FlexLoRAOptions
 
     def __init__(self, options: FlexLoRAOptions, setup: FederationSetup) -> None:

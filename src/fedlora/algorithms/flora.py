@@ -34,6 +34,7 @@ from fedlora.algorithms.base import (
     kaiming_rows,
     train_loaded,
 )
+from fedlora.algorithms.registry import register_method
 
 ROUND = "round"
 
@@ -55,8 +56,10 @@ def fresh_generator(seed: int, round_: int, client_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(entropy))
 
 
+@register_method
 class FLoRA(Algorithm):
     name = "flora"
+    Options = FLoRAOptions
 
     def init_state(self) -> Tensors:
         return {ROUND: torch.tensor(1)}

@@ -41,6 +41,7 @@ from fedlora.algorithms.base import (
     lora_init,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 RANKS = "ranks"
 TAIL_NORM = "tail_norm"
@@ -55,6 +56,7 @@ class HETLoRAOptions(MethodOptions):
     tail_rounding: Literal["floor", "ceil"] = "floor"
     """Tail start ⌊γ r⌋ (default) or ⌈γ r⌉ as the spec prints it (empty tail for r < 1/(1−γ))."""
     min_rank: int = Field(1, ge=1)
+    """Ranks never fall below this."""
     prune: bool = True
     """Self-pruning on; false keeps every client at its max rank (penalty still applies)."""
 
@@ -89,8 +91,11 @@ def sparsity_weights(norms: list[float]) -> list[float]:
     return [x / total for x in norms]
 
 
+@register_method
 class HETLoRA(Algorithm):
     name = "hetlora"
+    Options = HETLoRAOptions
+    adapts_ranks = True
     options: HETLoRAOptions
 
     def __init__(self, options: HETLoRAOptions, setup: FederationSetup) -> None:
@@ -158,11 +163,15 @@ class HETLoRA(Algorithm):
             raise InvalidUpdate(f"rank {r} outside [{self.options.min_rank}, {current}] (ranks only shrink)")
         return factor_shapes(self.setup.module_shapes, r)
 
-    def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
+    def tracked_ranks(self, state: Tensors, updates: list[Update]) -> Tensor:
+        """The server's record of each client's current rank, updated from the uploads' shapes."""
         ranks = state[RANKS].clone()
         for u in updates:
             ranks[u.client_id] = u.tensors[f"{next(iter(self.setup.module_shapes))}.A"].shape[0]
-        new_state: Tensors = {RANKS: ranks}
+        return ranks
+
+    def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
+        new_state: Tensors = {RANKS: self.tracked_ranks(state, updates)}
         terms = []  # B A = Σ_k w_k pad(B_k) Ā: client k's term of the averaged B times the averaged A
         for name in self.setup.module_shapes:
             As = [u.tensors[f"{name}.A"] for u in updates]

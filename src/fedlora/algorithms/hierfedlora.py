@@ -54,6 +54,7 @@ from fedlora.algorithms.base import (
     lora_init,
     weighted_sum,
 )
+from fedlora.algorithms.registry import register_method
 
 log = logging.getLogger("fedlora")
 FLOAT_BYTES = 4
@@ -64,24 +65,32 @@ class HierFedLoRAOptions(MethodOptions):
     rank: int | None = Field(None, ge=1)
     """Homogeneous rank; None: the smallest client max rank."""
     groups: int = Field(4, ge=1)
+    """G, the number of near-IID groups."""
     group_size_cap: int | None = Field(None, ge=1)
     """Max devices per group; None: ceil(K / groups)."""
     distance: Literal["kl", "l1"] = "kl"
+    """Distance of a group's label distribution to the global one: `kl`
+    (KL(group ‖ global)) or `l1`."""
     refine: bool = True
     """Improve the greedy grouping by swapping devices between groups while the summed distance
-    falls (the greedy pass alone was sometimes worse than a random grouping: README)."""
+    falls (the greedy pass alone was sometimes worse than a random grouping:
+    docs/concepts/methods/hierfedlora.md)."""
     speed_weight: float = Field(0.0, ge=0)
-    """Weight of the speed spread (ln of slowest ÷ fastest device cycle) in a group's distance;
-    0 groups by labels alone. Needs device profiles."""
+    """w: a group's distance also counts w · ln(slowest ÷ fastest full-depth cycle time of its
+    devices), so groups gather devices of like speed; 0 groups by labels alone. Needs device
+    profiles."""
     regroup_every: int | None = Field(None, ge=1)
     """Re-run the grouping every N rounds (new seeded tie order); None: once at the start."""
     plan: Literal["auto", "fixed"] = "auto"
+    """`auto`: each group's (τ_g, d_g) from the devices; `fixed`: from `tau` and `depth`."""
     tau: int | list[int] = Field(1)
     """plan fixed: intra-group cycles per global round, one for all groups or one per group."""
     depth: int | list[int] | None = None
     """plan fixed: trained layers from the output, one or one per group; None: all layers."""
     tau_max: int = Field(3, ge=1)
+    """plan auto: the largest τ considered."""
     min_depth: int = Field(1, ge=1)
+    """plan auto: the smallest depth considered."""
     time_budget: float = Field(0.5, gt=0)
     """plan auto: T* as a fraction of the slowest group's one full-depth cycle."""
 
@@ -170,9 +179,13 @@ def swap_refine(table: np.ndarray, members: list[list[int]], cost: Callable[[np.
     return members
 
 
+@register_method
 class HierFedLoRA(Algorithm):
     name = "hierfedlora"
+    Options = HierFedLoRAOptions
     homogeneous = True  # A and B at one rank; the static cost row is its full-depth upper bound
+    cost_note = " (full depth: an upper bound)"
+    compared_by_default = False  # its grouping and depths are planned for the config's devices
 
     def __init__(self, options: HierFedLoRAOptions, setup: FederationSetup) -> None:
         super().__init__(options, setup)

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from fedlora.config import ALPACA_PROMPT as PROMPT
-from fedlora.config import ALPACA_PROMPT_WITH_INPUT as PROMPT_WITH_INPUT
-
 ALPACA_FILE = "alpaca/alpaca_5000.json.gz"
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 def load_alpaca(data_dir: Path, hub_name: str | None = None) -> list[dict[str, str]]:
@@ -55,5 +54,5 @@ def alpaca_dataset(records: list[dict[str, str]]) -> Dataset:
 
 
 def as_prompt_response(record: dict[str, str]) -> tuple[str, str]:
-    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT
+    template = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT
     return template.format(**record), record["output"]

@@ -5,30 +5,18 @@ from __future__ import annotations
 import argparse
 import signal
 import time
-from datetime import datetime
 from pathlib import Path
 
+from fedlora.cli_common import print_summary, resolve_run, run_options
 from fedlora.errors import ConfigError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.cli import print_summary
-    from fedlora.config import dump_config, load_config, parse_overrides
+    from fedlora.config import dump_config
     from fedlora.flower.launch import LocalFederation, flwr_run
     from fedlora.files import read_json
-    from fedlora.runtime.rundir import refuse_existing_run, saved_config, verify_run
 
-    if args.resume:  # verified here for a one-line error; the ServerApp verifies again
-        run_dir = Path(args.resume)
-        cfg = (load_config(args.config, parse_overrides(args.set)) if args.config
-               else saved_config(run_dir, parse_overrides(args.set)))
-        verify_run(run_dir, cfg)
-    else:
-        if not args.config:
-            raise ConfigError("config error: give a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(args.config, parse_overrides(args.set))
-        run_dir = Path(args.out or f"runs/flower-{cfg.algorithm.name}-{datetime.now():%Y%m%d-%H%M%S}")
-        refuse_existing_run(run_dir)
+    run_dir, cfg = resolve_run(args, prefix="flower-")  # the ServerApp verifies a resumed run again
     if bool(args.local) == bool(args.superlink):
         raise ConfigError("config error: give --superlink HOST:PORT or --local N (not both)")
     if args.superlink and bool(args.root_certificates) == bool(args.insecure):
@@ -97,11 +85,9 @@ def add_parser(sub) -> None:
     flower = sub.add_parser("flower", help="run on Flower: SuperLink + SuperNodes, across machines")
     fsub = flower.add_subparsers(dest="flower_command", required=True)
 
-    run = fsub.add_parser("run", help="submit a run to a SuperLink (flwr run) and wait for it")
-    run.add_argument("config", nargs="?", help="YAML config (the same as for `fedlora run`)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    run.add_argument("--out", help="run directory on the SuperLink host (default runs/flower-<method>-<time>)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    run = fsub.add_parser("run", help="submit a run to a SuperLink (flwr run) and wait for it", parents=[
+        run_options("YAML config (the same as for `fedlora run`)", "runs/flower-<method>-<time>, on the SuperLink host",
+                    "continue an interrupted run from its checkpoint")])
     run.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default port 8000)")
     run.add_argument("--root-certificates", metavar="CA", help="CA certificate of a TLS SuperLink")
     run.add_argument("--insecure", action="store_true", help="plain HTTP (a local trial only)")

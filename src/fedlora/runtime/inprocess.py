@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from fedlora.adapters import Adapters
+from fedlora.aggregation import build_pipeline
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import (
     DIAGNOSTIC_SECONDS,
@@ -123,11 +124,10 @@ class Federation:
             num_examples=task.client_sizes(),
             scaling=cfg.scaling,
             seed=cfg.seed,
-            trimmed_mean=cfg.aggregation.trimmed_mean,
             **device_setup(cfg, model, adapters, task, profiles),
         )
-        with option_errors():
-            algorithm = build_algorithm(cfg.algorithm, setup)
+        with option_errors():  # the method inside its aggregation pipeline (attack, defences)
+            algorithm = build_pipeline(build_algorithm(cfg.algorithm, setup), cfg)
         return cls(cfg, model, tokenizer, adapters, task, algorithm, total, profiles)
 
     @property

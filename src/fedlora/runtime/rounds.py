@@ -6,8 +6,8 @@ so a Flower run and an in-process run of the same config produce the same number
 
 Nothing a client sends is trusted: `accept_update` checks one update on its own (dtype,
 names, shapes, finiteness, its metrics, its example count against the server's partition
-table), `screen_norms` checks the updates of one round (stage) against each other (the
-norm bound relative to their median). A refused update is logged with its reason and
+table), `screen_norms` has the aggregation pipeline screen the updates of one round (stage)
+against each other (fedlora.aggregation: the norm bound relative to their median). A refused update is logged with its reason and
 listed in the round's `rejected` record of metrics.jsonl; the round goes on with the others.
 """
 
@@ -18,8 +18,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
+from fedlora.aggregation import screen
 from fedlora.algorithms.base import InvalidUpdate, Message, Tensors, Update
 from fedlora.costs import cost_percent, tensor_bytes
 
@@ -115,40 +114,19 @@ def accept_update(
     }
 
 
-def update_norm(tensors: Tensors, unbounded: tuple[str, ...] = ()) -> float:
-    """ℓ2 norm of all uploaded tensors together (in float64: no overflow), except those whose
-    name ends with one of `unbounded` (e.g. AFLoRA's 0/1 masks)."""
-    squares = [torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
-               for k, t in tensors.items() if not k.endswith(unbounded)]
-    return float(sum(squares, torch.tensor(0.0, dtype=torch.float64)).sqrt())
-
-
 def screen_norms(fed: Any, round_: int, accepted: list[Accepted], rejected: list[dict[str, Any]]) -> list[Accepted]:
-    """The norm bound (config `aggregation`): an update whose norm exceeds norm_bound × the
-    median norm of the updates accepted with it (the lower median for an even count; a
-    method with intra-round stages: those of its stage) is rejected, or with norm_action
-    `clip` scaled down to the bound (noted as `clipped` in its client record). With a zero
-    median (nothing trained) there is no scale to compare with and every update passes."""
-    opts = fed.cfg.aggregation
-    if opts.norm_bound is None or not accepted:
-        return accepted
-    unbounded = fed.algorithm.unbounded_keys
-    norms = [update_norm(a.update.tensors, unbounded) for a in accepted]
-    median = float(torch.tensor(norms, dtype=torch.float64).median())
-    bound = opts.norm_bound * median
+    """The pipeline's screening of one round's (stage's) accepted updates (config `aggregation`,
+    e.g. the norm bound): a rejected update is logged and listed in `rejected`; a changed one (a
+    clip) replaces the original, noted as `clipped` in its client record."""
+    verdicts = screen(fed.algorithm, [a.update for a in accepted])
     kept: list[Accepted] = []
-    for a, norm in zip(accepted, norms):
-        if median == 0 or norm <= bound:
-            kept.append(a)
-            continue
-        why = f"update norm {norm:.4g} exceeds {opts.norm_bound:g} × the round's median update norm {median:.4g}"
-        if opts.norm_action == "reject":
-            reject(round_, a.update.client_id, why, rejected)
-            continue
-        scale = bound / norm
-        tensors = {k: t if k.endswith(unbounded) else t * scale for k, t in a.update.tensors.items()}
-        log.warning("round %d: clipped the update of client %d: %s; scaled by %.3g", round_,
-                    a.update.client_id, why, scale)
-        kept.append(replace(a, update=replace(a.update, tensors=tensors),
-                            record={**a.record, "clipped": f"{why}; scaled by {scale:.3g}"}))
+    for a, verdict in zip(accepted, verdicts):
+        client = a.update.client_id
+        if verdict.update is None:
+            reject(round_, client, verdict.note, rejected)
+        elif verdict.note:
+            log.warning("round %d: clipped the update of client %d: %s", round_, client, verdict.note)
+            kept.append(replace(a, update=verdict.update, record={**a.record, "clipped": verdict.note}))
+        else:
+            kept.append(replace(a, update=verdict.update))
     return kept
