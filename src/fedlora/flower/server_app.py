@@ -119,11 +119,11 @@ class FlowerRun(Simulation):
         deadline = time.monotonic() + self.node_wait
         while len(self.reports) < self.cfg.federation.num_clients:
             self._discover()
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(self.cfg.federation.num_clients)) - set(self.reports))
+            missing = sorted(set(range(self.cfg.federation.num_clients)) - set(self.reports))
+            if missing and time.monotonic() > deadline:
                 raise RuntimeError(f"nodes.local_data: no valid report from partitions {missing} within "
                                    f"node-wait={self.node_wait:g}s; the run did not start")
-            if len(self.reports) < self.cfg.federation.num_clients:
+            if missing:
                 time.sleep(1.0)
         write_json(path, {str(k): r.to_record() for k, r in sorted(self.reports.items())})
 
