@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     from fedlora.models import load_tokenizer
     from fedlora.runtime.inprocess import Federation
 
+    started = time.perf_counter()
     k, n = node_identity(context)
     conf = msg.content.config_records["config"]
     round_, state_round = int(conf["round"]), int(conf["state-round"])
@@ -115,11 +117,15 @@ def train(msg: Message, context: Context) -> Message:
     if lost:
         log.warning("partition %d: %s: starting from the method's initial client state", k, lost)
     ctx = fed.client(k, round_, int(conf.get("stage", 0)))
+    t0 = time.perf_counter()
     update, new_state = fed.algorithm.client_train(ctx, payload, state)
+    train_seconds = time.perf_counter() - t0
     state_sha256 = store.save_state(round_, new_state, keep_from=state_round)
 
     metrics = {key: float(v) for key, v in update.metrics.items()}
     metrics["flops"] = float(ctx.flops)  # the server's simulated clock
+    # where the node's time went (docs/howto/real-nodes.md: warm nodes): the whole handler, training
+    metrics.update({"node-seconds": time.perf_counter() - started, "train-seconds": train_seconds})
     info: dict[str, Any] = {"partition-id": k, "num-examples": int(update.num_examples),
                             "state-sha256": state_sha256, "base": how}
     if lost:

@@ -55,12 +55,20 @@ app = ServerApp()
 RUN_KEY_FILE = "flower_run.json"
 REPORTS_FILE = "node_reports.json"
 QUERY_TIMEOUT = 60.0
+"""At least this long for nodes to answer a query (a node reading its data file imports the
+data stack first); the round timeout when that is longer."""
+SERVER_LOG = "flower/server.log"
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     rc = context.run_config
+    log_file = Path(str(rc["out"])) / SERVER_LOG  # the ServerApp's own lines, on the server host
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedlora").addHandler(handler)
     cfg = build_config(parse_tree(str(rc["config-yaml"]), "run config config-yaml"))
     run = FlowerRun(
         cfg, Path(str(rc["out"])), grid,
@@ -152,7 +160,7 @@ class FlowerRun(Simulation):
             return
         msgs = [Message(self._query(), dst_node_id=n, message_type="query") for n in unknown]
         local = self.cfg.nodes.local_data
-        for reply in self.grid.send_and_receive(msgs, timeout=QUERY_TIMEOUT):
+        for reply in self.grid.send_and_receive(msgs, timeout=max(QUERY_TIMEOUT, self.round_timeout)):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self._refuse(node, f"no report: {reply.error.reason}")
@@ -247,7 +255,7 @@ class FlowerRun(Simulation):
             self.merged_through[k] = t - 1
             try:
                 update, flops = update_from_reply(reply, k)
-                notes = node_notes(reply.content.config_records["info"])
+                notes = node_notes(reply.content.config_records["info"], reply.content.metric_records["metrics"])
             except InvalidUpdate as err:
                 yield Result(failure=str(err))
                 continue
@@ -306,6 +314,8 @@ def update_from_reply(reply: Message, partition: int) -> tuple[Update, float]:
     if isinstance(num_examples, bool) or not isinstance(num_examples, int):
         raise InvalidUpdate(f"reply: num-examples {num_examples!r} is not an integer")
     metrics = dict(content.metric_records["metrics"])
+    for key in NODE_TIMINGS:  # the node's own timings: node_notes reads them for the record
+        metrics.pop(key, None)
     flops = metrics.pop("flops", 0.0)  # for the clock, not part of the method's update
     if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
         raise InvalidUpdate(f"reply: flops {flops!r} is not a finite count")
@@ -317,9 +327,12 @@ def update_from_reply(reply: Message, partition: int) -> tuple[Update, float]:
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+NODE_TIMINGS = ("node-seconds", "train-seconds")
+"""Seconds a node spent in its train handler and in training (what warm nodes keep small:
+the rest). Diagnostics only; a value that is not a finite, non-negative number is dropped."""
 
 
-def node_notes(info) -> dict[str, Any]:
+def node_notes(info, metrics) -> dict[str, Any]:
     """What a train reply says beside the update, for the client's record: the SHA-256 of the
     client state it saved (sent back when that state is next used) and, if its state was lost,
     why (the run then continues from the method's initial state: `fedlora run --replay` repeats it)."""
@@ -329,6 +342,10 @@ def node_notes(info) -> dict[str, Any]:
         if not isinstance(digest, str) or not SHA256.fullmatch(digest):
             raise InvalidUpdate(f"reply: state-sha256 {str(digest)[:80]!r} is not a SHA-256")
         out["state_sha256"] = digest
+    for key in NODE_TIMINGS:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
+            out[key.replace("-", "_")] = float(value)
     reset = info.get("state-reset")
     if reset is not None:
         if not isinstance(reset, str) or len(reset) > 300:
