@@ -268,7 +268,7 @@ def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tm
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 4})})
     out = tmp_path / "flower"
     files = [str(node_file(folder, k)) for k in range(NODES)]
-    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 60.0, "min-clients": 2,
+    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 120.0, "min-clients": 2,
           "node-wait": 120.0}
     result: dict = {}
     with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files) as fed:
@@ -295,3 +295,29 @@ def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tm
     tree = {**tree, "federation": {**tree["federation"], "rounds": 4}}
     replayed = _inprocess(tree, tmp_path / "replayed", replay=out)
     assert _same(_final(out), replayed)
+
+
+def test_partition_and_node_data_bad_inputs_exit_2(partitioned, tmp_path, capsys):
+    """One line and exit code 2: a non-empty --out, a --replay folder that is no run, a
+    --node-data folder without a node's file, node files for a config that reads shared data."""
+    import yaml
+
+    from fedlora.cli import main
+
+    tree, _, folder, _ = partitioned
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full/x").write_text("")
+    cases = [
+        (["partition", str(cfg), "--out", str(tmp_path / "full")], "not empty"),
+        (["run", str(cfg), "--out", str(tmp_path / "r"), "--replay", str(tmp_path / "full")], "no metrics.jsonl"),
+        (["flower", "run", str(folder / "config.yaml"), "--out", str(tmp_path / "f"), "--local", "4",
+          "--node-data", str(folder)], "4 nodes for 3 partitions"),
+        (["flower", "run", str(cfg), "--out", str(tmp_path / "g"), "--local", "3", "--node-data", str(folder)],
+         "must set nodes.local_data"),
+    ]
+    for args, msg in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
