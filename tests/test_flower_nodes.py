@@ -268,7 +268,7 @@ def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tm
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 4})})
     out = tmp_path / "flower"
     files = [str(node_file(folder, k)) for k in range(NODES)]
-    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 120.0, "min-clients": 2,
+    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 600.0, "min-clients": 2,
           "node-wait": 120.0}
     result: dict = {}
     with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files) as fed:

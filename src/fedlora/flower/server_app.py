@@ -1,9 +1,13 @@
 """The Flower ServerApp: the in-process runtime's rounds, with clients reached through a Grid.
 
 `FlowerRun` is the in-process `Simulation` with one part replaced, the transport
-(`_train_clients`): sampling, validation, aggregation, merging, evaluation, checkpoints,
+(`_train_stage`, driven by the one stage loop): sampling, validation, aggregation, merging, evaluation, checkpoints,
 metrics and resume are the very same code, so a Flower run of a config gives the same
 global adapter as `fedlora run` when the same clients answer.
+
+With nodes.local_data the server first asks every node what it holds (a NodeReport: example
+count, label histogram, checked like an update: fedlora.flower.reports) and starts once every
+partition has a valid report; it never reads a client's data.
 
 Per round the server
   1. asks nodes it does not know yet which partition they serve (`query` messages),
@@ -334,8 +338,9 @@ the rest). Diagnostics only; a value that is not a finite, non-negative number i
 
 def node_notes(info, metrics) -> dict[str, Any]:
     """What a train reply says beside the update, for the client's record: the SHA-256 of the
-    client state it saved (sent back when that state is next used) and, if its state was lost,
-    why (the run then continues from the method's initial state: `fedlora run --replay` repeats it)."""
+    client state it saved (sent back when that state is next used), the node's timings and, if
+    its state was lost, why (the run then continues from the method's initial state: `fedlora run
+    --replay` repeats it)."""
     out: dict[str, Any] = {}
     digest = info.get("state-sha256")
     if digest is not None:
