@@ -265,12 +265,12 @@ def undocumented(rows: list[FieldDoc]) -> list[str]:
 
 
 def dataset_defaults_note() -> str:
-    """The per-dataset defaults config.py fills in for keys a config leaves out."""
-    from fedlora.config import DATASET_DEFAULTS
+    """The per-dataset defaults the registered datasets fill in for keys a config leaves out."""
+    from fedlora.data.registry import registered_datasets
 
     lines = ["Defaults that depend on `data.dataset` (filled in only for keys the config leaves out):", ""]
-    for dataset, defaults in DATASET_DEFAULTS.items():
-        pairs = ", ".join(f"`{k}`: {value_text(v)}" for k, v in defaults.items())
+    for dataset, spec in registered_datasets().items():
+        pairs = ", ".join(f"`{k}`: {value_text(v)}" for k, v in spec.defaults.items())
         lines.append(f"- `{dataset}`: {pairs}")
     return "\n".join(lines)
 

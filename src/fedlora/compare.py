@@ -44,12 +44,14 @@ from fedlora.config import (
     resolve_data_dir,
 )
 from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setting_caption, untuned_accuracy
+from fedlora.records import accuracy_summary, scored_rounds
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
-from fedlora.files import read_bounded
+from fedlora.files import is_link_free, read_bounded, safe_name
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_csv, write_json
 from fedlora.runtime.rundir import changed_fields_in, verify_run
 from fedlora.stats import MIN_SEEDS, PairedDifference, item_interval, paired_difference, seed_interval, with_holm
+from fedlora.tables import markdown_table
 from fedlora.tta import write_tta
 from fedlora.units import format_bytes
 
@@ -102,7 +104,7 @@ def parse_methods(text: str | None) -> list[str]:
     (checked by method_configs, which reads the config); None: `default_methods()`."""
     if text is None:
         return default_methods()
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    methods = [safe_name(m.strip(), "--methods") for m in text.split(",") if m.strip()]
     if not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"config error: --methods: give distinct method names, got {text!r}")
     return methods
@@ -120,7 +122,15 @@ def method_configs(path: Path, methods: list[str], seeds: list[int], overrides: 
     """One resolved config per (method, seed); every error is reported before any run starts.
     `variants` adds entries to the config's `methods:` mapping (what `fedlora tune` runs)."""
     tree = read_tree(path)
-    per_method = {**(tree.pop("methods", None) or {}), **(variants or {})}
+    given = tree.pop("methods", None) or {}
+    if not isinstance(given, dict):
+        raise ConfigError("config error: methods: expected a mapping label → options")
+    per_method = {**given, **(variants or {})}
+    for label in [*per_method, *methods]:  # each names a run directory: OUT/seed_S/LABEL
+        safe_name(label, "methods")
+    if any(v is not None and not isinstance(v, dict) for v in per_method.values()):
+        bad = next(k for k, v in per_method.items() if v is not None and not isinstance(v, dict))
+        raise ConfigError(f"config error: methods.{bad}: expected a mapping of the method's options")
 
     def algorithm_of(label: str) -> str:  # a variant names its method: {name: hierfedlora, ...}
         return (per_method.get(label) or {}).get("name", label)
@@ -187,6 +197,9 @@ def run_comparison(config: Path, methods: list[str], seeds: list[int], out: Path
     configs = method_configs(config, methods, seeds, overrides, variants)
     runs = [MethodRun(m, s, out / f"seed_{s}" / m) for s in seeds for m in methods]
     for run in runs:  # every run directory is checked before any run starts
+        if not is_link_free(run.run_dir, out):
+            raise ConfigError(f"config error: {run.run_dir}: a symbolic link, or inside one (below --out {out}); "
+                              "a comparison writes its runs only into real folders")
         if has_checkpoint(run.run_dir) and not run.done:
             verify_run(run.run_dir, configs[(run.method, run.seed)])  # names an edited file first
         check_not_mixed(configs[(run.method, run.seed)], run.run_dir)
@@ -225,10 +238,10 @@ def method_row(method: str, histories: list[list[dict[str, Any]]]) -> dict[str, 
     """One table row from the metrics of each seed's run of `method`."""
     finals, bests, costs, walls, up, down, server = [], [], [], [], [], [], []
     for recs in histories:
-        accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
-        if accs:
-            finals.append(accs[-1])
-            bests.append(max(accs))
+        acc = accuracy_summary(recs)
+        if acc.final is not None:
+            finals.append(acc.final)
+            bests.append(acc.best)
         participations = sum(len(r["clients"]) for r in recs)
         costs += [r["client_cost_percent"] for r in recs if r.get("client_cost_percent") is not None]
         if participations:
@@ -267,21 +280,20 @@ class SeedResult:
     @classmethod
     def read(cls, run: MethodRun) -> SeedResult:
         history = read_metrics(run.run_dir)
-        evaluated = [r for r in history if r.get("accuracy") is not None]
-        if not evaluated:
+        acc = accuracy_summary(history)
+        if acc.final_round is None:
             return cls(run.seed, history, None, None)
-        best = max(evaluated, key=lambda r: r["accuracy"])  # the first of equal bests, as in summary.json
-        return cls(run.seed, history, _scored_items(run.run_dir, evaluated[-1]["round"]),
-                   _scored_items(run.run_dir, best["round"]))
+        return cls(run.seed, history, _scored_items(run.run_dir, acc.final_round),
+                   _scored_items(run.run_dir, acc.best_round))
 
     @property
     def scored(self) -> bool:
         """Whether any round of the run was evaluated with an accuracy."""
-        return any(h.get("accuracy") is not None for h in self.history)
+        return bool(scored_rounds(self.history))
 
     @property
     def final_record(self) -> dict[str, Any]:
-        return [r for r in self.history if r.get("accuracy") is not None][-1]
+        return scored_rounds(self.history)[-1]
 
 
 def _scored_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
@@ -309,15 +321,14 @@ def _interval(values: list[float], items: list[dict[str, np.ndarray] | None]) ->
 def accuracy_statistics(results: list[SeedResult]) -> dict[str, Any]:
     """Per method: the 95% intervals of final and best accuracy, the worst class's and worst
     client's accuracy of the final evaluation (means over seeds) and the worst client of each seed."""
-    scored = [r for r in results if r.scored]
-    finals = [r.final_record["accuracy"] for r in scored]
-    bests = [max(h["accuracy"] for h in r.history if h.get("accuracy") is not None) for r in scored]
-    f_low, f_high, how = _interval(finals, [r.final for r in scored])
-    b_low, b_high, _ = _interval(bests, [r.best for r in scored])
-    per_class = [r.final_record.get("class_accuracy") for r in scored]
+    ran = [r for r in results if r.scored]
+    summaries = [accuracy_summary(r.history) for r in ran]
+    f_low, f_high, how = _interval([s.final for s in summaries], [r.final for r in ran])
+    b_low, b_high, _ = _interval([s.best for s in summaries], [r.best for r in ran])
+    per_class = [r.final_record.get("class_accuracy") for r in ran]
     worst_class = [min(measured) for measured in ([v for v in c.values() if isinstance(v, int | float)]
                                                   for c in per_class if isinstance(c, dict)) if measured]
-    worst_client = [r.final_record for r in scored if r.final_record.get("worst_client_accuracy") is not None]
+    worst_client = [r.final_record for r in ran if r.final_record.get("worst_client_accuracy") is not None]
     return {
         "final_accuracy_ci_low": f_low, "final_accuracy_ci_high": f_high,
         "best_accuracy_ci_low": b_low, "best_accuracy_ci_high": b_high, "interval": how,
@@ -358,12 +369,10 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
     primary test over seeds (* marks Holm-adjusted p < 0.05 with ≥ MIN_SEEDS seeds), then the
     secondary within-seed views (item bootstrap, McNemar per seed)."""
     ref = reference or "–"
-    lines = [
-        f"| method | seeds | final accuracy [95% CI] | best accuracy [95% CI] | interval | worst class "
-        f"| worst client (which) | Δ final vs {ref} [95% t CI over seeds] | p (t) | p (Holm) "
-        "| within-seed: Δ items only [95%] | within-seed: McNemar p per seed |",
-        "|" + "---|" * 12,
-    ]
+    header = ["method", "seeds", "final accuracy [95% CI]", "best accuracy [95% CI]", "interval", "worst class",
+              "worst client (which)", f"Δ final vs {ref} [95% t CI over seeds]", "p (t)", "p (Holm)",
+              "within-seed: Δ items only [95%]", "within-seed: McNemar p per seed"]
+    table = []
 
     def num(x: Any) -> str:
         return "–" if x is None else f"{x:.4f}"
@@ -380,9 +389,9 @@ def statistics_table(rows: list[dict[str, Any]], reference: str | None) -> str:
             items = _ci(r["diff_items_low"], r["diff_items_high"]).strip()
         else:
             diff, p, holm_p, items, mc = ("reference" if r["method"] == reference else "–"), "–", "–", "–", "–"
-        lines.append(f"| {r['method']} | {r['seeds']} | {acc('final_accuracy')} | {acc('best_accuracy')} "
-                     f"| {r['interval'] or '–'} | {wc} | {wl} | {diff} | {p} | {holm_p} | {items} | {mc} |")
-    return "\n".join(lines) + "\n"
+        table.append([r["method"], r["seeds"], acc("final_accuracy"), acc("best_accuracy"), r["interval"] or "–",
+                      wc, wl, diff, p, holm_p, items, mc])
+    return "\n".join(markdown_table(header, table)) + "\n"
 
 
 def class_table(results: dict[str, list[SeedResult]]) -> str:
@@ -401,15 +410,14 @@ def class_table(results: dict[str, list[SeedResult]]) -> str:
         return "–" if mean is None else f"{mean:.4f}"
 
     lines = ["## Per-class accuracy\n", "Final evaluation, mean over seeds.\n",
-             "| method | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
-    for m, per_seed in finals.items():
-        if per_seed:
-            lines.append(f"| {m} | " + " | ".join(cell([a.get(c) for _, a in per_seed]) for c in classes) + " |")
+             *markdown_table(["method", *classes],
+                             ([m, *(cell([a.get(c) for _, a in per_seed]) for c in classes)]
+                              for m, per_seed in finals.items() if per_seed))]
     if any(len(per_seed) > 1 for per_seed in finals.values()):
         lines += ["", "Per seed (each seed has its own partition, `seed_S/METHOD/partition.json`).\n",
-                  "| method | seed | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 2)]
-        lines += [f"| {m} | {seed} | " + " | ".join(cell([a.get(c)]) for c in classes) + " |"
-                  for m, per_seed in finals.items() for seed, a in per_seed]
+                  *markdown_table(["method", "seed", *classes],
+                                  ([m, seed, *(cell([a.get(c)]) for c in classes)]
+                                   for m, per_seed in finals.items() for seed, a in per_seed))]
     return "\n".join(lines) + "\n"
 
 
@@ -426,13 +434,12 @@ def tilt_tables(histories: dict[str, list[list[dict[str, Any]]]]) -> str:
              f"Each client's aggregation weight p_k and its share of ΔW, mean over the rounds it took part in, "
              f"then over seeds. {SHARE_OF_DELTA_W}\n"]
     for key, title in (("client_weight", "weight p_k"), ("delta_share", "share of ΔW")):
-        lines += [f"| {title} | " + " | ".join(f"client {c}" for c in clients) + " |",
-                  "|" + "---|" * (len(clients) + 1)]
+        rows = []
         for m, hs in histories.items():
             cells = [_mean([v for h in hs if (v := mean_per_client(h, key, c)) is not None]) for c in clients]
             if any(v is not None for v in cells):
-                lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")
-        lines.append("")
+                rows.append([m, *("–" if v is None else f"{v:.3f}" for v in cells)])
+        lines += [*markdown_table([title, *(f"client {c}" for c in clients)], rows), ""]
     return "\n".join(lines)
 
 
@@ -462,21 +469,20 @@ def _pm(mean: float | None, std: float | None, n: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | seeds | final accuracy | best accuracy | client cost % | uplink / client / round "
-            "| downlink / client / round | server s / round | wall s / run |")
-    lines = [head, "|" + "---|" * 9]
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison's main table: accuracy, cost, bytes and time per method."""
+    header = ["method", "seeds", "final accuracy", "best accuracy", "client cost %", "uplink / client / round",
+              "downlink / client / round", "server s / round", "wall s / run"]
+    table = []
     for r in rows:
         cost = "–" if r["client_cost_percent"] is None else f"{r['client_cost_percent']:.4f}"
         server = "–" if r["server_seconds_per_round"] is None else f"{r['server_seconds_per_round']:.3f}"
         wall = "–" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
-        lines.append(
-            f"| {r['method']} | {r['seeds']} | {_pm(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} "
-            f"| {_pm(r['best_accuracy_mean'], r['best_accuracy_std'], r['seeds'])} | {cost} "
-            f"| {format_bytes(r['uplink_bytes_per_client_round'])} | {format_bytes(r['downlink_bytes_per_client_round'])} "
-            f"| {server} | {wall} |"
-        )
-    return "\n".join(lines) + "\n"
+        table.append([r["method"], r["seeds"], _pm(r["final_accuracy_mean"], r["final_accuracy_std"], r["seeds"]),
+                      _pm(r["best_accuracy_mean"], r["best_accuracy_std"], r["seeds"]), cost,
+                      format_bytes(r["uplink_bytes_per_client_round"]),
+                      format_bytes(r["downlink_bytes_per_client_round"]), server, wall])
+    return "\n".join(markdown_table(header, table)) + "\n"
 
 
 def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
@@ -541,7 +547,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "parameters a client trains or uploads over the base model's parameter count, averaged over "
          "clients and rounds. Bytes are float32 tensors as sent; server seconds include any server-side "
          "training (AFLoRA's A fine-tuning) and SVDs (FlexLoRA).\n"),
-        markdown_table(rows),
+        results_table(rows),
         STATISTICS_NOTE.format(split=split, min_seeds=MIN_SEEDS),
         (f"No paired differences: the reference method {reference!r} has no finished run here "
          "(choose one with --reference).\n" if reference and not has_reference else ""),

@@ -9,19 +9,20 @@ differ. AFLoRA's per-client max ranks can be derived from the profiles.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from fedlora.schema import Strict
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
 
-class DeviceClass(BaseModel):
+class DeviceClass(Strict):
     """One kind of device. Throughput is what training sustains, not the chip's peak."""
-
-    model_config = ConfigDict(extra="forbid")
 
     flops: float = Field(gt=0)
     """Sustained training throughput in FLOP/s."""
@@ -42,10 +43,8 @@ PRESETS: dict[str, DeviceClass] = {
 }
 
 
-class DevicesConfig(BaseModel):
+class DevicesConfig(Strict):
     """The `devices:` section. Without it every client is the `reference` preset."""
-
-    model_config = ConfigDict(extra="forbid")
 
     classes: dict[str, DeviceClass] = Field(default_factory=dict)
     """Named device classes `{name: {flops, uplink_mbps, downlink_mbps, max_rank}}`; they add
@@ -90,6 +89,38 @@ class DeviceProfile:
 
     def seconds(self, flops: float, bytes_up: float, bytes_down: float) -> float:
         return flops / self.flops + bytes_up / self.uplink + bytes_down / self.downlink
+
+
+AUTO_RANK_CAP = 64  # the paper's largest client rank
+
+
+def capability_rank(throughput: float, fastest: float, cap: int = AUTO_RANK_CAP,
+                    free_bytes: float | None = None, bytes_per_rank: float | None = None) -> int:
+    """AFLoRA's "rank based on client resources" as one written rule, the same in simulation
+    (device profiles) and deployment (what nodes measured):
+
+        r = 2 ** round(log2(cap * throughput / fastest)), within [1, cap],
+
+    so a client half as fast as the fastest gets half its rank (on the presets: high 64, mid 16,
+    low 4). When the client's free memory is known and the model's adapter cost per rank too,
+    r is also at most the largest power of two whose adapter, gradient and Adam state
+    (`bytes_per_rank` per unit of rank) fit in a quarter of that memory."""
+    if throughput <= 0 or fastest <= 0 or throughput > fastest:
+        raise ValueError(f"throughput {throughput:g} must be in (0, fastest={fastest:g}]")
+    rank = 2 ** round(math.log2(cap * throughput / fastest))
+    rank = int(min(cap, max(1, rank)))
+    if free_bytes is not None and bytes_per_rank:
+        fits = free_bytes / 4 / bytes_per_rank
+        if fits < 1:
+            raise ValueError(f"free memory {free_bytes / 2**20:.0f} MiB cannot hold a rank-1 adapter")
+        rank = min(rank, 2 ** int(math.floor(math.log2(fits))))
+    return rank
+
+
+def capability_ranks(throughputs: list[float], cap: int = AUTO_RANK_CAP) -> list[int]:
+    """Every client's rank by `capability_rank`, relative to the fastest of them."""
+    fastest = max(throughputs)
+    return [capability_rank(t, fastest, cap) for t in throughputs]
 
 
 def mix_counts(mix: dict[str, float], n: int) -> dict[str, int]:

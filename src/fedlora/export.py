@@ -33,12 +33,13 @@ from fedlora.algorithms.base import FederationSetup, Tensors
 from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
 from fedlora.files import atomic_write, tensors_to_bytes
+from fedlora.lowrank import stack_factors, svd_factors
+from fedlora.runtime.checkpoint import CHECKPOINT, check_state
 from fedlora.runtime.outputs import client_sizes
 from fedlora.runtime.rebuild import read_run
 from fedlora.runtime.rundir import saved_config
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
-BASE_CHOICES = ("auto", "local", "hub")
 
 
 @dataclass
@@ -88,8 +89,7 @@ def stack_updates(parts: list[Factors], shapes: dict[str, tuple[int, int]]) -> F
         pairs = [p[name] for p in parts if name in p]
         if not pairs:
             continue
-        B = torch.cat([b.to(torch.float32) for b, _ in pairs], dim=1)
-        A = torch.cat([a.to(torch.float32) for _, a in pairs], dim=0)
+        B, A = stack_factors([b for b, _ in pairs], [a for _, a in pairs])
         if A.shape[0] > min(m, n):
             B, A, _ = compress(B, A, min(m, n))
         out[name] = (B, A)
@@ -98,16 +98,14 @@ def stack_updates(parts: list[Factors], shapes: dict[str, tuple[int, int]]) -> F
 
 def compress(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """Best rank-`rank` factors of B A (Eckart–Young) and the relative Frobenius error."""
-    delta = B.to(torch.float64) @ A.to(torch.float64)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    r = min(rank, S.numel())
+    B_r, A_r, S = svd_factors(B.to(torch.float64) @ A.to(torch.float64), rank)
     total = float(S.norm())
-    error = float(S[r:].norm()) / total if total > 0 else 0.0
-    return (U[:, :r] * S[:r]).to(torch.float32), Vh[:r].to(torch.float32), error
+    error = float(S[min(rank, S.numel()):].norm()) / total if total > 0 else 0.0
+    return B_r.to(torch.float32), A_r.to(torch.float32), error
 
 
-def _client_sizes(run_dir: Path, num_clients: int) -> list[int]:
-    sizes = client_sizes(run_dir)
+def _client_sizes(run_dir: Path, num_clients: int, expected_sha256: str | None) -> list[int]:
+    sizes = client_sizes(run_dir, expected_sha256)
     return [max(1, n) for n in sizes] if sizes else [1] * num_clients
 
 
@@ -115,13 +113,15 @@ def load_run(run_dir: Path) -> RunModel:
     """Rebuild the run's base model and stack every update it learned (merges, then final)."""
     run_dir = Path(run_dir)
     cfg = saved_config(run_dir)
-    saved = read_run(run_dir, cfg, final=True)  # the checkpoint, config.yaml, every merge file
+    saved = read_run(run_dir, cfg, final=True)  # the checkpoint, config.yaml, every merge, the final state
+    state = saved.final_state
+    sizes = _client_sizes(run_dir, cfg.federation.num_clients, saved.checkpoint.partition_sha256)
     model, tokenizer = load_base_model(cfg.model.name, seed=cfg.seed)
     adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
     shapes = adapters.shapes()
-    setup = FederationSetup(shapes, list(cfg.federation.client_max_ranks),
-                            _client_sizes(run_dir, cfg.federation.num_clients), cfg.scaling, cfg.seed)
-    final = build_algorithm(cfg.algorithm, setup).eval_factors(saved.final_state)
+    check_state(state, shapes, run_dir / CHECKPOINT)
+    setup = FederationSetup(shapes, list(cfg.federation.client_max_ranks), sizes, cfg.scaling, cfg.seed)
+    final = build_algorithm(cfg.algorithm, setup).eval_factors(state)
     final_pairs = {name: pair for name in shapes if (pair := fold_diagonal(final, name)) is not None}
     parts = [*saved.merges, final_pairs]  # stacked, not replayed: an adapter of rank Σ_t r_t
     return RunModel(cfg, model, tokenizer, adapters, stack_updates(parts, shapes))

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from fedlora.files import read_json
+from fedlora.records import is_scored
 from fedlora.runtime.outputs import UNTUNED_FILE, is_fraction, read_config_tree
 from fedlora.units import format_bytes
 
@@ -105,7 +106,7 @@ def _evaluated(records: Records, x_key: str | None = None) -> tuple[list[float],
     for rec in records:
         if x_key is not None:
             total += float(rec.get(x_key) or 0)
-        if rec.get("accuracy") is not None:
+        if is_scored(rec):
             xs.append(total if x_key else rec["round"])
             ys.append(rec["accuracy"])
     return xs, ys

@@ -17,14 +17,13 @@ from fedlora.plots import (
 )
 from fedlora.files import RunFileError
 from fedlora.runtime.outputs import client_sizes, read_config_tree, read_metrics, read_summary
+from fedlora.tables import markdown_table
 
 
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
-    lines = ["| | |", "|---|---|"]
-    for key, value in summary.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"| {key.replace('_', ' ')} | {shown} |")
-    return lines
+    rows = [(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else value)
+            for key, value in summary.items()]
+    return markdown_table(None, rows, columns=2)
 
 
 CLIENT_DIAGNOSTICS = [  # (key in each client's record, title, y label): AFLoRA's λ
@@ -66,16 +65,16 @@ def diagnostics_table(records: list[dict[str, Any]]) -> list[str]:
     keys += [k for k in SERVER_DIAGNOSTICS if any(r.get(k) is not None for r in records)]
     if not keys:
         return []
-    lines = ["## Diagnostics per round (client values: mean over clients)\n",
-             "| round | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    rows = []
     for r in records:
-        cells = []
+        cells = [r["round"]]
         for k in keys:
             vals = [c[k] for c in r.get("clients", []) if c.get(k) is not None]
             v = r.get(k) if k in SERVER_DIAGNOSTICS else (sum(vals) / len(vals) if vals else None)
             cells.append("–" if v is None else f"{v:.4g}")
-        lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+        rows.append(cells)
+    return ["## Diagnostics per round (client values: mean over clients)\n",
+            *markdown_table(["round", *keys], rows), ""]
 
 
 def class_table(records: list[dict[str, Any]]) -> list[str]:
@@ -89,13 +88,11 @@ def class_table(records: list[dict[str, Any]]) -> list[str]:
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, int | float) else "–"
 
-    lines = ["## Accuracy per class and worst client, per evaluated round\n",
-             "| round | " + " | ".join(classes) + " | worst client (which) |", "|---|" + "---|" * (len(classes) + 1)]
-    for r in evaluated:
-        worst = cell(r.get("worst_client_accuracy")) + (f" ({r['worst_client']})" if "worst_client" in r else "")
-        lines.append(f"| {r['round']} | " + " | ".join(cell(r["class_accuracy"].get(c)) for c in classes)
-                     + f" | {worst} |")
-    return [*lines, ""]
+    rows = [[r["round"], *(cell(r["class_accuracy"].get(c)) for c in classes),
+             cell(r.get("worst_client_accuracy")) + (f" ({r['worst_client']})" if "worst_client" in r else "")]
+            for r in evaluated]
+    return ["## Accuracy per class and worst client, per evaluated round\n",
+            *markdown_table(["round", *classes, "worst client (which)"], rows), ""]
 
 
 def _max_ranks(run_dir: Path) -> list[Any]:
@@ -132,14 +129,12 @@ def tilt_table(records: list[dict[str, Any]], max_ranks: list[Any], sizes: list[
         k = int(c) if c.isdigit() else -1
         return values[k] if values is not None and 0 <= k < len(values) else None
 
-    lines = ["## Aggregation tilt: each client's weight and share of ΔW\n",
-             f"Mean over the rounds the client took part in. {SHARE_OF_DELTA_W}\n",
-             "| client | max rank | examples | rounds | weight p_k | share of ΔW |", "|---|---|---|---|---|---|"]
-    for c in clients:
-        row = [c, cell(per_client(max_ranks, c)), cell(per_client(sizes, c)), str(sum(c in w for w in weights)),
-               cell(mean_per_client(records, "client_weight", c)), cell(mean_per_client(records, "delta_share", c))]
-        lines.append("| " + " | ".join(row) + " |")
-    return [*lines, ""]
+    rows = [[c, cell(per_client(max_ranks, c)), cell(per_client(sizes, c)), sum(c in w for w in weights),
+             cell(mean_per_client(records, "client_weight", c)), cell(mean_per_client(records, "delta_share", c))]
+            for c in clients]
+    return ["## Aggregation tilt: each client's weight and share of ΔW\n",
+            f"Mean over the rounds the client took part in. {SHARE_OF_DELTA_W}\n",
+            *markdown_table(["client", "max rank", "examples", "rounds", "weight p_k", "share of ΔW"], rows), ""]
 
 
 def write_report(run_dir: Path) -> Path:

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from fedlora.plots import accuracy_curves, speedup_by_target
+from fedlora.records import accuracies, is_scored
 from fedlora.runtime.outputs import write_csv
 from fedlora.stats import seed_interval
+from fedlora.tables import markdown_table
 
 Records = list[dict[str, Any]]
 TTA_KEYS = ("round", "sim_seconds", "wall_seconds", "uplink_bytes")
@@ -37,15 +39,14 @@ def time_to_accuracy(records: Records, target: float) -> dict[str, float] | None
             if rec.get(key) is not None:
                 carried.add(key)
                 sums[key] += float(rec[key])
-        if rec.get("accuracy") is not None and rec["accuracy"] >= target:
+        if is_scored(rec) and rec["accuracy"] >= target:
             return {"round": float(rec["round"]), **{k: v if k in carried else None for k, v in sums.items()}}
     return None
 
 
 def _accuracies(histories: Mapping[str, list[Records]]) -> list[list[float]]:
     """Each run's evaluated accuracies in round order; a run never evaluated is left out."""
-    curves = [[r["accuracy"] for r in recs if r.get("accuracy") is not None]
-              for runs in histories.values() for recs in runs]
+    curves = [accuracies(recs) for runs in histories.values() for recs in runs]
     return [c for c in curves if c]
 
 
@@ -153,8 +154,8 @@ def sweep_markdown(rows: list[dict[str, Any]], reference: str, step: float = SWE
              f"items, this shows whether an advantage holds across the range. Neighbouring targets share "
              f"rounds, so the rows are one curve, not independent tests; at the lowest targets most runs "
              f"cross in their first round and the ratio mostly compares round lengths. Data: `tta_sweep.csv`.\n",
-             "| target | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines += [f"| {t:g} | " + " | ".join(_speedup_cell(cell[(t, m)]) for m in methods) + " |" for t in targets]
+             *markdown_table(["target", *methods],
+                             ([f"{t:g}", *(_speedup_cell(cell[(t, m)]) for m in methods)] for t in targets))]
     return "\n".join(lines) + "\n"
 
 
@@ -212,17 +213,18 @@ def tta_markdown(rows: list[dict[str, Any]], target: float, reference: str | Non
              f"log ratio], (seeds); > 1: faster than {reference}; shown only when both reached the target in "
              f"every seed."
              if reference else " No speed-up column: the reference method did not run (--reference).")
-    lines = [
-        f"Time to accuracy ≥ {target:.4f} (means over seeds; simulated seconds from the device profiles).{about}\n",
-        "| method | reached | rounds | simulated s | wall s | uplink MB |" + (f" speed-up over {reference} |" if reference else ""),
-        "|---|---|---|---|---|---|" + ("---|" if reference else ""),
-    ]
+    header = ["method", "reached", "rounds", "simulated s", "wall s", "uplink MB"]
+    table = []
     for r in rows:
         up = None if r["uplink_bytes"] is None else r["uplink_bytes"] / 1e6
         ok = r["round"] is not None
-        lines.append(f"| {r['method']} | {r['reached']} | {_fmt(r['round'], '.1f', ok)} "
-                     f"| {_fmt(r['sim_seconds'], '.1f', ok)} | {_fmt(r['wall_seconds'], '.0f', ok)} "
-                     f"| {_fmt(up, '.2f', ok)} |" + (f" {_speedup_cell(r)} |" if reference else ""))
+        table.append([r["method"], r["reached"], _fmt(r["round"], ".1f", ok), _fmt(r["sim_seconds"], ".1f", ok),
+                      _fmt(r["wall_seconds"], ".0f", ok), _fmt(up, ".2f", ok),
+                      *([_speedup_cell(r)] if reference else [])])
+    lines = [
+        f"Time to accuracy ≥ {target:.4f} (means over seeds; simulated seconds from the device profiles).{about}\n",
+        *markdown_table([*header, *([f"speed-up over {reference}"] if reference else [])], table),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -241,8 +243,8 @@ def tta_seed_markdown(seed_rows: list[dict[str, Any]]) -> str:
         return f"{sim} (round {r['round']:.0f})"
 
     lines = ["Per seed: simulated seconds to the target (round).\n",
-             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    lines += [f"| {m} | " + " | ".join(show(cell.get((m, s))) for s in seeds) + " |" for m in methods]
+             *markdown_table(["method", *(f"seed {s}" for s in seeds)],
+                             ([m, *(show(cell.get((m, s))) for s in seeds)] for m in methods))]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,9 @@ import yaml
 
 from fedlora.compare import method_configs, run_comparison
 from fedlora.config import DEFAULT_DATA_DIR, ConfigError, data_folder, read_tree
+from fedlora.records import loss_evaluated
 from fedlora.runtime.outputs import read_metrics, write_csv
+from fedlora.tables import markdown_table
 
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
 
@@ -100,7 +102,7 @@ def grid_points(grid: Grid, methods: list[str]) -> list[Point]:
 
 def validation_scores(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     """(accuracy, loss) of the last evaluated round, on the validation set."""
-    evaluated = [r for r in history if "test_loss" in r]
+    evaluated = loss_evaluated(history)
     if not evaluated:
         return None, None
     last = evaluated[-1]
@@ -215,16 +217,16 @@ def write_tables(out: Path, grid: Grid, points: list[Point], chosen: dict[str, P
          "validation accuracy (ties: lower validation loss). Overrides of the tuning runs: "
          f"{' '.join(overrides) or 'none'}. Runs in `validation/seed_{seed}/<method>-s<setting>-lr<lr>/`.\n"),
         "Runs per method: " + ", ".join(f"{m} {n}" for m, n in runs.items()) + ".\n",
-        "| method | setting | options | lr | validation accuracy | validation loss | chosen |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {p.method} | s{p.setting} | `{json.dumps(p.options, sort_keys=True)}` | {p.lr:g} | {_fmt(p.accuracy)} "
-          f"| {_fmt(p.loss)} | {'**yes**' if p.chosen else ('failed' if p.error else '')} |" for p in points),
+        *markdown_table(
+            ["method", "setting", "options", "lr", "validation accuracy", "validation loss", "chosen"],
+            ([p.method, f"s{p.setting}", f"`{json.dumps(p.options, sort_keys=True)}`", f"{p.lr:g}", _fmt(p.accuracy),
+              _fmt(p.loss), "**yes**" if p.chosen else ("failed" if p.error else "")] for p in points)),
         "\n## Chosen\n",
-        "| method | options | lr | validation accuracy |",
-        "|---|---|---|---|",
-        *(f"| {m} | `{json.dumps(p.options, sort_keys=True)}` | {p.lr:g} | {_fmt(p.accuracy)} |"
-          for m, p in chosen.items()),
-        *(f"| {m} | no run finished | – | – |" for m in methods if m not in chosen),
+        *markdown_table(
+            ["method", "options", "lr", "validation accuracy"],
+            [*([m, f"`{json.dumps(p.options, sort_keys=True)}`", f"{p.lr:g}", _fmt(p.accuracy)]
+               for m, p in chosen.items()),
+             *([m, "no run finished", "–", "–"] for m in methods if m not in chosen)]),
         "\n## Test runs\n",
         f"The chosen settings are in `tuned.yaml`; three seeds on the test set:\n\n```\n{command}\n```\n",
     ]

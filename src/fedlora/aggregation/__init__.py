@@ -17,6 +17,7 @@ from typing import Any
 from fedlora.aggregation.attack import LabelFlip, UploadAttack, choose_attackers
 from fedlora.aggregation.base import Undefined, Verdict, Wrapper, screen, stage_names
 from fedlora.aggregation.options import AggregationConfig, AttackConfig
+from fedlora.aggregation.privacy import ClientLevelDP, SampleLevelDP
 from fedlora.aggregation.robust import RobustCombine
 from fedlora.aggregation.screening import NormBound
 from fedlora.algorithms.base import Algorithm
@@ -56,7 +57,15 @@ def combine_stage(cfg: Any) -> Stage | None:
 
 
 def privacy_stage(cfg: Any) -> Stage | None:
-    """The slot of issue 27 (clip + noise, client or server side): no stage yet."""
+    """Client-level DP or DP-SGD (fedlora.aggregation.privacy); its σ is set by the runtime."""
+    p = getattr(cfg, "privacy", None)  # a partial config (tests) has no privacy section
+    if p is None:
+        return None
+    if p.mode == "client":
+        per_round = max(1, int(cfg.federation.fraction * cfg.federation.num_clients + 0.5))
+        return partial(ClientLevelDP, seed=cfg.seed, on_client=p.noise == "client", planned_clients=per_round)
+    if p.mode == "sample":
+        return partial(SampleLevelDP, seed=cfg.seed)
     return None
 
 
@@ -81,14 +90,14 @@ def build_pipeline(method: Algorithm, cfg: Any) -> Algorithm:
 def check_pipeline(cfg: Any) -> None:
     """The config's stages against its method, before any model loads: Undefined (one line) for
     the first undefined combination; also what a stage needs of the rest of the config."""
+    if cfg.attack.attackers > cfg.federation.num_clients:
+        raise Undefined(f"attack.attackers: {cfg.attack.attackers} of federation.num_clients="
+                        f"{cfg.federation.num_clients} clients")
     method = cfg.algorithm.name
     for factory in SLOTS.values():
         stage = factory(cfg)
         if stage is not None:
             stage.func.check(method)
-    if cfg.attack.attackers > cfg.federation.num_clients:
-        raise Undefined(f"attack.attackers: {cfg.attack.attackers} of federation.num_clients="
-                        f"{cfg.federation.num_clients} clients")
     if cfg.attack.kind == "label_flip" and cfg.data.task != "classification":
         raise Undefined(f"attack.kind: label_flip needs class labels; data.task is {cfg.data.task}")
 

@@ -5,7 +5,8 @@ runtimes see the same attacked uploads (the Flower ClientApp builds the same pip
 The change a client made this round, d = upload − origin, is what the attacks act on:
 
     FedIT, FFA-LoRA, FlexLoRA,   origin = the factors the client received (sliced to the upload's
-    HETLoRA, HierFedLoRA         shape: HETLoRA may upload a pruned rank): d is the change of A and B
+    HETLoRA, HierFedLoRA,        shape: HETLoRA may upload a pruned rank): d is the change of A and B
+    FedEx-LoRA, FedSVD, RoLoRA
                                  (reversing it reverses the first-order change of B A)
     FLoRA, AFLoRA                origin = 0 for B (FLoRA's B_k; AFLoRA's B'_k = B_k Λ_k): B starts at
                                  zero each round and ΔW_k = s B_k A_k is linear in it, so an attack on
@@ -14,12 +15,13 @@ The change a client made this round, d = upload − origin, is what the attacks 
     sign_flip    origin − d
     scale        origin + c d                     (c = attack.scale)
     gaussian     origin + ε, ε ~ N(0, σ²) per coordinate, σ = noise_scale × RMS(d) of that tensor
-    under_bound  origin − t d, t > 0 such that the upload's norm (as the norm bound measures it)
+    under_bound  u − t d = origin − (t − 1) d, t > 0 such that the upload's norm (as the norm bound measures it)
                  is margin × bound × the honest upload's norm: the reversed change, as large as a
                  norm bound relative to the round's median lets through when the honest uploads'
                  norms are alike (the attacker's own honest norm stands for the median)
     label_flip   the client trains on its own data with every class y replaced by (y + 1) mod C
                  (classification tasks only); its upload is then honest about wrong labels
+    FedSA-LoRA: upload attacks refused (its B starts from the client's private state); label_flip works
 
 Attackers report `attacker: 1` among their metrics, so a run's records say who attacked.
 """
@@ -135,8 +137,9 @@ class LabelFlip(Attack):
 class UploadAttack(Attack):
     """The attackers train honestly, then change what they upload (`kind`)."""
 
-    ACTS_ON = {name: FROM_PAYLOAD for name in ("fedit", "ffa", "flexlora", "hetlora", "hierfedlora")} | {
-        name: FROM_ZERO for name in ("flora", "aflora")}
+    ACTS_ON = {name: FROM_PAYLOAD for name in ("fedit", "ffa", "flexlora", "hetlora", "hierfedlora", "fedex",
+                                               "fedsvd", "rolora")} | {name: FROM_ZERO for name in ("flora", "aflora")}
+    REFUSED = {"fedsa": "its B starts from the client's private state, which the harness does not see"}
 
     def __init__(self, inner: Algorithm, attackers: frozenset[int], kind: str, scale: float = 10.0,
                  noise_scale: float = 10.0, margin: float = 0.95, bound: float = 10.0) -> None:
@@ -163,7 +166,7 @@ class UploadAttack(Attack):
             return gaussian_change(upload, origin, self.noise_scale, generator)
         target = self.margin * self.bound * update_norm(upload, self.unbounded_keys)
         t = reversal_for_norm(upload, origin, target, self.unbounded_keys)
-        return scale_change(upload, origin, -t)
+        return scale_change(upload, origin, 1 - t)  # u − t d = origin + (1 − t) d
 
 
 @contextmanager

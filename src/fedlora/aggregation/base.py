@@ -39,6 +39,7 @@ and the hooks it needs, and a factory `cfg -> functools.partial(YourStage, **opt
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -84,9 +85,9 @@ class Wrapper(Algorithm):
         super().__init__(inner.options, inner.setup)
         self.inner = inner
         self.name = inner.name
-        self.trains = inner.trains
-        self.homogeneous = inner.homogeneous
-        self.unbounded_keys = inner.unbounded_keys
+        for trait, value in vars(Algorithm).items():  # what the method declares of itself (trains, ...)
+            if not trait.startswith("_") and not inspect.isfunction(value) and not isinstance(value, property):
+                setattr(self, trait, getattr(inner, trait))
 
     def label(self) -> str:
         """The stage as the config names it (errors, logs), e.g. `krum`."""
@@ -164,6 +165,9 @@ class Wrapper(Algorithm):
 
     def eval_factors(self, state: Tensors) -> Tensors:
         return self.inner.eval_factors(state)
+
+    def personal_factors(self, state: Tensors, client_state: Tensors) -> Tensors:
+        return self.inner.personal_factors(state, client_state)
 
 
 def screen(algorithm: Algorithm, updates: list[Update]) -> list[Verdict]:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from fedlora.schema import Strict
 
 COMBINES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "under_bound")
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Section(Strict):
+    """Unknown keys and non-finite floats refused (fedlora.schema), assignments validated."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class AggregationConfig(Section):

@@ -7,8 +7,11 @@ client, so heterogeneous ranks meet in one space:
     AFLoRA            the zero-padded B'_k: m × r_max, zeros where h = 0 and beyond the client's rank
     HETLoRA           the zero-padded A_k (r_max × n) and B_k (m × r_max)
     FlexLoRA, FLoRA   each client's ΔW_k = B_k A_k (m × n; the product, so no padding is needed)
+    FedSA-LoRA, FedSVD, RoLoRA   the uploaded factors (one rank)
     HierFedLoRA       refused: its aggregate is a mean per group, then per layer over the groups
                       whose depth covers it; clients of different depths upload different modules
+    FedEx-LoRA        refused: it folds Σ p_k B_k A_k − B̄ Ā into the base; a statistic of the
+                      factors drops that residual and a product does not fit its rank-r state
 
 A zero-padded coordinate counts as a value (0), as in the method's own weighted sum: a median
 over mostly low-rank clients pulls the high-rank columns towards zero, as their mean does.
@@ -163,6 +166,9 @@ VIEWS: dict[str, View] = {
                     hetlora_ranks),
     "flexlora": View("each client's ΔW_k = B_k A_k (m × n)", product, product_one_update),
     "flora": View("each client's ΔW_k = B_k A_k (m × n), merged as B = ΔW, A = I", product, product_one_update),
+    "fedsa": View("the uploaded A_k (and B_k with global_b: mean) (one rank)", as_uploaded, as_one_update),
+    "fedsvd": View("B_k as uploaded (one rank; A is the server's)", as_uploaded, as_one_update),
+    "rolora": View("the factor trained this round (A_k or B_k) as uploaded (one rank)", as_uploaded, as_one_update),
 }
 
 
@@ -172,7 +178,9 @@ class RobustCombine(Wrapper):
     FIELD = "aggregation.combine"
     ACTS_ON = {name: view.acts_on for name, view in VIEWS.items()}
     REFUSED = {"hierfedlora": "its aggregate is a mean per group, then per layer over the groups whose "
-                              "depth covers it (clients upload different modules); use the norm bound"}
+                              "depth covers it (clients upload different modules); use the norm bound",
+               "fedex": "it folds the residual Σ p_k B_k A_k − B̄ Ā into the base: a statistic of the factors "
+                        "drops it, and one of the products does not fit its rank-r state; use the norm bound"}
 
     def __init__(self, inner: Algorithm, kind: str, trim: float = 0.1, byzantine: int = 1,
                  select: int | None = None) -> None:

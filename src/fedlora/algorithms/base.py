@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from fedlora.adapters import Adapters
 from fedlora.devices import DeviceProfile
 from fedlora.diagnostics import Term, aggregation_tilt
+from fedlora.schema import Strict
 
 Tensors = dict[str, Tensor]
 DIAGNOSTIC_SECONDS = "diagnostic_seconds"
@@ -126,10 +126,8 @@ class ServerContext(Protocol):
         ...
 
 
-class MethodOptions(BaseModel):
+class MethodOptions(Strict):
     """Base of every method's options (the `algorithm:` section of a config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     @property
     def uses_public_data(self) -> bool:

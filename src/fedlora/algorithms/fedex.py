@@ -43,6 +43,7 @@ from fedlora.algorithms.base import (
     weighted_sum,
 )
 from fedlora.algorithms.registry import register_method
+from fedlora.lowrank import stack_factors
 
 MERGE = ".merge."
 
@@ -58,9 +59,7 @@ class FedExLoRAOptions(MethodOptions):
 
 def residual_factors(Bs: list[Tensor], As: list[Tensor], p: list[float], B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """(B_R, A_R) with B_R A_R = Σ_k p_k B_k A_k − B A: the clients' factors stacked beside −B."""
-    B_R = torch.cat([pk * b.to(torch.float32) for pk, b in zip(p, Bs)] + [-B], dim=1)
-    A_R = torch.cat([a.to(torch.float32) for a in As] + [A], dim=0)
-    return B_R, A_R
+    return stack_factors([pk * b.to(torch.float32) for pk, b in zip(p, Bs)] + [-B], [*As, A])
 
 
 def identity_pair(R: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ from fedlora.algorithms.base import (
     data_weights,
     lora_init,
     train_loaded,
+    weighted_sum,
 )
 from fedlora.algorithms.registry import register_method
 
@@ -55,7 +56,6 @@ class FedSALoRA(Algorithm):
     name = "fedsa"
     Options = FedSALoRAOptions
     homogeneous = True
-    supports_trimmed_mean = True
     options: FedSALoRAOptions
 
     def __init__(self, options: FedSALoRAOptions, setup: FederationSetup) -> None:
@@ -90,7 +90,7 @@ class FedSALoRA(Algorithm):
 
     def aggregate(self, state: Tensors, updates: list[Update], server: ServerContext) -> Aggregate:
         p = data_weights(updates)
-        new = {key: self.average([u.tensors[key] for u in updates], p) for key in state}
+        new = {key: weighted_sum([u.tensors[key] for u in updates], p) for key in state}
         if self.options.global_b == "none":
             return Aggregate(state=new)
         terms = [[(pk, u.tensors[f"{name}.B"], new[f"{name}.A"]) for pk, u in zip(p, updates)]

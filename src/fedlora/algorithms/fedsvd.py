@@ -35,6 +35,7 @@ from fedlora.algorithms.base import (
     data_weights,
     lora_init,
     train_loaded,
+    weighted_sum,
 )
 from fedlora.algorithms.registry import register_method
 
@@ -66,7 +67,6 @@ class FedSVD(Algorithm):
     Options = FedSVDOptions
     trains = "B"
     homogeneous = True
-    supports_trimmed_mean = True
     options: FedSVDOptions
 
     def __init__(self, options: FedSVDOptions, setup: FederationSetup) -> None:
@@ -99,7 +99,7 @@ class FedSVD(Algorithm):
         terms = []
         for name in self.setup.module_shapes:
             Bs = [u.tensors[f"{name}.B"] for u in updates]
-            A, B = state[f"{name}.A"], self.average(Bs, p)
+            A, B = state[f"{name}.A"], weighted_sum(Bs, p)
             if t % self.options.refactor_every == 0:
                 B, A = refactor(B, A)
             new[f"{name}.A"], new[f"{name}.B"] = A, B

@@ -37,6 +37,7 @@ from fedlora.algorithms.base import (
     train_loaded,
 )
 from fedlora.algorithms.registry import register_method
+from fedlora.lowrank import svd_factors
 
 
 class FlexLoRAOptions(MethodOptions):
@@ -51,13 +52,6 @@ def full_update(Bs: list[Tensor], As: list[Tensor], weights: list[float], dtype:
     for B, A, p in zip(Bs, As, weights):
         out.addmm_(B.to(dtype), A.to(dtype), alpha=p)
     return out
-
-
-def svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, A, all singular values): B = U[:, :r] Σ[:r], A = Vᵀ[:r], so B A is the best rank-r
-    approximation of `delta` and ‖delta − B A‖_F = ‖Σ[r:]‖₂."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return U[:, :rank] * S[:rank], Vh[:rank], S
 
 
 def truncate(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:

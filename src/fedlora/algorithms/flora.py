@@ -35,6 +35,7 @@ from fedlora.algorithms.base import (
     train_loaded,
 )
 from fedlora.algorithms.registry import register_method
+from fedlora.lowrank import stack_factors
 
 ROUND = "round"
 
@@ -45,9 +46,7 @@ class FLoRAOptions(MethodOptions):
 
 def stack(As: list[torch.Tensor], Bs: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with B A = Σ p_k B_k A_k: A rows scaled by p_k, B columns side by side."""
-    A = torch.cat([p * a.to(torch.float32) for a, p in zip(As, weights)], dim=0)
-    B = torch.cat([b.to(torch.float32) for b in Bs], dim=1)
-    return B, A
+    return stack_factors(Bs, [p * a.to(torch.float32) for a, p in zip(As, weights)])
 
 
 def fresh_generator(seed: int, round_: int, client_id: int) -> torch.Generator:

@@ -34,6 +34,7 @@ from fedlora.algorithms.base import (
     data_weights,
     lora_init,
     train_loaded,
+    weighted_sum,
 )
 from fedlora.algorithms.registry import register_method
 
@@ -54,7 +55,6 @@ class RoLoRA(Algorithm):
     Options = RoLoRAOptions
     trains = "A/B"
     homogeneous = True
-    supports_trimmed_mean = True
     options: RoLoRAOptions
 
     def __init__(self, options: RoLoRAOptions, setup: FederationSetup) -> None:
@@ -92,7 +92,7 @@ class RoLoRA(Algorithm):
         terms = []
         for name in self.setup.module_shapes:
             key = f"{name}.{trained}"
-            new[key] = self.average([u.tensors[key] for u in updates], p)
+            new[key] = weighted_sum([u.tensors[key] for u in updates], p)
             if trained == "B":  # B A = Σ p_k B_k A,  or  B Σ p_k A_k
                 terms.append([(pk, u.tensors[key], state[f"{name}.A"]) for pk, u in zip(p, updates)])
             else:

@@ -6,9 +6,17 @@ import csv
 import gzip
 import html
 import re
+from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets import Dataset
+
+from fedlora.data.reading import reading_dataset
+from fedlora.data.registry import DatasetSpec, Source, register_dataset
+
+if TYPE_CHECKING:
+    from fedlora.config import DataConfig
 
 AG_NEWS_FILES = {"train": "ag_news/train_subset_20k.csv.gz", "test": "ag_news/test.csv.gz"}
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
@@ -39,3 +47,14 @@ def load_ag_news(split: str, data_dir: Path, hub_name: str | None = None) -> Dat
             texts.append(clean(f"{title.rstrip('. ')}. {description}"))
             labels.append(int(label) - 1)
     return Dataset.from_dict({"text": texts, "label": labels})
+
+
+def _load(d: DataConfig, exclude: Collection[int]) -> Source:
+    with reading_dataset(d):
+        return Source(load_ag_news("train", d.data_dir, d.hub_name), load_ag_news("test", d.data_dir, d.hub_name),
+                      list(AG_NEWS_CLASSES))
+
+
+register_dataset(DatasetSpec(
+    "ag_news", _load, files=lambda d: [("data.data_dir", d.data_dir / f) for f in AG_NEWS_FILES.values()],
+    defaults={"task": "classification"}))

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from datasets import Dataset
+
+from fedlora.data.reading import reading_dataset
+from fedlora.data.registry import DatasetSpec, Source, register_dataset
+from fedlora.data.splits import split_off_test
+
+if TYPE_CHECKING:
+    from fedlora.config import DataConfig
 
 ALPACA_FILE = "alpaca/alpaca_5000.json.gz"
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -56,3 +65,17 @@ def alpaca_dataset(records: list[dict[str, str]]) -> Dataset:
 def as_prompt_response(record: dict[str, str]) -> tuple[str, str]:
     template = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT
     return template.format(**record), record["output"]
+
+
+def _load(d: DataConfig, exclude: Collection[int]) -> Source:
+    """`exclude`: the rows drawn as the server's public set, kept out of the clients' data."""
+    with reading_dataset(d):
+        records = load_alpaca(d.data_dir, d.hub_name)
+        skip = set(exclude)
+        full = alpaca_dataset([r for i, r in enumerate(records) if i not in skip])
+        return Source(*split_off_test(full, d), ["all"])
+
+
+register_dataset(DatasetSpec(
+    "alpaca", _load, files=lambda d: [("data.data_dir", d.data_dir / ALPACA_FILE)], task="instruction",
+    defaults={"task": "instruction", "max_length": 256, "partition": "iid"}))

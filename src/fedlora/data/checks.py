@@ -19,7 +19,7 @@ def train_source(d: DataConfig) -> str:
     """The field (and file) the training pool comes from, for messages."""
     if d.hub_name is not None:
         return f"data.hub_name: {d.hub_name}"
-    if d.dataset == "custom":
+    if d.train_file is not None:
         return f"data.train_file: {d.train_file}"
     return f"data.dataset: {d.dataset} in {d.data_dir}"
 

@@ -2,17 +2,75 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from datasets import Dataset
 
-from fedlora.config import data_file_builder
 from fedlora.data.reading import reading
+from fedlora.data.registry import DatasetSpec, Source, register_dataset
+from fedlora.data.splits import split_off_test
 from fedlora.errors import DataError
 
 if TYPE_CHECKING:
     from fedlora.config import DataConfig
+
+CUSTOM_PROMPT = "Classify the text.\nText: {text}\nLabel:"
+
+DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+"""Readers (`datasets` builders) of a custom data file, by suffix (before an optional .gz)."""
+
+
+def data_file_builder(path: Path) -> str | None:
+    """The builder that reads `path`, None for a format fedlora does not read."""
+    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
+    return DATA_FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
+
+
+MAX_DATA_BYTES = 4_000_000_000
+"""A data file, uncompressed: AG News' training set is 30 MB; a gzip bomb stops here."""
+MAX_LINE_BYTES = 16_000_000
+"""One line (a CSV row, a JSON Lines record, or a whole .json document)."""
+MAX_COLUMNS = 1000
+"""A CSV header: the parser allocates per column (10⁶ columns cost gigabytes)."""
+
+
+def _scan(path: Path, field: str, builder: str) -> None:
+    """Limits checked by streaming the file once, counting the bytes actually read, before
+    any parser allocates for it: total size, line length, CSV columns, JSON depth and
+    containers; a file with no data at all gives one line instead of the parser's error."""
+    from fedlora.files import json_limits_error
+
+    def refuse(problem: str) -> DataError:
+        return DataError(f"data error: {field}: {path}: {problem}")
+
+    total, lines, header = 0, 0, None
+    with reading(field, path), _open_data(path) as fh:
+        while line := fh.readline(MAX_LINE_BYTES + 1):
+            total += len(line)
+            if total > MAX_DATA_BYTES:
+                raise refuse(f"more than {MAX_DATA_BYTES:,} bytes of data")
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                raise refuse(f"line {lines + 1} is longer than {MAX_LINE_BYTES:,} bytes")
+            if not line.strip():
+                continue
+            lines += 1
+            if builder == "csv" and header is None:
+                header = line
+                columns = header.count(b",") + 1
+                if columns > MAX_COLUMNS:
+                    raise refuse(f"the header has {columns} columns, more than {MAX_COLUMNS}")
+            elif builder == "json" and (problem := json_limits_error(line)) is not None:
+                raise refuse(f"line {lines}: {problem}")
+    if not lines:
+        raise refuse("no data rows (the file is empty)")
+
+
+def _open_data(path: Path):
+    import gzip
+
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
 def _read(path: Path, field: str) -> Dataset:
@@ -22,6 +80,7 @@ def _read(path: Path, field: str) -> Dataset:
     builder = data_file_builder(path)
     if builder is None or not path.is_file():
         raise DataError(f"data error: {field}: {path}: not a .csv, .json or .jsonl file")
+    _scan(path, field, builder)
     with reading(field, path):
         ds = load_dataset(builder, data_files=str(path), split="train")
     if len(ds) == 0:
@@ -166,3 +225,24 @@ def load_test_file(d: DataConfig, names: list[str]) -> Dataset:
         field, where = "data.hub_name", f"{d.hub_name} (test split)"
     _require(ds, _needed_columns(d), field, where)
     return _convert(ds, d, names, _group_column(d), where=f"{field}: {where}")
+
+
+def _load(d: DataConfig, exclude: Collection[int]) -> Source:
+    train, test, names = load_custom(d)
+    if test is None:
+        train, test = split_off_test(train, d)
+    return Source(train, test, names)
+
+
+def _needs_a_source(d: DataConfig) -> str | None:
+    """A training file or hub dataset; a test file alone is a Flower run's on node-local data
+    (nodes.local_data: the RunConfig checks the rest)."""
+    if d.train_file is None and d.hub_name is None and d.test_file is None:
+        return "dataset custom needs train_file or hub_name"
+    return None
+
+
+register_dataset(DatasetSpec(
+    "custom", _load, files=lambda d: [("data.train_file", Path(d.train_file))] if d.train_file else [],
+    # its own class names, and a prompt that names no AG News topics
+    defaults={"prompt": CUSTOM_PROMPT, "label_words": None}, takes_files=True, check=_needs_a_source))

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets import Dataset
+
+from fedlora.data.reading import reading_dataset
+from fedlora.data.registry import DatasetSpec, Source, register_dataset
+from fedlora.data.splits import split_off_test
+
+if TYPE_CHECKING:
+    from fedlora.config import DataConfig
 
 DOLLY_FILE = "dolly/databricks-dolly-15k.jsonl.gz"
 DOLLY_CATEGORIES = [
@@ -32,3 +41,14 @@ def load_dolly(data_dir: Path, hub_name: str | None = None) -> Dataset:
         "category": [r["category"] for r in records],
         "label": [DOLLY_CATEGORIES.index(r["category"]) for r in records],
     })
+
+
+def _load(d: DataConfig, exclude: Collection[int]) -> Source:
+    with reading_dataset(d):
+        full = load_dolly(d.data_dir, d.hub_name).remove_columns("category")
+        return Source(*split_off_test(full, d), list(DOLLY_CATEGORIES))
+
+
+register_dataset(DatasetSpec(
+    "dolly", _load, files=lambda d: [("data.data_dir", d.data_dir / DOLLY_FILE)], task="instruction",
+    defaults={"task": "instruction", "max_length": 256, "partition": "category_skew"}))

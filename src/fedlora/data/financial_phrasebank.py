@@ -7,9 +7,18 @@ train and test on a seeded split of the PhraseBank itself (see the README).
 from __future__ import annotations
 
 import gzip
+from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets import Dataset
+
+from fedlora.data.reading import reading_dataset
+from fedlora.data.registry import DatasetSpec, Source, register_dataset
+from fedlora.data.splits import split_off_test
+
+if TYPE_CHECKING:
+    from fedlora.config import DataConfig
 
 FPB_FILES = {
     "50": "financial_phrasebank/Sentences_50Agree.txt.gz",
@@ -38,3 +47,20 @@ def load_financial_phrasebank(
             texts.append(text.strip())
             labels.append(FPB_CLASSES.index(label.strip()))
     return Dataset.from_dict({"text": texts, "label": labels})
+
+
+def _load(d: DataConfig, exclude: Collection[int]) -> Source:
+    with reading_dataset(d):
+        full = load_financial_phrasebank(d.agreement, d.data_dir, d.hub_name, d.hub_config)
+        return Source(*split_off_test(full, d), list(FPB_CLASSES))
+
+
+register_dataset(DatasetSpec(
+    "financial_phrasebank", _load, files=lambda d: [("data.data_dir", d.data_dir / FPB_FILES[d.agreement])],
+    defaults={
+        "task": "classification",
+        "partition": "iid",
+        "prompt": "Classify the sentiment of the financial news sentence as negative, neutral or "
+        "positive.\nSentence: {text}\nSentiment:",
+        "label_words": ["negative", "neutral", "positive"],
+    }))

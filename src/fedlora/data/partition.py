@@ -24,7 +24,7 @@ from flwr_datasets.partitioner import (
     SquarePartitioner,
 )
 
-from fedlora.config import ConfigError
+from fedlora.errors import ConfigError
 
 # FederatedGPT-Shepherd's client_data_allocation.py (FedIT): Dirichlet over categories with
 # alpha = 0.5, clients above the average size get no more data, redraw until all have >= 40.

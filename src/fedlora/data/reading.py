@@ -7,12 +7,16 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets.exceptions import DatasetsError
 from datasets.utils import logging as datasets_logging
 import datasets.utils as datasets_tqdm  # progress bar switches
 
 from fedlora.errors import ConfigError, DataError, describe
+
+if TYPE_CHECKING:
+    from fedlora.config import DataConfig
 
 # What parsers and the hub raise for unreadable input (pandas and pyarrow errors are
 # ValueErrors, gzip's are OSError / EOFError / zlib.error; `datasets` wraps them).
@@ -36,3 +40,10 @@ def reading(field: str, what: str | Path) -> Iterator[None]:
         datasets_logging.set_verbosity(verbosity)
         if not bars_off:
             datasets_tqdm.enable_progress_bars()
+
+
+def reading_dataset(d: DataConfig):
+    """`reading` for a dataset read from `data.hub_name`, else from its folder in `data.data_dir`."""
+    if d.hub_name:
+        return reading("data.hub_name", d.hub_name)
+    return reading("data.data_dir", d.data_dir / d.dataset)

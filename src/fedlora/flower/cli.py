@@ -17,13 +17,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedlora.files import read_json
 
     run_dir, cfg = resolve_run(args, prefix="flower-")  # the ServerApp verifies a resumed run again
-    if bool(args.local) == bool(args.superlink):
-        raise ConfigError("config error: give --superlink HOST:PORT or --local N (not both)")
+    if sum(map(bool, (args.local, args.superlink, args.testbed))) != 1:
+        raise ConfigError("config error: give one of --superlink HOST:PORT, --local N, --testbed PROFILE")
     if args.superlink and bool(args.root_certificates) == bool(args.insecure):
         raise ConfigError("config error: --superlink: give --root-certificates CA (TLS) or --insecure")
     if args.min_clients < 1:
         raise ConfigError("config error: --min-clients: must be >= 1")
+    profile = None
+    if args.testbed:
+        from fedlora.testbed import load_profile
+
+        profile = load_profile(args.testbed)
     cfg.check_files()
+    if cfg.privacy.mode != "none":  # the stage lives in the in-process runtime so far
+        raise ConfigError(f"config error: privacy.mode: {cfg.privacy.mode} is not on the Flower runtime yet; use fedlora run")
     from fedlora.data.task import check_data, run_classes, server_pool
 
     # a bad data file stops here with one line, not inside the Flower apps
@@ -41,11 +48,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     }
     workdir = run_dir / "flower"
     started = time.time()
-    if args.local:
-        with LocalFederation(workdir / "local", nodes=args.local, partitions=cfg.federation.num_clients,
-                             data_files=files) as fed:
-            print(f"local SuperLink on {fed.address} with {args.local} SuperNodes (logs: {workdir / 'local/logs'})")
-            proc = flwr_run(workdir, fed.address, run_config, quiet=args.quiet)
+    if args.local or args.testbed:
+        if profile is not None:
+            from fedlora.testbed import Testbed
+
+            fed = Testbed(workdir / "testbed", nodes=len(profile.nodes), partitions=cfg.federation.num_clients,
+                          profile=profile)
+        else:
+            fed = LocalFederation(workdir / "local", nodes=args.local, partitions=cfg.federation.num_clients,
+                                  data_files=files)
+        with fed:
+            print(f"SuperLink on {fed.address} with {fed.nodes} SuperNodes (logs: {fed.workdir / 'logs'})")
+            proc = flwr_run(workdir, fed.address, run_config, quiet=args.quiet, prefix=fed.flwr_prefix())
     else:
         proc = flwr_run(workdir, args.superlink, run_config, args.root_certificates, quiet=args.quiet)
     summary = run_dir / "summary.json"
@@ -92,6 +106,24 @@ def _cmd_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_testbed(args: argparse.Namespace) -> int:
+    """`fedlora flower testbed PROFILE CONFIG`: `flower run --testbed PROFILE`, spelt as one command."""
+    args.testbed, args.local, args.superlink = args.profile, None, None
+    args.root_certificates, args.insecure = None, True
+    return _cmd_run(args)
+
+
+def _cmd_testbed_cleanup(args: argparse.Namespace) -> int:
+    from fedlora.testbed import cleanup
+
+    left = cleanup(Path(args.workdir))
+    if left:
+        print(f"could not remove: {', '.join(left)}")
+        return 1
+    print(f"nothing of the testbed in {args.workdir} remains")
+    return 0
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from fedlora.flower.launch import make_certificates, make_node_keys
 
@@ -101,6 +133,13 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     for i, (private, public) in enumerate(make_node_keys(Path(args.out), args.node_keys)):
         print(f"node {i}: {private} (stays on the SuperNode) {public} (register on the SuperLink)")
     return 0
+
+
+def _profile_argument() -> argparse.ArgumentParser:
+    """PROFILE before CONFIG: `fedlora flower testbed PROFILE CONFIG`."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("profile", help="testbed profile YAML (nodes: [{device, cpu, uplink_mbps, ...}])")
+    return parent
 
 
 def add_parser(sub) -> None:
@@ -118,6 +157,9 @@ def add_parser(sub) -> None:
                      "(a `fedlora partition` folder; the config needs nodes.local_data)")
     run.add_argument("--local", type=int, metavar="N",
                      help="start a SuperLink and N SuperNodes on 127.0.0.1 for this run, stop them after")
+    run.add_argument("--testbed", metavar="PROFILE",
+                     help="start an emulated heterogeneous testbed for this run (root: namespaces, shaped links, "
+                     "CPU quotas; see `fedlora flower testbed`), remove it after")
     run.add_argument("--min-clients", type=int, default=1,
                      help="a round needs this many accepted updates, else the run stops (resumable)")
     run.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for clients' updates")
@@ -134,6 +176,21 @@ def add_parser(sub) -> None:
     local.add_argument("--data-dir", help="data directory the clients read (default: the config's)")
     local.add_argument("--node-data", metavar="DIR", help="node i serves DIR/client_<i>.jsonl only (fedlora partition)")
     local.set_defaults(func=_cmd_local)
+
+    testbed = fsub.add_parser("testbed", help="run CONFIG on an emulated heterogeneous testbed described by "
+                              "PROFILE: each SuperNode in its own network namespace, link rate and CPU quota",
+                              parents=[_profile_argument(),
+                                       run_options("YAML config (the same as for `fedlora run`)",
+                                                   "runs/flower-<method>-<time>", "continue an interrupted run")])
+    testbed.add_argument("--min-clients", type=int, default=1, help="as for `fedlora flower run`")
+    testbed.add_argument("--round-timeout", type=float, default=600.0, help="as for `fedlora flower run`")
+    testbed.add_argument("--node-wait", type=float, default=300.0, help="as for `fedlora flower run`")
+    testbed.add_argument("--quiet", action="store_true", help="as for `fedlora flower run`")
+    testbed.set_defaults(func=_cmd_testbed)
+
+    cleanup = fsub.add_parser("testbed-cleanup", help="remove what a killed testbed left (from WORKDIR/testbed.json)")
+    cleanup.add_argument("workdir", help="the testbed's work folder (RUN_DIR/flower/testbed)")
+    cleanup.set_defaults(func=_cmd_testbed_cleanup)
 
     certs = fsub.add_parser("certs", help="a CA, a SuperLink TLS certificate and SuperNode auth keys")
     certs.add_argument("--out", required=True, help="folder for the files")

@@ -120,6 +120,8 @@ class LocalFederation:
     data_files: list[str] | None = None
     """Node i's own data file (node config data-file): a run with nodes.local_data."""
     port: int = 0
+    host: str = "127.0.0.1"
+    """Where the SuperLink listens (the testbed puts it on its hub's address)."""
     certs: dict[str, Path] | None = None
     node_keys: list[tuple[Path, Path]] | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -132,7 +134,7 @@ class LocalFederation:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         with open(self.workdir / "logs" / f"{name}.log", "ab") as log:
@@ -150,15 +152,22 @@ class LocalFederation:
     def start(self) -> LocalFederation:
         auth = ["--enable-supernode-auth"] if self.node_keys else []
         self._spawn("superlink", [
-            bin_path("flower-superlink"), *self._security(), *auth, "--host", "127.0.0.1",
+            bin_path("flower-superlink"), *self._security(), *auth, "--host", self.host,
             "--port", str(self.port), "--disable-runtime-dependency-installation",
         ])
-        _wait_for_port(self.port, self.procs["superlink"], self.workdir / "logs" / "superlink.log")
+        self._wait_until_listening()
         if self.node_keys:
             self.register_nodes()
         for i in range(self.nodes):
             self.start_node(i)
         return self
+
+    def flwr_prefix(self) -> list[str]:
+        """What `flwr run` is started under to reach the SuperLink (nothing on the host itself)."""
+        return []
+
+    def _wait_until_listening(self) -> None:
+        _wait_for_port(self.port, self.procs["superlink"], self.workdir / "logs" / "superlink.log")
 
     def start_node(self, i: int) -> subprocess.Popen:
         node_config = (f'partition-id={i} num-partitions={self.partitions} '
@@ -224,18 +233,19 @@ def write_connection(flwr_home: Path, address: str, root_certificates: str | Non
 
 def flwr_run(
     workdir: Path, address: str, run_config: dict[str, object], root_certificates: str | None = None,
-    quiet: bool = False, timeout: float | None = None,
+    quiet: bool = False, timeout: float | None = None, prefix: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`flwr run --stream` the fedlora app against the SuperLink at `address`: blocks until the
     run ends (without --stream, flwr returns as soon as the run is submitted). quiet: the
-    streamed log goes to workdir/flwr_run.log instead of the terminal."""
+    streamed log goes to workdir/flwr_run.log instead of the terminal. prefix: run flwr under
+    it (the testbed's `ip netns exec HUB`, where its SuperLink is reachable)."""
     workdir = Path(workdir).resolve()
     app = write_app(workdir / "app")
     flwr_home = workdir / "flwr-cli"
     write_connection(flwr_home, address, root_certificates)
     rc_file = workdir / "run_config.toml"
     rc_file.write_text(tomli_w.dumps(run_config))
-    cmd = [bin_path("flwr"), "run", str(app), CONNECTION, "--run-config", str(rc_file), "--stream"]
+    cmd = [*(prefix or []), bin_path("flwr"), "run", str(app), CONNECTION, "--run-config", str(rc_file), "--stream"]
     if not quiet:
         return subprocess.run(cmd, env=flower_env(flwr_home), timeout=timeout, cwd=workdir, check=False)
     with open(workdir / "flwr_run.log", "ab") as log:

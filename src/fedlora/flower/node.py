@@ -57,8 +57,7 @@ class NodeStore:
         for key, record in content.array_records.items():
             if key.startswith(MERGE_PREFIX):
                 path = merge_path(self.root, int(key[len(MERGE_PREFIX):]))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, tensors_to_bytes(from_arrays(record)))
+                atomic_write(path, tensors_to_bytes(from_arrays(record)), inside=self.root)
 
     # -- the base snapshot ----------------------------------------------------------------------
     def load_base(self) -> tuple[int, dict] | None:
@@ -68,7 +67,7 @@ class NodeStore:
         if not path.exists():
             return None
         try:
-            weights, meta = load_tensors(path)
+            weights, meta = load_tensors(path, inside=self.root)
             record = json.loads(meta[_META])
             round_ = int(record["round"])
         except (RunFileError, KeyError, ValueError, TypeError) as err:
@@ -78,9 +77,8 @@ class NodeStore:
         return round_, weights
 
     def save_base(self, round_: int, weights: dict, digest: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         meta = {_META: json.dumps({"round": round_, "sha256": digest})}
-        atomic_write(self.root / BASE_FILE, tensors_to_bytes(weights, meta))
+        atomic_write(self.root / BASE_FILE, tensors_to_bytes(weights, meta), inside=self.root)
 
     def drop_base(self) -> None:
         (self.root / BASE_FILE).unlink(missing_ok=True)
@@ -97,21 +95,17 @@ class NodeStore:
         path = self.state_path(round_)
         if not path.exists():
             return {}, f"client state of round {round_} missing"
-        data = path.read_bytes()
-        if expected_sha256 and sha256_bytes(data) != expected_sha256:
-            return {}, f"client state of round {round_} altered (SHA-256 differs from the server's record)"
         try:
-            return load_tensors(path)[0], None
-        except RunFileError as err:
-            return {}, f"client state of round {round_} unreadable ({err})"
+            return load_tensors(path, expected_sha256=expected_sha256, inside=self.root)[0], None
+        except RunFileError as err:  # unreadable, or not the state the server recorded (SHA-256)
+            return {}, f"client state of round {round_} unusable ({err})"
 
     def save_state(self, round_: int, state: dict, keep_from: int) -> str:
         """Save the state after `round_`; drop states older than `keep_from` (never needed again).
         Returns its SHA-256 (the server records it, and names it when the state is next used)."""
         path = self.state_path(round_)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = tensors_to_bytes(state)
-        atomic_write(path, data)
+        atomic_write(path, data, inside=self.root)
         for old in path.parent.glob("round_*.safetensors"):
             if int(old.stem.split("_")[1]) < keep_from:
                 old.unlink(missing_ok=True)

@@ -238,7 +238,7 @@ class FlowerRun(Simulation):
             })
             for r in range(self.merged_through.get(k, 0) + 1, t):
                 if merge_path(self.run_dir, r).exists():
-                    content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r))[0])
+                    content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r), inside=self.run_dir)[0])
             messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
             node_of[k] = node
 

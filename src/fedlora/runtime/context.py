@@ -16,6 +16,7 @@ from fedlora.adapters import Adapters
 from fedlora.algorithms.base import ParamGroups
 from fedlora.clock import train_flops
 from fedlora.data.encode import Encoded, collate, sample_batches
+from fedlora.privacy.dpsgd import SampleDP, dp_train_steps, private_batches
 from fedlora.train import classification_loss, lm_loss, mean_loss, model_device, train_steps
 
 
@@ -46,6 +47,8 @@ class LocalClient:
     task: str = "classification"
     """`instruction`: causal-LM loss on response tokens instead of the label-token loss."""
     flops: float = 0.0  # training FLOPs so far (fedlora.clock), for the simulated clock
+    dp: SampleDP | None = None
+    """Sample-level DP (config `privacy.mode: sample`): train with DP-SGD (fedlora.privacy.dpsgd)."""
 
     @property
     def num_examples(self) -> int:
@@ -62,6 +65,8 @@ class LocalClient:
     def train(
         self, param_groups: ParamGroups, regulariser: Callable[[], Tensor] | None = None
     ) -> list[float]:
+        if self.dp is not None:
+            return self._train_private(param_groups, regulariser, self.dp)
         batches = self._batches()
         # output-layer rows the loss projects on: the vocabulary at response positions, or the classes
         rows = len(self.label_ids) if self.task != "instruction" and self.loss_mode == "classes" else None
@@ -73,6 +78,13 @@ class LocalClient:
             regulariser,
             self.compute_dtype,
         )
+
+    def _train_private(self, param_groups: ParamGroups, regulariser: Callable[[], Tensor] | None,
+                       dp: SampleDP) -> list[float]:
+        batches = private_batches(self.examples, self.batch_size, self.local_steps, self.seed, self.pad_id)
+        rows = len(self.label_ids) if self.task != "instruction" and self.loss_mode == "classes" else None
+        self.flops += train_flops(self.model, self.adapters, batches, rows)
+        return dp_train_steps(param_groups, batches, self._loss_fn(), dp, regulariser, self.compute_dtype)
 
     def loss(self) -> float:
         """Mean loss of the loaded adapters on this round's batches (the same seeded draw as train)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import ConfigError, RunConfig
+from fedlora.models import TINY_MODELS
+from fedlora.runtime.checkpoint import CHECKPOINT, check_state
 from fedlora.runtime.inprocess import Federation
 from fedlora.runtime.outputs import environment, write_json
 from fedlora.runtime.rebuild import read_run, replay_merges
@@ -21,10 +23,17 @@ MODEL_SECTIONS = ("model.", "lora.", "algorithm.")
 FREE_MODEL_FIELDS = ("model.compute_dtype", "model.device")
 
 
+def model_fields(cfg: RunConfig) -> tuple[str, ...]:
+    """Prefixes of the fields a run's model depends on: a tiny model's weights are drawn from
+    the run's seed, so for it the seed is part of the model."""
+    return (*MODEL_SECTIONS, "seed") if cfg.model.name in TINY_MODELS else MODEL_SECTIONS
+
+
 def refuse_other_model(run_dir: Path, cfg: RunConfig) -> None:
     """`eval CONFIG --run RUN` evaluates RUN's model: CONFIG must describe the same model."""
-    differ = [f for f in changed_fields(saved_config(run_dir), cfg)
-              if f.startswith(MODEL_SECTIONS) and f not in FREE_MODEL_FIELDS]
+    saved = saved_config(run_dir)
+    differ = [f for f in changed_fields(saved, cfg)
+              if f.startswith(model_fields(saved)) and f not in FREE_MODEL_FIELDS]
     if differ:
         raise ConfigError(f"config error: --run {run_dir}: the config's {', '.join(differ)} differ from the run's; "
                           f"use the run's model, lora and algorithm sections (e.g. {run_dir / 'config.yaml'})")
@@ -35,10 +44,12 @@ def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Pat
     if run_dir is not None:  # read (and verified: SHA-256 of each merge) before the model loads
         saved = read_run(run_dir, final=True)
         refuse_other_model(run_dir, cfg)
-        merges, state = saved.merges, saved.final_state
+        merges, state = saved.merges, saved.final_state  # its SHA-256 is the checkpoint's record
     t0 = time.perf_counter()
     fed = Federation.build(cfg)
     build_seconds = time.perf_counter() - t0
+    if state:
+        check_state(state, fed.adapters.shapes(), run_dir / CHECKPOINT)
     replay_merges(fed.adapters, merges)
     results, seconds, qps = [], [], []
     for _ in range(repeat):

@@ -27,6 +27,7 @@ import torch
 from rich.progress import Progress
 from fedlora.adapters import Adapters
 from fedlora.aggregation import build_pipeline
+from fedlora.aggregation.privacy import PrivacyStage
 from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import (
     DIAGNOSTIC_SECONDS,
@@ -43,8 +44,10 @@ from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
 from fedlora.devices import DeviceProfile
 from fedlora.evaluate import evaluate_task
+from fedlora.memory import ModelDims, check_memory
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
-from fedlora.runtime.checkpoint import Checkpoint, save_merge
+from fedlora.records import summarize
+from fedlora.runtime.checkpoint import CHECKPOINT, FINAL_STATE, Checkpoint, check_state, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.files import atomic_write, tensors_to_bytes
 from fedlora.runtime.outputs import UNTUNED_FILE, write_eval_items, write_json, write_metrics, write_run_header
@@ -95,6 +98,8 @@ class Federation:
     algorithm: Algorithm
     total_params: int
     profiles: list[DeviceProfile]
+    privacy: PrivacyStage | None = None
+    """Differential privacy (config `privacy`), set by the runtime once it knows the run's history."""
 
     @classmethod
     def build(cls, cfg: RunConfig, reported: list[list[int]] | None = None) -> Federation:
@@ -104,6 +109,7 @@ class Federation:
         cfg.check_files()
         cfg.model.torch_device()  # an unavailable device stops here, before data and model load
         tokenizer = load_tokenizer(cfg.model.name)
+        check_memory(cfg, ModelDims.vocabulary_only(len(tokenizer)))  # the logits alone, before the data
         return cls.assemble(cfg, tokenizer, build_task(cfg, tokenizer, reported))
 
     @classmethod
@@ -114,6 +120,7 @@ class Federation:
             torch.set_num_threads(cfg.threads)
         device = cfg.model.torch_device()  # an unavailable device stops here, before the load
         model = load_model(cfg.model.name, cfg.seed, len(tokenizer))
+        check_memory(cfg, ModelDims.of(model.config))  # all of it, before any batch is built
         model.to(device)  # the one base model every simulated client shares
         total = base_parameter_count(model)
         adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
@@ -212,8 +219,13 @@ class Simulation:
         else:
             refuse_existing_run(self.run_dir)
         fed = self.fed = Federation.build(cfg, self._reported())
+        per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
+        # σ and the budget before any training (a resume with more rounds may be refused here)
+        fed.privacy = PrivacyStage.build(cfg, fed.algorithm, per_round, saved.checkpoint.history if resume else [])
         if resume:
             ckpt = saved.checkpoint
+            for state in (ckpt.state, *ckpt.client_states.values()):
+                check_state(state, fed.adapters.shapes(), self.run_dir / CHECKPOINT)
             adopt_config(self.run_dir, ckpt, cfg)
             torch.set_num_threads(ckpt.threads)
             replay_merges(fed.adapters, saved.merges)
@@ -223,7 +235,7 @@ class Simulation:
         else:
             with option_errors():  # before the run directory is written
                 init = fed.algorithm.init_state()
-            write_run_header(self.run_dir, cfg, fed.task.partition_table(), fed.task.names)
+            partition_sha256 = write_run_header(self.run_dir, cfg, fed.task.partition_table(), fed.task.names)
             report_partition(self.run_dir, fed.task.partition_table(), fed.task.names, show=self.progress)
             if cfg.evaluation.untuned:  # the reference line of the accuracy figures
                 untuned = fed.evaluate_untuned()
@@ -231,14 +243,13 @@ class Simulation:
                 log.info("untuned model: %s", ", ".join(f"{k} {v:.4f}" for k, v in untuned.items()
                                                          if isinstance(v, float)))
             sampler = np.random.default_rng(cfg.seed)
-            ckpt = Checkpoint(0, init, {}, sampler.bit_generator.state,
-                              threads=torch.get_num_threads(), config=dump_config(cfg))
+            ckpt = Checkpoint(0, init, {}, sampler.bit_generator.state, threads=torch.get_num_threads(),
+                              config=dump_config(cfg), partition_sha256=partition_sha256)
         write_metrics(self.run_dir, ckpt.history)
         if cfg.logging.tensorboard:
             self.tensorboard = TensorBoardLog(self.run_dir, ckpt.history)
 
         rounds = cfg.federation.rounds
-        per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
         try:
             with self._progress() as bar:
                 t_rounds = bar.add_task("rounds", total=rounds, completed=ckpt.round)
@@ -250,7 +261,7 @@ class Simulation:
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
-        atomic_write(self.run_dir / "final_state.safetensors", tensors_to_bytes(ckpt.state))
+        atomic_write(self.run_dir / FINAL_STATE, tensors_to_bytes(ckpt.state))  # = the record's state_sha256
         return self._summary(ckpt.history)
 
     def _reported(self) -> list[list[int]] | None:
@@ -264,6 +275,8 @@ class Simulation:
         cfg, algo = self.cfg, fed.algorithm
         start = time.perf_counter()
         selected = sample_clients(sampler, cfg.federation.num_clients, cfg.federation.fraction)
+        if fed.privacy is not None:
+            fed.privacy.start_round(t, ckpt.history)
         state, updates, clients, rejected, screened, client_states = self._train_clients(
             fed, t, ckpt, selected, on_client)
 
@@ -311,10 +324,12 @@ class Simulation:
             **server_metrics,
         )
         self.events = []
+        if fed.privacy is not None:
+            record.update(fed.privacy.record(t, ckpt.history, selected))
         new = Checkpoint(
             round=t, state=state, client_states=client_states,
             sampler_state=sampler.bit_generator.state, history=[*ckpt.history, record],
-            threads=ckpt.threads, config=ckpt.config, merges=merges,
+            threads=ckpt.threads, config=ckpt.config, merges=merges, partition_sha256=ckpt.partition_sha256,
         )
         new.save(self.run_dir)
         write_metrics(self.run_dir, new.history)
@@ -395,23 +410,6 @@ class Simulation:
         """In-process, every client answers: nothing to check (Flower: enough clients?)."""
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
-        accs = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
-        evaluated = [r for r in history if r.get("test_loss") is not None]
-        last_eval = evaluated[-1] if evaluated else {}
-        costs = [r["client_cost_percent"] for r in history if r["client_cost_percent"] is not None]
-        summary = {
-            "method": self.cfg.algorithm.name,
-            "rounds": len(history),
-            "final_accuracy": accs[-1][1] if accs else None,
-            "best_accuracy": max(a for _, a in accs) if accs else None,
-            "best_round": max(accs, key=lambda x: x[1])[0] if accs else None,
-            "final_test_loss": last_eval.get("test_loss"),
-            **({"final_perplexity": last_eval["perplexity"]} if "perplexity" in last_eval else {}),
-            "mean_client_cost_percent": float(np.mean(costs)) if costs else None,
-            "total_uplink_bytes": int(sum(r["uplink_bytes"] for r in history)),
-            "total_downlink_bytes": int(sum(r["downlink_bytes"] for r in history)),
-            "wall_seconds": float(sum(r["wall_seconds"] for r in history)),
-            "rejected_updates": int(sum(len(r["rejected"]) for r in history)),
-        }
+        summary = summarize(self.cfg.algorithm.name, history)
         write_json(self.run_dir / "summary.json", summary)
         return summary

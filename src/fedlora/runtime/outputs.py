@@ -21,7 +21,17 @@ import torch
 
 from fedlora.config import BAD_YAML, ConfigError, RunConfig, dump_config, load_yaml
 from fedlora.hardware import cpu_model, preferred_compute_dtype
-from fedlora.files import MAX_JSON_BYTES, RunFileError, atomic_write, read_bounded, read_json
+from fedlora.files import (
+    MAX_JSON_BYTES,
+    RunFileError,
+    atomic_write,
+    ensure_dir,
+    parse_json,
+    read_bounded,
+    read_json,
+    sha256_bytes,
+)
+from fedlora.records import RoundRecord
 
 UNTUNED_FILE = "untuned.json"
 """The untuned model's evaluation (`evaluation.untuned: true`): the figures' reference line."""
@@ -58,8 +68,11 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+def write_json(path: Path, obj: Any) -> str:
+    """`obj` as indented JSON, written atomically; the SHA-256 of the bytes written."""
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, text)
+    return sha256_bytes(text.encode())
 
 
 def write_csv(path: Path, columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
@@ -73,11 +86,13 @@ def write_csv(path: Path, columns: list[str], rows: Iterable[dict[str, Any]]) ->
 
 def write_run_header(
     run_dir: Path, cfg: RunConfig, partition: list[list[int]], names: list[str] | None = None
-) -> None:
+) -> str:
+    """config.yaml, environment.json and partition.json; the SHA-256 of partition.json (the
+    checkpoint records it: export weighs clients by it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", dump_config(cfg))
     write_json(run_dir / "environment.json", environment())
-    write_json(
+    return write_json(
         run_dir / "partition.json",
         {"label_words": cfg.data.label_words, "names": names or cfg.data.label_words,
          "examples_per_client_per_label": partition},
@@ -97,14 +112,22 @@ def read_config_tree(run_dir: Path) -> dict[str, Any]:
     return tree if isinstance(tree, dict) else {}
 
 
-def client_sizes(run_dir: Path) -> list[int] | None:
+def client_sizes(run_dir: Path, expected_sha256: str | None = None) -> list[int] | None:
     """Examples per client (row sums of partition.json's table); None when it is missing or not
-    a table of counts; RunFileError when it is not readable JSON (export's sizes matter)."""
+    a table of counts; RunFileError when it is not readable JSON, or its SHA-256 is not
+    `expected_sha256` (the checkpoint's record: export's sizes matter)."""
     path = Path(run_dir) / "partition.json"
-    doc = read_json(path) if path.exists() else None
+    if not path.exists() and not path.is_symlink():
+        return None
+    raw = read_bounded(path, MAX_JSON_BYTES)
+    if expected_sha256 is not None and sha256_bytes(raw) != expected_sha256:
+        raise RunFileError(f"run error: {path}: altered since it was written (SHA-256 differs from the "
+                           "checkpoint's record)")
+    doc = parse_json(raw, path)
     table = doc.get("examples_per_client_per_label") if isinstance(doc, dict) else None
     rows_ok = isinstance(table, list) and all(
-        isinstance(row, list) and all(isinstance(x, int) for x in row) for row in table)
+        isinstance(row, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in row)
+        for row in table)
     return [sum(row) for row in table] if table and rows_ok else None
 
 
@@ -118,14 +141,17 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl from the history (atomic: it always matches a checkpoint)."""
+    """Rewrite metrics.jsonl from the history (atomic: it always matches a checkpoint); each
+    record is first checked against the one round record (a runtime's bug stops here)."""
+    for rec in history:
+        RoundRecord.model_validate(rec)
     text = "".join(json.dumps(rec) + "\n" for rec in history)
     atomic_write(run_dir / "metrics.jsonl", text)
 
 
 REQUIRED = ("clients", "uplink_bytes", "downlink_bytes", "wall_seconds", "server_seconds")
 """Record fields every runtime writes in every round and the tables sum: present, never null."""
-CLIENT_TABLES = ("ranks", "next_ranks", "client_weight", "delta_share")
+CLIENT_TABLES = ("ranks", "next_ranks", "client_weight", "delta_share", "privacy_client_epsilon")
 """Record fields that map client ids to numbers."""
 SELF_CHECKED = ("class_accuracy", "confusion", "client_accuracy", "mmlu_subjects")
 """Record fields whose readers skip a damaged value themselves."""
@@ -202,9 +228,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     try:
         lines = read_bounded(path, MAX_JSON_BYTES).decode().splitlines()
-        numbered = [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except UnicodeDecodeError:
         raise RunFileError(f"run error: {path}: not valid JSON lines (truncated or damaged)") from None
+    numbered = [(n, parse_json(line, f"{path} line {n}")) for n, line in enumerate(lines, 1) if line.strip()]
     previous = -1
     for n, rec in numbered:
         problem = record_error(rec, previous)
@@ -227,30 +253,31 @@ def eval_items_path(run_dir: Path, round_: int) -> Path:
 def write_eval_items(run_dir: Path, round_: int, items: dict[str, np.ndarray]) -> None:
     """One evaluation's per-item records, eval/round_NNNN.npz (atomic, numpy arrays only)."""
     path = eval_items_path(run_dir, round_)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent, inside=Path(run_dir))  # an eval/ that is a link is refused
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
             np.savez_compressed(fh, **items)
 
-    atomic_write(path, save)
+    atomic_write(path, save, inside=Path(run_dir))
 
 
 def read_eval_items(run_dir: Path, round_: int) -> dict[str, np.ndarray] | None:
     """The per-item records of round `round_`, or None when that evaluation saved none."""
     path = eval_items_path(run_dir, round_)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
+    data = io.BytesIO(read_bounded(path, MAX_EVAL_BYTES, inside=Path(run_dir)))
     damaged = RunFileError(f"run error: {path}: not a readable per-item record (truncated or damaged)")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(data) as archive:
             size = sum(member.file_size for member in archive.infolist())
     except Exception:  # not a zip file, or a damaged directory of one
         raise damaged from None
     if size > MAX_EVAL_BYTES:
         raise RunFileError(f"run error: {path}: per-item records over {MAX_EVAL_BYTES:,} bytes uncompressed")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(data, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except Exception:  # a read of untrusted bytes: zlib, zip, npy-header errors, a header that lies (MemoryError)
         raise damaged from None

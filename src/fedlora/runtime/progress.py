@@ -16,6 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fedlora.records import is_scored
 from fedlora.units import format_bytes
 
 CONSOLE = Console(stderr=True)
@@ -66,7 +67,7 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     parts.append(f"{record.get('wall_seconds', 0.0):.1f} s")
     if record.get("sim_seconds") is not None:
         parts.append(f"simulated {record['sim_seconds']:.1f} s")
-    if record.get("accuracy") is not None:
+    if is_scored(record):
         name = "MMLU accuracy" if record.get("perplexity") is not None else "accuracy"
         parts.append(f"{name} {record['accuracy']:.4f}")
     if record.get("test_loss") is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fedlora.files import RunFileError, load_tensors
+from fedlora.files import RunFileError
 from fedlora.runtime.checkpoint import Checkpoint, load_merges
 from fedlora.runtime.rundir import verify_run
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from fedlora.config import RunConfig
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A): one round's base update
-FINAL_STATE = "final_state.safetensors"
 
 
 @dataclass
@@ -52,12 +51,7 @@ def read_run(run_dir: Path, cfg: RunConfig | None = None, final: bool = False) -
     else:
         ckpt = Checkpoint.load(run_dir)
         merges = load_merges(run_dir, ckpt.round, ckpt.merges)
-    state = None
-    if final:
-        path = run_dir / FINAL_STATE
-        if not path.exists():
-            raise RunFileError(f"run error: {path}: file not found (the run did not finish)")
-        state = load_tensors(path)[0]
+    state = ckpt.load_final_state(run_dir) if final else None  # its SHA-256 is the checkpoint's record
     return SavedRun(ckpt, merges, state)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fedlora.config import BAD_YAML, MAX_CONFIG_BYTES, ConfigError, RunConfig, build_config, dump_config, load_yaml
 from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, has_checkpoint, load_merges
-from fedlora.files import RunFileError, atomic_write, read_bounded, sha256_bytes
+from fedlora.files import RunFileError, atomic_write, open_regular, read_bounded, sha256_bytes
 
 LOCK = "run.lock"
 CONFIG = "config.yaml"
@@ -35,22 +35,20 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     bad config or data file found before the run starts leaves no trace)."""
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / LOCK, "a+")
+    fd = open_regular(run_dir / LOCK, os.O_RDWR, create=True)  # a planted link is refused, never truncated
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        fh.close()
+        os.close(fd)
         raise RunFileError(f"run error: {run_dir}: another fedlora process is writing this run directory "
                            f"(it holds {run_dir / LOCK}); wait for it to end or choose another --out") from None
     try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")  # for a human asking "who?"; the lock is the flock
-        fh.flush()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for a human asking "who?"; the lock is the flock
         yield
     finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
         if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
             shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -70,11 +68,15 @@ def saved_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunC
 def _recorded_config(run_dir: Path, ckpt: Checkpoint, overrides: dict[str, Any] | None = None) -> RunConfig:
     try:
         tree = load_yaml(ckpt.config)
-        return build_config(tree if isinstance(tree, dict) else {}, overrides)
+        cfg = build_config(tree if isinstance(tree, dict) else {}, overrides)
     except ConfigError:
         raise  # a readable record this version does not accept: the field is named
     except BAD_YAML:
         raise RunFileError(f"run error: {run_dir / CHECKPOINT}: damaged config record") from None
+    if ckpt.round > cfg.federation.rounds and not overrides:
+        raise RunFileError(f"run error: {run_dir / CHECKPOINT}: round {ckpt.round} is past the run's "
+                           f"{cfg.federation.rounds} rounds (edited?)")
+    return cfg
 
 
 def changed_fields(old: RunConfig, new: RunConfig) -> list[str]:
