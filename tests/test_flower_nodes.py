@@ -258,7 +258,7 @@ def _wait_rounds(run_dir, n, alive, timeout=600):
 @pytest.mark.slow
 def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tmp_path):
     """Real SuperLink and SuperNodes, each node with only its file: node 2 is killed during
-    round 2 and restarted (it rejoins in round 3 from its snapshot); then the SuperLink is killed
+    round 2 and restarted (it rejoins once found again, from its snapshot); then the SuperLink is killed
     and the run resumed on a new one. Every round is in metrics.jsonl; the replay in-process
     gives the Flower run's adapter."""
     from fedlora.config import dump_config
@@ -291,7 +291,9 @@ def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tm
     history = read_metrics(out)
     assert [r["round"] for r in history] == [1, 2, 3, 4]
     assert [c["id"] for c in history[1]["clients"]].count(2) == 0
-    assert 2 in [c["id"] for c in history[2]["clients"]]
+    # back once the server has found it again: round 3, or round 4 when it registered late
+    assert 2 in [c["id"] for r in history[2:] for c in r["clients"]]
+    assert 2 in [c["id"] for c in history[3]["clients"]]
     tree = {**tree, "federation": {**tree["federation"], "rounds": 4}}
     replayed = _inprocess(tree, tmp_path / "replayed", replay=out)
     assert _same(_final(out), replayed)
