@@ -1,12 +1,22 @@
-"""Wall time of the same 3-round tiny run: in-process (`fedlora run`) vs local Flower
-(`fedlora flower run` against a SuperLink and 3 SuperNodes on 127.0.0.1, started once).
+"""What Flower costs over the in-process runtime, with real nodes (each serving its own file).
 
-Both are timed as whole commands (a fresh process each, model loading included), alternating
-(in-process, Flower, in-process, Flower, …) so machine noise hits both; we report medians,
-their ratio, and the sums of the rounds' `wall_seconds` (the part after model loading).
-Also checks that both runs end with the same global adapter.
+Two measurements (both start a SuperLink and SuperNodes on 127.0.0.1 once, each node with only
+its `fedlora partition` file, and check that Flower ends with the in-process adapter):
 
-    python bench/flower_overhead.py [--repeats 3] [--out docs/bench/flower_overhead.json]
+  overhead   client overhead per round, at rounds --at (default 1, 10, 30) of a --rounds-round
+             tiny run: per client, the server-measured round trip minus the node's training
+             seconds (`seconds - train_seconds` of metrics.jsonl), and the node's own work
+             outside training (`node_seconds - train_seconds`: model load, data, base snapshot).
+             Flat in the round number means warm nodes: no replay of every merge.
+  compare    whole-command wall time of `fedlora run CONFIG` against `fedlora flower run` of the
+             same config on --nodes local nodes, alternating (in-process, Flower, ...) so machine
+             noise hits both; medians and their ratio.
+
+Run on an idle machine (nothing else running); the JSON names the CPU:
+
+    python bench/flower_overhead.py overhead --out docs/bench/flower_client_overhead.json
+    python bench/flower_overhead.py compare --config configs/quickstart.yaml --nodes 10 \\
+        --repeats 2 --out docs/bench/flower_vs_inprocess_quickstart.json
 """
 
 from __future__ import annotations
@@ -29,67 +39,126 @@ from fedlora.flower.launch import LocalFederation, flower_env
 from fedlora.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
-NODES = 3
+CLI = [sys.executable, "-m", "fedlora.cli"]
 
 
-def tiny_config(data_dir: str) -> dict:
+def tiny_config(data_dir: str, rounds: int, nodes: int) -> dict:
     return {
         "seed": 0, "threads": 1,
         "model": {"name": "tiny-llama", "compute_dtype": "float32"},
         "data": {"data_dir": data_dir, "train_examples": 400, "test_examples": 48, "max_length": 32},
-        "federation": {"num_clients": NODES, "client_max_ranks": [8, 4, 2], "rounds": 3,
-                       "local_steps": 2, "batch_size": 4, "lr": 0.01},
+        "federation": {"num_clients": nodes, "client_max_ranks": [8, 4, 2][:nodes], "rounds": rounds,
+                       "local_steps": 2, "batch_size": 4, "lr": 0.01, "eval_every": rounds},
         "algorithm": {"name": "aflora", "server_steps": 2},
     }
 
 
-def timed(cmd: list[str], out: Path) -> tuple[float, float]:
-    """(command wall seconds, sum of the rounds' wall_seconds)."""
+def run(cmd: list[str], quiet: bool = True) -> float:
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=flower_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - t
-    return wall, json.loads((out / "summary.json").read_text())["wall_seconds"]
+    out = subprocess.DEVNULL if quiet else None
+    subprocess.run(cmd, check=True, env=flower_env(), stdout=out, stderr=out)
+    return time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--out", default="docs/bench/flower_overhead.json")
-    args = ap.parse_args()
+def partition(config: Path, work: Path, overrides: list[str]) -> Path:
+    parts = work / "parts"
+    run([*CLI, "partition", str(config), "--out", str(parts), *overrides])
+    return parts
 
-    work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
+
+def same_adapter(a: Path, b: Path) -> bool:
+    x, y = (load_file(str(d / "final_state.safetensors")) for d in (a, b))
+    return sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": cpu_model(), "torch_threads": torch.get_num_threads()}
+
+
+def overhead(args: argparse.Namespace, work: Path) -> dict:
+    at = [int(r) for r in args.at.split(",")]
     cfg = work / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(args.data_dir)))
-    cli = [sys.executable, "-m", "fedlora.cli"]
-    runs: dict[str, list[tuple[float, float]]] = {"inprocess": [], "flower": []}
+    cfg.write_text(yaml.safe_dump(tiny_config(args.data_dir, max(at), args.nodes)))
+    parts = partition(cfg, work, [])
+    files = [str(parts / f"client_{k:03d}.jsonl") for k in range(args.nodes)]
+    fl, ip = work / "flower", work / "inprocess"
+    with LocalFederation(work / "federation", nodes=args.nodes, data_files=files) as fed:
+        seconds = run([*CLI, "flower", "run", str(parts / "config.yaml"), "--out", str(fl), "--superlink",
+                       fed.address, "--insecure", "--min-clients", str(args.nodes), "--quiet"])
+    run([*CLI, "run", str(cfg), "--out", str(ip), "--quiet"])
+    history = [json.loads(line) for line in (fl / "metrics.jsonl").read_text().splitlines()]
+    per_round = {}
+    for r in history:
+        if r["round"] in at:
+            cs = r["clients"]
+            per_round[str(r["round"])] = {
+                "round_trip_minus_training_seconds": statistics.median(c["seconds"] - c["train_seconds"] for c in cs),
+                "node_work_outside_training_seconds": statistics.median(c["node_seconds"] - c["train_seconds"]
+                                                                        for c in cs),
+                "training_seconds": statistics.median(c["train_seconds"] for c in cs),
+                "round_wall_seconds": r["wall_seconds"],
+            }
+    return {
+        "what": f"{max(at)} rounds, AFLoRA, tiny-llama, {args.nodes} nodes each with its own file, threads=1; "
+                "medians over the round's clients",
+        "per_round": per_round,
+        "flower_command_seconds": seconds,
+        "same_final_adapter_as_inprocess": same_adapter(fl, ip),
+    }
+
+
+def compare(args: argparse.Namespace, work: Path) -> dict:
+    config = Path(args.config).resolve()
+    sets = [x for s in args.set for x in ("--set", s)]
+    parts = partition(config, work, sets)
+    nodes = args.nodes
+    files = [str(parts / f"client_{k:03d}.jsonl") for k in range(nodes)]
+    times: dict[str, list[float]] = {"inprocess": [], "flower": []}
+    same = True
     t = time.perf_counter()
-    with LocalFederation(work / "federation", nodes=NODES) as fed:
+    with LocalFederation(work / "federation", nodes=nodes, data_files=files) as fed:
         startup = time.perf_counter() - t
         for i in range(args.repeats):
             ip, fl = work / f"inprocess-{i}", work / f"flower-{i}"
-            runs["inprocess"].append(timed([*cli, "run", str(cfg), "--out", str(ip), "--quiet"], ip))
-            runs["flower"].append(timed([*cli, "flower", "run", str(cfg), "--out", str(fl), "--superlink",
-                                         fed.address, "--insecure", "--min-clients", str(NODES), "--quiet"], fl))
-            a, b = (load_file(str(d / "final_state.safetensors")) for d in (ip, fl))
-            assert all(torch.equal(a[k], b[k]) for k in a), "Flower and in-process results differ"
-            print(f"repeat {i}: in-process {runs['inprocess'][-1][0]:.1f} s, Flower {runs['flower'][-1][0]:.1f} s",
+            times["inprocess"].append(run([*CLI, "run", str(config), *sets, "--out", str(ip), "--quiet"]))
+            times["flower"].append(run([*CLI, "flower", "run", str(parts / "config.yaml"), *sets, "--out", str(fl),
+                                        "--superlink", fed.address, "--insecure", "--min-clients", str(nodes),
+                                        "--quiet"]))
+            same = same and same_adapter(ip, fl)
+            print(f"repeat {i}: in-process {times['inprocess'][-1]:.1f} s, Flower {times['flower'][-1]:.1f} s",
                   flush=True)
-
-    med = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
-    rounds = {k: statistics.median(r for _, r in v) for k, v in runs.items()}
-    result = {
-        "what": "3 rounds, AFLoRA, tiny-llama, 3 clients (400 AG News examples), threads=1",
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "what": f"{config.name} {' '.join(args.set)} on {nodes} local nodes, each with only its own file",
         "repeats": args.repeats,
         "superlink_and_supernodes_startup_seconds": startup,
-        "command_seconds": {k: [w for w, _ in v] for k, v in runs.items()},
+        "command_seconds": times,
         "median_command_seconds": med,
         "ratio_flower_over_inprocess": med["flower"] / med["inprocess"],
-        "median_rounds_wall_seconds": rounds,
-        "same_final_adapter": True,
-        "machine": {"platform": platform.platform(), "processor": cpu_model()},
-        "command": "python bench/flower_overhead.py --repeats " + str(args.repeats),
+        "same_final_adapter": same,
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    o = sub.add_parser("overhead", help="client overhead per round at rounds --at")
+    o.add_argument("--at", default="1,10,30", help="rounds to report (the run has the largest)")
+    o.add_argument("--nodes", type=int, default=3)
+    o.add_argument("--out", default="docs/bench/flower_client_overhead.json")
+    c = sub.add_parser("compare", help="Flower against in-process, whole commands")
+    c.add_argument("--config", default=str(ROOT / "configs/quickstart.yaml"))
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (both runs)")
+    c.add_argument("--nodes", type=int, default=10, help="must equal the config's federation.num_clients")
+    c.add_argument("--repeats", type=int, default=2)
+    c.add_argument("--out", default="docs/bench/flower_vs_inprocess_quickstart.json")
+    for p in (o, c):
+        p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
+    result = overhead(args, work) if args.what == "overhead" else compare(args, work)
+    result.update(machine=machine(), command="python " + " ".join(sys.argv))
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -151,27 +151,28 @@ class LoopbackGrid:
 
 @pytest.fixture
 def fast_builds(monkeypatch):
-    """Federation.build with the task built once per config (every client builds the same
-    task; the model is rebuilt each time, as in a fresh ClientApp process). Yields the
-    Federations built, in order."""
+    """The data read and partitioned once per config (every node and the server cut the same
+    pool; the model is loaded each time, as in a fresh ClientApp process). Yields the
+    Federations assembled (server and nodes), in order."""
+    from fedlora.data import task as task_module
     from fedlora.runtime import inprocess
 
-    tasks, built = {}, []
-    real_task, real_build = inprocess.build_task, inprocess.Federation.build.__func__
+    pools, built = {}, []
+    real_check, real_assemble = task_module.check_data, inprocess.Federation.assemble.__func__
 
-    def cached_task(cfg, tokenizer):
+    def cached_check(cfg):
         key = cfg.model_dump_json()
-        if key not in tasks:
-            tasks[key] = real_task(cfg, tokenizer)
-        return tasks[key]
+        if key not in pools:
+            pools[key] = real_check(cfg)
+        return pools[key]
 
-    def build(cls, cfg):
-        fed = real_build(cls, cfg)
+    def assemble(cls, cfg, tokenizer, task):
+        fed = real_assemble(cls, cfg, tokenizer, task)
         built.append(fed)
         return fed
 
-    monkeypatch.setattr(inprocess, "build_task", cached_task)
-    monkeypatch.setattr(inprocess.Federation, "build", classmethod(build))
+    monkeypatch.setattr(task_module, "check_data", cached_check)
+    monkeypatch.setattr(inprocess.Federation, "assemble", classmethod(assemble))
     return built
 
 

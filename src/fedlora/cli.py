@@ -34,8 +34,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     run_dir, cfg = resolve_run(args)
     cfg.check_files()
-    summary = Simulation(cfg, run_dir, progress=not args.quiet).run(resume=bool(args.resume))
+    replay = None
+    if args.replay:
+        from fedlora.runtime.replay import Participation
+
+        replay = Participation.read(Path(args.replay))
+    summary = Simulation(cfg, run_dir, progress=not args.quiet, replay=replay).run(resume=bool(args.resume))
     print_summary(run_dir, summary)
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from fedlora.config import load_config, parse_overrides
+    from fedlora.data.node_files import write_partitions
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg.check_files()
+    manifest = write_partitions(cfg, Path(args.out))
+    for c in manifest["clients"]:
+        print(f"client {c['client']}: {Path(args.out) / c['file']}  {c['examples']} examples  {c['label_counts']}")
+    print(f"Flower config (nodes.local_data): {Path(args.out) / 'config.yaml'}; start node k with "
+          f"--node-config 'partition-id=k num-partitions={manifest['num_clients']} data-file=<its file>'")
     return 0
 
 
@@ -164,7 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         run_options("YAML config (see configs/)", "runs/<method>-<time>",
                     "continue an interrupted run (verified first); with --set federation.rounds=N, extend it"),
         quiet])
+    run.add_argument("--replay", metavar="RUN_DIR", help="take part as the clients of a recorded run did (a Flower "
+                     "run with failures): same config and seed give its final adapter")
     run.set_defaults(func=_cmd_run)
+
+    part = sub.add_parser("partition", help="write each client's partition as its own data file (for real nodes)",
+                          parents=[config_options("YAML config (the whole dataset, as for `fedlora run`)")])
+    part.add_argument("--out", required=True, help="a new folder: client_NNN.jsonl, config.yaml, manifest.json")
+    part.set_defaults(func=_cmd_partition)
 
     ev = sub.add_parser("eval", help="evaluate the untuned model (or a run's final model) on a config's test set / MMLU",
                         parents=[config_options("YAML config: its data and evaluation sections (with --run: its "

@@ -462,6 +462,29 @@ class LoggingConfig(Strict):
     (needs the `tensorboard` extra: pip install 'fedlora[tensorboard]')."""
 
 
+class NodesConfig(Strict):
+    """Flower deployments whose SuperNodes hold their own data (node config `data-file=PATH`)."""
+
+    local_data: bool = False
+    """True: each SuperNode trains on its own data file (CSV or JSONL, the columns of
+    `data.columns`) and reports its example count and label histogram when asked; the server
+    reads only the test (and public) data, never a client's. False: every node cuts its shard
+    from the shared dataset with the global partitioner, as `fedlora run` does."""
+    classes: list[str] | None = None
+    """With local_data and `custom` data: the class (or category) names in index order, how a
+    node maps its label column (`fedlora partition` writes them). None: the dataset's own."""
+    max_examples: int = Field(1_000_000, ge=1)
+    """The most examples a node may report; a larger count is refused (a node's count weights
+    its update in the average)."""
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(v) < 1 or len(set(v)) != len(v) or any(not c.strip() for c in v)):
+            raise ValueError("must be distinct, non-empty names")
+        return v
+
+
 class RunConfig(Strict):
     """One run: every section of a config file."""
 
@@ -486,6 +509,26 @@ class RunConfig(Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     """Differential privacy: client-level or sample-level (DP-SGD), with its accountant."""
+    nodes: NodesConfig = Field(default_factory=NodesConfig)
+    """Flower: whether SuperNodes serve their own data files (see docs/howto/real-nodes.md)."""
+
+    @model_validator(mode="after")
+    def _data_source(self) -> RunConfig:
+        """Where the clients' data comes from: a training file (or hub dataset), or the nodes."""
+        d, nodes = self.data, self.nodes
+        if d.dataset == "custom" and d.train_file is None and d.hub_name is None and not nodes.local_data:
+            raise ValueError("data: dataset custom needs train_file or hub_name")
+        if nodes.local_data:
+            if d.dataset == "custom" and d.test_file is None and d.hub_name is None:
+                raise ValueError("data.test_file: nodes.local_data needs a test file (the server never reads "
+                                 "the clients' training data)")
+            if d.dataset == "custom" and nodes.classes is None and (d.task == "classification" or d.columns.category):
+                raise ValueError("nodes.classes: nodes.local_data with custom data needs the class names in "
+                                 "index order (fedlora partition writes them)")
+            if d.validation_examples is not None:
+                raise ValueError("data.validation_examples: tuning carves validation data off the training "
+                                 "pool, which nodes.local_data keeps on the nodes")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -730,18 +773,28 @@ def read_tree(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     raw = read_user_file(path, MAX_CONFIG_BYTES, "config error")  # bytes counted: /dev/zero, a FIFO
     try:
-        tree = load_yaml(raw.decode("utf-8")) or {}
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config error: {path}: not UTF-8 text") from None
+    return parse_tree(text, str(path))
+
+
+def parse_tree(text: str, where: str) -> dict[str, Any]:
+    """The YAML mapping of a config's text (a file's, or one sent over Flower), or a one-line
+    ConfigError naming `where`; at most MAX_CONFIG_BYTES."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error: {where}: more than {MAX_CONFIG_BYTES} bytes, more than a config may have")
+    try:
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "cannot parse"
-        raise ConfigError(f"config error: {path}: invalid YAML{where}: {problem}") from None
+        raise ConfigError(f"config error: {where}: invalid YAML{at}: {problem}") from None
     except BAD_YAML as err:
-        raise ConfigError(f"config error: {path}: invalid YAML: {str(err).splitlines()[0][:120]}") from None
+        raise ConfigError(f"config error: {where}: invalid YAML: {str(err).splitlines()[0][:120]}") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"config error: {path}: top level must be a mapping")
+        raise ConfigError(f"config error: {where}: top level must be a mapping")
     return tree
 
 

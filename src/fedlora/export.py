@@ -34,9 +34,10 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
 from fedlora.files import atomic_write, tensors_to_bytes
 from fedlora.lowrank import stack_factors, svd_factors
-from fedlora.runtime.checkpoint import CHECKPOINT, FINAL_STATE, check_state
+from fedlora.runtime.checkpoint import CHECKPOINT, check_state
 from fedlora.runtime.outputs import client_sizes
-from fedlora.runtime.rundir import saved_config, verify_run
+from fedlora.runtime.rebuild import read_run
+from fedlora.runtime.rundir import saved_config
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module → (B, A), ΔW = s · B A
 
@@ -112,11 +113,9 @@ def load_run(run_dir: Path) -> RunModel:
     """Rebuild the run's base model and stack every update it learned (merges, then final)."""
     run_dir = Path(run_dir)
     cfg = saved_config(run_dir)
-    ckpt, merges = verify_run(run_dir, cfg)  # the checkpoint, config.yaml and every merge file
-    if not (run_dir / FINAL_STATE).exists():
-        raise FileNotFoundError(f"export: {run_dir} has no {FINAL_STATE} (the run did not finish)")
-    state = ckpt.load_final_state(run_dir)  # its SHA-256 is the checkpoint's record
-    sizes = _client_sizes(run_dir, cfg.federation.num_clients, ckpt.partition_sha256)
+    saved = read_run(run_dir, cfg, final=True)  # the checkpoint, config.yaml, every merge, the final state
+    state = saved.final_state
+    sizes = _client_sizes(run_dir, cfg.federation.num_clients, saved.checkpoint.partition_sha256)
     model, tokenizer = load_base_model(cfg.model.name, seed=cfg.seed)
     adapters = Adapters.inject(model, cfg.model.target_modules, cfg.scaling)
     shapes = adapters.shapes()
@@ -124,7 +123,7 @@ def load_run(run_dir: Path) -> RunModel:
     setup = FederationSetup(shapes, list(cfg.federation.client_max_ranks), sizes, cfg.scaling, cfg.seed)
     final = build_algorithm(cfg.algorithm, setup).eval_factors(state)
     final_pairs = {name: pair for name in shapes if (pair := fold_diagonal(final, name)) is not None}
-    parts = [*merges, final_pairs]
+    parts = [*saved.merges, final_pairs]  # stacked, not replayed: an adapter of rank Σ_t r_t
     return RunModel(cfg, model, tokenizer, adapters, stack_updates(parts, shapes))
 
 

@@ -119,10 +119,7 @@ def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
         raw_test = None
     if d.test_file is not None:
         raw_test = _read(Path(d.test_file), "data.test_file")
-    c = d.columns
-    group_col = c.label if d.task == "classification" else c.category
-    needed = ({"text": c.text, "label": c.label} if d.task == "classification" else
-              {"instruction": c.instruction, "input": c.input, "response": c.response, "category": c.category})
+    needed = _needed_columns(d)
     hub = ("data.hub_name", f"{d.hub_name} (train split)")
     _require(raw_train, needed, *(("data.train_file", d.train_file) if d.train_file else hub))
     if raw_test is not None:
@@ -130,6 +127,7 @@ def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
                                      ("data.hub_name", f"{d.hub_name} (test split)")))
 
     # Class / category names: the hub's ClassLabel names, else the sorted distinct values.
+    group_col = _group_column(d)
     feature = raw_train.features.get(group_col) if group_col else None
     if feature is not None and hasattr(feature, "names"):
         names = list(feature.names)
@@ -138,23 +136,95 @@ def load_custom(d: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
         names = sorted({str(v) for v in values})
     else:
         names = ["all"]
+    indexed = feature is not None and hasattr(feature, "names")
+    return (_convert(raw_train, d, names, group_col, indexed),
+            _convert(raw_test, d, names, group_col, indexed) if raw_test is not None else None, names)
 
-    def convert(ds: Dataset) -> Dataset:
-        if group_col is None:
-            labels = [0] * len(ds)
-        elif feature is not None and hasattr(feature, "names"):
-            labels = [int(v) for v in ds[group_col]]
-        else:
-            labels = [names.index(str(v)) for v in ds[group_col]]
-        if d.task == "classification":
-            return Dataset.from_dict({"text": [str(t) for t in ds[c.text]], "label": labels})
-        inputs = [str(v or "") for v in ds[c.input]] if c.input else [""] * len(ds)
-        return Dataset.from_dict({
-            "instruction": [str(v) for v in ds[c.instruction]], "input": inputs,
-            "response": [str(v) for v in ds[c.response]], "label": labels,
-        })
 
-    return convert(raw_train), convert(raw_test) if raw_test is not None else None, names
+def _group_column(d: DataConfig) -> str | None:
+    return d.columns.label if d.task == "classification" else d.columns.category
+
+
+def _needed_columns(d: DataConfig) -> dict[str, str | None]:
+    c = d.columns
+    if d.task == "classification":
+        return {"text": c.text, "label": c.label}
+    return {"instruction": c.instruction, "input": c.input, "response": c.response, "category": c.category}
+
+
+def _node_group_column(d: DataConfig, names: list[str]) -> str | None:
+    """A node file's class (category) column: the configured one, else `category` for
+    instruction data with categories (Dolly's, kept so each node's histogram is its own)."""
+    return _group_column(d) or ("category" if len(names) > 1 else None)
+
+
+def _convert(ds: Dataset, d: DataConfig, names: list[str], group_col: str | None, indexed: bool = False,
+             where: str | Path = "") -> Dataset:
+    """`ds` in our column layout; labels as indices into `names` (`indexed`: they are already)."""
+    c = d.columns
+    if group_col is None:
+        labels = [0] * len(ds)
+    elif indexed:
+        labels = [int(v) for v in ds[group_col]]
+    else:
+        index = {name: i for i, name in enumerate(names)}
+        labels = []
+        for row, v in enumerate(ds[group_col]):
+            if str(v) not in index:
+                raise DataError(f"data error: {where}: data row {row + 1}: {group_col} {str(v)[:80]!r} is not one of "
+                                f"the run's classes ({', '.join(names)})")
+            labels.append(index[str(v)])
+    if d.task == "classification":
+        return Dataset.from_dict({"text": [str(t) for t in ds[c.text]], "label": labels})
+    inputs = [str(v or "") for v in ds[c.input]] if c.input else [""] * len(ds)
+    return Dataset.from_dict({
+        "instruction": [str(v) for v in ds[c.instruction]], "input": inputs,
+        "response": [str(v) for v in ds[c.response]], "label": labels,
+    })
+
+
+def load_node_file(path: Path, d: DataConfig, names: list[str]) -> Dataset:
+    """A SuperNode's own data file (node config `data-file`) in our column layout: the run's
+    columns, labels mapped to the run's class names (an unknown one is a DataError)."""
+    ds = _read(Path(path), "node config data-file")
+    group_col = _node_group_column(d, names)
+    needed = {**_needed_columns(d), **({"category": group_col} if group_col else {})}
+    _require(ds, needed, "node config data-file", path)
+    return _convert(ds, d, names, group_col, where=f"node config data-file: {path}")
+
+
+def write_node_file(path: Path, ds: Dataset, d: DataConfig, names: list[str]) -> None:
+    """`ds` (our layout) as a JSONL file `load_node_file` reads back with the same config:
+    the run's column names, labels by class name."""
+    import json
+
+    c, group_col = d.columns, _node_group_column(d, names)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in ds:
+            if d.task == "classification":
+                out = {c.text: row["text"], c.label: names[row["label"]]}
+            else:
+                out = {c.instruction: row["instruction"], c.response: row["response"]}
+                if c.input:
+                    out[c.input] = row["input"]
+                if group_col:
+                    out[group_col] = names[row["label"]]
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+
+
+def load_test_file(d: DataConfig, names: list[str]) -> Dataset:
+    """nodes.local_data: the server's test set alone (data.test_file, or the hub dataset's test
+    split), labels mapped to the run's class names."""
+    if d.test_file is not None:
+        ds, field, where = _read(Path(d.test_file), "data.test_file"), "data.test_file", d.test_file
+    else:
+        from datasets import load_dataset
+
+        with reading("data.hub_name", d.hub_name):
+            ds = load_dataset(d.hub_name, d.hub_config, split="test")
+        field, where = "data.hub_name", f"{d.hub_name} (test split)"
+    _require(ds, _needed_columns(d), field, where)
+    return _convert(ds, d, names, _group_column(d), where=f"{field}: {where}")
 
 
 def _load(d: DataConfig, exclude: Collection[int]) -> Source:
@@ -165,7 +235,11 @@ def _load(d: DataConfig, exclude: Collection[int]) -> Source:
 
 
 def _needs_a_source(d: DataConfig) -> str | None:
-    return "dataset custom needs train_file or hub_name" if d.train_file is None and d.hub_name is None else None
+    """A training file or hub dataset; a test file alone is a Flower run's on node-local data
+    (nodes.local_data: the RunConfig checks the rest)."""
+    if d.train_file is None and d.hub_name is None and d.test_file is None:
+        return "dataset custom needs train_file or hub_name"
+    return None
 
 
 register_dataset(DatasetSpec(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -10,6 +11,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.alpaca import ALPACA_FILE, as_prompt_response, heldout_indices, load_alpaca, public_indices
+from fedlora.data.custom import load_node_file, load_test_file
 from fedlora.data.checks import check_examples, warn_small_clients
 from fedlora.data.encode import (
     Encoded,
@@ -23,10 +25,10 @@ from fedlora.data.partition import partition_indices
 from fedlora.data.personal import personal_holdout
 from fedlora.data.reading import reading
 from fedlora.data.sources import load_source
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from fedlora.config import EvaluationConfig, RunConfig
+    from fedlora.config import DataConfig, EvaluationConfig, RunConfig
 
 
 @dataclass
@@ -51,9 +53,20 @@ class FederatedTask:
     """Per client, its held-out examples (`evaluation.personalized`; empty otherwise)."""
     personal_ids: list[list[int]] = field(default_factory=list)
     """Per client, each held-out example's row in the seeded training pool (the pairing key)."""
+    reported: list[list[int]] | None = None
+    """Node-local data (Flower, nodes.local_data): each client's label histogram as its node
+    reported it; the server then holds no client examples (`clients` are empty)."""
+
+    def client_sizes(self) -> list[int]:
+        """Examples per client (the weights of their updates)."""
+        if self.reported is not None:
+            return [sum(row) for row in self.reported]
+        return [len(c) for c in self.clients]
 
     def partition_table(self) -> list[list[int]]:
         """Examples per client per class (or category)."""
+        if self.reported is not None:
+            return [list(row) for row in self.reported]
         n = max(len(self.names), len(self.label_ids))
         labels = self.client_labels or [[e.target for e in c] for c in self.clients]
         return [np.bincount(np.asarray(c, dtype=int), minlength=n).tolist() for c in labels]
@@ -96,9 +109,9 @@ class DataPool:
     """Indices into `train` of each client's held-out part (`evaluation.personalized`)."""
 
 
-def check_data(cfg: RunConfig) -> DataPool:
-    """Load, check and partition the run's data (no tokenizer, no model): a bad file or a
-    partition that cannot work stops here with one line. Same seed ⇒ same pool and shards."""
+def _public_pairs(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[int]]:
+    """The server's public (prompt, response) pairs, its held-out ones, and the Alpaca rows
+    they take (excluded from the clients' pool when the clients' data is Alpaca too)."""
     d = cfg.data
     pairs: list[tuple[str, str]] = []
     heldout: list[tuple[str, str]] = []
@@ -113,7 +126,14 @@ def check_data(cfg: RunConfig) -> DataPool:
         pairs, heldout = [every[i] for i in idx], [every[i] for i in held]
         if d.dataset == "alpaca" and d.hub_name == cfg.public_data.hub_name:
             exclude = sorted(idx + held)  # the public draw is disjoint from the clients' data
+    return pairs, heldout, exclude
 
+
+def check_data(cfg: RunConfig) -> DataPool:
+    """Load, check and partition the run's data (no tokenizer, no model): a bad file or a
+    partition that cannot work stops here with one line. Same seed ⇒ same pool and shards."""
+    d = cfg.data
+    pairs, heldout, exclude = _public_pairs(cfg)
     src = load_source(d, exclude)
     # Local files are grouped (by class, category or client): shuffle (seeded) before capping
     # or splitting.
@@ -152,29 +172,62 @@ def check_data(cfg: RunConfig) -> DataPool:
     return DataPool(train, test, list(src.names), parts, pairs, heldout, rows, personal)
 
 
-def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
-    """Same seed ⇒ same shards, same test subset, same public set, whatever the method."""
+def encode_examples(ds: Dataset, d: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Examples in our column layout, encoded one by one (so a client's shard encodes the same
+    alone, on its node, as inside the whole pool)."""
+    if d.task == "classification":
+        return encode_classification(list(ds["text"]), list(ds["label"]), tokenizer, d.prompt, d.max_length)
+    return encode_instruction_data(ds, d, tokenizer)
+
+
+def task_label_ids(d: DataConfig, tokenizer: PreTrainedTokenizerBase, names: list[str]) -> list[int]:
+    """The label words' token ids (classification), none for instruction data."""
+    return label_token_ids(tokenizer, d.label_words or names) if d.task == "classification" else []
+
+
+def server_pool(cfg: RunConfig, names: list[str]) -> DataPool:
+    """nodes.local_data: the server's own data, the test subset (and the public data), never a
+    client's; `names` are the run's classes (nodes.classes or the dataset's)."""
     d = cfg.data
-    pool = check_data(cfg)
+    pairs, heldout, exclude = _public_pairs(cfg)
+    if d.dataset == "custom":
+        test = load_test_file(d, names)
+    else:  # datasets without a test split cut it from the whole file (seeded, as in-process)
+        test = load_source(d, exclude).test
+    rows = draw_test_rows(len(test), d.test_examples, cfg.seed)
+    test = test.select(rows)
+    if not len(test):
+        raise DataError(f"data error: {d.test_file or d.dataset}: no test examples")
+    return DataPool(Dataset.from_dict({"label": []}), test, names, [], pairs, heldout, rows)
+
+
+def run_classes(cfg: RunConfig) -> list[str]:
+    """The class (category) names of a run on node-local data: nodes.classes, else the dataset's
+    own (read from its source: a built-in dataset's names are fixed)."""
+    if cfg.nodes.classes is not None:
+        return list(cfg.nodes.classes)
+    if cfg.data.dataset == "custom":
+        return ["all"]  # instruction data without categories (the config requires classes otherwise)
+    return list(load_source(cfg.data, _public_pairs(cfg)[2]).names)
+
+
+def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase,
+               reported: list[list[int]] | None = None) -> FederatedTask:
+    """Same seed ⇒ same shards, same test subset, same public set, whatever the method.
+    `reported` (nodes.local_data): the label histograms the nodes reported; the task then
+    holds the server's data only (no client examples)."""
+    d = cfg.data
+    pool = check_data(cfg) if reported is None else server_pool(cfg, run_classes(cfg))
     train, test, parts = pool.train, pool.test, pool.parts
     public = encode_instruction(pool.public_pairs, tokenizer, cfg.public_data.max_length)
     heldout = encode_instruction(pool.heldout_pairs, tokenizer, cfg.public_data.max_length)
     labels = list(train["label"])
-    if d.task == "classification":
-        label_ids = label_token_ids(tokenizer, d.label_words or pool.names)
-        encoded = encode_classification(list(train["text"]), labels, tokenizer, d.prompt, d.max_length)
-        test_enc = encode_classification(
-            list(test["text"]), list(test["label"]), tokenizer, d.prompt, d.max_length
-        )
-    else:
-        label_ids = []
-        encoded = encode_instruction_data(train, d, tokenizer)
-        test_enc = encode_instruction_data(test, d, tokenizer)
+    encoded = encode_examples(train, d, tokenizer) if len(train) else []
     mmlu = build_mmlu(cfg.evaluation, d.data_dir, tokenizer, cfg.seed) if cfg.evaluation.mmlu else None
     return FederatedTask(
-        clients=[[encoded[i] for i in idx] for idx in parts],
-        test=test_enc,
-        label_ids=label_ids,
+        clients=[[encoded[i] for i in idx] for idx in parts] if reported is None else [[] for _ in reported],
+        test=encode_examples(test, d, tokenizer),
+        label_ids=task_label_ids(d, tokenizer, pool.names),
         public=public,
         public_heldout=heldout,
         kind=d.task,
@@ -184,4 +237,27 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         test_ids=pool.test_ids,
         personal=[[encoded[i] for i in idx] for idx in pool.personal_parts],
         personal_ids=pool.personal_parts,
+        reported=reported,
     )
+
+
+def node_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, client: int,
+              data_file: str | None = None, names: list[str] | None = None) -> FederatedTask:
+    """One Flower node's view of the task: its own examples only (client `client`'s; every other
+    client's shard is empty, and there is no test set). With `data_file` (node-local data) they
+    are the file's, labels mapped to `names`, the run's classes; without, the node cuts its shard
+    from the shared dataset with the global partitioner, as in-process."""
+    d = cfg.data
+    if data_file is not None:
+        own = load_node_file(Path(data_file), d, list(names or []))
+        if not len(own):
+            raise DataError(f"data error: node config data-file: {data_file}: no data rows")
+        names = list(names or [])
+    else:
+        pool = check_data(cfg)
+        own, names = pool.train.select(pool.parts[client]), pool.names
+    clients: list[list[Encoded]] = [[] for _ in range(cfg.federation.num_clients)]
+    labels: list[list[int]] = [[] for _ in range(cfg.federation.num_clients)]
+    clients[client], labels[client] = encode_examples(own, d, tokenizer), list(own["label"])
+    return FederatedTask(clients=clients, test=[], label_ids=task_label_ids(d, tokenizer, names), kind=d.task,
+                         names=names, client_labels=labels)

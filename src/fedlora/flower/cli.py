@@ -31,9 +31,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg.check_files()
     if cfg.privacy.mode != "none":  # the stage lives in the in-process runtime so far
         raise ConfigError(f"config error: privacy.mode: {cfg.privacy.mode} is not on the Flower runtime yet; use fedlora run")
-    from fedlora.data.task import check_data
+    from fedlora.data.task import check_data, run_classes, server_pool
 
-    check_data(cfg)  # a bad data file stops here with one line, not inside the Flower apps
+    # a bad data file stops here with one line, not inside the Flower apps
+    server_pool(cfg, run_classes(cfg)) if cfg.nodes.local_data else check_data(cfg)
+    files = node_files(args.node_data, args.local or 0, cfg.federation.num_clients)
+    if files and not cfg.nodes.local_data:
+        raise ConfigError("config error: --node-data: the config must set nodes.local_data: true "
+                          "(fedlora partition writes such a config.yaml)")
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
@@ -50,7 +55,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             fed = Testbed(workdir / "testbed", nodes=len(profile.nodes), partitions=cfg.federation.num_clients,
                           profile=profile)
         else:
-            fed = LocalFederation(workdir / "local", nodes=args.local, partitions=cfg.federation.num_clients)
+            fed = LocalFederation(workdir / "local", nodes=args.local, partitions=cfg.federation.num_clients,
+                                  data_files=files)
         with fed:
             print(f"SuperLink on {fed.address} with {fed.nodes} SuperNodes (logs: {fed.workdir / 'logs'})")
             proc = flwr_run(workdir, fed.address, run_config, quiet=args.quiet, prefix=fed.flwr_prefix())
@@ -65,11 +71,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_files(folder: str | None, nodes: int, partitions: int) -> list[str] | None:
+    """Node i's own data file, client_<i>.jsonl of a `fedlora partition` folder (checked here:
+    one line if one is missing)."""
+    if not folder:
+        return None
+    from fedlora.data.node_files import node_file
+
+    if nodes > partitions:
+        raise ConfigError(f"config error: --node-data: {nodes} nodes for {partitions} partitions")
+    files = [node_file(Path(folder), i).resolve() for i in range(nodes)]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise ConfigError(f"config error: --node-data: {missing}: file not found (written by fedlora partition)")
+    return [str(f) for f in files]
+
+
 def _cmd_local(args: argparse.Namespace) -> int:
     from fedlora.flower.launch import LocalFederation
 
     fed = LocalFederation(Path(args.workdir), nodes=args.nodes, partitions=args.partitions,
-                          data_dir=args.data_dir, port=args.port)
+                          data_dir=args.data_dir, port=args.port,
+                          data_files=node_files(args.node_data, args.nodes, args.partitions or args.nodes))
     with fed:
         print(f"SuperLink on {fed.address}, {args.nodes} SuperNodes (partition-id 0..{args.nodes - 1} of "
               f"{fed.partitions}); logs in {fed.workdir / 'logs'}")
@@ -130,6 +153,8 @@ def add_parser(sub) -> None:
     run.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default port 8000)")
     run.add_argument("--root-certificates", metavar="CA", help="CA certificate of a TLS SuperLink")
     run.add_argument("--insecure", action="store_true", help="plain HTTP (a local trial only)")
+    run.add_argument("--node-data", metavar="DIR", help="with --local: node i serves DIR/client_<i>.jsonl only "
+                     "(a `fedlora partition` folder; the config needs nodes.local_data)")
     run.add_argument("--local", type=int, metavar="N",
                      help="start a SuperLink and N SuperNodes on 127.0.0.1 for this run, stop them after")
     run.add_argument("--testbed", metavar="PROFILE",
@@ -149,6 +174,7 @@ def add_parser(sub) -> None:
     local.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     local.add_argument("--workdir", default="runs/flower-local", help="logs and client state")
     local.add_argument("--data-dir", help="data directory the clients read (default: the config's)")
+    local.add_argument("--node-data", metavar="DIR", help="node i serves DIR/client_<i>.jsonl only (fedlora partition)")
     local.set_defaults(func=_cmd_local)
 
     testbed = fsub.add_parser("testbed", help="run CONFIG on an emulated heterogeneous testbed described by "

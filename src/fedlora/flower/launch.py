@@ -117,6 +117,8 @@ class LocalFederation:
     nodes: int
     partitions: int | None = None
     data_dir: str | None = None
+    data_files: list[str] | None = None
+    """Node i's own data file (node config data-file): a run with nodes.local_data."""
     port: int = 0
     host: str = "127.0.0.1"
     """Where the SuperLink listens (the testbed puts it on its hub's address)."""
@@ -172,6 +174,8 @@ class LocalFederation:
                        f'state-dir="{self.workdir / "clients"}"')
         if self.data_dir:
             node_config += f' data-dir="{self.data_dir}"'
+        if self.data_files:
+            node_config += f' data-file="{self.data_files[i]}"'
         security = ["--root-certificates", str(self.certs["ca"])] if self.certs else ["--insecure"]
         if self.node_keys:
             security += ["--auth-supernode-private-key", str(self.node_keys[i][0])]

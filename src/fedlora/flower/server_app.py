@@ -1,9 +1,13 @@
 """The Flower ServerApp: the in-process runtime's rounds, with clients reached through a Grid.
 
 `FlowerRun` is the in-process `Simulation` with one part replaced, the transport
-(`_train_clients`): sampling, validation, aggregation, merging, evaluation, checkpoints,
+(`_train_stage`, driven by the one stage loop): sampling, validation, aggregation, merging, evaluation, checkpoints,
 metrics and resume are the very same code, so a Flower run of a config gives the same
 global adapter as `fedlora run` when the same clients answer.
+
+With nodes.local_data the server first asks every node what it holds (a NodeReport: example
+count, label histogram, checked like an update: fedlora.flower.reports) and starts once every
+partition has a valid report; it never reads a client's data.
 
 Per round the server
   1. asks nodes it does not know yet which partition they serve (`query` messages),
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from pathlib import Path
@@ -36,29 +41,39 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.algorithms.base import InvalidUpdate, Update
-from fedlora.config import ConfigError, build_config, dump_config, load_yaml
+from fedlora.config import ConfigError, build_config, dump_config, parse_tree
 from fedlora.flower.records import checked_run_key, from_arrays, merge_key, to_arrays
+from fedlora.flower.reports import InvalidReport, NodeReport
 from fedlora.runtime.checkpoint import merge_path
 from fedlora.files import RunFileError, load_tensors, read_json
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import write_json
-from fedlora.runtime.rounds import Accepted, accept_update, reject, screen_norms
+from fedlora.runtime.progress import setup_logging
+from fedlora.runtime.rebuild import base_digest
+from fedlora.runtime.rounds import Result
 
 log = logging.getLogger("fedlora")
 
 app = ServerApp()
 
 RUN_KEY_FILE = "flower_run.json"
+REPORTS_FILE = "node_reports.json"
 QUERY_TIMEOUT = 60.0
+"""At least this long for nodes to answer a query (a node reading its data file imports the
+data stack first); the round timeout when that is longer."""
+SERVER_LOG = "flower/server.log"
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "transformers", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     rc = context.run_config
-    cfg = build_config(load_yaml(str(rc["config-yaml"])))
+    log_file = Path(str(rc["out"])) / SERVER_LOG  # the ServerApp's own lines, on the server host
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedlora").addHandler(handler)
+    cfg = build_config(parse_tree(str(rc["config-yaml"]), "run config config-yaml"))
     run = FlowerRun(
         cfg, Path(str(rc["out"])), grid,
         min_clients=int(rc.get("min-clients", 1)),
@@ -84,6 +99,9 @@ class FlowerRun(Simulation):
         self.node_wait = node_wait
         self.partition_node: dict[int, int] = {}  # partition-id → node id
         self.merged_through: dict[int, int] = {}  # partition-id → last round's base it holds
+        self.reports: dict[int, NodeReport] = {}  # nodes.local_data: what each partition's node reported
+        self.classes: list[str] = []
+        self._digest: tuple[int, str] | None = None  # (merges applied, SHA-256 of the base)
 
     def _run(self, resume: bool) -> dict[str, Any]:  # under the run directory's lock
         key_file = self.run_dir / RUN_KEY_FILE
@@ -93,9 +111,53 @@ class FlowerRun(Simulation):
             self.run_key = checked_run_key(read_json(key_file, 10_000).get("run_key"))
         except (ValueError, AttributeError) as err:
             raise RunFileError(f"run error: {key_file}: {err}") from None
+        if self.cfg.nodes.local_data:
+            self._collect_reports(resume)
         return super()._run(resume)
 
+    # -- node-local data: what the nodes report ----------------------------------------------
+    def _collect_reports(self, resume: bool) -> None:
+        """Every partition's report before the run starts (the example counts weight the
+        updates); a resumed run keeps the reports it started with (REPORTS_FILE)."""
+        from fedlora.data.task import run_classes
+
+        self.classes = run_classes(self.cfg)
+        path = self.run_dir / REPORTS_FILE
+        if resume and path.exists():
+            try:
+                saved = read_json(path, 10_000_000)
+                self.reports = {int(k): NodeReport.from_record(
+                    r, self.cfg.federation.num_clients, len(self.classes), self.cfg.nodes.max_examples)
+                    for k, r in saved.items()}
+            except (InvalidReport, ValueError, TypeError, AttributeError) as err:
+                raise RunFileError(f"run error: {path}: {err}") from None
+        deadline = time.monotonic() + self.node_wait
+        while len(self.reports) < self.cfg.federation.num_clients:
+            self._discover()
+            missing = sorted(set(range(self.cfg.federation.num_clients)) - set(self.reports))
+            if missing and time.monotonic() > deadline:
+                raise RuntimeError(f"nodes.local_data: no valid report from partitions {missing} within "
+                                   f"node-wait={self.node_wait:g}s; the run did not start")
+            if missing:
+                time.sleep(1.0)
+        write_json(path, {str(k): r.to_record() for k, r in sorted(self.reports.items())})
+
+    def _reported(self) -> list[list[int]] | None:
+        if not self.cfg.nodes.local_data:
+            return None
+        return [list(self.reports[k].label_counts or ()) for k in range(self.cfg.federation.num_clients)]
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        """Something that happened between rounds (a node joined, was refused, replaced):
+        logged now, and listed in the next round's `events` in metrics.jsonl."""
+        self.events.append({"event": kind, **fields})
+
     # -- which node serves which partition -------------------------------------------------
+    def _query(self) -> RecordDict:
+        if not self.cfg.nodes.local_data:
+            return RecordDict({})
+        return RecordDict({"config": ConfigRecord({"config-yaml": dump_config(self.cfg), "classes": self.classes})})
+
     def _discover(self) -> None:
         live = set(self.grid.get_node_ids())
         self.partition_node = {k: n for k, n in self.partition_node.items() if n in live}
@@ -103,26 +165,37 @@ class FlowerRun(Simulation):
         unknown = sorted(live - known)
         if not unknown:
             return
-        msgs = [Message(RecordDict({}), dst_node_id=n, message_type="query") for n in unknown]
-        for reply in self.grid.send_and_receive(msgs, timeout=QUERY_TIMEOUT):
+        msgs = [Message(self._query(), dst_node_id=n, message_type="query") for n in unknown]
+        local = self.cfg.nodes.local_data
+        for reply in self.grid.send_and_receive(msgs, timeout=max(QUERY_TIMEOUT, self.round_timeout)):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %d did not say which partition it serves: %s", node, reply.error.reason)
+                self._refuse(node, f"no report: {reply.error.reason}")
                 continue
-            info = reply.content.config_records.get("info") or {}
-            k, n = info.get("partition-id"), info.get("num-partitions")
-            if not (isinstance(k, int) and isinstance(n, int)) or isinstance(k, bool) or isinstance(n, bool):
-                log.warning("node %d: malformed answer to which partition it serves (%s); ignored", node, dict(info))
+            try:
+                report = NodeReport.from_record(
+                    dict(reply.content.config_records.get("info") or {}), self.cfg.federation.num_clients,
+                    len(self.classes) if local else None, self.cfg.nodes.max_examples)
+            except InvalidReport as err:
+                self._refuse(node, str(err))
                 continue
-            if n != self.cfg.federation.num_clients or not 0 <= k < n:
-                log.warning("node %d: partition-id=%d num-partitions=%d does not fit federation.num_clients=%d; "
-                            "ignored", node, k, n, self.cfg.federation.num_clients)
+            k = report.partition
+            if local and k in self.reports and self.reports[k] != report:
+                self._refuse(node, f"partition {k}: report {report.to_record()} differs from the one the run "
+                                   f"started with {self.reports[k].to_record()}")
                 continue
             if k in self.partition_node:
                 log.warning("partition %d: node %d replaces node %d", k, node, self.partition_node[k])
             self.partition_node[k] = node
+            if local:
+                self.reports[k] = report
             self.merged_through.pop(k, None)  # a (re)joining node: send it every base update
             log.info("node %d serves partition %d", node, k)
+            self._event("node joined", node=node, partition=k)
+
+    def _refuse(self, node: int, reason: str) -> None:
+        log.warning("node %d refused: %s", node, reason)
+        self._event("node refused", node=node, reason=reason)
 
     def _wait_for_nodes(self) -> None:
         deadline = time.monotonic() + self.node_wait
@@ -132,21 +205,72 @@ class FlowerRun(Simulation):
                 return
             time.sleep(2.0)
 
+    def _base_sha256(self, fed, ckpt) -> str:
+        """The digest of the server's base (after ckpt's merges), computed once per change."""
+        if self._digest is None or self._digest[0] != len(ckpt.merges):
+            self._digest = (len(ckpt.merges), base_digest(fed.adapters))
+        return self._digest[1]
+
     # -- the transport ------------------------------------------------------------------------
-    def _train_clients(self, fed, t, ckpt, selected, on_client):
-        """Send the selected clients their round, collect what comes back in time (in-process
-        `_train_clients` with Flower as the transport): one message round per stage, the
-        method's `aggregate_stage` between stages. Client state stays on the clients."""
-        self._wait_for_nodes()
-        algo = fed.algorithm
-        rejected: list[dict[str, Any]] = []
-        clients: list[dict[str, Any]] = []
-        state, updates = ckpt.state, []
-        for stage, lanes in enumerate(algo.stages(ckpt.state, selected)):
-            if stage:
-                state = algo.aggregate_stage(state, updates, stage - 1)
-            members = [(lane, k) for lane, ks in lanes.items() for k in ks]
-            updates = self._stage(fed, t, stage, state, members, ckpt.history, clients, rejected, on_client)
+    def _train_stage(self, fed, t, stage, state, jobs, ckpt, client_states, earlier):
+        """Flower as the stage loop's transport: one message round for the stage's jobs, their
+        replies read back as Results in job order. Client state stays on the clients: each
+        message names the round whose state to continue from (this round's, for a client
+        accepted in an earlier stage: methods with intra-round stages keep no private client
+        state today, so a rejected later stage cannot leave one ahead)."""
+        if stage == 0:
+            self._wait_for_nodes()
+        config_yaml = dump_config(self.cfg)
+        base = self._base_sha256(fed, ckpt)
+        messages, node_of = [], {}
+        for job in jobs:
+            k = job.client
+            node = self.partition_node.get(k)
+            if node is None:
+                continue
+            state_round = t if k in earlier else _last_accepted(ckpt.history, k)
+            content = RecordDict({
+                "payload": to_arrays(job.payload.tensors),
+                "payload-config": ConfigRecord(dict(job.payload.config)),
+                "config": ConfigRecord({
+                    "round": t, "stage": stage, "state-round": state_round,
+                    "state-sha256": _state_sha256(ckpt.history, k, state_round),
+                    "base-sha256": base, "run-key": self.run_key, "config-yaml": config_yaml,
+                    **({"classes": self.classes} if self.classes else {}),
+                }),
+            })
+            for r in range(self.merged_through.get(k, 0) + 1, t):
+                if merge_path(self.run_dir, r).exists():
+                    content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r), inside=self.run_dir)[0])
+            messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
+            node_of[k] = node
+
+        replies = self._exchange(messages)
+        for job in jobs:  # in job order: the same sums as in-process
+            k = job.client
+            if k not in node_of:
+                yield Result(failure=f"no SuperNode serves partition {k}")
+                continue
+            reply, seconds = replies.get(node_of[k], (None, 0.0))
+            if reply is None or reply.has_error():
+                self.partition_node.pop(k, None)  # ask again next round: it may be gone or replaced
+                if reply is not None and "resync" in reply.error.reason:
+                    self.merged_through.pop(k, None)  # its base is lost: send every merge
+                yield Result(failure=(f"no reply within {self.round_timeout:g}s" if reply is None
+                                      else f"client error: {reply.error.reason}"))
+                continue
+            self.merged_through[k] = t - 1
+            try:
+                update, flops = update_from_reply(reply, k)
+                notes = node_notes(reply.content.config_records["info"], reply.content.metric_records["metrics"])
+            except InvalidUpdate as err:
+                yield Result(failure=str(err))
+                continue
+            if "state_reset" in notes:
+                log.warning("round %d: client %d lost its state (%s): it started afresh", t, k, notes["state_reset"])
+            yield Result(update, seconds=seconds, flops=flops, record=notes)
+
+    def _check_participation(self, t, clients, rejected) -> None:
         accepted = len({c["id"] for c in clients})
         if accepted < self.min_clients:
             raise RuntimeError(
@@ -154,67 +278,6 @@ class FlowerRun(Simulation):
                 f"min-clients={self.min_clients} (failures: {rejected}); the run stopped after round {t - 1}: "
                 "resume it with --resume"
             )
-        return state, updates, clients, rejected, ckpt.client_states
-
-    def _stage(self, fed, t: int, stage: int, state, members: list[tuple[int, int]], history,
-               clients: list[dict[str, Any]], rejected: list[dict[str, Any]], on_client) -> list[Update]:
-        """One message round: each (lane, client) trains from `state`; returns the accepted
-        updates (records appended to `clients`, failures to `rejected`). A client accepted in an
-        earlier stage of this round continues from that state (methods with intra-round stages
-        keep no private client state today, so a rejected later stage cannot leave one ahead)."""
-        algo = fed.algorithm
-        accepted_earlier = {c["id"] for c in clients}
-        config_yaml = dump_config(self.cfg)
-        sent: dict[int, tuple[int, int, Any]] = {}  # node → (lane, partition, payload)
-        messages = []
-        for lane, k in members:
-            node = self.partition_node.get(k)
-            if node is None:
-                log.warning("round %d: client %d failed: no SuperNode serves partition %d", t, k, k)
-                rejected.append({"client": k, "reason": f"no SuperNode serves partition {k}"})
-                continue
-            payload = algo.payload(state, k)
-            content = RecordDict({
-                "payload": to_arrays(payload.tensors),
-                "payload-config": ConfigRecord(dict(payload.config)),
-                "config": ConfigRecord({
-                    "round": t, "stage": stage,
-                    "state-round": t if k in accepted_earlier else _last_accepted(history, k),
-                    "run-key": self.run_key, "config-yaml": config_yaml,
-                }),
-            })
-            for r in range(self.merged_through.get(k, 0) + 1, t):
-                if merge_path(self.run_dir, r).exists():
-                    content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r), inside=self.run_dir)[0])
-            messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
-            sent[node] = (lane, k, payload)
-
-        replies = self._exchange(messages)
-        accepted: list[Accepted] = []
-        for node, (lane, k, payload) in sent.items():  # in plan order: same sums as in-process
-            reply, seconds = replies.get(node, (None, 0.0))
-            if reply is None or reply.has_error():
-                reason = (f"no reply within {self.round_timeout:g}s" if reply is None
-                          else f"client error: {reply.error.reason}")
-                log.warning("round %d: client %d (node %d) failed: %s", t, k, node, reason)
-                rejected.append({"client": k, "reason": reason})
-                self.partition_node.pop(k, None)  # ask again next round: it may be gone or replaced
-                on_client()
-                continue
-            self.merged_through[k] = t - 1
-            try:
-                update, flops = update_from_reply(reply, k)
-            except InvalidUpdate as err:
-                reject(t, k, str(err), rejected)
-                on_client()
-                continue
-            record = accept_update(fed, state, t, update, payload, seconds, rejected)
-            if record is not None:
-                accepted.append(Accepted(update, {**record, "flops": flops, "stage": stage, "lane": lane}))
-            on_client()
-        kept = screen_norms(fed, t, accepted, rejected)
-        clients.extend(a.record for a in kept)
-        return [a.update for a in kept]
 
     def _exchange(self, messages: list[Message]) -> dict[int, tuple[Message, float]]:
         """Push, then pull replies until all are in or round-timeout passed;
@@ -258,6 +321,8 @@ def update_from_reply(reply: Message, partition: int) -> tuple[Update, float]:
     if isinstance(num_examples, bool) or not isinstance(num_examples, int):
         raise InvalidUpdate(f"reply: num-examples {num_examples!r} is not an integer")
     metrics = dict(content.metric_records["metrics"])
+    for key in NODE_TIMINGS:  # the node's own timings: node_notes reads them for the record
+        metrics.pop(key, None)
     flops = metrics.pop("flops", 0.0)  # for the clock, not part of the method's update
     if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
         raise InvalidUpdate(f"reply: flops {flops!r} is not a finite count")
@@ -266,6 +331,45 @@ def update_from_reply(reply: Message, partition: int) -> tuple[Update, float]:
     except Exception as err:  # noqa: BLE001 - whatever a client's arrays break, the round goes on
         raise InvalidUpdate(f"reply: update arrays unreadable: {type(err).__name__}: {err}") from None
     return Update(partition, tensors, num_examples, metrics), float(flops)
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+NODE_TIMINGS = ("node-seconds", "train-seconds")
+"""Seconds a node spent in its train handler and in training (what warm nodes keep small:
+the rest). Diagnostics only; a value that is not a finite, non-negative number is dropped."""
+
+
+def node_notes(info, metrics) -> dict[str, Any]:
+    """What a train reply says beside the update, for the client's record: the SHA-256 of the
+    client state it saved (sent back when that state is next used), the node's timings and, if
+    its state was lost, why (the run then continues from the method's initial state: `fedlora run
+    --replay` repeats it)."""
+    out: dict[str, Any] = {}
+    digest = info.get("state-sha256")
+    if digest is not None:
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise InvalidUpdate(f"reply: state-sha256 {str(digest)[:80]!r} is not a SHA-256")
+        out["state_sha256"] = digest
+    for key in NODE_TIMINGS:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
+            out[key.replace("-", "_")] = float(value)
+    reset = info.get("state-reset")
+    if reset is not None:
+        if not isinstance(reset, str) or len(reset) > 300:
+            raise InvalidUpdate("reply: state-reset is not a short reason")
+        out["state_reset"] = reset
+    return out
+
+
+def _state_sha256(history: list[dict[str, Any]], client: int, round_: int) -> str:
+    """The SHA-256 the node reported for its state after `round_` ('' if none was recorded)."""
+    for r in history:
+        if r["round"] == round_:
+            for c in r["clients"]:
+                if c["id"] == client:
+                    return str(c.get("state_sha256", ""))
+    return ""
 
 
 def _last_accepted(history: list[dict[str, Any]], client: int) -> int:

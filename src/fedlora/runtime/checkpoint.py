@@ -227,13 +227,13 @@ def save_merge(run_dir: Path, round_: int, merge: dict[str, tuple[Tensor, Tensor
     return sha256_bytes(data)
 
 
-def load_merges(run_dir: Path, up_to_round: int, expected: dict[int, str] | None = None,
+def load_merges(run_dir: Path, up_to_round: int, expected: dict[int, str] | None = None, after: int = 0,
                 ) -> list[dict[str, tuple[Tensor, Tensor]]]:
     """Merges in round order. With `expected` (a checkpoint's round → SHA-256), exactly those
     rounds, each verified (a missing, altered or swapped file stops with one line naming it);
-    without, every merge file of rounds 1..up_to_round that exists (a Flower client's own)."""
+    without, every merge file of rounds after+1..up_to_round that exists (a Flower node's own)."""
     if expected is None:
-        rounds = [t for t in range(1, up_to_round + 1) if merge_path(run_dir, t).exists()]
+        rounds = [t for t in range(after + 1, up_to_round + 1) if merge_path(run_dir, t).exists()]
     else:
         rounds = sorted(t for t in expected if t <= up_to_round)
     out = []

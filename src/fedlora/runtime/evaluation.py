@@ -11,9 +11,10 @@ from typing import Any
 
 from fedlora.config import ConfigError, RunConfig
 from fedlora.models import TINY_MODELS
-from fedlora.runtime.checkpoint import CHECKPOINT, Checkpoint, check_state, load_merges
+from fedlora.runtime.checkpoint import CHECKPOINT, check_state
 from fedlora.runtime.inprocess import Federation
 from fedlora.runtime.outputs import environment, write_json
+from fedlora.runtime.rebuild import read_run, replay_merges
 from fedlora.runtime.rundir import changed_fields, saved_config
 
 # What a run's factors and merges are only valid for; data and evaluation may differ (another
@@ -41,17 +42,15 @@ def refuse_other_model(run_dir: Path, cfg: RunConfig) -> None:
 def evaluate_command(cfg: RunConfig, run_dir: Path | None, repeat: int, out: Path | None) -> dict[str, Any]:
     merges, state = [], {}
     if run_dir is not None:  # read (and verified: SHA-256 of each merge) before the model loads
-        ckpt = Checkpoint.load(run_dir)
+        saved = read_run(run_dir, final=True)
         refuse_other_model(run_dir, cfg)
-        merges = load_merges(run_dir, ckpt.round, ckpt.merges)
-        state = ckpt.load_final_state(run_dir)  # its SHA-256 is the checkpoint's record
+        merges, state = saved.merges, saved.final_state  # its SHA-256 is the checkpoint's record
     t0 = time.perf_counter()
     fed = Federation.build(cfg)
     build_seconds = time.perf_counter() - t0
     if state:
         check_state(state, fed.adapters.shapes(), run_dir / CHECKPOINT)
-    for merge in merges:
-        fed.adapters.merge(merge)
+    replay_merges(fed.adapters, merges)
     results, seconds, qps = [], [], []
     for _ in range(repeat):
         t = time.perf_counter()

@@ -54,8 +54,10 @@ from fedlora.files import atomic_write, tensors_to_bytes
 from fedlora.runtime.outputs import UNTUNED_FILE, write_eval_items, write_json, write_metrics, write_run_header
 from fedlora.runtime.progress import progress_bars, round_line
 from fedlora.runtime.tensorboard import TensorBoardLog
-from fedlora.runtime.rounds import Accepted, accept_update, screen_norms
-from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock, verify_run
+from fedlora.runtime.rounds import Accepted, Job, Result, accept_update, reject, screen_norms
+from fedlora.runtime.rebuild import read_run, replay_merges
+from fedlora.runtime.replay import Participation
+from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock
 
 log = logging.getLogger("fedlora")
 
@@ -106,16 +108,23 @@ class Federation:
         return server_profile(self.cfg.devices)
 
     @classmethod
-    def build(cls, cfg: RunConfig) -> Federation:
+    def build(cls, cfg: RunConfig, reported: list[list[int]] | None = None) -> Federation:
         """Files, model name and data are checked before the (slow) model load; target
-        modules right after it, before any training."""
+        modules right after it, before any training. `reported`: on node-local data (Flower),
+        each client's label histogram as its node reported it, instead of the clients' shards."""
         cfg.check_files()
+        cfg.model.torch_device()  # an unavailable device stops here, before data and model load
+        tokenizer = load_tokenizer(cfg.model.name)
+        check_memory(cfg, ModelDims.vocabulary_only(len(tokenizer)))  # the logits alone, before the data
+        return cls.assemble(cfg, tokenizer, build_task(cfg, tokenizer, reported))
+
+    @classmethod
+    def assemble(cls, cfg: RunConfig, tokenizer: Any, task: FederatedTask) -> Federation:
+        """The model, its adapters and the method for `task` (the server's, or one node's own
+        view: `fedlora.data.task.node_task`). The one place a run's method object is built."""
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = cfg.model.torch_device()  # an unavailable device stops here, before the load
-        tokenizer = load_tokenizer(cfg.model.name)
-        check_memory(cfg, ModelDims.vocabulary_only(len(tokenizer)))  # the logits alone, before the data
-        task = build_task(cfg, tokenizer)
         model = load_model(cfg.model.name, cfg.seed, len(tokenizer))
         check_memory(cfg, ModelDims.of(model.config))  # all of it, before any batch is built
         model.to(device)  # the one base model every simulated client shares
@@ -125,7 +134,7 @@ class Federation:
         setup = FederationSetup(
             module_shapes=adapters.shapes(),
             client_max_ranks=list(cfg.federation.client_max_ranks),
-            num_examples=[len(c) for c in task.clients],
+            num_examples=task.client_sizes(),
             scaling=cfg.scaling,
             seed=cfg.seed,
             **device_setup(cfg, model, adapters, task, profiles),
@@ -225,12 +234,17 @@ def _check_server_result(round_: int, agg: Aggregate) -> None:
 class Simulation:
     """`fedlora run`: rounds of sampled clients, aggregation, evaluation and checkpoints."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool = True,
+                 replay: Participation | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.replay = replay
+        """`fedlora run --replay`: take part exactly as a recorded (Flower) run's clients did."""
         self.fed: Federation | None = None
         self.tensorboard: TensorBoardLog | None = None
+        self.events: list[dict[str, Any]] = []
+        """What happened between rounds (Flower: nodes joining, refused), for the next record."""
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) to cfg.federation.rounds, holding the run directory's lock throughout."""
@@ -240,20 +254,20 @@ class Simulation:
     def _run(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
         if resume:
-            ckpt, merges = verify_run(self.run_dir, cfg)  # before the model loads: fail fast
+            saved = read_run(self.run_dir, cfg)  # before the model loads: fail fast
         else:
             refuse_existing_run(self.run_dir)
-        fed = self.fed = Federation.build(cfg)
+        fed = self.fed = Federation.build(cfg, self._reported())
         per_round = clients_per_round(cfg.federation.num_clients, cfg.federation.fraction)
         # σ and the budget before any training (a resume with more rounds may be refused here)
-        fed.privacy = PrivacyStage.build(cfg, fed.algorithm, per_round, ckpt.history if resume else [])
+        fed.privacy = PrivacyStage.build(cfg, fed.algorithm, per_round, saved.checkpoint.history if resume else [])
         if resume:
+            ckpt = saved.checkpoint
             for state in (ckpt.state, *ckpt.client_states.values()):
                 check_state(state, fed.adapters.shapes(), self.run_dir / CHECKPOINT)
             adopt_config(self.run_dir, ckpt, cfg)
             torch.set_num_threads(ckpt.threads)
-            for merge in merges:
-                fed.adapters.merge(merge)
+            replay_merges(fed.adapters, saved.merges)
             sampler = np.random.default_rng()
             sampler.bit_generator.state = ckpt.sampler_state
             log.info("resuming %s after round %d", self.run_dir, ckpt.round)
@@ -289,6 +303,10 @@ class Simulation:
         atomic_write(self.run_dir / FINAL_STATE, tensors_to_bytes(ckpt.state))  # = the record's state_sha256
         return self._summary(ckpt.history)
 
+    def _reported(self) -> list[list[int]] | None:
+        """The clients' label histograms when nodes report them (Flower, nodes.local_data)."""
+        return None
+
     def _progress(self) -> Progress:
         return progress_bars(self.progress)
 
@@ -298,7 +316,8 @@ class Simulation:
         selected = sample_clients(sampler, cfg.federation.num_clients, cfg.federation.fraction)
         if fed.privacy is not None:
             fed.privacy.start_round(t, ckpt.history)
-        state, updates, clients, rejected, client_states = self._train_clients(fed, t, ckpt, selected, on_client)
+        state, updates, clients, rejected, screened, client_states = self._train_clients(
+            fed, t, ckpt, selected, on_client)
 
         s0 = time.perf_counter()
         server_metrics: dict[str, Any] = {}
@@ -346,8 +365,11 @@ class Simulation:
             **sim,
             clients=clients,
             rejected=rejected,
+            screened=screened,
+            **({"events": self.events} if self.events else {}),
             **server_metrics,
         )
+        self.events = []
         if fed.privacy is not None:
             record.update(fed.privacy.record(t, ckpt.history, selected))
         new = Checkpoint(
@@ -364,42 +386,74 @@ class Simulation:
 
     def _train_clients(
         self, fed: Federation, t: int, ckpt: Checkpoint, selected: list[int], on_client
-    ) -> tuple[Tensors, list[Update], list[dict[str, Any]], list[dict[str, Any]], dict[int, Tensors]]:
-        """The transport: each selected client's round (here: one after another on the shared
-        model), stage by stage for methods with intra-round stages (HierFedLoRA). Returns the
-        state after the intermediate stages, the last stage's accepted updates, every accepted
-        update's record, the rejections and the new client states."""
+    ) -> tuple[Tensors, list[Update], list[dict[str, Any]], list[dict[str, Any]], list[list[int]],
+               dict[int, Tensors]]:
+        """The stage loop both runtimes drive: each stage's jobs go to the transport
+        (`_train_stage`, the only part a runtime replaces), every result is validated here the
+        same way, and a method with intra-round stages (HierFedLoRA) aggregates within its lanes
+        between stages. Returns the state after the intermediate stages, the last stage's kept
+        updates, every kept update's record, the rejections, the [stage, client] pairs that
+        reached the norm screen (the participation `--replay` repeats) and the new client states."""
         algo = fed.algorithm
         client_states = dict(ckpt.client_states)
         clients: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
-        stages = algo.stages(ckpt.state, selected)  # one stage, one lane unless the method has more
-        plan = [(s, lane, k) for s, lanes in enumerate(stages) for lane, ks in lanes.items() for k in ks]
-        state, current, pending = ckpt.state, 0, []
-
-        def close_stage() -> list[Update]:
-            """The stage's updates that also pass the norm bound; their records and states kept."""
-            kept = screen_norms(fed, t, pending, rejected)
+        screened: list[list[int]] = []
+        state, updates = ckpt.state, []
+        for stage, lanes in enumerate(algo.stages(ckpt.state, selected)):
+            if stage:
+                state = algo.aggregate_stage(state, updates, stage - 1)
+            jobs = [Job(lane, k, algo.payload(state, k)) for lane, ks in lanes.items() for k in ks]
+            earlier = {c["id"] for c in clients}
+            accepted: list[Accepted] = []
+            for job, result in zip(jobs, self._train_stage(fed, t, stage, state, jobs, ckpt, client_states, earlier)):
+                if result.failure is not None:
+                    reject(t, job.client, result.failure, rejected)
+                else:
+                    record = accept_update(fed, state, t, result.update, job.payload, result.seconds, rejected)
+                    if record is not None:
+                        record.update(result.record, flops=result.flops, stage=stage, lane=job.lane)
+                        accepted.append(Accepted(result.update, record, result.client_state))
+                        screened.append([stage, job.client])
+                on_client()
+            kept = screen_norms(fed, t, accepted, rejected)
+            if self.replay is not None:  # the recorded run's norm screen (a liar's update, honest here)
+                recorded = self.replay.round(t).kept
+                for a in kept:
+                    if (stage, a.update.client_id) not in recorded:
+                        reject(t, a.update.client_id, "replay: not kept in the recorded run", rejected)
+                kept = [a for a in kept if (stage, a.update.client_id) in recorded]
             for a in kept:
-                client_states[a.update.client_id] = a.client_state
+                if a.client_state is not None:
+                    client_states[a.update.client_id] = a.client_state
                 clients.append(a.record)
-            return [a.update for a in kept]
+            updates = [a.update for a in kept]
+        self._check_participation(t, clients, rejected)
+        return state, updates, clients, rejected, screened, client_states
 
-        for stage, lane, k in plan:
-            if stage != current:  # aggregate the previous stage within its lanes (groups)
-                state, current = algo.aggregate_stage(state, close_stage(), current), stage
-                pending = []
+    def _train_stage(self, fed: Federation, t: int, stage: int, state: Tensors, jobs: list[Job],
+                     ckpt: Checkpoint, client_states: dict[int, Tensors], earlier: set[int]) -> Iterator[Result]:
+        """The in-process transport: each job's client trains on the shared model, one after
+        another, from its private state as the server keeps it (`client_states`, this round's
+        earlier stages included). Yields one Result per job, in order. (`ckpt.history` and
+        `earlier`, the clients accepted in an earlier stage, are for transports that keep
+        client state on the clients.)"""
+        algo = fed.algorithm
+        recorded = self.replay.round(t) if self.replay is not None else None
+        for job in jobs:
+            if recorded is not None and (stage, job.client) not in recorded.screened:
+                yield Result(failure="replay: no update reached the server in the recorded run")
+                continue
+            reset = recorded is not None and job.client in recorded.resets
             c0 = time.perf_counter()
-            ctx = fed.client(k, t, stage)
-            payload = algo.payload(state, k)
-            update, new_client_state = algo.client_train(ctx, payload, client_states.get(k, {}))
+            ctx = fed.client(job.client, t, stage)
+            update, new_state = algo.client_train(ctx, job.payload, {} if reset else client_states.get(job.client, {}))
             fed.adapters.clear()
-            record = accept_update(fed, state, t, update, payload, time.perf_counter() - c0, rejected)
-            if record is not None:
-                record.update(flops=ctx.flops, stage=stage, lane=lane)
-                pending.append(Accepted(update, record, new_client_state))
-            on_client()
-        return state, close_stage(), clients, rejected, client_states
+            yield Result(update, seconds=time.perf_counter() - c0, flops=ctx.flops, client_state=new_state,
+                         record={"state_reset": "replay: lost in the recorded run"} if reset else {})
+
+    def _check_participation(self, t: int, clients: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> None:
+        """In-process, every client answers: nothing to check (Flower: enough clients?)."""
 
     def _summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         summary = summarize(self.cfg.algorithm.name, history)

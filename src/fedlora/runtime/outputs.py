@@ -157,8 +157,9 @@ CLIENT_TABLES = ("ranks", "next_ranks", "client_weight", "delta_share", "persona
 SELF_CHECKED = ("class_accuracy", "confusion", "client_accuracy", "mmlu_subjects")
 """Record fields whose readers skip a damaged value themselves."""
 FRACTIONS = ("accuracy", "worst_client_accuracy", "mmlu_accuracy", "personal_accuracy", "personal_worst_accuracy")
-CLIENT_TEXT = ("clipped",)
-"""Client fields that are text: why the norm screen scaled the update (runtime.rounds)."""
+CLIENT_TEXT = ("clipped", "state_sha256", "state_reset")
+"""Client fields that are text: why the norm screen scaled the update (runtime.rounds); on
+Flower, the digest of the client's saved state and why it was lost (fedlora.flower.node)."""
 
 
 def _is_number(value: Any) -> bool:
@@ -205,6 +206,14 @@ def record_error(rec: Any, previous_round: int) -> str | None:
                     isinstance(x, dict) and _is_count(x.get("client")) and isinstance(x.get("reason"), str)
                     for x in value):
                 return "rejected: not a list of {client, reason}"
+        elif key == "screened":
+            if not isinstance(value, list) or not all(
+                    isinstance(x, list) and len(x) == 2 and all(_is_count(v) for v in x) for x in value):
+                return "screened: not a list of [stage, client]"
+        elif key == "events":
+            if not isinstance(value, list) or not all(isinstance(x, dict) and isinstance(x.get("event"), str)
+                                                      for x in value):
+                return "events: not a list of {event, ...}"
         elif key in CLIENT_TABLES:
             if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
                 return f"{key}: not a table of numbers"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedlora.aggregation import screen
@@ -35,6 +35,30 @@ class Accepted:
     update: Update
     record: dict[str, Any]
     client_state: Tensors | None = None
+
+
+@dataclass
+class Job:
+    """One client's turn in a stage: its lane (group), id and payload."""
+
+    lane: int
+    client: int
+    payload: Message
+
+
+@dataclass
+class Result:
+    """What a transport brings back for one job: the update (in-process also the client's new
+    private state), or the reason there is none (`failure`: no node, no reply, a client error)."""
+
+    update: Update | None = None
+    failure: str | None = None
+    seconds: float = 0.0
+    flops: float = 0.0
+    """Training FLOPs the client reports (the simulated clock's input)."""
+    client_state: Tensors | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    """Fields the transport adds to the client's record (Flower: the client state's digest)."""
 
 
 def reject(round_: int, client: int, reason: str, rejected: list[dict[str, Any]]) -> None:
