@@ -258,9 +258,14 @@ def learning_run(task: dict, method: str, lr: float, out) -> dict:
         data={**task, "partition": "iid"},
         federation={"num_clients": 2, "client_max_ranks": [4, 2], "rounds": 3, "local_steps": 10,
                     "batch_size": 8, "lr": lr, "eval_every": 3},
-        algorithm={"name": method},
+        algorithm={"name": method, **LEARNING_OPTIONS.get(method, {})},
     ))
     return Simulation(cfg, out, progress=False).run()
+
+
+LEARNING_OPTIONS = {"fedsa": {"global_b": "mean"}}
+"""FedSA-LoRA's default global model is the base (B stays on the clients): its learning shows in
+the global model only with the clients' mean B (tests/test_personalized.py judges its clients)."""
 
 
 @pytest.mark.parametrize("method", sorted(ALGORITHMS))

@@ -4,10 +4,11 @@ import collections
 
 import pytest
 from conftest import tiny_tree
+from helpers import public_subset
 
 from fedlora.config import build_config
 from fedlora.data.ag_news import load_ag_news
-from fedlora.data.alpaca import load_alpaca, public_subset
+from fedlora.data.alpaca import load_alpaca
 from fedlora.data.encode import (
     collate,
     encode_classification,

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_tree
+from helpers import evaluate_lm, evaluate_mmlu, per_subject_subset
 
 from fedlora.config import ConfigError, build_config, load_config
 from fedlora.data.alpaca import alpaca_dataset, load_alpaca, public_indices
@@ -22,13 +23,12 @@ from fedlora.data.mmlu import (
     encode_mmlu,
     load_mmlu,
     mmlu_subjects,
-    per_subject_subset,
 )
 from fedlora.data.partition import partition_indices
 from fedlora.data.sources import load_source
 from fedlora.data.splits import seeded_split
 from fedlora.data.task import build_task
-from fedlora.evaluate import evaluate_lm, evaluate_mmlu, predict_classes
+from fedlora.evaluate import predict_classes
 from fedlora.models import load_base_model, tiny_tokenizer
 from fedlora.train import lm_loss
 

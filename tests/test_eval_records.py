@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import tiny_tree
+from helpers import evaluate_lm, evaluate_mmlu
 
 from fedlora.class_metrics import classification_breakdown, client_accuracy
 from fedlora.config import build_config
@@ -13,7 +14,7 @@ from fedlora.data.encode import encode_instruction
 from fedlora.data.mmlu import load_mmlu
 from fedlora.data.sources import load_source
 from fedlora.data.task import build_mmlu, draw_test_rows
-from fedlora.evaluate import evaluate_lm, evaluate_mmlu, lm_items, mmlu_items
+from fedlora.evaluate import lm_items, mmlu_items
 from fedlora.models import load_base_model, tiny_tokenizer
 from fedlora.runtime.inprocess import Simulation
 from fedlora.runtime.outputs import read_eval_items, read_metrics

@@ -36,9 +36,14 @@ def trained_logits(sim: Simulation) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("method", ["aflora", "fedit", "ffa", "flora", "flexlora", "hetlora"])
+EXPORT_OPTIONS = {"fedsa": {"global_b": "mean"}}  # with the default `none` FedSA-LoRA has no global adapter
+
+
+@pytest.mark.parametrize("method", ["aflora", "fedit", "ffa", "flora", "flexlora", "hetlora",
+                                    "fedex", "fedsa", "fedsvd", "rolora"])
 def test_peft_and_merged_exports_reproduce_our_logits(data_dir, tmp_path, method):
-    sim = Simulation(build_config(tiny_tree(algorithm={"name": method})), tmp_path / "run", progress=False)
+    algorithm = {"name": method, **EXPORT_OPTIONS.get(method, {})}
+    sim = Simulation(build_config(tiny_tree(algorithm=algorithm)), tmp_path / "run", progress=False)
     sim.run()
     ours = trained_logits(sim)
     base, _ = load_base_model("tiny-llama", seed=0)
@@ -59,6 +64,13 @@ def test_peft_and_merged_exports_reproduce_our_logits(data_dir, tmp_path, method
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_fedsa_without_a_global_b_has_nothing_to_export(data_dir, tmp_path):
+    tree = tiny_tree(algorithm={"name": "fedsa"}, federation={"rounds": 1, "local_steps": 1})
+    Simulation(build_config(tree), tmp_path / "run", progress=False).run()
+    with pytest.raises(ConfigError, match="learned no update"):
+        export_run(tmp_path / "run", "peft", tmp_path / "peft")
 
 
 def test_per_module_ranks_reach_peft(data_dir, tmp_path):

@@ -27,6 +27,7 @@ TOY = textwrap.dedent('''
     class ToyOptions(MethodOptions):
         name: Literal["toy-avg-b"] = "toy-avg-b"
         scale: float = 1.0
+        tags: tuple[int, ...] = ()
 
 
     @register_method
@@ -110,7 +111,7 @@ def test_the_config_round_trips_a_registered_methods_options(toy_module):
 
     import yaml
     cfg = build_config(tiny_tree(algorithm={"name": "toy-avg-b", "scale": 2.0}))
-    assert yaml.safe_load(dump_config(cfg))["algorithm"] == {"name": "toy-avg-b", "scale": 2.0}
+    assert yaml.safe_load(dump_config(cfg))["algorithm"] == {"name": "toy-avg-b", "scale": 2.0, "tags": []}
     with pytest.raises(ConfigError, match=r"algorithm\.scale"):
         build_config(tiny_tree(algorithm={"name": "toy-avg-b", "scale": "big"}))
 
@@ -161,7 +162,88 @@ def test_an_installed_packages_entry_point_registers_its_method(tmp_path, monkey
     try:
         load_entry_points()
         assert "toy-avg-b" in ALGORITHMS
-        assert "broken = no_such_module not loaded" in caplog.text  # one warning, the others still load
+        warnings = [r.getMessage() for r in caplog.records]  # one warning, for the broken one only
+        assert warnings == ["method plugin broken = no_such_module not loaded: No module named 'no_such_module'"]
     finally:
         ALGORITHMS.pop("toy-avg-b", None)
         sys.modules.pop("toy_method", None)
+
+
+def test_build_algorithm_builds_the_named_methods_class_with_its_options():
+    from fedlora.algorithms import build_algorithm
+    from fedlora.algorithms.base import FederationSetup
+    from fedlora.algorithms.registry import parse_options
+
+    setup = FederationSetup({"m": (4, 3)}, [2, 2], [5, 5], 0.5, 0)
+    algo = build_algorithm(parse_options({"name": "rolora", "first": "A"}), setup)
+    assert type(algo) is ALGORITHMS["rolora"] and algo.options.first == "A" and algo.setup is setup
+
+
+def test_the_config_reference_schema_lists_every_registered_methods_options(toy_module):
+    from pydantic import TypeAdapter
+
+    from fedlora.algorithms import AlgorithmOptions
+
+    schema = TypeAdapter(AlgorithmOptions).json_schema()
+    names = [alt["properties"]["name"]["const"] for alt in schema["oneOf"]]
+    assert names == list(ALGORITHMS) and "toy-avg-b" in names
+    toy = schema["oneOf"][names.index("toy-avg-b")]
+    assert toy["properties"]["scale"]["default"] == 1.0 and toy["additionalProperties"] is False
+    adapter = TypeAdapter(AlgorithmOptions)  # validation and dumps through the same type
+    options = adapter.validate_python({"name": "toy-avg-b", "scale": 2.0, "tags": [3]})
+    assert type(options) is toy_module.ToyOptions and options.tags == (3,)
+    assert adapter.dump_python(options) == {"name": "toy-avg-b", "scale": 2.0, "tags": (3,)}
+    assert adapter.dump_python(options, mode="json") == {"name": "toy-avg-b", "scale": 2.0, "tags": [3]}
+
+
+def test_registration_refuses_what_is_not_a_method_in_one_line():
+    with pytest.raises(TypeError, match="register_method: <class 'int'> is not an Algorithm subclass"):
+        register_method(int)
+
+    class NoName(Algorithm):
+        pass
+
+    with pytest.raises(TypeError, match="register_method: NoName has no `name`"):
+        register_method(NoName)
+
+    class NumberName(Algorithm):
+        name = 3
+
+    with pytest.raises(TypeError, match="NumberName has no `name`"):
+        register_method(NumberName)
+
+    class BadOptions(Algorithm):
+        name = "bad-options"
+        Options = int
+
+    with pytest.raises(TypeError, match=r"register_method: BadOptions.Options must be a MethodOptions subclass"):
+        register_method(BadOptions)
+    assert not {"bad-options", 3} & set(ALGORITHMS)
+
+
+def test_parse_options_takes_a_mapping_or_options_and_names_anything_else():
+    from fedlora.algorithms.fedit import FedITOptions
+    from fedlora.algorithms.registry import parse_options
+
+    assert parse_options(FedITOptions(rank=1)) == FedITOptions(rank=1)
+    assert parse_options({"name": "fedit", "rank": 2}) == FedITOptions(rank=2)
+    with pytest.raises(ValueError, match="^expected a mapping with name: <method>, got int$"):
+        parse_options(3)
+
+
+def test_an_entry_point_may_name_the_class_itself(tmp_path, monkeypatch, caplog):
+    """`name = module:Class`: the class is registered even when its module does not register it."""
+    (tmp_path / "toy_class.py").write_text(TOY.replace("@register_method\n", "").replace("toy-avg-b", "toy-class"))
+    dist = tmp_path / "toy_class-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-class\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fedlora.methods]\ntoy = toy_class:ToyAvgB\nbroken = no_such_module\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        load_entry_points()
+        assert ALGORITHMS["toy-class"].__module__ == "toy_class"
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines == ["method plugin broken = no_such_module not loaded: No module named 'no_such_module'"]
+    finally:
+        ALGORITHMS.pop("toy-class", None)
+        sys.modules.pop("toy_class", None)

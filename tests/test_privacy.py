@@ -471,6 +471,9 @@ def test_epsilon_is_recorded_every_round_and_stays_within_the_target(private_run
         assert record["privacy_epsilon"] == epsilon(4, 4, sigma, t, 0.25)
         assert record["privacy_delta"] == 0.25 and "client_weight" not in record
     assert history[-1]["privacy_epsilon"] <= 4.0
+    from fedlora.runtime.outputs import read_summary
+    summary = read_summary(private_run)  # what `fedlora report` lists
+    assert (summary["privacy_epsilon"], summary["privacy_delta"]) == (history[-1]["privacy_epsilon"], 0.25)
 
 
 def test_a_resume_with_more_rounds_beyond_the_target_stops_before_training(private_run, tmp_path, capsys):
@@ -651,3 +654,13 @@ def test_secure_sum_of_pre_weighted_uploads_is_the_methods_aggregate(name):
 def test_secagg_refuses_the_methods_that_need_individual_updates():
     from fedlora.aggregation.secagg import UNSUMMABLE
     assert set(UNSUMMABLE) == {"flexlora", "flora", "hetlora"}
+
+
+def test_a_bad_privacy_config_exits_2_with_one_line(tmp_path, capsys):
+    import yaml
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny_tree(algorithm={"name": "flora"}, privacy={"mode": "client", "target_epsilon": 2})))
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("config error: privacy.mode:") and "flora" in err
+    assert not (tmp_path / "run").exists()

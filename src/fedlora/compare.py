@@ -43,6 +43,7 @@ from fedlora.config import (
     read_tree,
     resolve_data_dir,
 )
+from fedlora.personalized import has_personal, personal_comparison, personal_table
 from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setting_caption, untuned_accuracy
 from fedlora.records import accuracy_summary, scored_rounds
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
@@ -349,6 +350,20 @@ def paired_statistics(results: list[SeedResult], reference: list[SeedResult]) ->
     return paired_difference([a for a, _ in pairs], [b for _, b in pairs], STATS_SEED)
 
 
+def personal_finals(runs: list[MethodRun]) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    """Per method and seed, the personalised per-item records of the run's last evaluation that
+    has them (`evaluation.personalized`); methods without any are left out."""
+    out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for run in runs:
+        if not run.done:
+            continue
+        rounds = [r["round"] for r in read_metrics(run.run_dir) if r.get("personal_accuracy") is not None]
+        items = read_eval_items(run.run_dir, rounds[-1]) if rounds else None
+        if has_personal(items):
+            out.setdefault(run.method, {})[run.seed] = items
+    return out
+
+
 def paired_columns(diff: PairedDifference | None, reference: str) -> dict[str, Any]:
     if diff is None:
         return {"reference": reference}
@@ -553,6 +568,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
          "(choose one with --reference).\n" if reference and not has_reference else ""),
         statistics_table(rows, reference if has_reference else None),
         class_table(results),
+        personal_table(personal_comparison(personal_finals(runs), reference), reference),
         tilt_tables(histories),
         *(f"\n![{p.stem}]({p.name})\n" for p in figures),
         write_tta(out, {m: {r.seed: r.history for r in rs} for m, rs in results.items() if rs},

@@ -299,6 +299,15 @@ class EvaluationConfig(Strict):
     untuned: bool = False
     """Also evaluate the untuned model once before round 1 (RUN_DIR/untuned.json): the
     reference line of the accuracy figures."""
+    # --- personalised evaluation (docs/concepts/personalized-evaluation.md) ---
+    personalized: bool = False
+    """Each client holds out a seeded part of its own training shard (never trained on); at
+    every evaluation each client's accuracy on it with the model it would use (the global one,
+    or its personal one: FedSA-LoRA's global A with its own B) is recorded, with the mean and
+    worst client and per-item records (eval/personal_round_NNNN.npz). Classification tasks."""
+    personal_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of each client's shard held out for personalised evaluation (at least one example
+    held out and one left to train on per client)."""
 
 
 class PublicDataConfig(Strict):
@@ -525,6 +534,13 @@ class RunConfig(Strict):
             value = getattr(self.algorithm, key, None)
             if value is not None and value > weakest:
                 raise ValueError(f"algorithm.{key}: {value} exceeds the smallest client max rank {weakest}")
+        return self
+
+    @model_validator(mode="after")
+    def _personalized_is_classification(self) -> RunConfig:
+        if self.evaluation.personalized and self.data.task != "classification":
+            raise ValueError("evaluation.personalized: classification tasks only (accuracy per client); "
+                             f"data.task is {self.data.task}")
         return self
 
     @model_validator(mode="after")

@@ -117,13 +117,6 @@ def mmlu_metrics(items: Items, seconds: float) -> dict[str, Any]:
     }
 
 
-def evaluate_mmlu(
-    model: nn.Module, mmlu: MMLUSet, pad_id: int, batch_size: int = 32, compute_dtype: str = "float32"
-) -> dict[str, Any]:
-    """Macro (mean over subjects) and micro accuracy, per-subject accuracy, questions/second."""
-    return mmlu_metrics(*mmlu_items(model, mmlu, pad_id, batch_size, compute_dtype))
-
-
 @torch.inference_mode()
 def lm_items(
     model: nn.Module, examples: Sequence[Encoded], pad_id: int, batch_size: int = 32,
@@ -153,14 +146,6 @@ def lm_metrics(items: Items) -> dict[str, float]:
     """Held-out loss per response token (token-weighted mean over items) and its perplexity."""
     loss = float((items["loss"] * items["tokens"]).sum()) / max(1, int(items["tokens"].sum()))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-
-def evaluate_lm(
-    model: nn.Module, examples: Sequence[Encoded], pad_id: int, batch_size: int = 32,
-    compute_dtype: str = "float32",
-) -> dict[str, float]:
-    """Held-out causal-LM loss per response token (token-weighted mean) and its perplexity."""
-    return lm_metrics(lm_items(model, examples, pad_id, batch_size, compute_dtype))
 
 
 def evaluate_task(

@@ -13,14 +13,13 @@ written through a symbolic link in DEST.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.errors import ConfigError
+from fedlora.files import atomic_write, sha256_file
 from fedlora.runtime.outputs import UNTUNED_FILE
 
 RUN_FILES = ("config.yaml", "environment.json", "partition.json", "metrics.jsonl", "summary.json",
@@ -50,10 +49,6 @@ def citeable_files(root: Path) -> list[Path]:
     inside = root.resolve()
     return sorted({p.relative_to(root) for p in chosen
                    if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(inside)})
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _safe_destination(target: Path, rel: Path) -> Path:
@@ -98,18 +93,11 @@ def publish(source: Path, dest: Path) -> tuple[int, int]:
     for rel in files:
         out = _safe_destination(target, rel)
         out.parent.mkdir(parents=True, exist_ok=True)
-        # checked again after mkdir: a folder on the way may have been swapped for a link meanwhile
-        _replace(_safe_destination(target, rel), lambda tmp, rel=rel: shutil.copyfile(source / rel, tmp))
-        listed[str(rel)] = _sha256(out)
+        # checked again after mkdir: a folder on the way may have been swapped for a link meanwhile;
+        # the rename replaces a link at the file itself, never writing through it
+        atomic_write(_safe_destination(target, rel), lambda tmp, rel=rel: shutil.copyfile(source / rel, tmp),
+                     inside=target)
+        listed[str(rel)] = sha256_file(out)
     manifest = json.dumps({"source": str(source), "files": listed}, indent=1) + "\n"
-    _replace(_safe_destination(target, Path(MANIFEST)), lambda tmp: tmp.write_text(manifest))
+    atomic_write(_safe_destination(target, Path(MANIFEST)), manifest, inside=target)
     return len(files), sum((source / rel).stat().st_size for rel in files)
-
-
-def _replace(out: Path, write: Callable[[Path], object]) -> None:
-    """Write `out` through a fresh temporary file renamed over it: a link at `out` is replaced,
-    never written through."""
-    tmp = out.with_name(out.name + ".publishing")
-    tmp.unlink(missing_ok=True)
-    write(tmp)
-    os.replace(tmp, out)

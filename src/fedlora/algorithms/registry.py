@@ -84,15 +84,12 @@ def parse_options(value: Any) -> MethodOptions:
 class RegisteredOptions:
     """The type of a config's `algorithm:` section: whichever registered method's options its
     `name` selects (a union of the registry at validation time, so a method registered after
-    this module loaded is accepted too). Dumps as that method's options."""
+    this module loaded is accepted too). Dumps as that method's options (pydantic serialises the
+    value by its own model)."""
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            parse_options,
-            serialization=core_schema.plain_serializer_function_ser_schema(
-                lambda v, info: v.model_dump(mode=info.mode), info_arg=True),
-        )
+        return core_schema.no_info_plain_validator_function(parse_options)
 
     @classmethod
     def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:

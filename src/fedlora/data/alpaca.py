@@ -48,10 +48,6 @@ def heldout_indices(n: int, public: list[int], size: int, seed: int) -> list[int
     return sorted(rest[:size])
 
 
-def public_subset(records: list[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
-    return [records[i] for i in public_indices(len(records), fraction, seed)]
-
-
 def alpaca_dataset(records: list[dict[str, str]]) -> Dataset:
     """Client-side columns `instruction`, `input`, `response`, `label` (0: no categories)."""
     return Dataset.from_dict({

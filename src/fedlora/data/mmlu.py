@@ -62,13 +62,6 @@ def per_subject_rows(subjects: list[str], per_subject: int | None, seed: int) ->
     return sorted(keep)
 
 
-def per_subject_subset(ds: Dataset, per_subject: int | None, seed: int) -> Dataset:
-    """A seeded draw of at most `per_subject` questions from each subject (order kept)."""
-    if per_subject is None:
-        return ds
-    return ds.select(per_subject_rows(list(ds["subject"]), per_subject, seed))
-
-
 def format_question(question: str, choices: list[str], answer: int | None = None) -> str:
     lines = [question.strip(), *(f"{L}. {c}" for L, c in zip(LETTERS, choices))]
     ending = "Answer:" if answer is None else f"Answer: {LETTERS[answer]}\n\n"

@@ -20,6 +20,7 @@ from fedlora.data.encode import (
 from fedlora.data.instruct import encode_instruction_data
 from fedlora.data.mmlu import MMLUSet, encode_mmlu, load_mmlu, per_subject_rows
 from fedlora.data.partition import partition_indices
+from fedlora.data.personal import personal_holdout
 from fedlora.data.reading import reading
 from fedlora.data.sources import load_source
 from fedlora.errors import ConfigError
@@ -46,6 +47,10 @@ class FederatedTask:
     test_ids: list[int] = field(default_factory=list)
     """Per test example, its row in the dataset's test split: the key that pairs two runs'
     per-item records."""
+    personal: list[list[Encoded]] = field(default_factory=list)
+    """Per client, its held-out examples (`evaluation.personalized`; empty otherwise)."""
+    personal_ids: list[list[int]] = field(default_factory=list)
+    """Per client, each held-out example's row in the seeded training pool (the pairing key)."""
 
     def partition_table(self) -> list[list[int]]:
         """Examples per client per class (or category)."""
@@ -87,6 +92,8 @@ class DataPool:
     """Public pairs never trained on (the server's held-out loss)."""
     test_ids: list[int] = field(default_factory=list)
     """Each test item's row in the test split (validation: its position in the pool)."""
+    personal_parts: list[list[int]] = field(default_factory=list)
+    """Indices into `train` of each client's held-out part (`evaluation.personalized`)."""
 
 
 def check_data(cfg: RunConfig) -> DataPool:
@@ -138,8 +145,11 @@ def check_data(cfg: RunConfig) -> DataPool:
         alpha=d.dirichlet_alpha, epsilon=d.epsilon, min_partition_size=d.min_partition_size,
         size_distribution=d.size_distribution,
     )
+    personal: list[list[int]] = []
+    if cfg.evaluation.personalized:  # before any training: a client never trains on its held-out part
+        parts, personal = personal_holdout(parts, cfg.evaluation.personal_fraction, cfg.seed)
     warn_small_clients([len(p) for p in parts], cfg.federation.batch_size)
-    return DataPool(train, test, list(src.names), parts, pairs, heldout, rows)
+    return DataPool(train, test, list(src.names), parts, pairs, heldout, rows, personal)
 
 
 def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedTask:
@@ -172,4 +182,6 @@ def build_task(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedT
         client_labels=[[labels[i] for i in idx] for idx in parts],
         mmlu=mmlu,
         test_ids=pool.test_ids,
+        personal=[[encoded[i] for i in idx] for idx in pool.personal_parts],
+        personal_ids=pool.personal_parts,
     )

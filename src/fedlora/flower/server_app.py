@@ -36,7 +36,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.algorithms.base import InvalidUpdate, Update
-from fedlora.config import build_config, dump_config, load_yaml
+from fedlora.config import ConfigError, build_config, dump_config, load_yaml
 from fedlora.flower.records import checked_run_key, from_arrays, merge_key, to_arrays
 from fedlora.runtime.checkpoint import merge_path
 from fedlora.files import RunFileError, load_tensors, read_json
@@ -74,6 +74,9 @@ class FlowerRun(Simulation):
 
     def __init__(self, cfg, run_dir: Path, grid: Grid, min_clients: int = 1,
                  round_timeout: float = 600.0, node_wait: float = 300.0) -> None:
+        if cfg.evaluation.personalized:  # the held-out parts and private state live on the nodes
+            raise ConfigError("config error: evaluation.personalized: in-process runtime only (`fedlora run`, "
+                              "`compare`); on Flower each client's held-out part and private state stay on its node")
         super().__init__(cfg, run_dir, progress=False)
         self.grid = grid
         self.min_clients = min_clients

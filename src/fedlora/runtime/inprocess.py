@@ -43,9 +43,10 @@ from fedlora.config import ConfigError, RunConfig, dump_config
 from fedlora.data.report import report_partition
 from fedlora.data.task import FederatedTask, build_task
 from fedlora.devices import DeviceProfile
-from fedlora.evaluate import evaluate_task
+from fedlora.evaluate import evaluate_task, predict_classes
 from fedlora.memory import ModelDims, check_memory
 from fedlora.models import base_parameter_count, load_model, load_tokenizer
+from fedlora.personalized import concat_records, personal_metrics, personal_records
 from fedlora.records import summarize
 from fedlora.runtime.checkpoint import CHECKPOINT, FINAL_STATE, Checkpoint, check_state, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
@@ -158,6 +159,25 @@ class Federation:
         self.adapters.clear()
         return evaluate_task(self.model, self.task, self.pad_id, self.cfg.federation.eval_batch_size,
                              self.cfg.model.compute_dtype)[0]
+
+    def evaluate_personal(self, state: Tensors, client_states: dict[int, Tensors]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Each client's accuracy on its held-out part with the model it would use
+        (`Algorithm.personal_factors`), and the per-item records (fedlora.personalized). A
+        method without personal models is evaluated once, with the global adapter."""
+        algo, cfg = self.algorithm, self.cfg
+        method = getattr(algo, "method", algo)  # the method inside its aggregation pipeline
+        shared = type(method).personal_factors is Algorithm.personal_factors
+        parts = []
+        for k, examples in enumerate(self.task.personal):
+            if not shared or k == 0:
+                self.adapters.clear()
+                self.adapters.load(algo.personal_factors(state, client_states.get(k, {})))
+            preds, _ = predict_classes(self.model, examples, self.task.label_ids, self.pad_id,
+                                       cfg.federation.eval_batch_size, cfg.model.compute_dtype)
+            parts.append(personal_records(k, self.task.personal_ids[k], [e.target for e in examples], preds))
+        self.adapters.clear()
+        items = concat_records(parts)
+        return personal_metrics(items), items
 
     def evaluate(self, state: Tensors) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The global model's metrics and per-item records (fedlora.evaluate.evaluate_task)."""
@@ -284,6 +304,10 @@ class Simulation:
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
             ev, items = fed.evaluate(state)
+            if cfg.evaluation.personalized:
+                personal, personal_items = fed.evaluate_personal(state, client_states)
+                record.update(personal)
+                items.update(personal_items)
             write_eval_items(self.run_dir, t, items)
             record.update(test_loss=ev.pop("loss"), **ev)  # "accuracy" unless loss is all there is
         n = len(clients)

@@ -151,11 +151,12 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 REQUIRED = ("clients", "uplink_bytes", "downlink_bytes", "wall_seconds", "server_seconds")
 """Record fields every runtime writes in every round and the tables sum: present, never null."""
-CLIENT_TABLES = ("ranks", "next_ranks", "client_weight", "delta_share", "privacy_client_epsilon")
+CLIENT_TABLES = ("ranks", "next_ranks", "client_weight", "delta_share", "personal_client_accuracy",
+                 "privacy_client_epsilon")
 """Record fields that map client ids to numbers."""
 SELF_CHECKED = ("class_accuracy", "confusion", "client_accuracy", "mmlu_subjects")
 """Record fields whose readers skip a damaged value themselves."""
-FRACTIONS = ("accuracy", "worst_client_accuracy", "mmlu_accuracy")
+FRACTIONS = ("accuracy", "worst_client_accuracy", "mmlu_accuracy", "personal_accuracy", "personal_worst_accuracy")
 CLIENT_TEXT = ("clipped",)
 """Client fields that are text: why the norm screen scaled the update (runtime.rounds)."""
 
