@@ -130,7 +130,7 @@ def _norm(B: torch.Tensor, A: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("method", ["ffa", "flora", "flexlora", "hetlora"])
 def test_other_methods_shares_follow_their_terms(method):
-    """Each method's client term (README, "Aggregation tilt"), computed here from the uploads:
+    """Each method's client term (docs/concepts/methods/aflora.md, "Aggregation tilt"), computed here from the uploads:
     FFA-LoRA p_k B_k A (the frozen A), FLoRA and FlexLoRA p_k B_k A_k, HETLoRA w_k B_k Ā[:r_k]
     (sparsity weights, the averaged A)."""
     from fedlora.algorithms import ffa, flexlora, flora, hetlora

@@ -362,7 +362,7 @@ def test_custom_data_uses_its_own_class_names_and_a_neutral_prompt(tmp_path):
 
 
 def test_label_skew_first_label_is_the_clients_index_the_rest_seeded():
-    """What the README says: client i holds label i mod L and k-1 others drawn by the seed."""
+    """What docs/concepts/data.md says: client i holds label i mod L and k-1 others drawn by the seed."""
     labels = [j for j in range(4) for _ in range(50)]
     def held(seed: int) -> list[list[int]]:
         return [sorted({labels[i] for i in p}) for p in partition_indices(labels, 6, "label_skew", 2, seed)]

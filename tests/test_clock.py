@@ -51,7 +51,7 @@ def fedit_tiny():
 @pytest.mark.parametrize("trained", [[0, 1], [1]])
 def test_flops_match_hand_count_and_torch_counter(fedit_tiny, trained, monkeypatch):
     """The clock counts the full pass: the shared-prefix saving (train.hidden_states) is off
-    here so that torch's counter sees the same pass (README: the clock over-counts by it)."""
+    here so that torch's counter sees the same pass (docs/concepts/time-to-accuracy.md: the clock over-counts by it)."""
     monkeypatch.setattr("fedlora.train.MIN_SHARED_PREFIX", 10**9)
     fed = fedit_tiny
     state = fed.algorithm.init_state()  # rank 2

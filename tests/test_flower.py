@@ -480,7 +480,7 @@ def test_killed_supernode_run_completes_and_node_rejoins(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_tls_and_node_authentication_on_localhost(data_dir, tmp_path):
-    """The README's certificate step on localhost: a TLS SuperLink with SuperNode
+    """The certificate step of docs/howto/deploy-flower.md on localhost: a TLS SuperLink with SuperNode
     authentication, two registered SuperNodes run a round; an unregistered key is refused."""
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
     keys = make_node_keys(tmp_path / "certs", 3)

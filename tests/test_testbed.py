@@ -76,6 +76,8 @@ def test_links_are_shaped_and_quotas_throttle_and_all_is_removed():
 def test_profile_errors_name_the_node():
     with pytest.raises(ValueError, match="node 0: cpu 99"):
         TestbedProfile(nodes=[TestbedNode(cpu=99)])
+    with pytest.raises(ValueError, match="uplink_mbps"):  # schema.Strict: no infinite rate
+        TestbedNode(cpu=0.5, uplink_mbps=float("inf"))
     profile = TestbedProfile(nodes=[TestbedNode(device="phone", cpu=0.5)])
     with pytest.raises(ValueError, match="unknown device class 'phone'"):
         profile.link(profile.nodes[0])

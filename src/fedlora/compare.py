@@ -442,7 +442,7 @@ def class_table(results: dict[str, list[SeedResult]]) -> str:
 
 def tilt_tables(histories: dict[str, list[list[dict[str, Any]]]]) -> str:
     """Per method (its seeds' metrics), each client's aggregation weight p_k and share of ΔW
-    (README, "Aggregation tilt"), each the mean over the rounds the client took part in, then
+    (docs/concepts/methods/aflora.md, "Aggregation tilt"), each the mean over the rounds the client took part in, then
     over seeds: which clients the aggregate leans towards, beside the per-class table's effect."""
     clients = sorted({c for hs in histories.values() for h in hs for r in h
                       if isinstance(r.get("client_weight"), dict) for c in r["client_weight"]},

@@ -103,7 +103,7 @@ def _max_ranks(run_dir: Path) -> list[Any]:
 
 
 SHARE_OF_DELTA_W = ("Share of ΔW: Σ over modules of ‖s p_k B_k A_k‖_F (client k's term of the aggregated "
-                    "update) over the same summed over the round's clients (README, \"Aggregation tilt\").")
+                    "update) over the same summed over the round's clients (docs/concepts/methods/aflora.md, \"Aggregation tilt\").")
 
 
 def mean_per_client(records: list[dict[str, Any]], key: str, client: str) -> float | None:

@@ -19,14 +19,13 @@ import torch
 
 from fedlora.aggregation.base import Verdict, Wrapper
 from fedlora.algorithms.base import Algorithm, Tensors, Update
+from fedlora.privacy.uploads import joint_norm
 
 
 def update_norm(tensors: Tensors, unbounded: tuple[str, ...] = ()) -> float:
     """ℓ2 norm of all uploaded tensors together (in float64: no overflow), except those whose
     name ends with one of `unbounded` (e.g. AFLoRA's 0/1 masks)."""
-    squares = [torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
-               for k, t in tensors.items() if not k.endswith(unbounded)]
-    return float(sum(squares, torch.tensor(0.0, dtype=torch.float64)).sqrt())
+    return joint_norm({k: t for k, t in tensors.items() if not k.endswith(unbounded)})
 
 
 class NormBound(Wrapper):

@@ -22,7 +22,7 @@ Options for an informative λ (issue 15; defaults = the behaviour above): `lambd
 client (fedlora.diagnostics) and, on the server, ‖A_FT − A‖/‖A‖, the held-out public loss, and
 each client's weight p_k and share of ΔW = Σ_k s p_k pad(B'_k) A' (`Algorithm.tilt`).
 
-Decisions where the paper is silent (README, "AFLoRA: our decisions"): Λ and H are per
+Decisions where the paper is silent (docs/concepts/methods/aflora.md, "our decisions"): Λ and H are per
 target module (each LoRA adapter prunes its own dimensions, and eq. 12 uses that module's
 rank); the default pruning threshold is mean − βσ (option `pruning_rule`); σ is the
 population standard deviation; the upload uses the mask the client trained

@@ -1,8 +1,8 @@
 """HierFedLoRA (Liu et al., arXiv 2503.21213; abstract only): near-IID groups, per-group
 intra-group aggregation frequency τ_g and fine-tuning depth d_g, layer-wise global aggregation.
 
-Every choice below is ours (the paper's text is not available); the README lists them with
-their alternatives.
+Every choice below is ours (the paper's text is not available); docs/concepts/methods/hierfedlora.md lists them
+with their alternatives.
 
 1. Grouping: devices, largest first (ties in a seeded order), each join the group (with room
    under the size cap) whose label distribution after adding them is closest to the global

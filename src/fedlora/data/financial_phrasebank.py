@@ -1,7 +1,7 @@
 """Financial PhraseBank v1.0 (Malo et al. 2014): financial news sentences, 3 sentiments.
 
 The papers train on FinGPT's sentiment training file, which is not available offline; we
-train and test on a seeded split of the PhraseBank itself (see the README).
+train and test on a seeded split of the PhraseBank itself (see docs/concepts/data.md).
 """
 
 from __future__ import annotations

@@ -23,18 +23,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from fedlora.devices import PRESETS, DeviceClass
 from fedlora.flower.launch import LocalFederation, flower_env
+from fedlora.schema import Strict
 from fedlora.testbed.cgroup import CpuQuotas
 from fedlora.testbed.network import Network, TestbedError, in_netns, ip, namespaces
 
 MANIFEST = "testbed.json"
 
 
-class TestbedNode(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TestbedNode(Strict):
     __test__ = False  # (for pytest: not a test class)
 
     device: str = "reference"
@@ -49,10 +49,9 @@ class TestbedNode(BaseModel):
     run config's dataset."""
 
 
-class TestbedProfile(BaseModel):
+class TestbedProfile(Strict):
     """A testbed profile file: the nodes, optional device classes, the hub's subnet."""
 
-    model_config = ConfigDict(extra="forbid")
     __test__ = False
 
     nodes: list[TestbedNode] = Field(min_length=1, max_length=64)

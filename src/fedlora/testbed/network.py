@@ -58,15 +58,6 @@ def shape(ns: str, dev: str, mbps: float) -> None:
              "burst", str(burst), "latency", "1s")
 
 
-def netem_available(ns: str, dev: str) -> bool:
-    """Whether this kernel has the netem qdisc (latency emulation): tried on a scratch device."""
-    probe = in_netns(ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", "1ms", check=False)
-    if probe.returncode == 0:
-        in_netns(ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
-        return True
-    return False
-
-
 @dataclass
 class NodeLink:
     index: int
