@@ -604,14 +604,14 @@ def _check_node_limits(root: yaml.Node) -> None:
             node.value if isinstance(node, yaml.SequenceNode) else [])
         if done:
             on_path.discard(id(node))
-            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            size[id(node)] = 1 + sum(size.get(id(c), 1) for c in children)  # a cycle counts once
             if size[id(node)] > MAX_YAML_NODES:
                 raise ValueError(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
             continue
         if id(node) in size:
             continue
         if id(node) in on_path:
-            raise ValueError("an alias refers to itself")
+            continue  # a list that contains itself: no expansion; validation names its field
         on_path.add(id(node))
         stack.append((node, depth, True))
         stack.extend((c, depth + 1, False) for c in children if id(c) not in size)

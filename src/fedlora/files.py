@@ -162,6 +162,16 @@ def is_link_free(path: Path, inside: Path) -> bool:
     return True
 
 
+def refuse_links(folder: Path, inside: Path) -> None:
+    """One line if `folder`, a folder between `inside` and it, or anything already in it is a
+    symbolic link: for writers that open files by path themselves (transformers, PEFT)."""
+    folder = Path(folder)
+    planted = not is_link_free(folder, inside) or (
+        folder.is_dir() and any(p.is_symlink() for p in folder.rglob("*")))
+    if planted:
+        raise _link_error(folder)
+
+
 def open_regular(path: Path, flags: int, inside: Path | None = None, create: bool = False) -> int:
     """An fd of the regular file `path` (O_NOFOLLOW below `inside`); a link, a folder, a FIFO or
     a device is refused in one line. `create` makes the file (and its folders) if missing."""

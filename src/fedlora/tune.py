@@ -24,6 +24,7 @@ import yaml
 
 from fedlora.compare import method_configs, run_comparison
 from fedlora.config import DEFAULT_DATA_DIR, ConfigError, data_folder, read_tree
+from fedlora.files import atomic_write
 from fedlora.runtime.outputs import read_metrics, write_csv
 
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
@@ -181,7 +182,7 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
         if run.done:
             p.accuracy, p.loss = validation_scores(read_metrics(run.run_dir))
     chosen = choose(points)
-    (out / "tuned.yaml").write_text(yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
+    atomic_write(out / "tuned.yaml", yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
     to_test = [m for m in methods if m in chosen] + tuned_variants(tree, chosen)
     method_configs(out / "tuned.yaml", to_test, test_seeds, [])  # the printed command's configs are valid
     command = shlex.join([
@@ -228,5 +229,5 @@ def write_tables(out: Path, grid: Grid, points: list[Point], chosen: dict[str, P
         "\n## Test runs\n",
         f"The chosen settings are in `tuned.yaml`; three seeds on the test set:\n\n```\n{command}\n```\n",
     ]
-    (out / "tuning.md").write_text("\n".join(text))
+    atomic_write(out / "tuning.md", "\n".join(text))
 
