@@ -27,7 +27,6 @@ from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.devices import DeviceProfile, DevicesConfig, resolve_profiles
 from fedlora import schema
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
-from fedlora.files import read_user_file
 from fedlora.hardware import (
     DEVICE_CHOICES,
     DEVICE_NAMES,
@@ -626,6 +625,8 @@ def load_yaml(text: str | bytes) -> Any:
 def read_tree(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file, or a one-line ConfigError."""
     path = Path(path)
+    from fedlora.files import read_user_file  # here: parsing the command line imports no torch
+
     raw = read_user_file(path, MAX_CONFIG_BYTES, "config error")  # bytes counted: /dev/zero, a FIFO
     try:
         tree = load_yaml(raw.decode("utf-8")) or {}
