@@ -268,7 +268,8 @@ def run_data_case(worker: Worker, folder: Path, spec: dict) -> str | None:
 # --- run directories -------------------------------------------------------------------------
 
 RUN_FILES = ["checkpoint.safetensors", "final_state.safetensors", "config.yaml", "partition.json", "metrics.jsonl",
-             "summary.json", "eval/round_0002.npz", "merges/round_0001.safetensors", "run.lock", "eval", "merges"]
+             "summary.json", "eval/round_0002.npz", "merges/round_0001.safetensors", "run.lock", "eval", "merges",
+             "report.md", "figures", "partition.png", "export", "export/adapter_config.json"]
 COMMANDS = {
     "resume": ["run", "--quiet", "--resume", "run"],
     "eval": ["eval", "pristine.yaml", "--run", "run"],
@@ -410,9 +411,10 @@ CORPUS_CASES = sorted(CORPUS.glob("*.json"))
 
 
 @pytest.mark.parametrize("path", CORPUS_CASES, ids=[p.stem for p in CORPUS_CASES])
-def test_corpus_of_found_failures(worker, finished, tmp_path, path):
+def test_corpus_of_found_failures(worker, tmp_path, request, path):
     """Every failure the fuzzer found (on the code of its day), replayed as an explicit case."""
     spec = json.loads(path.read_text())["case"]
+    finished = request.getfixturevalue("finished") if spec["kind"] == "rundir" else None
     problem = run_spec(worker, tmp_path, spec, finished)
     assert problem is None, (spec, problem)
 

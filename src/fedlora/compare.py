@@ -48,7 +48,7 @@ from fedlora.plots import accuracy_curves, ranks_per_client, scored_split, setti
 from fedlora.records import accuracy_summary, scored_rounds
 from fedlora.report import SHARE_OF_DELTA_W, mean_per_client
 from fedlora.runtime.checkpoint import has_checkpoint
-from fedlora.files import is_link_free, read_bounded, safe_name
+from fedlora.files import atomic_write, is_link_free, read_bounded, safe_name
 from fedlora.runtime.outputs import environment, read_eval_items, read_metrics, read_summary, write_csv, write_json
 from fedlora.runtime.rundir import changed_fields_in, verify_run
 from fedlora.stats import MIN_SEEDS, PairedDifference, item_interval, paired_difference, seed_interval, with_holm
@@ -583,7 +583,7 @@ def write_comparison(out: Path, runs: list[MethodRun], methods: list[str],
     ]
     if failed:
         text.append("\n## Failed runs\n\n" + "".join(f"- {r.method} seed {r.seed}: {r.error}\n" for r in failed))
-    (out / "comparison.md").write_text("\n".join(t for t in text if t))
+    atomic_write(out / "comparison.md", "\n".join(t for t in text if t))
     return rows
 
 

@@ -30,7 +30,6 @@ from fedlora.data.registry import registered_datasets
 from fedlora.devices import DeviceProfile, DevicesConfig, capability_ranks, resolve_profiles
 from fedlora import schema
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
-from fedlora.files import read_user_file
 from fedlora.hardware import (
     DEVICE_CHOICES,
     DEVICE_NAMES,
@@ -749,14 +748,14 @@ def _check_node_limits(root: yaml.Node) -> None:
             node.value if isinstance(node, yaml.SequenceNode) else [])
         if done:
             on_path.discard(id(node))
-            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            size[id(node)] = 1 + sum(size.get(id(c), 1) for c in children)  # a cycle counts once
             if size[id(node)] > MAX_YAML_NODES:
                 raise ValueError(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
             continue
         if id(node) in size:
             continue
         if id(node) in on_path:
-            raise ValueError("an alias refers to itself")
+            continue  # a list that contains itself: no expansion; validation names its field
         on_path.add(id(node))
         stack.append((node, depth, True))
         stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
@@ -771,6 +770,8 @@ def load_yaml(text: str | bytes) -> Any:
 def read_tree(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file, or a one-line ConfigError."""
     path = Path(path)
+    from fedlora.files import read_user_file  # here: parsing the command line imports no torch
+
     raw = read_user_file(path, MAX_CONFIG_BYTES, "config error")  # bytes counted: /dev/zero, a FIFO
     try:
         text = raw.decode("utf-8")

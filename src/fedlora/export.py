@@ -19,6 +19,7 @@ the hub original instead (for SmolLM2, the unquantised weights the GGUF was made
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from fedlora.algorithms import build_algorithm
 from fedlora.algorithms.base import FederationSetup, Tensors
 from fedlora.config import ConfigError, RunConfig
 from fedlora.models import hub_reference, load_base_model
-from fedlora.files import atomic_write, tensors_to_bytes
+from fedlora.files import atomic_write, refuse_links, tensors_to_bytes
 from fedlora.lowrank import stack_factors, svd_factors
 from fedlora.runtime.checkpoint import CHECKPOINT, check_state
 from fedlora.runtime.outputs import client_sizes
@@ -184,6 +185,8 @@ def write_peft(folder: Path, run: RunModel, update: Factors, base: str | None = 
 def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None, base: str = "auto") -> dict[str, Any]:
     """Write the run as `peft` (adapter, plus its base in OUT/base when needed: see `peft_base`)
     or `merged` (a plain transformers folder). Returns what was written."""
+    if Path(os.path.abspath(out)).is_relative_to(os.path.abspath(run_dir)):  # the default, RUN/export-*
+        refuse_links(out, run_dir)  # PEFT and transformers write by path: no planted link in the way
     run = load_run(run_dir)
     if not run.update:
         raise ConfigError(f"export error: {run_dir} learned no update (no merges and no final adapter)")

@@ -162,6 +162,16 @@ def is_link_free(path: Path, inside: Path) -> bool:
     return True
 
 
+def refuse_links(folder: Path, inside: Path) -> None:
+    """One line if `folder`, a folder between `inside` and it, or anything already in it is a
+    symbolic link: for writers that open files by path themselves (transformers, PEFT)."""
+    folder = Path(folder)
+    planted = not is_link_free(folder, inside) or (
+        folder.is_dir() and any(p.is_symlink() for p in folder.rglob("*")))
+    if planted:
+        raise _link_error(folder)
+
+
 def open_regular(path: Path, flags: int, inside: Path | None = None, create: bool = False) -> int:
     """An fd of the regular file `path` (O_NOFOLLOW below `inside`); a link, a folder, a FIFO or
     a device is refused in one line. `create` makes the file (and its folders) if missing."""
@@ -368,34 +378,19 @@ def load_tensors(path: Path, max_bytes: int | None = None, expected_sha256: str 
         from fedlora.memory import available_bytes
 
         max_bytes = available_bytes() // 2
-    fd = open_regular(path, os.O_RDONLY, inside)
+    altered = RunFileError(f"run error: {path}: altered, truncated or replaced since it was written "
+                           "(SHA-256 differs from the checkpoint's record)")
+    fd = open_regular(path, os.O_RDONLY, inside)  # a link, a FIFO, a missing file: said as such
     try:
-        head = read_up_to(fd, 8)
-        if len(head) < 8:
-            raise RunFileError(f"run error: {path}: truncated ({len(head)} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > max_bytes:
-            raise RunFileError(f"run error: {path}: damaged or truncated (header length {n})")
-        raw_header = read_up_to(fd, n)
-        if len(raw_header) < n:
-            raise RunFileError(f"run error: {path}: damaged or truncated (header length {n}, file "
-                               f"{8 + len(raw_header)} bytes)")
-        header = _checked_header(path, raw_header)
-        size = max((end for _, end in _extents(path, header)), default=0)
-        if 8 + n + size > max_bytes:
-            raise RunFileError(f"run error: {path}: declares {8 + n + size} bytes, more than the {max_bytes} "
-                               "a run file may have here")
-        body = read_up_to(fd, size)
-        trailing = os.read(fd, 1)
+        data, header = _read_safetensors(fd, path, max_bytes)
+    except RunFileError:
+        if expected_sha256 is None:
+            raise
+        raise altered from None  # a recorded file: say what is wrong with it, not how it broke
     finally:
         os.close(fd)
-    if len(body) < size or trailing:
-        raise RunFileError(f"run error: {path}: {'truncated' if len(body) < size else 'longer than its header says'} "
-                           f"(its header declares {8 + n + size} bytes)")
-    data = head + raw_header + body
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
-        raise RunFileError(f"run error: {path}: altered, truncated or replaced since it was written "
-                           "(SHA-256 differs from the checkpoint's record)")
+        raise altered
     try:
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
@@ -404,6 +399,31 @@ def load_tensors(path: Path, max_bytes: int | None = None, expected_sha256: str 
     if not isinstance(metadata, dict):
         raise RunFileError(f"run error: {path}: damaged safetensors header")
     return tensors, metadata
+
+
+def _read_safetensors(fd: int, path: Path, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    """(the file's bytes, its header): the header read and checked before the data it declares."""
+    head = read_up_to(fd, 8)
+    if len(head) < 8:
+        raise RunFileError(f"run error: {path}: truncated ({len(head)} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or 8 + n > max_bytes:
+        raise RunFileError(f"run error: {path}: damaged or truncated (header length {n})")
+    raw_header = read_up_to(fd, n)
+    if len(raw_header) < n:
+        raise RunFileError(f"run error: {path}: damaged or truncated (header length {n}, file "
+                           f"{8 + len(raw_header)} bytes)")
+    header = _checked_header(path, raw_header)
+    size = max((end for _, end in _extents(path, header)), default=0)
+    if 8 + n + size > max_bytes:
+        raise RunFileError(f"run error: {path}: declares {8 + n + size} bytes, more than the {max_bytes} "
+                           "a run file may have here")
+    body = read_up_to(fd, size)
+    trailing = os.read(fd, 1)
+    if len(body) < size or trailing:
+        raise RunFileError(f"run error: {path}: {'truncated' if len(body) < size else 'longer than its header says'} "
+                           f"(its header declares {8 + n + size} bytes)")
+    return head + raw_header + body, header
 
 
 def _extents(path: Path, header: dict[str, Any]) -> list[tuple[int, int]]:

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from fedlora.files import read_json
+from fedlora.files import atomic_write, read_json
 from fedlora.records import is_scored
 from fedlora.runtime.outputs import UNTUNED_FILE, is_fraction, read_config_tree
 from fedlora.units import format_bytes
@@ -153,8 +153,10 @@ def _legend_outside(ax, **kw) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:  # atomic, and a link planted at `path` is replaced, never written through
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -15,7 +15,7 @@ from fedlora.plots import (
     setting_caption,
     untuned_accuracy,
 )
-from fedlora.files import RunFileError
+from fedlora.files import RunFileError, atomic_write, ensure_dir
 from fedlora.runtime.outputs import client_sizes, read_config_tree, read_metrics, read_summary
 from fedlora.tables import markdown_table
 
@@ -145,7 +145,7 @@ def write_report(run_dir: Path) -> Path:
     summary = read_summary(run_dir)
     label = str(summary.get("method", run_dir.name))
     figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    ensure_dir(figures, run_dir)  # a figures/ that is a link is refused
     one = {label: records}
     setting = setting_caption([run_dir])
     split = scored_split([run_dir])
@@ -188,7 +188,7 @@ def write_report(run_dir: Path) -> Path:
          "per-round metrics `metrics.jsonl`.\n"),
     ]
     out = run_dir / "report.md"
-    out.write_text("\n".join(text))
+    atomic_write(out, "\n".join(text))
     return out
 
 

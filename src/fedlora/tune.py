@@ -29,6 +29,7 @@ import yaml
 
 from fedlora.compare import method_configs, run_comparison
 from fedlora.config import DEFAULT_DATA_DIR, ConfigError, data_folder, read_tree
+from fedlora.files import atomic_write
 from fedlora.records import loss_evaluated
 from fedlora.runtime.outputs import read_metrics, write_csv
 from fedlora.tables import markdown_table
@@ -220,7 +221,7 @@ def run_tuning(config: Path, methods: list[str], grid: Grid, out: Path, validati
         *(w for o in overrides for w in ("--set", o)),
     ])
     if publish:
-        tuned.write_text(yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
+        atomic_write(tuned, yaml.safe_dump(tuned_tree(config, chosen), sort_keys=False))
         method_configs(tuned, to_test, test_seeds, overrides)  # the printed command's configs are valid
     else:
         tuned.unlink(missing_ok=True)  # never leave an earlier grid's choices looking current
@@ -278,5 +279,5 @@ def write_tables(out: Path, grid: Grid, points: list[Point], chosen: dict[str, P
          f"```\n{command}\n```\n" if command else
          "Not published: a choice is at the grid's edge (above), so no tuned.yaml was written.\n"),
     ]
-    (out / "tuning.md").write_text("\n".join(text))
+    atomic_write(out / "tuning.md", "\n".join(text))
 

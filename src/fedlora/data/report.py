@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedlora.files import atomic_write
+
 
 def partition_rich_table(table: list[list[int]], names: list[str]):
     from rich.table import Table
@@ -39,8 +41,10 @@ def save_heatmap(path: Path, table: list[list[int]], names: list[str]) -> None:
     fig.colorbar(im, ax=ax, label="examples")
     ax.set_title("examples per client per label / category")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # atomic, and a link planted at `path` is replaced, never written through
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def report_partition(run_dir: Path, table: list[list[int]], names: list[str], show: bool = True) -> None:

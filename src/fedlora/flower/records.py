@@ -8,7 +8,6 @@ import re
 from flwr.app import ArrayRecord
 
 from fedlora.algorithms.base import Tensors
-from fedlora.files import safe_name
 
 MERGE_PREFIX = "merge-"
 RUN_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: also a safe directory name on the client
@@ -16,6 +15,8 @@ RUN_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: also a safe directory name
 
 def checked_run_key(key: object) -> str:
     """The run key, if it is one: it names a directory, so `../x` or `/etc` must never pass."""
+    from fedlora.files import safe_name  # (torch-free callers import this module)
+
     if not isinstance(key, str) or not RUN_KEY.fullmatch(key) or safe_name(key, "run-key") != key:
         raise ValueError(f"run-key {str(key)[:80]!r}: not a run key (32 lowercase hex digits); refused")
     return key
