@@ -86,7 +86,7 @@ def test_last_accepted_round_names_the_client_state_to_continue_from():
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--insecure"], "give --superlink HOST:PORT or --local N"),
+    (["--insecure"], "give one of --superlink HOST:PORT, --local N, --testbed PROFILE"),
     (["--superlink", "127.0.0.1:9"], "give --root-certificates CA (TLS) or --insecure"),
     (["--local", "2", "--min-clients", "0"], "--min-clients: must be >= 1"),
 ])
