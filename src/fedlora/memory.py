@@ -62,30 +62,33 @@ def available_bytes() -> int:
     return min(limits)
 
 
-def forward_bytes(dims: ModelDims, sequences: int, length: int, backward: bool) -> int:
-    """Peak bytes of one forward (and backward) pass over `sequences` × `length` tokens."""
+def forward_bytes(dims: ModelDims, sequences: int, length: int, backward: bool,
+                  last_only: bool = False) -> int:
+    """Peak bytes of one forward (and backward) pass over `sequences` × `length` tokens.
+    `last_only`: the pass projects only each sequence's last hidden state (classification and
+    MMLU scoring, fedlora.evaluate), so the vocabulary-wide logits are one row per sequence."""
     tokens = sequences * length
     per_layer = 2 * (34 * dims.hidden + 5 * dims.heads * length)  # float32: twice the 16-bit bytes
     kept = dims.layers if backward else 2  # without a backward pass a layer's activations are freed
-    return tokens * (kept * per_layer + 8 * dims.vocab + BATCH_BYTES_PER_TOKEN)
+    logits = 8 * dims.vocab * (sequences if last_only else tokens)
+    return tokens * (kept * per_layer + BATCH_BYTES_PER_TOKEN) + logits
 
 
 def check_memory(cfg: Any, dims: ModelDims, available: int | None = None) -> None:
     """One line naming the field whose shape cannot fit, before anything is allocated for it."""
     available = available_bytes() if available is None else available
-    f, d, e = cfg.federation, cfg.data, cfg.evaluation
+    f, d = cfg.federation, cfg.data
     needs = [
         (f"federation.batch_size: {f.batch_size} × data.max_length {d.max_length} tokens per training step",
          forward_bytes(dims, f.batch_size, d.max_length, backward=True)),
         (f"federation.local_steps: {f.local_steps} batches of {f.batch_size} × {d.max_length} tokens drawn per "
          "client round", f.local_steps * f.batch_size * d.max_length * BATCH_BYTES_PER_TOKEN),
         (f"federation.eval_batch_size: {f.eval_batch_size} × data.max_length {d.max_length} tokens per "
-         "evaluation batch", forward_bytes(dims, f.eval_batch_size, d.max_length, backward=False)),
+         "evaluation batch", forward_bytes(dims, f.eval_batch_size, d.max_length, backward=False,
+                                           last_only=d.task == "classification")),
     ]
-    if e.mmlu:
-        needs.append((f"evaluation.mmlu_max_length: {e.mmlu_max_length} tokens × federation.eval_batch_size "
-                      f"{f.eval_batch_size} per MMLU batch",
-                      forward_bytes(dims, f.eval_batch_size, e.mmlu_max_length, backward=False)))
+    # MMLU's `evaluation.mmlu_max_length` is a truncation cap, not a batch shape: its batches are
+    # as long as their longest question, far below the cap, so it is not estimated here
     for what, need in needs:
         if need > available:
             raise ConfigError(f"config error: {what} need about {format_bytes(need)}, more than the "
