@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -146,8 +147,8 @@ class Testbed(LocalFederation):
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         """The SuperLink in the hub namespace; SuperNode i in its namespace and cgroup."""
-        if name == "superlink":
-            ns, join = self.network.hub, None
+        if name == "superlink":  # in a cgroup too (no quota), so a cleanup after SIGKILL finds it
+            ns, join = self.network.hub, self.quotas.joiner("hub")
         else:
             i = int(name.rsplit("-", 1)[1])
             ns, join = self.network.nodes[i].namespace, self.quotas.joiner(i)
@@ -176,6 +177,7 @@ class Testbed(LocalFederation):
     def start(self) -> Testbed:
         self._write_manifest()
         self.network.create_hub()
+        self.quotas.add("hub", None)
         for i, node in enumerate(self.profile.nodes):
             up, down = self.profile.link(node)
             self.network.add_node(up, down)
@@ -225,13 +227,15 @@ def cleanup(workdir: Path) -> list[str]:
     if not str(prefix).startswith("flt"):
         raise TestbedError(f"{path}: not a testbed manifest")
     quotas = CpuQuotas(prefix)
-    for group in sorted(quotas.parent.glob("n*")) if quotas.parent.exists() else []:
+    groups = [g for g in quotas.parent.iterdir() if g.is_dir() and re.fullmatch(r"n\d+|hub", g.name)] \
+        if quotas.parent.exists() else []  # (cgroup v1 also keeps files such as notify_on_release there)
+    for group in sorted(groups):
         for pid in (group / "cgroup.procs").read_text().split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        quotas.groups[int(group.name[1:])] = group
+        quotas.groups[group.name if group.name == "hub" else int(group.name[1:])] = group
     time.sleep(0.5)
     left = quotas.remove()
     network = Network(prefix)

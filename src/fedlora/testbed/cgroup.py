@@ -37,22 +37,24 @@ class CpuQuotas:
         self.root, self.version = cpu_hierarchy()
         self.parent = self.root / self.prefix
 
-    def add(self, node: int, cores: float) -> Path:
-        if cores <= 0:
+    def add(self, node: int | str, cores: float | None) -> Path:
+        """Group `n{node}` (or `hub`: the SuperLink, cores None: no quota) under the parent."""
+        if cores is not None and cores <= 0:
             raise TestbedError(f"node {node}: cpu share must be > 0, got {cores}")
         try:
             if not self.parent.exists():
                 self.parent.mkdir()
                 if self.version == 2:  # children may use the cpu controller
                     (self.parent / "cgroup.subtree_control").write_text("+cpu")
-            group = self.parent / f"n{node}"
+            group = self.parent / (node if isinstance(node, str) else f"n{node}")
             group.mkdir()
-            quota = int(cores * PERIOD_US)
-            if self.version == 1:
-                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-                (group / "cpu.cfs_quota_us").write_text(str(quota))
-            else:
-                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            if cores is not None:
+                quota = int(cores * PERIOD_US)
+                if self.version == 1:
+                    (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                    (group / "cpu.cfs_quota_us").write_text(str(quota))
+                else:
+                    (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
         except OSError as exc:
             raise TestbedError(f"cgroup {self.parent}: {exc}") from None
         self.groups[node] = group
@@ -65,7 +67,7 @@ class CpuQuotas:
         quota, period = (group / "cpu.max").read_text().split()
         return int(quota) / int(period)
 
-    def joiner(self, node: int):
+    def joiner(self, node: int | str):
         """A preexec_fn: the child writes its own pid into node's cgroup before exec, so it and
         everything it spawns (the SuperNode's ClientApp) run under the quota from the start."""
         procs = str(self.groups[node] / "cgroup.procs")
