@@ -109,7 +109,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
 def _cmd_testbed(args: argparse.Namespace) -> int:
     """`fedlora flower testbed PROFILE CONFIG`: `flower run --testbed PROFILE`, spelt as one command."""
     args.testbed, args.local, args.superlink = args.profile, None, None
-    args.root_certificates, args.insecure = None, True
+    args.root_certificates, args.insecure, args.node_data = None, True, None  # nodes serve their partitions
     return _cmd_run(args)
 
 

@@ -205,11 +205,27 @@ class Testbed(LocalFederation):
         """Processes by pid (their process groups), then cgroups, then namespaces; the manifest
         goes last, and stays (listing what is left) if anything could not be removed."""
         super().stop()
+        _kill_members(self.quotas)  # what the processes spawned in sessions of their own (SuperExec)
         left = self.quotas.remove() + self.network.remove()
         if left:
             self._write_manifest()
             raise TestbedError(f"testbed {self.prefix}: could not remove {', '.join(left)}")
         (self.workdir / MANIFEST).unlink(missing_ok=True)
+
+
+def _kill_members(quotas: CpuQuotas) -> None:
+    """SIGKILL every process still in the testbed's cgroups (by the pids the cgroups list: only
+    the testbed's own), then give the kernel a moment to empty the groups."""
+    killed = False
+    for node in list(quotas.groups):
+        for pid in quotas.pids(node):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+            except ProcessLookupError:
+                pass
+    if killed:
+        time.sleep(0.5)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -229,14 +245,9 @@ def cleanup(workdir: Path) -> list[str]:
     quotas = CpuQuotas(prefix)
     groups = [g for g in quotas.parent.iterdir() if g.is_dir() and re.fullmatch(r"n\d+|hub", g.name)] \
         if quotas.parent.exists() else []  # (cgroup v1 also keeps files such as notify_on_release there)
-    for group in sorted(groups):
-        for pid in (group / "cgroup.procs").read_text().split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for group in groups:
         quotas.groups[group.name if group.name == "hub" else int(group.name[1:])] = group
-    time.sleep(0.5)
+    _kill_members(quotas)
     left = quotas.remove()
     network = Network(prefix)
     network.created = [ns for ns in manifest["namespaces"] if ns in namespaces() and ns.startswith(prefix)]
