@@ -108,7 +108,8 @@ class LocalFederation:
     """A SuperLink and `nodes` SuperNodes on 127.0.0.1.
 
     Node i serves partition i of `partitions` (default `nodes`) and keeps its client state in
-    workdir/clients. Logs go to workdir/logs/*.log. Plain HTTP unless `certs` (from
+    workdir/clients; it is a SuperNode and, unless `warm` is False, its node executor. Logs go
+    to workdir/logs/*.log. Plain HTTP unless `certs` (from
     `make_certificates`) is given; with `node_keys` (from `make_node_keys`) too, the SuperLink
     admits only SuperNodes whose public key was registered (done here before they start).
     """
@@ -124,6 +125,10 @@ class LocalFederation:
     """Where the SuperLink listens (the testbed puts it on its hub's address)."""
     certs: dict[str, Path] | None = None
     node_keys: list[tuple[Path, Path]] | None = None
+    warm: bool = True
+    """Each SuperNode runs its ClientApps through a warm node executor (`executor-i`, started
+    with it: fedlora.flower.executor); False: Flower's subprocess isolation, a new process per
+    message (for comparison, or as a fallback)."""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -179,10 +184,18 @@ class LocalFederation:
         security = ["--root-certificates", str(self.certs["ca"])] if self.certs else ["--insecure"]
         if self.node_keys:
             security += ["--auth-supernode-private-key", str(self.node_keys[i][0])]
-        return self._spawn(f"supernode-{i}", [
+        runtime_port = free_port()
+        isolation = ["--isolation", "process"] if self.warm else []
+        node = self._spawn(f"supernode-{i}", [
             bin_path("flower-supernode"), *security, "--superlink", self.address,
-            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
+            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config, *isolation,
         ])
+        if self.warm:  # in the node's namespace and cgroup too (the testbed's _spawn by the name's index)
+            self._spawn(f"executor-{i}", [
+                sys.executable, "-m", "fedlora.cli", "flower", "node-executor", "--runtime-api-address",
+                f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(node.pid),
+            ])
+        return node
 
     def register_nodes(self) -> None:
         """`flwr supernode register` every node's public key (node authentication)."""
