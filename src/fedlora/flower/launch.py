@@ -87,13 +87,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group we created for `proc`, SIGKILL it after `grace` seconds."""
+def _stop(proc: subprocess.Popen, grace: float = 10.0, terminated: bool = False) -> None:
+    """SIGTERM the process group we created for `proc` (unless `terminated`: done already),
+    SIGKILL it after `grace` seconds."""
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(proc.pid, sig)
+            if not (terminated and sig == signal.SIGTERM):  # a second SIGTERM cuts Flower's graceful exit short
+                os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
@@ -206,9 +208,18 @@ class LocalFederation:
                            env=flower_env(home), check=True, capture_output=True, timeout=120)
 
     def stop(self) -> None:
-        for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
+        """Every node's processes at once (SIGTERM to each group, then a wait for each: a node's
+        graceful exit takes seconds), the SuperLink after them."""
+        nodes = [n for n in self.procs if n != "superlink"]
+        for name in nodes:
+            if self.procs[name].poll() is None:
+                try:
+                    os.killpg(self.procs[name].pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name in [*nodes, "superlink"]:
             if name in self.procs:
-                _stop(self.procs.pop(name))
+                _stop(self.procs.pop(name), terminated=name != "superlink")
 
     def __enter__(self) -> LocalFederation:  # noqa: PYI034 (dataclass, not subclassed)
         try:
