@@ -255,26 +255,39 @@ def _wait_rounds(run_dir, n, alive, timeout=600):
     raise AssertionError(f"round {n} did not finish in {timeout}s")
 
 
+def _real_run(cfg, folder, tmp_path):
+    """(run folder, node files, run config) of a real-process run of `cfg` on the nodes' files."""
+    from fedlora.config import dump_config
+
+    out = tmp_path / "flower"
+    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 600.0, "min-clients": 2,
+          "node-wait": 120.0}
+    return out, [str(node_file(folder, k)) for k in range(NODES)], rc
+
+
+def _submit(fed, rc, tmp_path, result):
+    """`flwr run` in a thread (its CompletedProcess lands in result["p"])."""
+    from fedlora.flower.launch import flwr_run
+
+    thread = threading.Thread(target=lambda: result.update(p=flwr_run(tmp_path / "w", fed.address, rc, quiet=True)))
+    thread.start()
+    return thread
+
+
 @pytest.mark.slow
 def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tmp_path):
     """Real SuperLink and SuperNodes, each node with only its file: node 2 is killed during
     round 2 and restarted (it rejoins once found again, from its snapshot); then the SuperLink is killed
     and the run resumed on a new one. Every round is in metrics.jsonl; the replay in-process
     gives the Flower run's adapter."""
-    from fedlora.config import dump_config
     from fedlora.flower.launch import LocalFederation, flwr_run
 
     tree, cfg, folder, _ = partitioned
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 4})})
-    out = tmp_path / "flower"
-    files = [str(node_file(folder, k)) for k in range(NODES)]
-    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 600.0, "min-clients": 2,
-          "node-wait": 120.0}
+    out, files, rc = _real_run(cfg, folder, tmp_path)
     result: dict = {}
     with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files) as fed:
-        thread = threading.Thread(target=lambda: result.update(p=flwr_run(tmp_path / "w", fed.address, rc,
-                                                                          quiet=True)))
-        thread.start()
+        thread = _submit(fed, rc, tmp_path, result)
         _wait_rounds(out, 1, thread.is_alive)
         os.killpg(fed.procs["supernode-2"].pid, signal.SIGKILL)
         fed.procs.pop("supernode-2").wait(10)
@@ -322,21 +335,15 @@ def test_warm_nodes_keep_their_executor_and_a_killed_task_is_a_failed_client(par
     ('ClientApp stopped responding'), the round goes on without client 2 and round 3 has it
     again from the same executor; no child is left behind; the replay in-process gives the
     Flower run's adapter."""
-    from fedlora.config import dump_config
-    from fedlora.flower.launch import LocalFederation, flwr_run
+    from fedlora.flower.launch import LocalFederation
 
     _, cfg, folder, _ = partitioned
-    out = tmp_path / "flower"
-    files = [str(node_file(folder, k)) for k in range(NODES)]
-    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 600.0, "min-clients": 2,
-          "node-wait": 120.0}
+    out, files, rc = _real_run(cfg, folder, tmp_path)
     result: dict = {}
     with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files) as fed:
         executors = {i: fed.procs[f"executor-{i}"] for i in range(NODES)}
         logs = {i: tmp_path / "fed/logs" / f"executor-{i}.log" for i in range(NODES)}
-        thread = threading.Thread(target=lambda: result.update(p=flwr_run(tmp_path / "w", fed.address, rc,
-                                                                          quiet=True)))
-        thread.start()
+        thread = _submit(fed, rc, tmp_path, result)
         _wait_rounds(out, 1, thread.is_alive)
         warm_before = logs[2].read_text().count("the warm copy")
         deadline = time.time() + 300
