@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -36,10 +37,15 @@ import yaml
 from safetensors.torch import load_file
 
 from fedlora.flower.launch import LocalFederation, flower_env
-from fedlora.hardware import cpu_model
+from fedlora.hardware import cpu_family, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "fedlora.cli"]
+NODE_RUNTIME = {
+    "warm": "warm node executors: each ClientApp message in a fork of a process that keeps torch, fedlora and "
+            "the base model loaded (fedlora flower node-executor)",
+    "subprocess": "Flower 1.41 subprocess isolation: a new flwr-clientapp process per message",
+}
 
 
 def tiny_config(data_dir: str, rounds: int, nodes: int) -> dict:
@@ -72,7 +78,8 @@ def same_adapter(a: Path, b: Path) -> bool:
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": cpu_model(), "torch_threads": torch.get_num_threads()}
+    return {"platform": platform.platform(), "processor": cpu_model(), "cpu_family": cpu_family().name,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def overhead(args: argparse.Namespace, work: Path) -> dict:
@@ -82,7 +89,8 @@ def overhead(args: argparse.Namespace, work: Path) -> dict:
     parts = partition(cfg, work, [])
     files = [str(parts / f"client_{k:03d}.jsonl") for k in range(args.nodes)]
     fl, ip = work / "flower", work / "inprocess"
-    with LocalFederation(work / "federation", nodes=args.nodes, data_files=files) as fed:
+    with LocalFederation(work / "federation", nodes=args.nodes, data_files=files,
+                         warm=args.isolation == "warm") as fed:
         seconds = run([*CLI, "flower", "run", str(parts / "config.yaml"), "--out", str(fl), "--superlink",
                        fed.address, "--insecure", "--min-clients", str(args.nodes), "--quiet"])
     run([*CLI, "run", str(cfg), "--out", str(ip), "--quiet"])
@@ -116,7 +124,7 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     times: dict[str, list[float]] = {"inprocess": [], "flower": []}
     same = True
     t = time.perf_counter()
-    with LocalFederation(work / "federation", nodes=nodes, data_files=files) as fed:
+    with LocalFederation(work / "federation", nodes=nodes, data_files=files, warm=args.isolation == "warm") as fed:
         startup = time.perf_counter() - t
         for i in range(args.repeats):
             ip, fl = work / f"inprocess-{i}", work / f"flower-{i}"
@@ -154,11 +162,14 @@ def main() -> None:
     c.add_argument("--out", default="docs/bench/flower_vs_inprocess_quickstart.json")
     for p in (o, c):
         p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+        p.add_argument("--isolation", choices=sorted(NODE_RUNTIME), default="warm",
+                       help="how the local nodes run ClientApps (fedlora flower run --isolation)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
     result = overhead(args, work) if args.what == "overhead" else compare(args, work)
-    result.update(machine=machine(), command="python " + " ".join(sys.argv))
+    result.update(machine=machine(), warm_executors=args.isolation == "warm", node_runtime=NODE_RUNTIME[args.isolation],
+                  command="python " + " ".join(sys.argv))
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -255,26 +255,39 @@ def _wait_rounds(run_dir, n, alive, timeout=600):
     raise AssertionError(f"round {n} did not finish in {timeout}s")
 
 
+def _real_run(cfg, folder, tmp_path):
+    """(run folder, node files, run config) of a real-process run of `cfg` on the nodes' files."""
+    from fedlora.config import dump_config
+
+    out = tmp_path / "flower"
+    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 600.0, "min-clients": 2,
+          "node-wait": 120.0}
+    return out, [str(node_file(folder, k)) for k in range(NODES)], rc
+
+
+def _submit(fed, rc, tmp_path, result):
+    """`flwr run` in a thread (its CompletedProcess lands in result["p"])."""
+    from fedlora.flower.launch import flwr_run
+
+    thread = threading.Thread(target=lambda: result.update(p=flwr_run(tmp_path / "w", fed.address, rc, quiet=True)))
+    thread.start()
+    return thread
+
+
 @pytest.mark.slow
 def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tmp_path):
     """Real SuperLink and SuperNodes, each node with only its file: node 2 is killed during
     round 2 and restarted (it rejoins once found again, from its snapshot); then the SuperLink is killed
     and the run resumed on a new one. Every round is in metrics.jsonl; the replay in-process
     gives the Flower run's adapter."""
-    from fedlora.config import dump_config
     from fedlora.flower.launch import LocalFederation, flwr_run
 
     tree, cfg, folder, _ = partitioned
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 4})})
-    out = tmp_path / "flower"
-    files = [str(node_file(folder, k)) for k in range(NODES)]
-    rc = {"config-yaml": dump_config(cfg), "out": str(out), "round-timeout": 600.0, "min-clients": 2,
-          "node-wait": 120.0}
+    out, files, rc = _real_run(cfg, folder, tmp_path)
     result: dict = {}
     with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files) as fed:
-        thread = threading.Thread(target=lambda: result.update(p=flwr_run(tmp_path / "w", fed.address, rc,
-                                                                          quiet=True)))
-        thread.start()
+        thread = _submit(fed, rc, tmp_path, result)
         _wait_rounds(out, 1, thread.is_alive)
         os.killpg(fed.procs["supernode-2"].pid, signal.SIGKILL)
         fed.procs.pop("supernode-2").wait(10)
@@ -297,6 +310,65 @@ def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tm
     tree = {**tree, "federation": {**tree["federation"], "rounds": 4}}
     replayed = _inprocess(tree, tmp_path / "replayed", replay=out)
     assert _same(_final(out), replayed)
+
+
+def _children(pid):
+    """(pid, state) of the processes whose parent is `pid` (from /proc)."""
+    from pathlib import Path
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append((int(stat.parent.name), fields[0]))
+    return out
+
+
+@pytest.mark.slow
+def test_warm_nodes_keep_their_executor_and_a_killed_task_is_a_failed_client(partitioned, tmp_path):
+    """Real SuperNodes with warm node executors, each node with only its file: every executor
+    keeps its pid for the whole run and loads the model once (its first task; later tasks take
+    the executor's warm copy); node 2's round-2 task is killed mid-task: Flower answers for it
+    ('ClientApp stopped responding'), the round goes on without client 2 and round 3 has it
+    again from the same executor; no child is left behind; the replay in-process gives the
+    Flower run's adapter."""
+    from fedlora.flower.launch import LocalFederation
+
+    _, cfg, folder, _ = partitioned
+    out, files, rc = _real_run(cfg, folder, tmp_path)
+    result: dict = {}
+    with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files) as fed:
+        executors = {i: fed.procs[f"executor-{i}"] for i in range(NODES)}
+        logs = {i: tmp_path / "fed/logs" / f"executor-{i}.log" for i in range(NODES)}
+        thread = _submit(fed, rc, tmp_path, result)
+        _wait_rounds(out, 1, thread.is_alive)
+        warm_before = logs[2].read_text().count("the warm copy")
+        deadline = time.time() + 300
+        while logs[2].read_text().count("the warm copy") == warm_before:  # round 2's task has its model
+            assert thread.is_alive() and time.time() < deadline, "node 2 got no round-2 task"
+            time.sleep(0.01)
+        for pid, _ in _children(executors[2].pid):
+            os.kill(pid, signal.SIGKILL)
+        thread.join(900)
+        assert all(executors[i].poll() is None and fed.procs[f"executor-{i}"] is executors[i] for i in range(NODES))
+        leftovers = {i: _children(executors[i].pid) for i in range(NODES)}
+        texts = {i: logs[i].read_text() for i in range(NODES)}
+    assert result["p"].returncode == 0
+    history = read_metrics(out)
+    assert [sorted(c["id"] for c in r["clients"]) for r in history] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    (failure,) = history[1]["rejected"]
+    assert failure["client"] == 2 and "stopped responding" in failure["reason"], failure
+    for i, text in texts.items():
+        assert text.count("node executor ready") == 1, i
+        assert text.count("loading it from its source") == 1, i  # round 1's task
+        assert text.count("keeping base model tiny-llama warm") == 1, i
+        assert text.count("the warm copy") == 2, i  # rounds 2 and 3
+    assert "killed by signal 9" in texts[2]
+    assert all(state != "Z" for kids in leftovers.values() for _, state in kids), leftovers
+    _replay_equals(partitioned, tmp_path)
 
 
 def test_partition_and_node_data_bad_inputs_exit_2(partitioned, tmp_path, capsys):

@@ -117,7 +117,7 @@ def test_an_interrupted_testbed_leaves_nothing(tmp_path, how):
     prefix = proc.stdout.readline().strip()
     assert prefix.startswith("flt"), prefix
     manifest = json.loads((tmp_path / "tb" / MANIFEST).read_text())
-    assert set(manifest["pids"]) == {"superlink", "supernode-0", "supernode-1"}
+    assert set(manifest["pids"]) == {"superlink", "supernode-0", "supernode-1", "executor-0", "executor-1"}
     os.kill(proc.pid, getattr(signal, how))
     proc.wait(120)
     if how == "SIGKILL":

@@ -123,7 +123,15 @@ def _loading(name: str) -> Iterator[None]:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, padding on the right (fast: data is checked before the model loads)."""
+    """The model's tokenizer, padding on the right (fast: data is checked before the model loads);
+    a warm one (`keep_warm`) if this process holds it."""
+    warm = _WARM.pop(("tokenizer", name), None)
+    if warm is not None:
+        return warm
+    return _fresh_tokenizer(name)
+
+
+def _fresh_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
     else:
@@ -138,7 +146,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def load_model(name: str, seed: int = 0, vocab_size: int | None = None) -> PreTrainedModel:
     """The base model in eval mode, float32, frozen (a tiny one is seeded, `vocab_size` its
-    tokenizer's)."""
+    tokenizer's); a warm one (`keep_warm`) if this process holds it, else loaded from its source."""
+    key = model_key(name, seed, vocab_size)
+    warm = _WARM.pop(("model", *key), None)
+    if warm is not None:
+        log.info("base model %s: the warm copy (loaded before this message)", name)
+        return warm
+    if cold_load_hook is not None:
+        cold_load_hook(name, seed, vocab_size)
+    return _fresh_model(name, seed, vocab_size)
+
+
+def _fresh_model(name: str, seed: int, vocab_size: int | None) -> PreTrainedModel:
     if name in TINY_MODELS:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -176,6 +195,43 @@ def load_base_model(
     """(model in eval mode, float32, frozen; tokenizer padding on the right)."""
     tokenizer = load_tokenizer(name)
     return load_model(name, seed, len(tokenizer)), tokenizer
+
+
+# --- Warm models: loaded before they are needed (a warm node's executor) ------------------------
+
+_WARM: dict[tuple, Any] = {}
+"""What `keep_warm` loaded: ("tokenizer", name) and ("model", *model_key). Each is taken once
+(popped): the process that takes one may change it (LoRA layers, merged base updates), so a
+second load in that process reads the source again."""
+
+cold_load_hook: Callable[[str, int, int | None], None] | None = None
+"""Called with (name, seed, vocab_size) before a model is loaded from its source: a warm node's
+forked ClientApp tells its executor which model to keep warm for the next message."""
+
+
+def model_key(name: str, seed: int, vocab_size: int | None) -> tuple:
+    """What decides `load_model`'s weights: a tiny model's seed and vocabulary size, else the name."""
+    return (name, seed, vocab_size) if name in TINY_MODELS else (name,)
+
+
+def keep_warm(name: str, seed: int = 0) -> tuple:
+    """Load `name`'s tokenizer and model (a tiny one seeded with `seed`) now, for the next
+    load_tokenizer/load_model of the same key in this process or in a fork of it (which shares
+    the weights copy-on-write); torch's global RNG is left as it was. One model is kept: a
+    previous one is dropped. Returns the model's key."""
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = _fresh_tokenizer(name)
+        key = model_key(name, seed, len(tokenizer))
+        model = _fresh_model(name, seed, len(tokenizer))
+    _WARM.clear()
+    _WARM[("tokenizer", name)] = tokenizer
+    _WARM[("model", *key)] = model
+    return key
+
+
+def warm_keys() -> list[tuple]:
+    """The model keys held warm in this process."""
+    return [k[1:] for k in _WARM if k[0] == "model"]
 
 
 def base_parameter_count(model: torch.nn.Module) -> int:

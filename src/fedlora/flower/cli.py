@@ -1,4 +1,5 @@
-"""`fedlora flower run | local | certs`: run on Flower, start a local federation, make TLS files."""
+"""`fedlora flower run | local | node-executor | certs`: run on Flower, start a local federation, run a
+warm node's executor, make TLS files."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             fed = LocalFederation(workdir / "local", nodes=args.local, partitions=cfg.federation.num_clients,
                                   data_files=files)
+        fed.warm = args.isolation == "warm"
         with fed:
             print(f"SuperLink on {fed.address} with {fed.nodes} SuperNodes (logs: {fed.workdir / 'logs'})")
             proc = flwr_run(workdir, fed.address, run_config, quiet=args.quiet, prefix=fed.flwr_prefix())
@@ -92,7 +94,8 @@ def _cmd_local(args: argparse.Namespace) -> int:
 
     fed = LocalFederation(Path(args.workdir), nodes=args.nodes, partitions=args.partitions,
                           data_dir=args.data_dir, port=args.port,
-                          data_files=node_files(args.node_data, args.nodes, args.partitions or args.nodes))
+                          data_files=node_files(args.node_data, args.nodes, args.partitions or args.nodes),
+                          warm=args.isolation == "warm")
     with fed:
         print(f"SuperLink on {fed.address}, {args.nodes} SuperNodes (partition-id 0..{args.nodes - 1} of "
               f"{fed.partitions}); logs in {fed.workdir / 'logs'}")
@@ -122,6 +125,43 @@ def _cmd_testbed_cleanup(args: argparse.Namespace) -> int:
         return 1
     print(f"nothing of the testbed in {args.workdir} remains")
     return 0
+
+
+def _cmd_node_executor(args: argparse.Namespace) -> int:
+    """`fedlora flower node-executor`: a warm node's executor beside a `--isolation process`
+    SuperNode (fedlora.flower.executor); arguments are checked before anything is imported."""
+    import os
+
+    runtime_address(args.runtime_api_address)
+    if bool(args.insecure) == bool(args.root_certificates):
+        raise ConfigError("config error: node-executor: give --insecure (a Runtime API on plain HTTP) or "
+                          "--root-certificates CA (the SuperNode's --ssl-ca-certfile), one of them")
+    if args.root_certificates and not Path(args.root_certificates).is_file():
+        raise ConfigError(f"config error: --root-certificates: {args.root_certificates}: file not found")
+    if args.max_tasks < 1:
+        raise ConfigError("config error: --max-tasks: must be >= 1")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError("config error: --seed: must be in [0, 2^32 - 1]")
+    if args.parent_pid is not None:
+        from fedlora.flower.executor import process_alive
+
+        if args.parent_pid <= 0 or args.parent_pid == os.getpid() or not process_alive(args.parent_pid):
+            raise ConfigError(f"config error: --parent-pid: no running process {args.parent_pid}")
+    from fedlora.flower.executor import serve
+
+    serve(args.runtime_api_address, bool(args.insecure), args.root_certificates, args.parent_pid,
+          args.model, args.seed, args.max_tasks)
+    return 0
+
+
+def runtime_address(value: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets), or a one-line ConfigError."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"config error: --runtime-api-address: {value!r} is not HOST:PORT (port 1-65535)")
+    return host, int(port)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -166,6 +206,9 @@ def add_parser(sub) -> None:
     run.add_argument("--node-wait", type=float, default=300.0,
                      help="seconds to wait for min-clients SuperNodes before a round")
     run.add_argument("--quiet", action="store_true", help="write the run's log to RUN_DIR/flower/flwr_run.log instead of the terminal")
+    run.add_argument("--isolation", choices=("warm", "subprocess"), default="warm",
+                     help="--local/--testbed nodes: warm executors (imports and model kept in memory) or "
+                     "Flower's subprocess isolation (a new process per message)")
     run.set_defaults(func=_cmd_run)
 
     local = fsub.add_parser("local", help="start a SuperLink and N SuperNodes on 127.0.0.1 until Ctrl-C")
@@ -175,6 +218,8 @@ def add_parser(sub) -> None:
     local.add_argument("--workdir", default="runs/flower-local", help="logs and client state")
     local.add_argument("--data-dir", help="data directory the clients read (default: the config's)")
     local.add_argument("--node-data", metavar="DIR", help="node i serves DIR/client_<i>.jsonl only (fedlora partition)")
+    local.add_argument("--isolation", choices=("warm", "subprocess"), default="warm",
+                       help="as for `fedlora flower run`")
     local.set_defaults(func=_cmd_local)
 
     testbed = fsub.add_parser("testbed", help="run CONFIG on an emulated heterogeneous testbed described by "
@@ -186,11 +231,28 @@ def add_parser(sub) -> None:
     testbed.add_argument("--round-timeout", type=float, default=600.0, help="as for `fedlora flower run`")
     testbed.add_argument("--node-wait", type=float, default=300.0, help="as for `fedlora flower run`")
     testbed.add_argument("--quiet", action="store_true", help="as for `fedlora flower run`")
+    testbed.add_argument("--isolation", choices=("warm", "subprocess"), default="warm",
+                         help="as for `fedlora flower run`")
     testbed.set_defaults(func=_cmd_testbed)
 
     cleanup = fsub.add_parser("testbed-cleanup", help="remove what a killed testbed left (from WORKDIR/testbed.json)")
     cleanup.add_argument("workdir", help="the testbed's work folder (RUN_DIR/flower/testbed)")
     cleanup.set_defaults(func=_cmd_testbed_cleanup)
+
+    ex = fsub.add_parser("node-executor", help="a warm node: run a `--isolation process` SuperNode's ClientApps "
+                         "in forks of one process that keeps torch, fedlora and the model loaded")
+    ex.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
+                    help="the SuperNode's Runtime API (its --host and --port, e.g. 127.0.0.1:9094)")
+    ex.add_argument("--insecure", action="store_true", help="the Runtime API is plain HTTP (on 127.0.0.1)")
+    ex.add_argument("--root-certificates", metavar="CA",
+                    help="CA certificate of a TLS Runtime API (the SuperNode's --ssl-ca-certfile)")
+    ex.add_argument("--parent-pid", type=int, metavar="PID",
+                    help="the SuperNode's pid: the executor stops when it ends")
+    ex.add_argument("--model", metavar="NAME", help="load this base model now (default: keep warm the model the "
+                    "first message loads)")
+    ex.add_argument("--seed", type=int, default=0, help="with a tiny random --model: its run's seed")
+    ex.add_argument("--max-tasks", type=int, default=2, help="ClientApp tasks run at once (more wait in the SuperNode)")
+    ex.set_defaults(func=_cmd_node_executor)
 
     certs = fsub.add_parser("certs", help="a CA, a SuperLink TLS certificate and SuperNode auth keys")
     certs.add_argument("--out", required=True, help="folder for the files")

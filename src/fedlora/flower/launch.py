@@ -87,13 +87,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group we created for `proc`, SIGKILL it after `grace` seconds."""
+def _stop(proc: subprocess.Popen, grace: float = 10.0, terminated: bool = False) -> None:
+    """SIGTERM the process group we created for `proc` (unless `terminated`: done already),
+    SIGKILL it after `grace` seconds."""
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(proc.pid, sig)
+            if not (terminated and sig == signal.SIGTERM):  # a second SIGTERM cuts Flower's graceful exit short
+                os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
@@ -108,7 +110,8 @@ class LocalFederation:
     """A SuperLink and `nodes` SuperNodes on 127.0.0.1.
 
     Node i serves partition i of `partitions` (default `nodes`) and keeps its client state in
-    workdir/clients. Logs go to workdir/logs/*.log. Plain HTTP unless `certs` (from
+    workdir/clients; it is a SuperNode and, unless `warm` is False, its node executor. Logs go
+    to workdir/logs/*.log. Plain HTTP unless `certs` (from
     `make_certificates`) is given; with `node_keys` (from `make_node_keys`) too, the SuperLink
     admits only SuperNodes whose public key was registered (done here before they start).
     """
@@ -124,6 +127,10 @@ class LocalFederation:
     """Where the SuperLink listens (the testbed puts it on its hub's address)."""
     certs: dict[str, Path] | None = None
     node_keys: list[tuple[Path, Path]] | None = None
+    warm: bool = True
+    """Each SuperNode runs its ClientApps through a warm node executor (`executor-i`, started
+    with it: fedlora.flower.executor); False: Flower's subprocess isolation, a new process per
+    message (for comparison, or as a fallback)."""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -179,10 +186,18 @@ class LocalFederation:
         security = ["--root-certificates", str(self.certs["ca"])] if self.certs else ["--insecure"]
         if self.node_keys:
             security += ["--auth-supernode-private-key", str(self.node_keys[i][0])]
-        return self._spawn(f"supernode-{i}", [
+        runtime_port = free_port()
+        isolation = ["--isolation", "process"] if self.warm else []
+        node = self._spawn(f"supernode-{i}", [
             bin_path("flower-supernode"), *security, "--superlink", self.address,
-            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
+            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config, *isolation,
         ])
+        if self.warm:  # in the node's namespace and cgroup too (the testbed's _spawn by the name's index)
+            self._spawn(f"executor-{i}", [
+                sys.executable, "-m", "fedlora.cli", "flower", "node-executor", "--runtime-api-address",
+                f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(node.pid),
+            ])
+        return node
 
     def register_nodes(self) -> None:
         """`flwr supernode register` every node's public key (node authentication)."""
@@ -193,9 +208,18 @@ class LocalFederation:
                            env=flower_env(home), check=True, capture_output=True, timeout=120)
 
     def stop(self) -> None:
-        for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
+        """Every node's processes at once (SIGTERM to each group, then a wait for each: a node's
+        graceful exit takes seconds), the SuperLink after them."""
+        nodes = [n for n in self.procs if n != "superlink"]
+        for name in nodes:
+            if self.procs[name].poll() is None:
+                try:
+                    os.killpg(self.procs[name].pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name in [*nodes, "superlink"]:
             if name in self.procs:
-                _stop(self.procs.pop(name))
+                _stop(self.procs.pop(name), terminated=name != "superlink")
 
     def __enter__(self) -> LocalFederation:  # noqa: PYI034 (dataclass, not subclassed)
         try:

@@ -1,16 +1,21 @@
 """A SuperNode's side of a run: its own data, its base kept current on its disk, its state.
 
-Flower starts a fresh ClientApp process for every message, so nothing survives in memory; a
-node stays warm through its disk instead (measured in docs/howto/real-nodes.md: a process
-holding the model between messages is not something a ClientApp can be). Under
-state-dir/<run key>/partition-<k>/ it keeps
+A node is warm in two layers (docs/howto/real-nodes.md, Warm nodes). In memory: a ClientApp
+handler runs once per message, and under Flower's default isolation in a new process each
+time; with a warm node executor (fedlora.flower.executor) that process is a fork of one that
+already imported torch, transformers and fedlora and loaded the *fresh* base model, which the
+handler finds in place of a load (fedlora.models.keep_warm). That copy is never trained or
+merged into (only the forks change theirs), so what makes it the run's current base is the
+second layer, on disk, the same under either isolation. Under
+state-dir/<run key>/partition-<k>/ the node keeps
   base.safetensors                 the target modules' base weights as of round R (R and their
                                    SHA-256 in its metadata): the node's current base;
   merges/round_NNNN.safetensors    every base update the server sent (catch-up included),
                                    kept to rebuild the base should the snapshot be lost;
   state/round_NNNN.safetensors     the method's private client state after round N (AFLoRA's
                                    λ and mask); the server names the round to continue from.
-Per message the node loads the model and reads its own data (the same work every round),
+Per message the node takes the fresh model (warm, or loaded) and reads its own data (the
+same work every round),
 puts its snapshot back and merges only the rounds it lacks (one, normally), checks the
 result against the digest the server sends, and saves the snapshot: its work outside
 training does not grow with the round number (no replay of every merge since round 1).
