@@ -176,6 +176,7 @@ class LocalFederation:
             node_config += f' data-dir="{self.data_dir}"'
         if self.data_files:
             node_config += f' data-file="{self.data_files[i]}"'
+        node_config += self.declared_devices(i)
         security = ["--root-certificates", str(self.certs["ca"])] if self.certs else ["--insecure"]
         if self.node_keys:
             security += ["--auth-supernode-private-key", str(self.node_keys[i][0])]
@@ -183,6 +184,10 @@ class LocalFederation:
             bin_path("flower-supernode"), *security, "--superlink", self.address,
             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
         ])
+
+    def declared_devices(self, i: int) -> str:
+        """Device figures node i declares in its node config (fedlora.flower.capability); none here."""
+        return ""
 
     def register_nodes(self) -> None:
         """`flwr supernode register` every node's public key (node authentication)."""
