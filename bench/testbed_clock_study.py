@@ -30,9 +30,11 @@ Scaling (defaults): 5 nodes of the tta mix {high 0.25, mid 0.35, low 0.4} (1 hig
 by largest remainder), CPU quotas high 0.7, mid 0.35, low 0.2 cores (1.8 in all; the presets'
 20:5:1 speed ratio is compressed to 3.5:1.75:1 because a node below ~0.2 core cannot start a
 ClientApp within Flower's 30 s heartbeat window, docs/howto/testbed.md), links the presets'
-rates. SmolLM2-135M, 4 rounds of 1 local step of batch 4 at 32 tokens, 100 test examples:
-estimated ≤ 30 min for 2 methods × 3 seeds on an idle 2-core machine (the script prints its
-own estimate from the first finished run).
+rates. SmolLM2-135M, 4 rounds of 1 local step of batch 4 at 32 tokens, 100 test examples.
+Estimated, not yet timed: 25-35 min for 2 methods × 3 seeds on an idle 2-core machine (a 0.2-core
+node needs ~15 s to start a ClientApp and ~17 s per SmolLM2 step at ~6 GFLOP/s; each run also
+starts the testbed and measures every node once). The script prints its own estimate after each
+run; lower --rounds or --test-examples, or use --model tiny-llama, to fit a budget.
 
 Needs root (namespaces, cgroups) and an idle machine. Everything the testbed creates is named
 flt* and removed by the testbed command itself (also on Ctrl-C/SIGTERM, which this script
