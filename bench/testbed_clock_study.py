@@ -34,7 +34,7 @@ rates. SmolLM2-135M, 4 rounds of 1 local step of batch 4 at 32 tokens, 100 test 
 Estimated, not yet timed: 25-35 min for 2 methods × 3 seeds on an idle 2-core machine (a 0.2-core
 node needs ~15 s to start a ClientApp and ~17 s per SmolLM2 step at ~6 GFLOP/s; each run also
 starts the testbed and measures every node once). The script prints its own estimate after each
-run; lower --rounds or --test-examples, or use --model tiny-llama, to fit a budget.
+run; lower --rounds or --test-examples to fit a budget.
 
 Needs root (namespaces, cgroups) and an idle machine. Everything the testbed creates is named
 flt* and removed by the testbed command itself (also on Ctrl-C/SIGTERM, which this script
