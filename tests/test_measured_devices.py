@@ -82,6 +82,39 @@ def test_slow_node_gets_the_smaller_aflora_rank_and_its_clock(data_dir, syntheti
     assert float(cells[6]) == pytest.approx(record["clients"][2]["sim_seconds"], rel=1e-2)
 
 
+def test_a_resumed_measured_run_keeps_its_figures_and_asks_no_node(data_dir, synthetic_task, tmp_path, monkeypatch):
+    """Resumed (its saved config, one more round), the run continues with the figures it started
+    with: no query asks for capability, though the nodes now declare other figures, and the
+    ranks and the clock are the first round's."""
+    from fedlora.flower.server_app import FlowerRun
+    from fedlora.runtime.rundir import saved_config, verify_run
+
+    first = [{"throughput": t, **FIGURES} for t in (1e9, 4e9, 2.5e8)]
+    run, _ = _run(_tree(synthetic_task), tmp_path, monkeypatch, first)
+    run.run()
+    cfg = saved_config(tmp_path / "flower", {"federation.rounds": 2})
+    verify_run(tmp_path / "flower", cfg)
+    grid = LoopbackGrid({100 + k: {"partition-id": k, "num-partitions": 3, "state-dir": str(tmp_path / "clients"),
+                                   "throughput": 1e12, "link-mbps": 1000} for k in range(3)}, monkeypatch)
+    asked = []
+
+    def watch(node, msg, reply):
+        conf = msg.content.config_records.get("config")
+        if msg.metadata.message_type == "query" and conf is not None and conf.get("capability"):
+            asked.append(node)
+        return reply
+    grid.tamper = watch
+    FlowerRun(cfg, tmp_path / "flower", grid, round_timeout=30.0, node_wait=0.0, min_clients=3).run(resume=True)
+    assert asked == []
+    recorded = _recorded(tmp_path)
+    assert [c["throughput"] for c in recorded["devices"]["measured"]["clients"]] == [1e9, 4e9, 2.5e8]
+    assert recorded["federation"]["client_max_ranks"] == [16, 64, 4]
+    first_record, second = read_metrics(tmp_path / "flower")
+    assert "devices" not in second and second["ranks"] == first_record["next_ranks"]  # AFLoRA goes on from round 1
+    c = second["clients"][1]
+    assert c["sim_seconds"] == pytest.approx(c["flops"] / 4e9 + (c["uplink_bytes"] + c["downlink_bytes"]) / (20 * MBIT))
+
+
 def test_memory_caps_the_measured_rank(data_dir, synthetic_task, tmp_path, monkeypatch):
     """Three equally fast nodes; node 1 has free memory for 2.5 units of adapter rank in the
     rule's quarter: it gets 2, the others the cap (64)."""
