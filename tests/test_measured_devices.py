@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_tree
 from safetensors.torch import load_file
@@ -113,6 +114,25 @@ def test_a_resumed_measured_run_keeps_its_figures_and_asks_no_node(data_dir, syn
     assert "devices" not in second and second["ranks"] == first_record["next_ranks"]  # AFLoRA goes on from round 1
     c = second["clients"][1]
     assert c["sim_seconds"] == pytest.approx(c["flops"] / 4e9 + (c["uplink_bytes"] + c["downlink_bytes"]) / (20 * MBIT))
+
+
+def test_a_measured_flower_run_replays_in_process_from_its_config(data_dir, synthetic_task, tmp_path, monkeypatch):
+    """The run's config.yaml carries the figures: `fedlora run` of it, replaying the Flower run's
+    participation, trains at the same ranks and ends with the same global adapter."""
+    from fedlora.config import load_config
+    from fedlora.runtime.replay import Participation
+
+    declared = [{"throughput": t, **FIGURES} for t in (1e9, 4e9, 2.5e8)]
+    run, _ = _run(_tree(synthetic_task), tmp_path, monkeypatch, declared)
+    run.run()
+    cfg = load_config(tmp_path / "flower/config.yaml")
+    Simulation(cfg, tmp_path / "replayed", progress=False, replay=Participation.read(tmp_path / "flower")).run()
+    a = load_file(str(tmp_path / "flower/final_state.safetensors"))
+    b = load_file(str(tmp_path / "replayed/final_state.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    flower, replayed = read_metrics(tmp_path / "flower")[0], read_metrics(tmp_path / "replayed")[0]
+    assert replayed["ranks"] == flower["ranks"] == {"0": 16, "1": 64, "2": 4}
+    assert replayed["sim_seconds"] == pytest.approx(flower["sim_seconds"])
 
 
 def test_memory_caps_the_measured_rank(data_dir, synthetic_task, tmp_path, monkeypatch):
