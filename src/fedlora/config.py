@@ -27,7 +27,7 @@ from fedlora.algorithms import AlgorithmOptions
 from fedlora.data.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from fedlora.data.custom import data_file_builder
 from fedlora.data.registry import registered_datasets
-from fedlora.devices import DeviceProfile, DevicesConfig, capability_ranks, resolve_profiles
+from fedlora.devices import AUTO_RANK_CAP, DeviceProfile, DevicesConfig, auto_ranks, resolve_profiles
 from fedlora import schema
 from fedlora.errors import ConfigError, DataError  # noqa: F401  (re-exported: callers import them from here)
 from fedlora.hardware import (
@@ -533,19 +533,34 @@ class RunConfig(Strict):
     @classmethod
     def _ranks_from_devices(cls, tree: Any) -> Any:
         """`devices.max_ranks: devices` fills federation.client_max_ranks from the profiles;
-        `federation.client_max_ranks: auto` from their throughputs (the capability rule)."""
-        dev = tree.get("devices") if isinstance(tree, dict) else None
-        fed = tree.get("federation") if isinstance(tree, dict) else None
-        auto = isinstance(fed, dict) and fed.get("client_max_ranks") == "auto"
-        if not auto and (not isinstance(dev, dict) or dev.get("max_ranks") != "devices"):
+        `federation.client_max_ranks: auto` (recorded as `devices.max_ranks: auto`) from the
+        devices' throughput and memory by the capability rule, profiles or measured alike. Until
+        the nodes of a `devices: measured` run have reported, the ranks are provisionally the
+        cap (the Flower server replaces them; the in-process runtime refuses such a config)."""
+        if not isinstance(tree, dict):
             return tree
-        if auto and isinstance(dev, dict) and dev.get("max_ranks") == "devices":
+        dev, fed = tree.get("devices"), tree.get("federation")
+        if dev == "measured":  # `devices: measured`, short for {source: measured}
+            dev = {"source": "measured"}
+            tree = {**tree, "devices": dev}
+        auto = isinstance(fed, dict) and fed.get("client_max_ranks") == "auto"
+        mode = dev.get("max_ranks") if isinstance(dev, dict) else None
+        if auto and mode == "devices":
             raise ValueError("federation.client_max_ranks: auto and devices.max_ranks: devices both set the ranks; "
                              "give one")
+        if auto:
+            mode, dev = "auto", {**(dev if isinstance(dev, dict) else {}), "max_ranks": "auto"}
+            tree = {**tree, "devices": dev}
+        if mode not in ("devices", "auto"):
+            return tree
         try:
             devices = DevicesConfig.model_validate(dev or {})
-        except ValidationError:
-            return tree  # the field validation below reports it
+        except ValidationError as err:
+            if not auto:
+                return tree  # the field validation below reports it
+            first = err.errors()[0]  # named here: `auto` is no list of ranks for the field validation
+            where = ".".join(["devices", *(str(p) for p in first["loc"])])
+            raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         fed = tree.get("federation") or {}
         n = fed.get("num_clients", 10) if isinstance(fed, dict) else None
         try:
@@ -554,17 +569,20 @@ class RunConfig(Strict):
             seed = None
         if not isinstance(n, int) or n < 1 or seed is None:
             return tree  # the field validation below reports it
-        try:
-            profiles = resolve_profiles(devices, n, seed)
-        except ValueError as err:
-            raise ValueError(str(err)) from None
-        if auto:
-            return {**tree, "federation": {**fed, "client_max_ranks": capability_ranks([p.flops for p in profiles])}}
-        ranks = [p.max_rank for p in profiles]
+        if devices.source == "measured" and devices.measured is None:
+            ranks = [AUTO_RANK_CAP] * n  # provisional: the nodes have not reported yet
+        else:
+            try:
+                profiles = resolve_profiles(devices, n, seed)
+                ranks = auto_ranks(devices, profiles) if mode == "auto" else [p.max_rank for p in profiles]
+            except ValueError as err:
+                raise ValueError(f"devices: {err}" if mode == "auto" and str(err).startswith("client ")
+                                 else str(err)) from None
         # a run's own config.yaml names the ranks it was given: those are accepted back (resume)
-        if fed.get("client_max_ranks", ranks) != ranks:
-            raise ValueError(f"federation.client_max_ranks: {fed['client_max_ranks']} differs from the devices' "
-                             f"ranks {ranks}; leave it unset when devices.max_ranks is devices")
+        given = fed.get("client_max_ranks", ranks)
+        if given not in ("auto", ranks) and not (devices.source == "measured" and devices.measured is None):
+            raise ValueError(f"federation.client_max_ranks: {given} differs from the devices' ranks {ranks}; "
+                             f"leave it unset when devices.max_ranks is {mode}")
         return {**tree, "federation": {**fed, "client_max_ranks": ranks}}
 
     @model_validator(mode="after")

@@ -5,11 +5,17 @@ the simulated clock (`fedlora.clock`) turns FLOPs and bytes into seconds on them
 come from named classes (built-in presets or the user's own), assigned per client or drawn
 with the run's seed from a mix; an optional log-normal spread makes devices of one class
 differ. AFLoRA's per-client max ranks can be derived from the profiles.
+
+A deployment can take each client's device from what its Flower node measured or declared
+instead (`devices: measured`, docs/concepts/measured-devices.md): the server records the
+figures here (`MeasuredDevices`) and from then on they are profiles like any other, so the
+clock, HierFedLoRA's grouping and `client_max_ranks: auto` use one rule for both.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,8 +51,58 @@ PRESETS: dict[str, DeviceClass] = {
 }
 
 
+MAX_THROUGHPUT = 1e17
+"""FLOP/s no single device sustains in training (a hundred of today's largest accelerators):
+a larger reported throughput is refused as untrue."""
+MAX_MEMORY = 2.0**50
+"""Bytes of free memory no device has (1 PiB)."""
+MAX_LINK_MBPS = 1e6
+"""Mbit/s no device's link carries (1 Tbit/s)."""
+SOURCES = ("measured", "declared", "assumed")
+"""How a figure was obtained: measured on the node, declared in its node config, or (link
+rates a node did not report) assumed: the `reference` preset's."""
+
+
+class MeasuredDevice(Strict):
+    """One client's device as its node reported it (a Flower run's server writes these)."""
+
+    throughput: float = Field(gt=0, le=MAX_THROUGHPUT)
+    """Training throughput in FLOP/s: the simulated clock's FLOP count of a timed warm-up of real
+    LoRA steps at the run's batch shape, over its seconds (or the node's declared figure)."""
+    free_memory: float | None = Field(None, gt=0, le=MAX_MEMORY)
+    """Free memory in bytes (MemAvailable, or the room left under the node's cgroup limit when that
+    is smaller); None: not reported (no memory cap on the rank)."""
+    uplink_mbps: float = Field(gt=0, le=MAX_LINK_MBPS)
+    """Upload rate in Mbit/s."""
+    downlink_mbps: float = Field(gt=0, le=MAX_LINK_MBPS)
+    """Download rate in Mbit/s."""
+    sources: dict[Literal["throughput", "free_memory", "uplink_mbps", "downlink_mbps"],
+                  Literal["measured", "declared", "assumed"]] = Field(default_factory=dict)
+    """How each figure was obtained (`measured`, `declared`, `assumed`)."""
+
+
+class MeasuredDevices(Strict):
+    """`devices.measured`: every client's reported device, in client order, and the adapter's
+    memory per unit of rank that the memory cap of `client_max_ranks: auto` needs."""
+
+    clients: list[MeasuredDevice] = Field(min_length=1)
+    """Client k's figures at position k."""
+    bytes_per_rank: float | None = Field(None, gt=0)
+    """Bytes one unit of LoRA rank costs a training client on this model (`adapter_bytes_per_rank`:
+    the factors, their gradients and Adam's two moments, in float32); None: no memory cap."""
+
+
 class DevicesConfig(Strict):
     """The `devices:` section. Without it every client is the `reference` preset."""
+
+    source: Literal["profiles", "measured"] = "profiles"
+    """`profiles`: each client's device from the classes below (simulation); `measured`: from
+    what its Flower node measured or declared in its `query` reply (deployment; `devices: measured`
+    is short for this). A measured run records the figures in `measured`; the in-process runtime
+    refuses `measured` without them (it has no nodes to ask)."""
+    measured: MeasuredDevices | None = None
+    """Set by the Flower server from the nodes' reports (recorded in the run's config.yaml, so a
+    resume, `fedlora run --replay` and `compare` use the figures the run used); not written by hand."""
 
     classes: dict[str, DeviceClass] = Field(default_factory=dict)
     """Named device classes `{name: {flops, uplink_mbps, downlink_mbps, max_rank}}`; they add
@@ -58,9 +114,11 @@ class DevicesConfig(Strict):
     by a seeded shuffle."""
     spread: float = Field(0.0, ge=0)
     """σ of a seeded log-normal factor on each device's throughput and bandwidths (0: none)."""
-    max_ranks: Literal["config", "devices"] = "config"
+    max_ranks: Literal["config", "devices", "auto"] = "config"
     """`devices`: federation.client_max_ranks is taken from each client's device class (leave
-    that key unset); `config`: from federation.client_max_ranks."""
+    that key unset); `auto` (what `federation.client_max_ranks: auto` sets): from each client's
+    throughput and free memory by the capability rule (`capability_rank`); `config`: from
+    federation.client_max_ranks."""
     server: str = "server"
     """Device class of the server (a preset or one of `classes`): its `flops` throughput turns the
     server's training FLOPs (AFLoRA's A fine-tuning) into simulated seconds."""
@@ -81,6 +139,16 @@ class DevicesConfig(Strict):
         if self.mix is not None and (not self.mix or any(v < 0 for v in self.mix.values())
                                      or sum(self.mix.values()) <= 0):
             raise ValueError("mix: shares must be >= 0 with a positive sum")
+        if self.source == "measured":
+            given = [k for k in ("assign", "mix") if getattr(self, k) is not None] + (["spread"] if self.spread else [])
+            if given:
+                raise ValueError(f"{given[0]}: describes device profiles; devices: measured takes each client's "
+                                 "device from its node's report")
+            if self.max_ranks == "devices":
+                raise ValueError("max_ranks: devices reads the profiles' declared ranks; measured devices declare "
+                                 "none (use federation.client_max_ranks: auto)")
+        elif self.measured is not None:
+            raise ValueError("measured: node figures need source: measured")
         return self
 
 
@@ -99,6 +167,23 @@ class DeviceProfile:
 
 
 AUTO_RANK_CAP = 64  # the paper's largest client rank
+ADAPTER_STATE_COPIES = 4  # a trained factor's value, gradient and Adam's two moments
+FLOAT_BYTES = 4
+
+
+def adapter_bytes_per_rank(module_shapes: Iterable[tuple[int, int]]) -> float:
+    """Bytes one unit of rank costs a training client: A (r × n) and B (m × r) on every target
+    module, each with its gradient and Adam's two moments, in float32."""
+    return float(ADAPTER_STATE_COPIES * FLOAT_BYTES * sum(m + n for m, n in module_shapes))
+
+
+def memory_rank_cap(free_bytes: float, bytes_per_rank: float, cap: int = AUTO_RANK_CAP) -> int:
+    """The largest power of two (at most `cap`) whose adapter state fits in a quarter of
+    `free_bytes` (the rest for the model, activations and the data); ValueError if not even rank 1."""
+    fits = free_bytes / 4 / bytes_per_rank
+    if fits < 1:
+        raise ValueError(f"free memory {free_bytes / 2**20:.0f} MiB cannot hold a rank-1 adapter")
+    return min(cap, 2 ** math.floor(math.log2(fits)))
 
 
 def capability_rank(throughput: float, fastest: float, cap: int = AUTO_RANK_CAP,
@@ -117,17 +202,32 @@ def capability_rank(throughput: float, fastest: float, cap: int = AUTO_RANK_CAP,
     rank = 2 ** round(math.log2(cap * throughput / fastest))
     rank = int(min(cap, max(1, rank)))
     if free_bytes is not None and bytes_per_rank:
-        fits = free_bytes / 4 / bytes_per_rank
-        if fits < 1:
-            raise ValueError(f"free memory {free_bytes / 2**20:.0f} MiB cannot hold a rank-1 adapter")
-        rank = min(rank, 2 ** int(math.floor(math.log2(fits))))
+        rank = min(rank, memory_rank_cap(free_bytes, bytes_per_rank, cap))
     return rank
 
 
-def capability_ranks(throughputs: list[float], cap: int = AUTO_RANK_CAP) -> list[int]:
-    """Every client's rank by `capability_rank`, relative to the fastest of them."""
+def capability_ranks(throughputs: list[float], cap: int = AUTO_RANK_CAP, free_bytes: list[float | None] | None = None,
+                     bytes_per_rank: float | None = None) -> list[int]:
+    """Every client's rank by `capability_rank`, relative to the fastest of them (and capped by
+    its free memory where both that and the adapter's bytes per rank are known)."""
     fastest = max(throughputs)
-    return [capability_rank(t, fastest, cap) for t in throughputs]
+    free = free_bytes or [None] * len(throughputs)
+    out = []
+    for k, (t, f) in enumerate(zip(throughputs, free)):
+        try:
+            out.append(capability_rank(t, fastest, cap, f, bytes_per_rank))
+        except ValueError as err:
+            raise ValueError(f"client {k}: {err}") from None
+    return out
+
+
+def auto_ranks(cfg: DevicesConfig, profiles: list[DeviceProfile]) -> list[int]:
+    """`client_max_ranks: auto`: the capability rule on the clients' devices, profiles or
+    measured alike (the measured ones add their free memory)."""
+    measured = cfg.measured
+    free = [c.free_memory for c in measured.clients] if measured else None
+    return capability_ranks([p.flops for p in profiles], free_bytes=free,
+                            bytes_per_rank=measured.bytes_per_rank if measured else None)
 
 
 def mix_counts(mix: dict[str, float], n: int) -> dict[str, int]:
@@ -141,9 +241,30 @@ def mix_counts(mix: dict[str, float], n: int) -> dict[str, int]:
     return counts
 
 
+def measured_profiles(measured: MeasuredDevices | None, num_clients: int) -> list[DeviceProfile]:
+    """The nodes' reported devices as profiles (their max_rank: the memory cap, else the largest)."""
+    if measured is None:
+        raise ValueError("devices: measured: no client figures yet; they come from the Flower nodes' reports "
+                         "(fedlora flower run); in-process, describe the devices as profiles (devices.assign or mix), "
+                         "which go through the same rule")
+    if len(measured.clients) != num_clients:
+        raise ValueError(f"devices.measured: {len(measured.clients)} clients for {num_clients}")
+    out = []
+    for c in measured.clients:
+        rank = AUTO_RANK_CAP
+        if c.free_memory is not None and measured.bytes_per_rank:
+            # (a client below rank 1 is refused by `auto_ranks` when the ranks are derived from this)
+            rank = max(1, min(AUTO_RANK_CAP, int(c.free_memory / 4 / measured.bytes_per_rank)))
+            rank = 2 ** math.floor(math.log2(rank))
+        out.append(DeviceProfile("measured", c.throughput, c.uplink_mbps * MBIT, c.downlink_mbps * MBIT, rank))
+    return out
+
+
 def resolve_profiles(cfg: DevicesConfig | None, num_clients: int, seed: int) -> list[DeviceProfile]:
     """Each client's device profile; same config and seed give the same devices."""
     cfg = cfg or DevicesConfig()
+    if cfg.source == "measured":
+        return measured_profiles(cfg.measured, num_clients)
     known = {**PRESETS, **cfg.classes}
     rng = np.random.default_rng([seed, 0xDE71CE])
     if cfg.assign is not None:

@@ -60,6 +60,9 @@ class RoundRecord(BaseModel):
     """Accuracy on the fixed eval subset (the accuracy curve's point; with eval_subset only)."""
     perplexity: float | None = None
     """Instruction tasks: test perplexity of an evaluated round."""
+    devices: list[dict[str, Any]] | None = None
+    """Round 1 of a `devices: measured` run (Flower): each client's device as its node reported it
+    (`client`, `throughput` FLOP/s, `free_memory` bytes, `uplink_mbps`, `downlink_mbps`, `sources`)."""
 
 
 def is_scored(record: Record) -> bool:

@@ -137,6 +137,36 @@ def tilt_table(records: list[dict[str, Any]], max_ranks: list[Any], sizes: list[
             *markdown_table(["client", "max rank", "examples", "rounds", "weight p_k", "share of ΔW"], rows), ""]
 
 
+def devices_table(records: list[dict[str, Any]], max_ranks: list[Any]) -> list[str]:
+    """Per client, the device its node reported (`devices: measured`, round 1's `devices`) and,
+    over the rounds it took part in, the simulated clock's seconds for it beside the measured
+    ones (push to reply, and the node's own training seconds); empty for a run without them."""
+    devices = next((r["devices"] for r in records if isinstance(r.get("devices"), list)), None)
+    if not devices:
+        return []
+
+    def mean(client: int, key: str) -> str:
+        vals = [c[key] for r in records for c in r.get("clients", [])
+                if c.get("id") == client and isinstance(c.get(key), int | float)]
+        return f"{sum(vals) / len(vals):.3g}" if vals else "–"
+
+    rows = []
+    for d in devices:
+        k = d.get("client")
+        memory = d.get("free_memory")
+        how = ", ".join(f"{name.split('_')[0]} {src}" for name, src in sorted((d.get("sources") or {}).items()))
+        rows.append([k, f"{d.get('throughput', 0) / 1e9:.3g}", "–" if memory is None else f"{memory / 2**20:.0f}",
+                     f"{d.get('uplink_mbps')}/{d.get('downlink_mbps')}", how,
+                     max_ranks[k] if isinstance(k, int) and 0 <= k < len(max_ranks) else "–",
+                     mean(k, "sim_seconds"), mean(k, "seconds"), mean(k, "train_seconds")])
+    return ["## Devices as the nodes reported them, and the clock against the measured time\n",
+            ("Seconds are means over the rounds the client took part in: the simulated clock's (its FLOPs over the "
+             "reported throughput plus its bytes over the link rates), from the server's push to the reply's "
+             "arrival, and the node's own training time.\n"),
+            *markdown_table(["client", "GFLOP/s", "free MiB", "up/down Mbit/s", "how", "max rank",
+                             "simulated s", "measured s (reply)", "training s (node)"], rows), ""]
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -180,6 +210,7 @@ def write_report(run_dir: Path) -> Path:
         *(f"## {title}\n\n![{path.stem}](figures/{path.name})\n" for title, path in made),
         *diagnostics_table(records),
         *tilt_table(records, _max_ranks(run_dir), _sizes_or_none(run_dir)),
+        *devices_table(records, _max_ranks(run_dir)),
         *class_table(records),
         "## Rejected updates\n",
         *([f"- round {t}: client {x['client']}: {x['reason']}" for t, x in rejected] or ["none"]),

@@ -37,6 +37,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # a bad data file stops here with one line, not inside the Flower apps
     server_pool(cfg, run_classes(cfg)) if cfg.nodes.local_data else check_data(cfg)
     files = node_files(args.node_data, args.local or 0, cfg.federation.num_clients)
+    if profile is not None:
+        files = profile_files(profile, Path(args.testbed))
     if files and not cfg.nodes.local_data:
         raise ConfigError("config error: --node-data: the config must set nodes.local_data: true "
                           "(fedlora partition writes such a config.yaml)")
@@ -54,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from fedlora.testbed import Testbed
 
             fed = Testbed(workdir / "testbed", nodes=len(profile.nodes), partitions=cfg.federation.num_clients,
-                          profile=profile)
+                          profile=profile, data_files=files)
         else:
             fed = LocalFederation(workdir / "local", nodes=args.local, partitions=cfg.federation.num_clients,
                                   data_files=files)
@@ -86,6 +88,21 @@ def node_files(folder: str | None, nodes: int, partitions: int) -> list[str] | N
     missing = next((f for f in files if not f.is_file()), None)
     if missing is not None:
         raise ConfigError(f"config error: --node-data: {missing}: file not found (written by fedlora partition)")
+    return [str(f) for f in files]
+
+
+def profile_files(profile, path: Path) -> list[str] | None:
+    """The testbed nodes' own data files (`nodes[].data_file`, relative to the profile's folder):
+    all or none, each an existing file (one line otherwise)."""
+    given = [node.data_file for node in profile.nodes]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError(f"config error: testbed profile {path}: give every node a data_file, or none")
+    files = [(path.parent / Path(f).expanduser()).resolve() for f in given]  # (an absolute f stays itself)
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise ConfigError(f"config error: testbed profile {path}: data_file {missing}: file not found")
     return [str(f) for f in files]
 
 

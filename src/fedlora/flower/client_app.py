@@ -5,11 +5,13 @@ federation this node is) and `num-partitions` (must equal federation.num_clients
 either `data-file` (the node's own examples, CSV or JSONL: a run with nodes.local_data) or
 `data-dir` (where this host keeps the shared dataset, cut with the global partitioner);
 optional `state-dir` (where the node keeps its base snapshot and private state: see
-fedlora.flower.node).
+fedlora.flower.node) and the device figures it declares instead of measuring (`throughput`,
+`memory-mib`, `uplink-mbps`, `downlink-mbps`, `link-mbps`: fedlora.flower.capability).
 
 `query` answers who the node is and, serving its own data, what that data is (a NodeReport:
-example count, label histogram); `train` runs the method's client_train on the node's own
-examples from its up-to-date base.
+example count, label histogram), and in a run with `devices: measured` what the node can do
+(fedlora.flower.capability: throughput, free memory, link rates); `train` runs the method's
+client_train on the node's own examples from its up-to-date base.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,22 +66,28 @@ def run_config(conf: Any, context: Context):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Who am I, and (serving my own file) how many examples of which classes: the server maps
-    partitions to nodes with this. No model is loaded; the data file is read, not tokenised."""
+    """Who am I, (serving my own file) how many examples of which classes, and (when the run
+    has `devices: measured` and asks) what I can do: the server maps partitions to nodes with
+    this. Only the capability's warm-up loads the model; the data file is read, not tokenised."""
     k, n = node_identity(context)
     report = NodeReport(k, n)
     conf = msg.content.config_records.get("config")
     path = data_file(context)
-    if path is not None and conf is not None and "classes" in conf:
+    cfg = run_config(conf, context) if conf is not None and "config-yaml" in conf else None
+    classes = [str(c) for c in conf["classes"]] if conf is not None and "classes" in conf else None
+    if path is not None and cfg is not None and classes is not None:
         from fedlora.data.custom import load_node_file
 
-        cfg = run_config(conf, context)
-        classes = [str(c) for c in conf["classes"]]
         labels = load_node_file(Path(path), cfg.data, classes)["label"]
         counts = [0] * len(classes)
         for label in labels:
             counts[label] += 1
         report = NodeReport(k, n, len(labels), tuple(counts))
+    if cfg is not None and conf.get("capability"):
+        from fedlora.flower.capability import node_capability
+
+        capability = node_capability(cfg, dict(context.node_config), k, path, classes)
+        report = replace(report, capability=capability)
     return Message(RecordDict({"info": ConfigRecord(report.to_record())}), reply_to=msg)
 
 

@@ -183,6 +183,7 @@ class LocalFederation:
             node_config += f' data-dir="{self.data_dir}"'
         if self.data_files:
             node_config += f' data-file="{self.data_files[i]}"'
+        node_config += self.declared_devices(i)
         security = ["--root-certificates", str(self.certs["ca"])] if self.certs else ["--insecure"]
         if self.node_keys:
             security += ["--auth-supernode-private-key", str(self.node_keys[i][0])]
@@ -198,6 +199,10 @@ class LocalFederation:
                 f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(node.pid),
             ])
         return node
+
+    def declared_devices(self, i: int) -> str:
+        """Device figures node i declares in its node config (fedlora.flower.capability); none here."""
+        return ""
 
     def register_nodes(self) -> None:
         """`flwr supernode register` every node's public key (node authentication)."""

@@ -7,7 +7,11 @@ global adapter as `fedlora run` when the same clients answer.
 
 With nodes.local_data the server first asks every node what it holds (a NodeReport: example
 count, label histogram, checked like an update: fedlora.flower.reports) and starts once every
-partition has a valid report; it never reads a client's data.
+partition has a valid report; it never reads a client's data. With `devices: measured` it also
+asks what each node can do (throughput, free memory, link rates: fedlora.flower.capability)
+and writes the figures into the run's config (`devices.measured`) before anything is built, so
+the clock, HierFedLoRA's grouping and `client_max_ranks: auto` use them as they would use
+profiles, and a resume continues with the same figures; round 1's record lists them (`devices`).
 
 Per round the server
   1. asks nodes it does not know yet which partition they serve (`query` messages),
@@ -99,7 +103,9 @@ class FlowerRun(Simulation):
         self.node_wait = node_wait
         self.partition_node: dict[int, int] = {}  # partition-id → node id
         self.merged_through: dict[int, int] = {}  # partition-id → last round's base it holds
-        self.reports: dict[int, NodeReport] = {}  # nodes.local_data: what each partition's node reported
+        self.reports: dict[int, NodeReport] = {}  # what each partition's node reported (local data, devices)
+        self.measuring = cfg.devices.source == "measured" and cfg.devices.measured is None
+        """The nodes' capability is asked for (once, before round 1; a resumed run has it in its config)."""
         self.classes: list[str] = []
         self._digest: tuple[int, str] | None = None  # (merges applied, SHA-256 of the base)
 
@@ -111,24 +117,29 @@ class FlowerRun(Simulation):
             self.run_key = checked_run_key(read_json(key_file, 10_000).get("run_key"))
         except (ValueError, AttributeError) as err:
             raise RunFileError(f"run error: {key_file}: {err}") from None
-        if self.cfg.nodes.local_data:
+        if self.cfg.nodes.local_data or self.measuring:
             self._collect_reports(resume)
+        if self.measuring:
+            self.cfg = self._with_measurements()
+            self.measuring = False  # a node that (re)joins later is not asked again
         return super()._run(resume)
 
     # -- node-local data: what the nodes report ----------------------------------------------
     def _collect_reports(self, resume: bool) -> None:
         """Every partition's report before the run starts (the example counts weight the
-        updates); a resumed run keeps the reports it started with (REPORTS_FILE)."""
+        updates; the devices shape ranks, groups and the clock); a resumed run keeps the reports
+        it started with (REPORTS_FILE)."""
         from fedlora.data.task import run_classes
 
-        self.classes = run_classes(self.cfg)
+        if self.cfg.nodes.local_data:
+            self.classes = run_classes(self.cfg)
         path = self.run_dir / REPORTS_FILE
         if resume and path.exists():
             try:
                 saved = read_json(path, 10_000_000)
                 self.reports = {int(k): NodeReport.from_record(
-                    r, self.cfg.federation.num_clients, len(self.classes), self.cfg.nodes.max_examples)
-                    for k, r in saved.items()}
+                    r, self.cfg.federation.num_clients, self._num_classes(), self.cfg.nodes.max_examples,
+                    self.measuring) for k, r in saved.items()}
             except (InvalidReport, ValueError, TypeError, AttributeError) as err:
                 raise RunFileError(f"run error: {path}: {err}") from None
         deadline = time.monotonic() + self.node_wait
@@ -136,11 +147,56 @@ class FlowerRun(Simulation):
             self._discover()
             missing = sorted(set(range(self.cfg.federation.num_clients)) - set(self.reports))
             if missing and time.monotonic() > deadline:
-                raise RuntimeError(f"nodes.local_data: no valid report from partitions {missing} within "
+                asked = "nodes.local_data" if self.cfg.nodes.local_data else "devices: measured"
+                raise RuntimeError(f"{asked}: no valid report from partitions {missing} within "
                                    f"node-wait={self.node_wait:g}s; the run did not start")
             if missing:
                 time.sleep(1.0)
         write_json(path, {str(k): r.to_record() for k, r in sorted(self.reports.items())})
+
+    def _num_classes(self) -> int | None:
+        return len(self.classes) if self.cfg.nodes.local_data else None
+
+    def _with_measurements(self):
+        """The run's config with every client's reported device (`devices.measured`; link rates a
+        node did not report assumed to be the `reference` preset's), its ranks re-derived from them
+        when they are `auto`; round 1's record will list the figures (`devices`)."""
+        from fedlora.devices import PRESETS, MeasuredDevices
+
+        reference, clients = PRESETS["reference"], []
+        for k in range(self.cfg.federation.num_clients):
+            cap = self.reports[k].capability
+            assert cap is not None  # from_record(capability=True) required it
+            sources = dict(cap.sources)
+            up, down = cap.uplink_mbps, cap.downlink_mbps
+            if up is None:
+                up, sources["uplink_mbps"] = reference.uplink_mbps, "assumed"
+            if down is None:
+                down, sources["downlink_mbps"] = reference.downlink_mbps, "assumed"
+            clients.append({"throughput": cap.throughput, "free_memory": cap.free_memory, "uplink_mbps": up,
+                            "downlink_mbps": down, "sources": sources})
+        per_rank = self._bytes_per_rank() if any(c["free_memory"] is not None for c in clients) else None
+        tree = self.cfg.model_dump(mode="json")
+        tree["devices"]["measured"] = MeasuredDevices.model_validate(
+            {"clients": clients, "bytes_per_rank": per_rank}).model_dump(mode="json")
+        if tree["devices"]["max_ranks"] == "auto":
+            del tree["federation"]["client_max_ranks"]  # the provisional ones: derived again from the figures
+        cfg = build_config(tree)
+        self.record_once["devices"] = [{"client": k, **c.model_dump(mode="json")}
+                                       for k, c in enumerate(cfg.devices.measured.clients)]
+        log.info("measured devices: %s; client max ranks %s", json.dumps(self.record_once["devices"]),
+                 cfg.federation.client_max_ranks)
+        return cfg
+
+    def _bytes_per_rank(self) -> float:
+        """The adapter's training memory per unit of rank on this run's model (loaded once here)."""
+        from fedlora.adapters import find_targets, module_shape
+        from fedlora.devices import adapter_bytes_per_rank
+        from fedlora.models import load_model, load_tokenizer
+
+        name = self.cfg.model.name
+        model = load_model(name, self.cfg.seed, len(load_tokenizer(name)))
+        return adapter_bytes_per_rank(module_shape(m) for m in find_targets(model, self.cfg.model.target_modules).values())
 
     def _reported(self) -> list[list[int]] | None:
         if not self.cfg.nodes.local_data:
@@ -154,9 +210,14 @@ class FlowerRun(Simulation):
 
     # -- which node serves which partition -------------------------------------------------
     def _query(self) -> RecordDict:
-        if not self.cfg.nodes.local_data:
+        if not (self.cfg.nodes.local_data or self.measuring):
             return RecordDict({})
-        return RecordDict({"config": ConfigRecord({"config-yaml": dump_config(self.cfg), "classes": self.classes})})
+        conf: dict[str, Any] = {"config-yaml": dump_config(self.cfg)}
+        if self.cfg.nodes.local_data:
+            conf["classes"] = self.classes
+        if self.measuring:
+            conf["capability"] = True
+        return RecordDict({"config": ConfigRecord(conf)})
 
     def _discover(self) -> None:
         live = set(self.grid.get_node_ids())
@@ -166,7 +227,7 @@ class FlowerRun(Simulation):
         if not unknown:
             return
         msgs = [Message(self._query(), dst_node_id=n, message_type="query") for n in unknown]
-        local = self.cfg.nodes.local_data
+        local, keep = self.cfg.nodes.local_data, self.cfg.nodes.local_data or self.measuring
         for reply in self.grid.send_and_receive(msgs, timeout=max(QUERY_TIMEOUT, self.round_timeout)):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -175,19 +236,19 @@ class FlowerRun(Simulation):
             try:
                 report = NodeReport.from_record(
                     dict(reply.content.config_records.get("info") or {}), self.cfg.federation.num_clients,
-                    len(self.classes) if local else None, self.cfg.nodes.max_examples)
+                    self._num_classes(), self.cfg.nodes.max_examples, self.measuring)
             except InvalidReport as err:
                 self._refuse(node, str(err))
                 continue
             k = report.partition
-            if local and k in self.reports and self.reports[k] != report:
+            if local and k in self.reports and self.reports[k].data != report.data:
                 self._refuse(node, f"partition {k}: report {report.to_record()} differs from the one the run "
                                    f"started with {self.reports[k].to_record()}")
                 continue
             if k in self.partition_node:
                 log.warning("partition %d: node %d replaces node %d", k, node, self.partition_node[k])
             self.partition_node[k] = node
-            if local:
+            if keep and k not in self.reports:
                 self.reports[k] = report
             self.merged_through.pop(k, None)  # a (re)joining node: send it every base update
             log.info("node %d serves partition %d", node, k)

@@ -62,6 +62,14 @@ from fedlora.runtime.rundir import adopt_config, refuse_existing_run, run_lock
 log = logging.getLogger("fedlora")
 
 
+MEASURED_WITHOUT_NODES = (
+    "config error: devices: measured takes each client's device from its Flower node's report, and this runtime "
+    "has no nodes; describe the devices as profiles (devices.assign, mix or classes: the same capability rule), "
+    "or run on Flower (fedlora flower run / testbed)")
+"""Why in-process refuses `devices: measured` before the nodes reported (a config that records
+their figures, a Flower run's config.yaml, runs in-process with them: `fedlora run --replay`)."""
+
+
 @contextmanager
 def option_errors() -> Iterator[None]:
     """A method's own check of an option against this federation (it raises a ValueError
@@ -112,6 +120,8 @@ class Federation:
         """Files, model name and data are checked before the (slow) model load; target
         modules right after it, before any training. `reported`: on node-local data (Flower),
         each client's label histogram as its node reported it, instead of the clients' shards."""
+        if cfg.devices.source == "measured" and cfg.devices.measured is None:
+            raise ConfigError(MEASURED_WITHOUT_NODES)
         cfg.check_files()
         cfg.model.torch_device()  # an unavailable device stops here, before data and model load
         tokenizer = load_tokenizer(cfg.model.name)
@@ -245,6 +255,8 @@ class Simulation:
         self.tensorboard: TensorBoardLog | None = None
         self.events: list[dict[str, Any]] = []
         """What happened between rounds (Flower: nodes joining, refused), for the next record."""
+        self.record_once: dict[str, Any] = {}
+        """Fields for the next round's record only (Flower: the nodes' measured devices, in round 1's)."""
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) to cfg.federation.rounds, holding the run directory's lock throughout."""
@@ -367,9 +379,10 @@ class Simulation:
             rejected=rejected,
             screened=screened,
             **({"events": self.events} if self.events else {}),
+            **self.record_once,
             **server_metrics,
         )
-        self.events = []
+        self.events, self.record_once = [], {}
         if fed.privacy is not None:
             record.update(fed.privacy.record(t, ckpt.history, selected))
         new = Checkpoint(

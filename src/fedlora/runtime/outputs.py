@@ -175,6 +175,17 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+DEVICE_FIGURES = ("throughput", "free_memory", "uplink_mbps", "downlink_mbps")
+
+
+def _is_device(value: Any) -> bool:
+    """One client's reported device in round 1's `devices` (a `devices: measured` run)."""
+    return (isinstance(value, dict) and _is_count(value.get("client"))
+            and value.get("throughput") is not None and all(_is_number(value.get(k)) for k in DEVICE_FIGURES)
+            and isinstance(value.get("sources", {}), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.get("sources", {}).items()))
+
+
 def record_error(rec: Any, previous_round: int) -> str | None:
     """What is wrong with one metrics.jsonl record, as "field: problem" (None: nothing). Every
     reader (compare, report, tune, the figures) relies on these, so a damaged or hand-edited
@@ -214,6 +225,9 @@ def record_error(rec: Any, previous_round: int) -> str | None:
             if not isinstance(value, list) or not all(isinstance(x, dict) and isinstance(x.get("event"), str)
                                                       for x in value):
                 return "events: not a list of {event, ...}"
+        elif key == "devices":
+            if not isinstance(value, list) or not all(_is_device(x) for x in value):
+                return "devices: not a list of {client, throughput, free_memory, uplink_mbps, downlink_mbps, sources}"
         elif key in CLIENT_TABLES:
             if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
                 return f"{key}: not a table of numbers"

@@ -134,6 +134,12 @@ class Testbed(LocalFederation):
         self.host = self.network.hub_address
         super().__post_init__()
 
+    def declared_devices(self, i: int) -> str:
+        """Node i declares the link rates its veth is shaped to (true by construction: `devices:
+        measured` then needs no link measurement); its throughput and memory it measures."""
+        up, down = self.profile.link(self.profile.nodes[i])
+        return f" uplink-mbps={float(up)} downlink-mbps={float(down)}"
+
     def flwr_prefix(self) -> list[str]:
         """Commands that talk to the SuperLink (`flwr run`) run in the hub namespace."""
         return ["ip", "netns", "exec", self.network.hub]
