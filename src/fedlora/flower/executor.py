@@ -296,6 +296,7 @@ def prepare(model: str | None, seed: int) -> int:
     import fedlora.algorithms  # noqa: F401
     import fedlora.data.custom  # noqa: F401
     import fedlora.data.task  # noqa: F401
+    import fedlora.flower.capability  # noqa: F401  (a query that measures the node)
     import fedlora.flower.client_app  # noqa: F401
     import fedlora.flower.node  # noqa: F401
     import fedlora.runtime.inprocess  # noqa: F401
