@@ -10,7 +10,8 @@ its `fedlora partition` file, and check that Flower ends with the in-process ada
              Flat in the round number means warm nodes: no replay of every merge.
   compare    whole-command wall time of `fedlora run CONFIG` against `fedlora flower run` of the
              same config on --nodes local nodes, alternating (in-process, Flower, ...) so machine
-             noise hits both; medians and their ratio.
+             noise hits both, each alone on the machine (the federation is started for each Flower
+             run and stopped after it; its start-up is reported apart); medians and their ratio.
 
 Run on an idle machine (nothing else running); the JSON names the CPU:
 
@@ -122,24 +123,28 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     nodes = args.nodes
     files = [str(parts / f"client_{k:03d}.jsonl") for k in range(nodes)]
     times: dict[str, list[float]] = {"inprocess": [], "flower": []}
+    startups: list[float] = []
     same = True
-    t = time.perf_counter()
-    with LocalFederation(work / "federation", nodes=nodes, data_files=files, warm=args.isolation == "warm") as fed:
-        startup = time.perf_counter() - t
-        for i in range(args.repeats):
-            ip, fl = work / f"inprocess-{i}", work / f"flower-{i}"
-            times["inprocess"].append(run([*CLI, "run", str(config), *sets, "--out", str(ip), "--quiet"]))
+    for i in range(args.repeats):
+        # each contender alone on the machine: the in-process run with no federation up (ten idle
+        # nodes still poll), then a federation started for the Flower run and stopped after it
+        ip, fl = work / f"inprocess-{i}", work / f"flower-{i}"
+        times["inprocess"].append(run([*CLI, "run", str(config), *sets, "--out", str(ip), "--quiet"]))
+        t = time.perf_counter()
+        with LocalFederation(work / f"federation-{i}", nodes=nodes, data_files=files,
+                             warm=args.isolation == "warm") as fed:
+            startups.append(time.perf_counter() - t)
             times["flower"].append(run([*CLI, "flower", "run", str(parts / "config.yaml"), *sets, "--out", str(fl),
                                         "--superlink", fed.address, "--insecure", "--min-clients", str(nodes),
                                         "--quiet"]))
-            same = same and same_adapter(ip, fl)
-            print(f"repeat {i}: in-process {times['inprocess'][-1]:.1f} s, Flower {times['flower'][-1]:.1f} s",
-                  flush=True)
+        same = same and same_adapter(ip, fl)
+        print(f"repeat {i}: in-process {times['inprocess'][-1]:.1f} s, Flower {times['flower'][-1]:.1f} s "
+              f"(+ {startups[-1]:.1f} s to start the federation)", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "what": f"{config.name} {' '.join(args.set)} on {nodes} local nodes, each with only its own file",
         "repeats": args.repeats,
-        "superlink_and_supernodes_startup_seconds": startup,
+        "superlink_and_supernodes_startup_seconds": startups,
         "command_seconds": times,
         "median_command_seconds": med,
         "ratio_flower_over_inprocess": med["flower"] / med["inprocess"],

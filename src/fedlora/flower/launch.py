@@ -143,9 +143,18 @@ class LocalFederation:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def _env(self, name: str) -> dict[str, str]:
+        """Flower's environment; a node's processes also get their share of this machine's cores
+        (OMP_NUM_THREADS, unless set): ten nodes of two torch threads each on 2 cores spin in
+        OpenMP instead of training (measured: a quickstart round 8x slower than in-process)."""
+        env = flower_env(self.workdir / "flwr-home")
+        if name != "superlink" and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.nodes))
+        return env
+
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         with open(self.workdir / "logs" / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(self.workdir / "flwr-home"),
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(name),
                                     start_new_session=True, cwd=self.workdir)
         self.procs[name] = proc
         return proc

@@ -27,7 +27,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from fedlora.devices import PRESETS, DeviceClass
-from fedlora.flower.launch import LocalFederation, flower_env
+from fedlora.flower.launch import LocalFederation
 from fedlora.schema import Strict
 from fedlora.testbed.cgroup import CpuQuotas
 from fedlora.testbed.network import Network, TestbedError, in_netns, ip, namespaces
@@ -160,7 +160,7 @@ class Testbed(LocalFederation):
             ns, join = self.network.nodes[i].namespace, self.quotas.joiner(i)
         with open(self.workdir / "logs" / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                    env=flower_env(self.workdir / "flwr-home"), start_new_session=True,
+                                    env=self._env(name), start_new_session=True,
                                     cwd=self.workdir, preexec_fn=join)
         self.procs[name] = proc
         self._write_manifest()
