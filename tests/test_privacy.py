@@ -592,68 +592,7 @@ def test_count_noise_too_small_is_refused():
         _stage({"mode": "client", "noise_multiplier": 4, "clipping": "adaptive", "count_noise": 1})
 
 
-# ---------------------------------------------------------------- secure aggregation's arithmetic
-
-def _masked_round(uploads: list[Tensors], clip: float, bits: int, seed: int = 0):
-    """SecAgg+'s arithmetic with Flower's own quantiser and mask generator: each client
-    quantises its upload and adds pairwise masks (+ for the lower id, − for the higher) mod 2^bits;
-    the server sees only the masked vectors and their sum, in which the masks cancel."""
-    import numpy as np
-    from flwr.common.secure_aggregation.quantization import quantize
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-
-    keys = sorted(uploads[0])
-    mod, target = 2**bits, 2**(bits - 8)  # room for the sum of up to 2^8 clients
-    shapes = [tuple(uploads[0][k].shape) for k in keys]
-    masked = []
-    for i, up in enumerate(uploads):
-        vec = [np.asarray(a, dtype=np.int64) for a in quantize([up[k].double().numpy() for k in keys], clip, target)]
-        for j in range(len(uploads)):
-            if j == i:
-                continue
-            pair = (min(i, j) * 1000 + max(i, j) + seed).to_bytes(4, "little")
-            for a, m in zip(vec, pseudo_rand_gen(pair, mod, shapes)):
-                a += m if i < j else -m
-        masked.append([a % mod for a in vec])
-    total = [sum(m[n] for m in masked) % mod for n in range(len(keys))]
-    summed = {k: torch.tensor(t * (2 * clip / target) - len(uploads) * clip, dtype=torch.float32)
-              for k, t in zip(keys, total)}
-    return masked, summed, 2 * clip / target * len(uploads)
-
-
-@pytest.mark.parametrize("name", ["fedit", "ffa", "aflora"])
-def test_secure_sum_of_pre_weighted_uploads_is_the_methods_aggregate(name):
-    from fedlora.aggregation.secagg import aggregate_sum, pre_weighted, weights
-
-    g = torch.Generator().manual_seed(1)
-    if name == "aflora":
-        method = AFLoRA(AFLoRAOptions(ddr=False, dlf=False), SETUP)
-        state = method.init_state()
-        ups = [Update(k, {"q.B": torch.randn(30, r, generator=g) * 0.1, "q.mask": torch.ones(r),
-                          "v.B": torch.randn(20, r, generator=g) * 0.1, "v.mask": torch.ones(r)},
-                      SETUP.num_examples[k], {}) for k, r in enumerate(SETUP.client_max_ranks)]
-    else:
-        method = (FedIT(FedITOptions(rank=2), SETUP) if name == "fedit" else FFALoRA(FFALoRAOptions(rank=2), SETUP))
-        state = method.init_state()
-        ups = [Update(k, {key: t + torch.randn(t.shape, generator=g) * 0.1 for key, t in state.items()},
-                      SETUP.num_examples[k], {}) for k in range(4)]
-    p = weights(method, ups)
-    uploads = [pre_weighted(method, u, pk) for u, pk in zip(ups, p)]
-    masked, summed, tolerance = _masked_round(uploads, clip=2.0, bits=30)
-    plain = method.aggregate(state, ups, None)
-    secure = aggregate_sum(method, state, ups, summed, None)
-    for key in plain.state:
-        assert torch.allclose(secure.state[key], plain.state[key], atol=tolerance), key
-    # what the server held of client 0 is not its quantised upload: a mask covers every coordinate
-    from flwr.common.secure_aggregation.quantization import quantize
-    keys = sorted(uploads[0])
-    q0 = quantize([uploads[0][k].double().numpy() for k in keys], 2.0, 2**22)
-    assert all(float((torch.tensor(m) == torch.tensor(q)).double().mean()) < 0.01 for m, q in zip(masked[0], q0))
-
-
-def test_secagg_refuses_the_methods_that_need_individual_updates():
-    from fedlora.aggregation.secagg import UNSUMMABLE
-    assert set(UNSUMMABLE) == {"flexlora", "flora", "hetlora"}
+# (secure aggregation: tests/test_secagg.py)
 
 
 def test_a_bad_privacy_config_exits_2_with_one_line(tmp_path, capsys):
