@@ -572,3 +572,324 @@ def test_a_client_with_a_malformed_key_is_not_in_the_round():
     server.setup()
     assert server.peers == [0, 2, 3]
     assert server.failures == {1: "secure aggregation: client 1: a public key is not an elliptic-curve key"}
+
+
+# ---------------------------------------------------------------- what mutation testing asked for
+
+def test_views_and_summands_keep_their_dtypes_and_weights():
+    """Summands are float64 (the weights too), the views float32; AFLoRA's weight is eq. 12's
+    log(1 + r) |D| times the scale (`data`: |D| times it)."""
+    for name in ("fedit", "aflora"):
+        method, state, ups = _method_and_updates(name)
+        summand = SUMMABLE[name].summand(method, ups[0], 0.5)
+        assert all(t.dtype == torch.float64 for t in summand.values()), name
+        view = SUMMABLE[name].view(method, summand)
+        assert view and all(t.dtype == torch.float32 for t in view.values()), name
+    aflora, _, _ = _method_and_updates("aflora")
+    data, _, _ = _method_and_updates("aflora", weighting="data")
+    from fedlora.aggregation.secagg import aflora_weight
+
+    assert aflora_weight(data, 4, 10, 0.5) == 5.0
+    assert aflora_weight(aflora, 4, 10, 0.5) == pytest.approx(np.log1p(4) * 5.0)
+
+
+class Recorder(FedIT):
+    """FedIT that records what reaches it through the stage and answers with a fixed upload."""
+
+    def __init__(self, upload):
+        super().__init__(FedITOptions(rank=2), SETUP)
+        self.upload, self.seen = upload, {}
+
+    def payload(self, state, client_id):
+        self.seen["payload_client"] = client_id
+        return super().payload(state, client_id)
+
+    def client_train(self, ctx, payload, client_state):
+        self.seen.update(ctx=ctx, tensors=payload.tensors, client_state=client_state)
+        return self.upload, {"kept": torch.ones(1)}
+
+    def aggregate(self, state, updates, server):
+        self.seen.update(server=server, updates=updates)
+        return super().aggregate(state, updates, server)
+
+
+def test_the_stage_passes_everything_through_to_the_method():
+    method, state, ups = _method_and_updates("fedit")
+    inner = Recorder(ups[1])
+    secure = SecureSum(inner)
+    payload = secure.payload(state, 3)
+    assert inner.seen["payload_client"] == 3 and all(torch.equal(payload.tensors[k], state[k]) for k in state)
+    ctx, mine = object(), {"lam": torch.zeros(2)}
+    upload, new_state = secure.client_train(ctx, payload, mine)
+    assert inner.seen["ctx"] is ctx and inner.seen["client_state"] is mine and set(new_state) == {"kept"}
+    assert all(torch.equal(inner.seen["tensors"][k], state[k]) for k in state)
+    # the server: masks that are really there are removed, with the ids of the kept clients
+    asked = []
+    rng = np.random.default_rng(0)
+    masks = {k: rng.integers(0, 2**63, size=s, dtype=np.uint64) for k, s in secure.summand_shapes(state).items()}
+
+    def unmask(ids, shapes):
+        asked.append(ids)
+        return masks
+    secure.unmask = unmask
+    masked = {k: torch.from_numpy((upload.tensors[k].numpy().view(np.uint64) + masks[k]).view(np.int64))
+              for k in upload.tensors}
+    server = object()
+    agg = secure.aggregate(state, [replace_tensors(upload, masked)], server)
+    assert asked == [[1]] and inner.seen["server"] is server and len(inner.seen["updates"]) == 1
+    assert all(torch.allclose(agg.state[k], ups[1].tensors[k], atol=1e-6) for k in state)
+
+
+def test_aflora_stage_uses_the_clients_own_payload_and_rank():
+    method, state, ups = _method_and_updates("aflora")
+    secure = SecureSum(method)
+    assert torch.equal(secure.payload(state, 2).tensors["q.A"], method.payload(state, 2).tensors["q.A"])
+    summand = SUMMABLE["aflora"].summand(method, ups[1], 0.01)
+    assert float(summand["q.weight"]) == pytest.approx(np.log1p(3) * 20 * 0.01)  # q lost a column: rank 3
+    assert float(summand["v.weight"]) == pytest.approx(np.log1p(4) * 20 * 0.01)
+
+
+def test_a_module_weight_that_is_not_positive_is_caught_for_aflora():
+    method, state, ups = _method_and_updates("aflora")
+    secure = SecureSum(method)
+    secure.unmask = lambda ids, shapes: {k: np.zeros(s, dtype=np.uint64) for k, s in shapes.items()}
+    summand = encode(SUMMABLE["aflora"].summand(method, ups[0], 0.01))
+    summand["v.weight"] = encode({"w": torch.tensor([-0.5], dtype=torch.float64)})["w"]
+    with pytest.raises(RuntimeError, match=r"^secure aggregation: the unmasked sum of the weights is not positive "
+                                           r"\(a client's masks or shares were wrong\)$"):
+        secure.aggregate(state, [replace_tensors(ups[0], summand)], None)
+
+
+def test_exactly_max_clients_are_summed():
+    method, state, ups = _method_and_updates("ffa")
+    secure = SecureSum(method)
+    secure.unmask = lambda ids, shapes: {k: np.zeros(s, dtype=np.uint64) for k, s in shapes.items()}
+    summand = replace_tensors(ups[0], encode(SUMMABLE["ffa"].summand(method, ups[0], 1.0 / MAX_CLIENTS / 10)))
+    agg = secure.aggregate(state, [summand] * MAX_CLIENTS, None)
+    assert torch.allclose(agg.state["q.B"], ups[0].tensors["q.B"], atol=1e-6)
+    with pytest.raises(RuntimeError, match=f"^secure aggregation: {MAX_CLIENTS + 1} clients, more than the "
+                                           f"{MAX_CLIENTS} whose fixed-point sum cannot wrap$"):
+        secure.aggregate(state, [summand] * (MAX_CLIENTS + 1), None)
+
+
+def test_secure_sum_is_found_under_other_stages():
+    from fedlora.aggregation.base import Wrapper
+
+    class Outer(Wrapper):
+        DEFAULT = "everything (a test stage)"
+
+    method, _, _ = _method_and_updates("fedit")
+    stage = SecureSum(method)
+    assert secure_sum(Outer(stage)) is stage and secure_sum(Outer(Outer(method))) is None
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (_cfg(clients=3, fraction=0.1), "privacy.secure_aggregation: needs at least 3 clients per round, the config has "
+                                    "1 (with 2, each client learns the other's update from the sum)"),
+    (_cfg(method="aflora"), None),
+])
+def test_secure_sum_refusal_edges(cfg, message):
+    assert secure_sum_refusal(cfg) == message
+
+
+def test_the_mask_generator_walks_one_keystream_across_the_keys():
+    key = bytes(range(32))
+    parts = secagg.prg(key, {"c": (1,), "a": (2,), "b": (3,)})
+    whole = secagg.prg(key, {"x": (6,)})["x"]
+    assert np.array_equal(np.concatenate([parts["a"], parts["b"], parts["c"]]), whole)
+    total = {"x": np.zeros(6, dtype=np.uint64)}
+    secagg.add(total, {"x": whole})
+    secagg.add(total, {"x": whole}, subtract=True)
+    assert not total["x"].any()
+
+
+def test_uploads_are_int64_words():
+    clients, server, summands, uploads = _protocol_round()
+    assert all(t.dtype == torch.int64 for up in uploads.values() for t in up.values())
+
+
+SERVER_SAYS = "^secure aggregation: server: "
+
+
+def test_every_client_step_refuses_a_malformed_request():
+    """One line naming the server and the field, for each step."""
+    state = RecordDict()
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: server: round is not an integer$"):
+        secagg.client_keys(state, 0, {"client": 0})
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: server: client is not an integer$"):
+        secagg.client_keys(state, 0, {"round": 1})
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: the server addressed client 1; this node "
+                                                 "serves 0$"):
+        secagg.client_keys(state, 0, {"round": 1, "client": 1})
+    keys = {"round": 1, "threshold": 2, "peers": [0, 1, 2], "share-pk": [b"a", b"b", b"c"],
+            "mask-pk": [b"d", b"e", b"f"]}
+    for field in ("round", "threshold", "peers", "share-pk", "mask-pk"):
+        kind = {"round": "an integer", "threshold": "an integer", "peers": "a list of client ids"}.get(
+            field, "a list of byte strings")
+        with pytest.raises(secagg.SecAggError, match=f"^secure aggregation: server: {field} is not {kind}$"):
+            secagg.client_shares(state, 0, {k: v for k, v in keys.items() if k != field})
+    for field in ("round", "peers", "srcs", "ctxts"):
+        with pytest.raises(secagg.SecAggError, match=f"^secure aggregation: server: {field} is not "):
+            clients, server, _, _ = _protocol_round(n=3, drop_at_train={0})
+            record = dict(server.train_record(0))
+            secagg.receive_shares(clients.states[0], 0, {k: v for k, v in record.items() if k != field})
+    clients, server, _, _ = _protocol_round(n=3)
+    for field in ("round", "active", "dropped"):
+        request = {"round": 7, "active": [0, 1, 2], "dropped": []}
+        with pytest.raises(secagg.SecAggError, match=f"^secure aggregation: server: {field} is not "):
+            secagg.client_unmask(clients.states[0], 0, {k: v for k, v in request.items() if k != field})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"peers": [0, 0, 2]}, "peers and keys do not match"),
+    ({"peers": [1, 2, 3]}, "peers and keys do not match"),
+    ({"mask-pk": [b"d", b"e"]}, "peers and keys do not match"),
+    ({"threshold": 4}, r"threshold 4 for 3 clients \(a majority is needed\)"),
+    ({"mask-pk": [b"a", b"e", b"f"]}, "two clients have the same public key"),
+])
+def test_the_shares_step_checks_the_servers_list(change, message):
+    state = RecordDict()
+    secagg.client_keys(state, 0, {"round": 1, "client": 0})
+    keys = {"round": 1, "threshold": 2, "peers": [0, 1, 2], "share-pk": [b"a", b"b", b"c"],
+            "mask-pk": [b"d", b"e", b"f"]}
+    with pytest.raises(secagg.SecAggError, match=f"{SERVER_SAYS}{message}$"):
+        secagg.client_shares(state, 0, {**keys, **change})
+
+
+def test_the_shares_step_checks_the_threshold_is_a_majority_and_the_clients_own_keys():
+    state = RecordDict()
+    own = secagg.client_keys(state, 0, {"round": 1, "client": 0})
+    others = [secagg.client_keys(RecordDict(), k, {"round": 1, "client": k}) for k in (1, 2, 3)]
+    keys = {"round": 1, "peers": [0, 1, 2, 3], "share-pk": [own["share-pk"]] + [o["share-pk"] for o in others],
+            "mask-pk": [own["mask-pk"]] + [o["mask-pk"] for o in others]}
+    with pytest.raises(secagg.SecAggError, match=rf"{SERVER_SAYS}threshold 2 for 4 clients \(a majority is needed\)$"):
+        secagg.client_shares(state, 0, {**keys, "threshold": 2})
+    swapped = {**keys, "share-pk": [others[0]["share-pk"], own["share-pk"]] + [o["share-pk"] for o in others[1:]]}
+    with pytest.raises(secagg.SecAggError, match=f"{SERVER_SAYS}client 0's own public keys are not the ones it sent$"):
+        secagg.client_shares(state, 0, {**swapped, "threshold": 3})
+    masks = {**keys, "mask-pk": [others[0]["mask-pk"], own["mask-pk"]] + [o["mask-pk"] for o in others[1:]]}
+    with pytest.raises(secagg.SecAggError, match=f"{SERVER_SAYS}client 0's own public keys are not the ones it sent$"):
+        secagg.client_shares(state, 0, {**masks, "threshold": 3})
+    reply = secagg.client_shares(state, 0, {**keys, "threshold": 4})  # all four: a majority too
+    assert list(reply["dsts"]) == [1, 2, 3] and len(reply["ctxts"]) == 3
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: client 0 already shared its keys in round 1$"):
+        secagg.client_shares(state, 0, {**keys, "threshold": 4})
+
+
+def test_the_train_step_checks_what_the_server_forwards():
+    clients, server, _, _ = _protocol_round(n=4, drop_at_train={0, 1})
+    record = dict(server.train_record(0))
+    bad = "^secure aggregation: server: the shares forwarded do not match the clients of the round$"
+    for change in ({"peers": [1, 2, 3]}, {"peers": [0, 1, 2, 3, 9]}, {"srcs": [1, 2, 2]},
+                   {"ctxts": record["ctxts"][:2]}):
+        with pytest.raises(secagg.SecAggError, match=bad):
+            secagg.receive_shares(clients.states[0], 0, {**record, **change})
+    few = {**record, "peers": [0, 1], "srcs": [1], "ctxts": record["ctxts"][:1]}
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: 2 clients left, fewer than the threshold 3$"):
+        secagg.receive_shares(clients.states[0], 0, few)
+    # a share that decrypts but names another sender: encrypted by client 1 for client 0, saying it is 2's
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
+    from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+    s1 = clients.states[1].config_records[secagg.STATE]
+    key = generate_shared_key(bytes_to_private_key(bytes(s1["share-sk"])), bytes_to_public_key(bytes(s1["share-pks"][0])))
+    forged = encrypt(key, share_keys_plaintext_concat(2, 0, b"x" * 20, b"y" * 20))
+    lying = {**record, "ctxts": [forged] + list(record["ctxts"][1:])}
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: the share from client 1 names 2 → 0$"):
+        secagg.receive_shares(clients.states[0], 0, lying)
+    misaddressed = {**record, "ctxts": [encrypt(key, share_keys_plaintext_concat(1, 3, b"x" * 20, b"y" * 20))]
+                    + list(record["ctxts"][1:])}
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: the share from client 1 names 1 → 3$"):
+        secagg.receive_shares(clients.states[0], 0, misaddressed)
+    secagg.receive_shares(clients.states[0], 0, record)
+    with pytest.raises(secagg.SecAggError, match="^secure aggregation: client 0 already uploaded in round 7$"):
+        secagg.receive_shares(clients.states[0], 0, record)
+
+
+def test_the_server_records_why_each_client_left():
+    """Keys: a missing reply, a reply without the record, a missing key; shares: a wrong list of
+    recipients. Each leaves one reason; too few clients end the round for all."""
+    clients = Clients(5)
+    real = clients.exchange
+
+    def faulty(action, contents):
+        out = real(action, contents)
+        if action == "secagg_keys":
+            out.pop(0)
+            out[1] = RecordDict({"other": ConfigRecord({})})
+            out[2] = RecordDict({secagg.RECORD: ConfigRecord({"mask-pk": b"x"})})
+        return out
+    server = secagg.ServerRound(4, [0, 1, 2, 3, 4], faulty)
+    server.setup()
+    assert server.failures == {
+        0: "secure aggregation (secagg_keys): no reply",
+        1: "secure aggregation (secagg_keys): reply without its secagg record",
+        2: "secure aggregation: client 2: share-pk is not a byte string",
+        3: "secure aggregation: only 2 clients sent keys; secure aggregation needs 3",
+        4: "secure aggregation: only 2 clients sent keys; secure aggregation needs 3",
+    }
+    assert server.peers == []
+
+    clients = Clients(4)
+    real = clients.exchange
+
+    def wrong_recipients(action, contents):
+        out = real(action, contents)
+        if action == "secagg_shares":
+            for k in (0, 1):
+                record = dict(out[k].config_records[secagg.RECORD])
+                out[k] = RecordDict({secagg.RECORD: ConfigRecord({**record, "dsts": list(record["dsts"])[:-1] + [9]})})
+        return out
+    server = secagg.ServerRound(5, [0, 1, 2, 3], wrong_recipients)
+    server.setup()
+    assert server.failures[0] == "secure aggregation: client 0 sent shares to [1, 2, 9]"
+    assert server.failures[2] == ("secure aggregation: only 2 clients shared their keys, fewer than the threshold 3")
+    assert server.peers == [] and server.threshold == 3
+
+
+def test_unmasking_skips_a_bad_reply_and_names_strangers():
+    """Five clients (threshold 3): client 0's unmasking reply is malformed, client 1 sends shares
+    in another order: both are skipped, the three others still unmask the exact sum."""
+    clients, server, summands, uploads = _protocol_round(n=5)
+    real = clients.exchange
+
+    def faulty(action, contents):
+        out = real(action, contents)
+        if action == "secagg_unmask":
+            out[0] = RecordDict({secagg.RECORD: ConfigRecord({"owners": [1]})})
+            record = dict(out[1].config_records[secagg.RECORD])
+            out[1] = RecordDict({secagg.RECORD: ConfigRecord({"owners": list(reversed(record["owners"])),
+                                                             "shares": list(record["shares"])})})
+        return out
+    server.exchange = faulty
+    shapes = {k: tuple(t.shape) for k, t in summands[0].items()}
+    masks = server.unmask(sorted(uploads), shapes)
+    total, expected = modular_sum(list(uploads.values())), modular_sum(summands)
+    assert all(np.array_equal(total[k] - masks[k], expected[k]) for k in shapes)
+    assert server.failures == {0: "secure aggregation: client 0: shares is not a list of byte strings",
+                               1: "secure aggregation: client 1 returned shares of other clients"}
+    with pytest.raises(RuntimeError, match=r"^round 7: secure aggregation: clients \[9\] were never part of the "
+                                           r"protocol$"):
+        server.unmask([0, 9], shapes)
+
+
+def test_too_few_shares_message_names_the_round_and_the_resume():
+    clients, server, summands, uploads = _protocol_round(silent={"secagg_unmask": {0, 1}})
+    with pytest.raises(RuntimeError) as err:
+        server.unmask(sorted(uploads), {k: tuple(t.shape) for k, t in summands[0].items()})
+    assert str(err.value) == (
+        "round 7: secure aggregation: fewer than 3 shares came back for clients [0, 1, 2, 3] "
+        "([(0, 'secure aggregation (secagg_unmask): no reply within 1s'), (1, 'secure aggregation (secagg_unmask): "
+        "no reply within 1s')]); the sum cannot be unmasked; the run stopped after round 6: resume it with --resume")
+
+
+def test_secrets_are_rebuilt_or_refused_by_name():
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+
+    shares = create_shares(b"s" * 32, 2, 3)
+    assert secagg._secret(shares[:2], 32, 4) == b"s" * 32
+    with pytest.raises(RuntimeError, match="^secure aggregation: the shares of client 4 give a 16-byte seed$"):
+        secagg._secret(create_shares(b"s" * 16, 2, 3)[:2], 32, 4)
+    with pytest.raises(RuntimeError, match="^secure aggregation: the shares of client 4 do not combine: "):
+        secagg._secret([shares[0], shares[0][:4] + bytes(len(shares[0]) - 4)], 32, 4)

@@ -43,6 +43,7 @@ with it learn nothing about an individual summand beyond the sum.
 from __future__ import annotations
 
 import base64
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class SecAggError(ValueError):
 def prg(key: bytes, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Uniform 64-bit words for every coordinate of `shapes` (keys in sorted order): the
     keystream of AES-256-CTR under the 32-byte `key` (a fresh key every round, so a zero nonce)."""
-    sizes = {k: int(np.prod(shapes[k], dtype=np.int64)) for k in sorted(shapes)}
+    sizes = {k: math.prod(shapes[k]) for k in sorted(shapes)}
     cipher = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     words = np.frombuffer(cipher.update(bytes(8 * sum(sizes.values()))), dtype="<u8")
     out, start = {}, 0
@@ -104,16 +105,40 @@ def public_key_of(secret_key: bytes) -> bytes:
     return public_key_to_bytes(bytes_to_private_key(bytes(secret_key)).public_key())
 
 
-def add(total: dict[str, np.ndarray], masks: dict[str, np.ndarray], sign: int) -> None:
-    """total ± masks, modulo 2^64, in place."""
+def add(total: dict[str, np.ndarray], masks: dict[str, np.ndarray], subtract: bool = False) -> None:
+    """total + masks (− with `subtract`), modulo 2^64, in place."""
     for k, m in masks.items():
-        if sign > 0:
-            total[k] += m
-        else:
+        if subtract:
             total[k] -= m
+        else:
+            total[k] += m
 
 
 # -- reading the other side's records ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fields:
+    """A record from the other side, read strictly; every error names who sent it."""
+
+    record: Mapping
+    who: str
+
+    def ints(self, key: str) -> list[int]:
+        return _ints(self.record, key, self.who)
+
+    def blobs(self, key: str) -> list[bytes]:
+        return _blobs(self.record, key, self.who)
+
+    def int(self, key: str) -> int:
+        return _int(self.record, key, self.who)
+
+    def blob(self, key: str) -> bytes:
+        return _blob(self.record, key, self.who)
+
+
+def from_server(request: Mapping) -> Fields:
+    return Fields(request, "server")
+
 
 def _ints(record: Mapping, key: str, who: str) -> list[int]:
     value = record.get(key)
@@ -155,8 +180,9 @@ def _state(context_state: RecordDict, round_: int, client: int) -> ConfigRecord:
 
 def client_keys(context_state: RecordDict, client: int, request: Mapping) -> ConfigRecord:
     """Step 1: two fresh key pairs (shares, masks) for this round; the public halves go back."""
-    round_ = _int(request, "round", "server")
-    if _int(request, "client", "server") != client:
+    req = from_server(request)
+    round_ = req.int("round")
+    if req.int("client") != client:
         raise SecAggError(f"secure aggregation: the server addressed client {request.get('client')}; "
                           f"this node serves {client}")
     share_sk, share_pk = generate_key_pairs()
@@ -171,9 +197,9 @@ def client_keys(context_state: RecordDict, client: int, request: Mapping) -> Con
 def client_shares(context_state: RecordDict, client: int, request: Mapping) -> ConfigRecord:
     """Step 2: a self-mask seed b; b and the mask secret key split into Shamir shares, one per
     client of U0, each encrypted for its owner."""
-    round_, t = _int(request, "round", "server"), _int(request, "threshold", "server")
-    peers = _ints(request, "peers", "server")
-    share_pks, mask_pks = _blobs(request, "share-pk", "server"), _blobs(request, "mask-pk", "server")
+    req = from_server(request)
+    round_, t, peers = req.int("round"), req.int("threshold"), req.ints("peers")
+    share_pks, mask_pks = req.blobs("share-pk"), req.blobs("mask-pk")
     if len(set(peers)) != len(peers) or client not in peers or not len(peers) == len(share_pks) == len(mask_pks):
         raise SecAggError("secure aggregation: server: peers and keys do not match")
     if not 2 <= t <= len(peers) or t <= len(peers) // 2:
@@ -205,12 +231,13 @@ def client_shares(context_state: RecordDict, client: int, request: Mapping) -> C
 
 def receive_shares(context_state: RecordDict, client: int, request: Mapping) -> None:
     """Step 3, before training: decrypt the shares U1's clients sent this client and keep them."""
-    round_ = _int(request, "round", "server")
+    req = from_server(request)
+    round_ = req.int("round")
     state = _state(context_state, round_, client)
     if "masked-with" in state:
         raise SecAggError(f"secure aggregation: client {client} already uploaded in round {round_}")
-    peers, everyone = _ints(request, "peers", "server"), list(state["peers"])
-    srcs, ctxts = _ints(request, "srcs", "server"), _blobs(request, "ctxts", "server")
+    peers, everyone = req.ints("peers"), list(state["peers"])
+    srcs, ctxts = req.ints("srcs"), req.blobs("ctxts")
     if (client not in peers or not set(peers) <= set(everyone) or sorted(srcs) != sorted(set(peers) - {client})
             or len(srcs) != len(ctxts)):
         raise SecAggError("secure aggregation: server: the shares forwarded do not match the clients of the round")
@@ -239,22 +266,24 @@ def add_masks(context_state: RecordDict, client: int, round_: int, words: dict[s
     pairwise masks with every other client of U1, in place."""
     state = _state(context_state, round_, client)
     shapes = {k: w.shape for k, w in words.items()}
-    add(words, prg(bytes(state["seed"]), shapes), +1)
+    add(words, prg(bytes(state["seed"]), shapes))
     everyone, mask_sk = list(state["peers"]), bytes(state["mask-sk"])
     for v in state["masked-with"]:
         if v != client:
             mask_pk = bytes(state["mask-pks"][everyone.index(v)])
-            add(words, prg(pair_key(mask_sk, mask_pk), shapes), +1 if client < v else -1)
+            # + for the lower id, − for the higher (v ≠ client: > and >= agree)
+            add(words, prg(pair_key(mask_sk, mask_pk), shapes), subtract=client > v)  # pragma: no mutate
 
 
 def client_unmask(context_state: RecordDict, client: int, request: Mapping) -> ConfigRecord:
     """Step 4: for each client the server kept, its share of b; for each one dropped, its share of
     the mask secret key; once per round, never both for one client."""
-    round_ = _int(request, "round", "server")
+    req = from_server(request)
+    round_ = req.int("round")
     state = _state(context_state, round_, client)
     if "masked-with" not in state or state.get("unmasked"):
         raise SecAggError(f"secure aggregation: client {client} has no unmasking to do in round {round_}")
-    active, dropped = _ints(request, "active", "server"), _ints(request, "dropped", "server")
+    active, dropped = req.ints("active"), req.ints("dropped")
     peers = set(state["masked-with"])
     if (client not in active or set(active) & set(dropped) or set(active) | set(dropped) != peers
             or len(set(active)) != len(active) or len(set(dropped)) != len(dropped)):
@@ -312,7 +341,8 @@ class ServerRound:
         share_pks: dict[int, bytes] = {}
         for k, r in self._ask("secagg_keys", {k: {"client": k} for k in self.clients}).items():
             try:
-                share_pks[k], self.mask_pks[k] = _blob(r, "share-pk", f"client {k}"), _blob(r, "mask-pk", f"client {k}")
+                reply = Fields(r, f"client {k}")
+                share_pks[k], self.mask_pks[k] = reply.blob("share-pk"), reply.blob("mask-pk")
                 _public_key(share_pks[k], k), _public_key(self.mask_pks[k], k)
             except SecAggError as err:
                 self.failures[k] = str(err)
@@ -326,7 +356,8 @@ class ServerRound:
         sent: dict[int, dict[int, bytes]] = {}
         for k, r in self._ask("secagg_shares", {k: keys for k in u0}).items():
             try:
-                dsts, ctxts = _ints(r, "dsts", f"client {k}"), _blobs(r, "ctxts", f"client {k}")
+                reply = Fields(r, f"client {k}")
+                dsts, ctxts = reply.ints("dsts"), reply.blobs("ctxts")
                 if sorted(dsts) != [v for v in u0 if v != k] or len(dsts) != len(ctxts):
                     raise SecAggError(f"secure aggregation: client {k} sent shares to {sorted(dsts)}")
                 sent[k] = dict(zip(dsts, ctxts))
@@ -364,7 +395,8 @@ class ServerRound:
         collected: dict[int, list[bytes]] = {k: [] for k in self.peers}
         for k, r in self._ask("secagg_unmask", {k: request for k in active}).items():
             try:
-                owners, shares = _ints(r, "owners", f"client {k}"), _blobs(r, "shares", f"client {k}")
+                reply = Fields(r, f"client {k}")
+                owners, shares = reply.ints("owners"), reply.blobs("shares")
             except SecAggError as err:
                 self.failures[k] = str(err)
                 continue
@@ -381,11 +413,12 @@ class ServerRound:
                 f"round {self.round_ - 1}: resume it with --resume")
         total = {k: np.zeros(s, dtype=np.uint64) for k, s in shapes.items()}
         for k in active:
-            add(total, prg(_secret(collected[k], 32, k), shapes), +1)
+            add(total, prg(_secret(collected[k], 32, k), shapes))
         for d in dropped:
             mask_sk = _secret(collected[d], None, d)
             for u in active:
-                add(total, prg(pair_key(mask_sk, self.mask_pks[u]), shapes), +1 if u < d else -1)
+                # what u added for d (u ≠ d: > and >= agree)
+                add(total, prg(pair_key(mask_sk, self.mask_pks[u]), shapes), subtract=u > d)  # pragma: no mutate
         return total
 
 
@@ -394,7 +427,7 @@ def _public_key(pem: bytes, owner: int) -> None:
     try:
         key = bytes_to_public_key(pem)
     except Exception:  # noqa: BLE001 - whatever the parser raises for a malformed key
-        key = None
+        key = None  # pragma: no mutate (any non-key value is refused below)
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise SecAggError(f"secure aggregation: client {owner}: a public key is not an elliptic-curve key")
 
