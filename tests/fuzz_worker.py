@@ -1,5 +1,5 @@
 """A fork server for tests/test_fuzz.py: imports fedlora (and torch) once, then runs each case
-as `fedlora ARGV` in a forked child under an address-space and a CPU-time limit, so a case
+as `fedlora ARGV` in a forked child under an address-space, a CPU-time and a wall-clock limit, so a case
 costs its own work only and a runaway allocation kills the child, not the suite.
 
 Protocol: one JSON request per stdin line, {"argv": [...], "cwd": DIR, "memory": BYTES,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import traceback
 
@@ -32,6 +33,7 @@ def run_case(argv: list[str], cwd: str, memory: int, seconds: int) -> None:
             mapped = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
         resource.setrlimit(resource.RLIMIT_AS, (mapped + memory, mapped + memory))
         resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
+        signal.alarm(3 * seconds)  # a case blocked on I/O (a planted FIFO) uses no CPU: a wall clock too
         from fedlora.cli import main
 
         rc = main(argv)

@@ -187,6 +187,8 @@ def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None, base
     or `merged` (a plain transformers folder). Returns what was written."""
     if Path(os.path.abspath(out)).is_relative_to(os.path.abspath(run_dir)):  # the default, RUN/export-*
         refuse_links(out, run_dir)  # PEFT and transformers write by path: no planted link in the way
+    if os.path.lexists(out) and not os.path.isdir(out):  # a file, FIFO or socket where the folder goes
+        raise ConfigError(f"export error: {out} exists and is not a folder; choose another --out")
     run = load_run(run_dir)
     if not run.update:
         raise ConfigError(f"export error: {run_dir} learned no update (no merges and no final adapter)")

@@ -164,12 +164,16 @@ def is_link_free(path: Path, inside: Path) -> bool:
 
 def refuse_links(folder: Path, inside: Path) -> None:
     """One line if `folder`, a folder between `inside` and it, or anything already in it is a
-    symbolic link: for writers that open files by path themselves (transformers, PEFT)."""
+    symbolic link, or if something in it is neither a file nor a folder (a FIFO would block the
+    writer forever): for writers that open files by path themselves (transformers, PEFT)."""
     folder = Path(folder)
-    planted = not is_link_free(folder, inside) or (
-        folder.is_dir() and any(p.is_symlink() for p in folder.rglob("*")))
-    if planted:
+    inner = list(folder.rglob("*")) if folder.is_dir() and not folder.is_symlink() else []
+    if not is_link_free(folder, inside) or any(p.is_symlink() for p in inner):
         raise _link_error(folder)
+    special = next((p for p in inner if not (p.is_file() or p.is_dir())), None)
+    if special is not None:
+        raise RunFileError(f"run error: {special}: neither a file nor a folder (a FIFO, socket or device); "
+                           "remove it")
 
 
 def open_regular(path: Path, flags: int, inside: Path | None = None, create: bool = False) -> int:

@@ -76,7 +76,7 @@ def parse_options(value: Any) -> MethodOptions:
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping with name: <method>, got {type(value).__name__}")
     name = value.get("name")
-    if name not in ALGORITHMS:
+    if not isinstance(name, str) or name not in ALGORITHMS:  # a list or mapping is not even hashable
         raise ValueError(f"unknown method {name!r}; choose from {sorted(ALGORITHMS)}")
     return ALGORITHMS[name].Options.model_validate(value)
 
