@@ -425,8 +425,10 @@ class PrivacyConfig(Strict):
     secure_aggregation: bool = False
     """Secure aggregation (SecAgg, Bonawitz et al. 2017) on the Flower runtime: each client
     uploads its weighted view masked so that the server learns only the round's sum (FedIT,
-    FFA-LoRA, AFLoRA; at least 3 clients per round; `fedlora flower run` only). Independent of
-    `mode` (DP); docs/concepts/privacy.md says what it protects and what it does not."""
+    FFA-LoRA, AFLoRA; at least 3 clients per round; `fedlora flower run` only; the server cannot
+    screen what it cannot see, so it needs `aggregation.norm_bound: null` and `combine: mean`).
+    Not DP (`mode` must not be `client`); docs/concepts/privacy.md says what it protects and
+    what it does not."""
 
 
 def privacy_refusal(cfg: RunConfig) -> str | None:
