@@ -124,7 +124,7 @@ class LoopbackGrid:
         return list(self.contexts)
 
     def push_messages(self, messages):
-        from fedlora.flower import client_app
+        from fedlora.flower import client_app, secagg
 
         ids = []
         for i, msg in enumerate(messages):
@@ -135,7 +135,8 @@ class LoopbackGrid:
                     int(msg.content.config_records["config"]["round"]) in self.down.get(node, ()):
                 continue
             self.identity._node_id = node
-            handler = {"query": client_app.query, "train": client_app.train}[msg.metadata.message_type]
+            handler = {"query": client_app.query, "train": client_app.train,
+                       **{f"query.{a}": getattr(client_app, a) for a in secagg.ACTIONS}}[msg.metadata.message_type]
             self.replies[mid] = self.tamper(node, msg, handler(msg, self.contexts[node]))
             self.identity._node_id = 0
             if msg.metadata.message_type == "train":

@@ -592,68 +592,7 @@ def test_count_noise_too_small_is_refused():
         _stage({"mode": "client", "noise_multiplier": 4, "clipping": "adaptive", "count_noise": 1})
 
 
-# ---------------------------------------------------------------- secure aggregation's arithmetic
-
-def _masked_round(uploads: list[Tensors], clip: float, bits: int, seed: int = 0):
-    """SecAgg+'s arithmetic with Flower's own quantiser and mask generator: each client
-    quantises its upload and adds pairwise masks (+ for the lower id, − for the higher) mod 2^bits;
-    the server sees only the masked vectors and their sum, in which the masks cancel."""
-    import numpy as np
-    from flwr.common.secure_aggregation.quantization import quantize
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-
-    keys = sorted(uploads[0])
-    mod, target = 2**bits, 2**(bits - 8)  # room for the sum of up to 2^8 clients
-    shapes = [tuple(uploads[0][k].shape) for k in keys]
-    masked = []
-    for i, up in enumerate(uploads):
-        vec = [np.asarray(a, dtype=np.int64) for a in quantize([up[k].double().numpy() for k in keys], clip, target)]
-        for j in range(len(uploads)):
-            if j == i:
-                continue
-            pair = (min(i, j) * 1000 + max(i, j) + seed).to_bytes(4, "little")
-            for a, m in zip(vec, pseudo_rand_gen(pair, mod, shapes)):
-                a += m if i < j else -m
-        masked.append([a % mod for a in vec])
-    total = [sum(m[n] for m in masked) % mod for n in range(len(keys))]
-    summed = {k: torch.tensor(t * (2 * clip / target) - len(uploads) * clip, dtype=torch.float32)
-              for k, t in zip(keys, total)}
-    return masked, summed, 2 * clip / target * len(uploads)
-
-
-@pytest.mark.parametrize("name", ["fedit", "ffa", "aflora"])
-def test_secure_sum_of_pre_weighted_uploads_is_the_methods_aggregate(name):
-    from fedlora.aggregation.secagg import aggregate_sum, pre_weighted, weights
-
-    g = torch.Generator().manual_seed(1)
-    if name == "aflora":
-        method = AFLoRA(AFLoRAOptions(ddr=False, dlf=False), SETUP)
-        state = method.init_state()
-        ups = [Update(k, {"q.B": torch.randn(30, r, generator=g) * 0.1, "q.mask": torch.ones(r),
-                          "v.B": torch.randn(20, r, generator=g) * 0.1, "v.mask": torch.ones(r)},
-                      SETUP.num_examples[k], {}) for k, r in enumerate(SETUP.client_max_ranks)]
-    else:
-        method = (FedIT(FedITOptions(rank=2), SETUP) if name == "fedit" else FFALoRA(FFALoRAOptions(rank=2), SETUP))
-        state = method.init_state()
-        ups = [Update(k, {key: t + torch.randn(t.shape, generator=g) * 0.1 for key, t in state.items()},
-                      SETUP.num_examples[k], {}) for k in range(4)]
-    p = weights(method, ups)
-    uploads = [pre_weighted(method, u, pk) for u, pk in zip(ups, p)]
-    masked, summed, tolerance = _masked_round(uploads, clip=2.0, bits=30)
-    plain = method.aggregate(state, ups, None)
-    secure = aggregate_sum(method, state, ups, summed, None)
-    for key in plain.state:
-        assert torch.allclose(secure.state[key], plain.state[key], atol=tolerance), key
-    # what the server held of client 0 is not its quantised upload: a mask covers every coordinate
-    from flwr.common.secure_aggregation.quantization import quantize
-    keys = sorted(uploads[0])
-    q0 = quantize([uploads[0][k].double().numpy() for k in keys], 2.0, 2**22)
-    assert all(float((torch.tensor(m) == torch.tensor(q)).double().mean()) < 0.01 for m, q in zip(masked[0], q0))
-
-
-def test_secagg_refuses_the_methods_that_need_individual_updates():
-    from fedlora.aggregation.secagg import UNSUMMABLE
-    assert set(UNSUMMABLE) == {"flexlora", "flora", "hetlora"}
+# (secure aggregation: tests/test_secagg.py)
 
 
 def test_a_bad_privacy_config_exits_2_with_one_line(tmp_path, capsys):
@@ -664,3 +603,149 @@ def test_a_bad_privacy_config_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("config error: privacy.mode:") and "flora" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- what mutation testing asked for
+
+def test_client_noise_counts_the_updates_that_were_not_clipped():
+    fedit = FedIT(FedITOptions(rank=2), SETUP)
+    wrapper = ClientLevelDP(fedit, seed=0, on_client=True, planned_clients=3)
+    assert wrapper.unclipped is None
+    state = fedit.init_state()
+    ups = [Update(k, dict(state), 10, {"dp_unclipped": flag}) for k, flag in enumerate((1.0, 0.0, 1.0))]
+    wrapper.aggregate(state, ups, None)
+    assert wrapper.unclipped == (2, 3)
+
+
+def test_a_stage_without_its_budget_says_so():
+    wrapper = ClientLevelDP(FedIT(FedITOptions(rank=2), SETUP), seed=0, on_client=False, planned_clients=4)
+    with pytest.raises(RuntimeError, match="^the privacy stage has no noise multiplier: the runtime did not set up its "
+                                           "budget$"):
+        wrapper._sigma()
+
+
+def test_noise_draws_are_exactly_the_seeded_ones_added():
+    """Server noise, client noise, the count's noise and DP-SGD's: + the seeded draw (not −,
+    not another generator's)."""
+    import numpy as np
+
+    from fedlora.privacy.client_level import PRIVACY_STREAM
+
+    seed = int(np.random.SeedSequence([5, 2, PRIVACY_STREAM, 1]).generate_state(1, np.uint64)[0])
+    assert torch.equal(torch.randn(4, generator=noise_generator(5, 2, 1)),
+                       torch.randn(4, generator=torch.Generator().manual_seed(seed)))
+    t = [torch.ones(3, 2), torch.full((3, 2), 3.0)]
+    out = noisy_weighted_sum(t, [0.25, 0.75], 2.0, noise_generator(0, 1))
+    draw = torch.randn(3, 2, generator=noise_generator(0, 1), dtype=torch.float32) * (2.0 * 0.75)
+    assert torch.equal(out, weighted_sum(t, [0.25, 0.75]) + draw)
+    ref = {"m.B": torch.zeros(2, 2)}
+    up = Update(0, {"m.B": torch.full((2, 2), 0.1)}, 5, {})
+    noised = clip_upload(CLIENT_LEVEL["ffa"], ref, up, 10.0, 0.5, noise_generator(0, 1, 0)).update.tensors["m.B"]
+    assert torch.equal(noised, torch.full((2, 2), 0.1) + torch.randn(2, 2, generator=noise_generator(0, 1, 0)) * 0.5)
+    g = noise_generator(0, 3, 9)
+    c, share = next_clip_norm(1.0, 2, 4, 0.5, 0.5, 0.2, noise_generator(0, 3, 9))
+    expected = (2 + float(torch.randn((), generator=g, dtype=torch.float64)) * 0.5) / 4
+    assert share == expected and c == pytest.approx(math.exp(-0.2 * (expected - 0.5)))
+    s = [torch.ones(2, 3, dtype=torch.float64)]
+    mean = noised_mean(s, 2, 0.5, 3.0, torch.Generator().manual_seed(1))
+    assert mean[0].dtype == torch.float64
+    assert torch.equal(mean[0], (s[0] + torch.randn(2, 3, generator=torch.Generator().manual_seed(1),
+                                                     dtype=torch.float64) * 1.5) / 2)
+
+
+def test_delta_noise_multiplier_values_and_message():
+    assert delta_noise_multiplier(2.0, 3.0) == pytest.approx((2.0**-2 - 6.0**-2) ** -0.5)
+    assert delta_noise_multiplier(2.0, None) == 2.0
+    with pytest.raises(ValueError, match=r"^privacy.count_noise: 1 must exceed noise_multiplier / 2 = 1.5$"):
+        delta_noise_multiplier(3.0, 1.0)
+
+
+def test_per_example_clipping_edges():
+    """One example (no second to index), a zero gradient (no division by its norm)."""
+    one = clipped_sum([[torch.tensor([3.0, 4.0])]], 1.0)
+    assert torch.allclose(one[0], torch.tensor([0.6, 0.8]))
+    zero = clipped_sum([[torch.zeros(2)], [torch.tensor([0.3, 0.4])]], 1.0)
+    assert torch.allclose(zero[0], torch.tensor([0.3, 0.4]))
+
+
+def test_norms_deltas_and_weights_in_their_own_precision():
+    """The joint norm in float64 (float32 squares overflow at 4e19), a bfloat16 upload's delta in
+    float32, AFLoRA's data weighting honoured by its DP weights."""
+    assert joint_norm({"a": torch.tensor([3e19, 4e19])}) == pytest.approx(5e19)
+    d = deltas(CLIENT_LEVEL["ffa"], {"q.B": torch.zeros(2, dtype=torch.bfloat16)},
+               {"q.B": torch.ones(2, dtype=torch.bfloat16)})
+    assert d["q.B"].dtype == torch.float32
+    data = AFLoRA(AFLoRAOptions(ddr=False, dlf=False, weighting="data"), SETUP)
+    ups = [Update(k, {"q.mask": torch.ones(r)}, SETUP.num_examples[k], {})
+           for k, r in enumerate(SETUP.client_max_ranks)]
+    assert by_rank(data, ups) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_budget_edges():
+    """ε exactly at the target is allowed; the message names the planned rounds only when they
+    differ; the accountant's kind reaches ε; σ is recorded; a record without clients counts none;
+    an explicit δ is kept; a batch as large as the smallest client is allowed."""
+    b = Budget("client", 1.0, 0.1, None, "pld", [10], 10, 1, 2)
+    assert b.epsilon(10, 3) == epsilon(10, 10, 1.0, 3, 0.1, "pld") != epsilon(10, 10, 1.0, 3, 0.1, "rdp")
+    at = Budget("client", 1.0, 0.1, epsilon(10, 10, 1.0, 2, 0.1), "rdp", [10], 10, 1, 2)
+    at.check(2)
+    below = replace(at, target_epsilon=0.5)
+    with pytest.raises(ConfigError) as err:
+        below.check(2)
+    assert str(err.value).endswith("more than 0.5; stopped before training")
+    assert b.record(1, [], [])["noise_multiplier"] == 1.0
+    sample = Budget("sample", 1.0, 0.1, None, "rdp", [10, 20], 2, 1, 2)
+    assert sample.record(1, [], [])["epsilon"] == 0.0
+    assert participations([{"rejected": [{"client": 1}]}, {"clients": [{"id": 1}]}], 1) == 2
+    cfg = build_config(tiny_tree(algorithm={"name": "fedit"},
+                                 privacy={"mode": "sample", "noise_multiplier": 1, "delta": 0.01}))
+    budget = plan_budget(cfg, [4, 10, 20, 20], 4, [])
+    assert budget.delta == 0.01 and budget.populations == [4, 10, 20, 20]
+
+
+def test_server_noise_is_the_seeded_draw_on_the_weighted_sum_and_the_server_reaches_the_method():
+    """σ C max p times noise_generator(seed, round)'s draws, one per key in sorted order, added to
+    the method's weighted sum; the server context reaches the method's aggregate."""
+    seen = {}
+
+    class Records(FedIT):
+        def aggregate(self, state, updates, server):
+            seen["server"] = server
+            return super().aggregate(state, updates, server)
+
+    fedit = Records(FedITOptions(rank=2), SETUP)
+    state = fedit.init_state()
+    ups = [Update(k, {key: t + 0.01 * (k + 1) for key, t in state.items()}, SETUP.num_examples[k], {})
+           for k in range(4)]
+    wrapper = _wrapped(fedit, 2.0, 1e6, round_=5)
+    server = object()
+    out = wrapper.aggregate(state, ups, server)
+    assert seen["server"] is server
+    plain = FedIT(FedITOptions(rank=2), SETUP).aggregate(state, ups, None)
+    g = noise_generator(0, 5)
+    for key in sorted(state):
+        draw = torch.randn(state[key].shape, generator=g, dtype=torch.float32) * (2.0 * 1e6 * 0.4)
+        assert torch.allclose(out.state[key], plain.state[key] + draw, atol=1e-2), key
+
+
+def test_epsilon_and_step_event_edges():
+    assert epsilon(10, 10, 0.0, 3, 0.1) == math.inf
+    event, _ = step_event(10, 1, 1.0)  # one of ten: allowed
+    assert isinstance(event, dp_event.SampledWithoutReplacementDpEvent)
+    with pytest.raises(ValueError, match="^a draw of 4 out of 3$"):
+        step_event(3, 4, 1.0)
+
+
+def test_dp_sgd_steps_a_single_parameter_and_autocasts_bfloat16():
+    """One trained tensor (no second to look at); with compute_dtype bfloat16 the loss is the
+    autocast one, not float32's."""
+    w = torch.nn.Parameter(torch.tensor([[1.0], [1.0]]))
+    batch = {"input_ids": torch.zeros(2, 1), "x": torch.tensor([[1.0039, 1.0039], [0.5, 0.25]])}
+
+    def loss(b):
+        return (b["x"] @ w).sum()
+    dp = SampleDP(1e6, 0.0, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = (float((batch["x"][:1] @ w).sum()) + float((batch["x"][1:] @ w).sum())) / 2
+    got = dp_train_steps([([w], 0.0)], [batch], loss, dp, compute_dtype="bfloat16")
+    assert got == [expected] and expected != (2.0078 + 0.75) / 2

@@ -422,13 +422,21 @@ class PrivacyConfig(Strict):
     accountant: Literal["rdp", "pld"] = "rdp"
     """dp-accounting's RDP or PLD accountant; PLD only when nothing is sampled (every client
     every round, `client` mode)."""
+    secure_aggregation: bool = False
+    """Secure aggregation (SecAgg, Bonawitz et al. 2017) on the Flower runtime: each client
+    uploads its weighted view masked so that the server learns only the round's sum (FedIT,
+    FFA-LoRA, AFLoRA; at least 3 clients per round; `fedlora flower run` only; the server cannot
+    screen what it cannot see, so it needs `aggregation.norm_bound: null` and `combine: mean`).
+    Not DP (`mode` must not be `client`); docs/concepts/privacy.md says what it protects and
+    what it does not."""
 
 
 def privacy_refusal(cfg: RunConfig) -> str | None:
     """Why this privacy setting is undefined for this run (one line), or None."""
     p, method = cfg.privacy, cfg.algorithm.name
     # fields away from their defaults (a run's own config.yaml names every field)
-    given = {k for k, f in PrivacyConfig.model_fields.items() if k != "mode" and getattr(p, k) != f.default}
+    given = {k for k, f in PrivacyConfig.model_fields.items()
+             if k not in ("mode", "secure_aggregation") and getattr(p, k) != f.default}
     if p.mode == "none":
         return f"privacy.{sorted(given)[0]}: set, but privacy.mode is none" if given else None
     if (p.noise_multiplier is None) == (p.target_epsilon is None):

@@ -1,4 +1,4 @@
-"""The aggregation pipeline around a method: attack → screening → robust combine → privacy.
+"""The aggregation pipeline around a method: secure sum → attack → screening → robust combine → privacy.
 
 `build_pipeline(method, cfg)` is called at the one place a runtime builds its method
 (`runtime.inprocess.Federation.build`, which the Flower ServerApp and ClientApp use too).
@@ -19,6 +19,7 @@ from fedlora.aggregation.base import Undefined, Verdict, Wrapper, screen, stage_
 from fedlora.aggregation.options import AggregationConfig, AttackConfig
 from fedlora.aggregation.privacy import ClientLevelDP, SampleLevelDP
 from fedlora.aggregation.robust import RobustCombine
+from fedlora.aggregation.secagg import SecureSum, secure_sum_refusal
 from fedlora.aggregation.screening import NormBound
 from fedlora.algorithms.base import Algorithm
 
@@ -28,6 +29,13 @@ __all__ = ["AggregationConfig", "AttackConfig", "SLOTS", "Undefined", "Verdict",
 Stage = Callable[[Algorithm], Wrapper]
 DEFAULT_BOUND = 10.0
 """What an `under_bound` attacker aims under when the server has no norm bound."""
+
+
+def secure_sum_stage(cfg: Any) -> Stage | None:
+    """Secure aggregation (`privacy.secure_aggregation`): outermost, so that it hides whatever the
+    client uploads (an attacker's too) and the server's stages see only the sum."""
+    p = getattr(cfg, "privacy", None)
+    return partial(SecureSum) if p is not None and p.secure_aggregation else None
 
 
 def attack_stage(cfg: Any) -> Stage | None:
@@ -70,6 +78,7 @@ def privacy_stage(cfg: Any) -> Stage | None:
 
 
 SLOTS: dict[str, Callable[[Any], Stage | None]] = {
+    "secure_sum": secure_sum_stage,
     "attack": attack_stage,
     "screening": screening_stage,
     "combine": combine_stage,
@@ -98,6 +107,9 @@ def check_pipeline(cfg: Any) -> None:
         stage = factory(cfg)
         if stage is not None:
             stage.func.check(method)
+    why = secure_sum_refusal(cfg) if secure_sum_stage(cfg) is not None else None
+    if why:
+        raise Undefined(why)
     if cfg.attack.kind == "label_flip" and cfg.data.task != "classification":
         raise Undefined(f"attack.kind: label_flip needs class labels; data.task is {cfg.data.task}")
 

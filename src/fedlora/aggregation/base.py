@@ -3,6 +3,8 @@
 
 A run's algorithm is the method inside its stages, outermost first (`fedlora.aggregation.ORDER`):
 
+    secure_sum  secure aggregation: the client uploads its masked summand, the server aggregates
+                the unmasked sum alone (fedlora.aggregation.secagg; Flower runtime only)
     attack      client side: k simulated adversaries change their upload (harness, not a defence)
     screening   each update against its round: the norm bound (reject or clip)
     combine     a robust combination: median, trimmed mean, Krum, Multi-Krum

@@ -113,7 +113,8 @@ class ClientLevelDP(Private):
         method, view, s = self.method, VIEWS[self.name], self.settings
         if self.on_client:  # clipped and noised by the clients: equal weights, nothing to add
             self.unclipped = (sum(u.metrics.get("dp_unclipped") == 1.0 for u in updates), len(updates))
-            vectors = [view.vectors(method, u) for u in updates]
+            # (not mutated: the views of fedit and ffa, the methods defined with client noise, ignore the method)
+            vectors = [view.vectors(method, u) for u in updates]  # pragma: no mutate
             combined = {k: weighted_sum([v[k] for v in vectors], [1 / len(vectors)] * len(vectors))
                         for k in vectors[0]}
         else:
@@ -127,7 +128,9 @@ class ClientLevelDP(Private):
             combined = {k: noisy_weighted_sum([v[k] for v in vectors], p, std, g) for k in sorted(vectors[0])}
         agg = self.inner.aggregate(state, [view.consensus(method, updates, combined)], server)
         metrics = {k: v for k, v in agg.metrics.items() if k not in TILT_KEYS}
-        return replace(agg, state=view.finish(method, state, updates, agg.state), metrics=metrics)
+        # (finish is keep_state for fedit, ffa and aflora, the methods the stage is defined for)
+        state = view.finish(method, state, updates, agg.state)  # pragma: no mutate
+        return replace(agg, state=state, metrics=metrics)
 
 
 class SampleLevelDP(Private):

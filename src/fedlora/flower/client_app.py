@@ -11,7 +11,9 @@ fedlora.flower.node) and the device figures it declares instead of measuring (`t
 `query` answers who the node is and, serving its own data, what that data is (a NodeReport:
 example count, label histogram), and in a run with `devices: measured` what the node can do
 (fedlora.flower.capability: throughput, free memory, link rates); `train` runs the method's
-client_train on the node's own examples from its up-to-date base.
+client_train on the node's own examples from its up-to-date base. With
+`privacy.secure_aggregation` the `query.secagg_*` actions run the protocol's other steps and
+`train` masks the upload (fedlora.flower.secagg).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     module level, so a `query` stays cheap.)"""
     from fedlora.algorithms.base import Message as Payload
     from fedlora.data.task import node_task
+    from fedlora.flower import secagg
     from fedlora.flower.node import NodeStore, bring_base_up_to_date
     from fedlora.models import load_tokenizer
     from fedlora.runtime.inprocess import Federation
@@ -125,10 +128,15 @@ def train(msg: Message, context: Context) -> Message:
     state, lost = store.load_state(state_round, str(conf.get("state-sha256", "")) or None)
     if lost:
         log.warning("partition %d: %s: starting from the method's initial client state", k, lost)
+    secure = msg.content.config_records.get(secagg.RECORD)
+    if secure is not None:  # the shares addressed to this client, checked before any training
+        secagg.receive_shares(context.state, k, secure)
     ctx = fed.client(k, round_, int(conf.get("stage", 0)))
     t0 = time.perf_counter()
     update, new_state = fed.algorithm.client_train(ctx, payload, state)
     train_seconds = time.perf_counter() - t0
+    if secure is not None:
+        update = replace(update, tensors=secagg.masked_upload(context.state, k, int(secure["round"]), update.tensors))
     state_sha256 = store.save_state(round_, new_state, keep_from=state_round)
 
     metrics = {key: float(v) for key, v in update.metrics.items()}
@@ -142,3 +150,29 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"update": to_arrays(update.tensors), "metrics": MetricRecord(metrics),
                           "info": ConfigRecord(info)})
     return Message(content, reply_to=msg)
+
+
+def _secagg_step(name: str, msg: Message, context: Context) -> Message:
+    from fedlora.flower import secagg  # (no torch: a protocol step stays cheap)
+
+    k, _ = node_identity(context)
+    reply = getattr(secagg, name)(context.state, k, msg.content.config_records[secagg.RECORD])
+    return Message(RecordDict({secagg.RECORD: reply}), reply_to=msg)
+
+
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1: this round's public keys."""
+    return _secagg_step("client_keys", msg, context)
+
+
+@app.query("secagg_shares")
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 2: shares of this client's secrets, encrypted for each peer."""
+    return _secagg_step("client_shares", msg, context)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 4: the shares the server needs to remove the masks."""
+    return _secagg_step("client_unmask", msg, context)

@@ -44,8 +44,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.aggregation.secagg import secure_sum
 from fedlora.algorithms.base import InvalidUpdate, Update
 from fedlora.config import ConfigError, build_config, dump_config, parse_tree
+from fedlora.flower import secagg
 from fedlora.flower.records import checked_run_key, from_arrays, merge_key, to_arrays
 from fedlora.flower.reports import InvalidReport, NodeReport
 from fedlora.runtime.checkpoint import merge_path
@@ -90,6 +92,8 @@ def main(grid: Grid, context: Context) -> None:
 
 class FlowerRun(Simulation):
     """Simulation whose clients are Flower SuperNodes."""
+
+    hides_updates = True  # privacy.secure_aggregation: the SecAgg protocol (fedlora.flower.secagg)
 
     def __init__(self, cfg, run_dir: Path, grid: Grid, min_clients: int = 1,
                  round_timeout: float = 600.0, node_wait: float = 300.0) -> None:
@@ -283,11 +287,12 @@ class FlowerRun(Simulation):
             self._wait_for_nodes()
         config_yaml = dump_config(self.cfg)
         base = self._base_sha256(fed, ckpt)
+        secure = self._secure_round(fed, t, [job.client for job in jobs if job.client in self.partition_node])
         messages, node_of = [], {}
         for job in jobs:
             k = job.client
             node = self.partition_node.get(k)
-            if node is None:
+            if node is None or (secure is not None and k in secure.failures):
                 continue
             state_round = t if k in earlier else _last_accepted(ckpt.history, k)
             content = RecordDict({
@@ -303,6 +308,8 @@ class FlowerRun(Simulation):
             for r in range(self.merged_through.get(k, 0) + 1, t):
                 if merge_path(self.run_dir, r).exists():
                     content[merge_key(r)] = to_arrays(load_tensors(merge_path(self.run_dir, r), inside=self.run_dir)[0])
+            if secure is not None:
+                content[secagg.RECORD] = secure.train_record(k)
             messages.append(Message(content, dst_node_id=node, message_type="train", ttl=self.round_timeout))
             node_of[k] = node
 
@@ -310,7 +317,8 @@ class FlowerRun(Simulation):
         for job in jobs:  # in job order: the same sums as in-process
             k = job.client
             if k not in node_of:
-                yield Result(failure=f"no SuperNode serves partition {k}")
+                yield Result(failure=secure.failures[k] if secure is not None and k in secure.failures
+                             else f"no SuperNode serves partition {k}")
                 continue
             reply, seconds = replies.get(node_of[k], (None, 0.0))
             if reply is None or reply.has_error():
@@ -330,6 +338,33 @@ class FlowerRun(Simulation):
             if "state_reset" in notes:
                 log.warning("round %d: client %d lost its state (%s): it started afresh", t, k, notes["state_reset"])
             yield Result(update, seconds=seconds, flops=flops, record=notes)
+
+    def _secure_round(self, fed, t: int, clients: list[int]) -> secagg.ServerRound | None:
+        """With secure aggregation: steps 1-2 of the protocol with the round's clients, and its
+        unmasking handed to the pipeline's SecureSum stage (None without)."""
+        stage = secure_sum(fed.algorithm)
+        if stage is None:
+            return None
+        secure = secagg.ServerRound(t, clients, self._ask_clients)
+        secure.setup()
+        stage.unmask = secure.unmask
+        return secure
+
+    def _ask_clients(self, action: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict | str]:
+        """One `query.<action>` message to each client's node; each reply's content, or why none came."""
+        node_of = {k: self.partition_node[k] for k in contents if k in self.partition_node}
+        replies = self._exchange([Message(c, dst_node_id=node_of[k], message_type=f"query.{action}",
+                                          ttl=self.round_timeout) for k, c in contents.items() if k in node_of])
+        out: dict[int, RecordDict | str] = {}
+        for k in contents:
+            reply = replies.get(node_of.get(k), (None, 0.0))[0]
+            if reply is None:
+                out[k] = f"no reply within {self.round_timeout:g}s"
+            elif reply.has_error():
+                out[k] = f"client error: {reply.error.reason}"[:300]
+            else:
+                out[k] = reply.content
+        return out
 
     def _check_participation(self, t, clients, rejected) -> None:
         accepted = len({c["id"] for c in clients})

