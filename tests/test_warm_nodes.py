@@ -158,3 +158,20 @@ def test_node_executor_bad_arguments_exit_2(args, message, capsys):
     assert main(["flower", "node-executor", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_local_nodes_share_the_cores(tmp_path, monkeypatch):
+    """Ten local nodes of torch's default threads on a small machine spin in OpenMP instead of
+    training (a quickstart round ~8x the in-process one): each node's processes get cores // nodes
+    threads, at least one, unless the caller chose OMP_NUM_THREADS; the SuperLink trains nothing."""
+    from fedlora.flower.launch import LocalFederation
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    fed = LocalFederation(tmp_path, nodes=3)
+    assert fed._env("executor-0")["OMP_NUM_THREADS"] == "2"
+    assert fed._env("supernode-2")["OMP_NUM_THREADS"] == "2"
+    assert LocalFederation(tmp_path, nodes=10)._env("executor-9")["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in fed._env("superlink")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert fed._env("executor-0")["OMP_NUM_THREADS"] == "4"
