@@ -61,9 +61,11 @@ def test_a_watched_process_stops_when_its_parent_ends(reaped):
     yet (a plain kill(pid, 0) would call it alive)."""
     parent = subprocess.Popen(["sleep", "300"])
     code = (f"import time; from fedlora.flower.executor import watch_parent; "
-            f"watch_parent({parent.pid}, 'the SuperNode'); time.sleep(120)")
-    watcher = subprocess.Popen([sys.executable, "-c", code], env=_env(), stderr=subprocess.PIPE, text=True)
-    try:
+            f"watch_parent({parent.pid}, 'the SuperNode'); print('watching', flush=True); time.sleep(120)")
+    watcher = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:  # the import takes seconds on a loaded machine: kill the parent only once it is watched
+        assert watcher.stdout.readline() == "watching\n", watcher.stderr.read()
         time.sleep(0.5)
         assert watcher.poll() is None, "the watcher stopped while its parent ran"
         parent.kill()
