@@ -44,7 +44,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from fedlora.algorithms.base import (
     Aggregate,
@@ -177,6 +177,18 @@ def screen(algorithm: Algorithm, updates: list[Update]) -> list[Verdict]:
     if isinstance(algorithm, Wrapper):
         return algorithm.screen(updates)
     return [Verdict(u) for u in updates]
+
+
+W = TypeVar("W", bound="Wrapper")
+
+
+def find_stage(algorithm: Algorithm, kind: type[W]) -> W | None:
+    """The pipeline's outermost stage of type `kind`, if it has one."""
+    while isinstance(algorithm, Wrapper):
+        if isinstance(algorithm, kind):
+            return algorithm
+        algorithm = algorithm.inner
+    return None
 
 
 def stage_names(algorithm: Algorithm) -> list[str]:

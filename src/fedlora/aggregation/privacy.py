@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedlora.aggregation.base import Wrapper
+from fedlora.aggregation.base import Wrapper, find_stage
 from fedlora.aggregation.robust import TILT_KEYS, VIEWS
 from fedlora.algorithms.base import (
     Aggregate,
@@ -149,11 +149,7 @@ class SampleLevelDP(Private):
 
 def privacy_wrapper(algorithm: Algorithm) -> Private | None:
     """The pipeline's privacy stage, if it has one."""
-    while isinstance(algorithm, Wrapper):
-        if isinstance(algorithm, Private):
-            return algorithm
-        algorithm = algorithm.inner
-    return None
+    return find_stage(algorithm, Private)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import Wrapper
+from fedlora.aggregation.base import Wrapper, find_stage
 from fedlora.aggregation.robust import TILT_KEYS, VIEWS, aflora_padded
 from fedlora.algorithms.base import (
     Aggregate,
@@ -247,11 +247,7 @@ class SecureSum(Wrapper):
 
 def secure_sum(algorithm: Algorithm) -> SecureSum | None:
     """The pipeline's secure-aggregation stage, if it has one."""
-    while isinstance(algorithm, Wrapper):
-        if isinstance(algorithm, SecureSum):
-            return algorithm
-        algorithm = algorithm.inner
-    return None
+    return find_stage(algorithm, SecureSum)
 
 
 def secure_sum_refusal(cfg) -> str | None:
