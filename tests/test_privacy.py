@@ -749,3 +749,14 @@ def test_dp_sgd_steps_a_single_parameter_and_autocasts_bfloat16():
         expected = (float((batch["x"][:1] @ w).sum()) + float((batch["x"][1:] @ w).sum())) / 2
     got = dp_train_steps([([w], 0.0)], [batch], loss, dp, compute_dtype="bfloat16")
     assert got == [expected] and expected != (2.0078 + 0.75) / 2
+
+
+@pytest.mark.parametrize("on_client", [True, False])
+def test_a_single_update_is_aggregated(on_client):
+    """One client in the round (nothing at a second position to read the keys from)."""
+    fedit = FedIT(FedITOptions(rank=2), SETUP)
+    state = fedit.init_state()
+    update = Update(0, {k: t + 0.01 for k, t in state.items()}, 10, {"dp_unclipped": 1.0})
+    wrapper = _wrapped(fedit, 0.0, 1e6, on_client=on_client)
+    out = wrapper.aggregate(state, [update], None)
+    assert all(torch.allclose(out.state[k], update.tensors[k]) for k in state)

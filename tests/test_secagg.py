@@ -530,6 +530,7 @@ def test_the_protocols_records_are_read_strictly():
     MAX_BYTES, integers; anything else is one line naming who sent what."""
     assert secagg._ints({"k": [3, 1]}, "k", "client 2") == [3, 1]
     assert secagg._blob({"k": b"x" * secagg.MAX_BYTES}, "k", "client 2") == b"x" * secagg.MAX_BYTES
+    assert secagg._blob({"k": b"x"}, "k", "client 2") == b"x"
     assert secagg._blobs({"k": [b"a", b"b"]}, "k", "client 2") == [b"a", b"b"]
     assert secagg._int({"k": 0}, "k", "client 2") == 0
     for reader, value, what in [
@@ -874,7 +875,7 @@ def test_unmasking_skips_a_bad_reply_and_names_strangers():
         server.unmask([0, 9], shapes)
 
 
-def test_too_few_shares_message_names_the_round_and_the_resume():
+def test_too_few_shares_message_names_the_round_to_continue_from():
     clients, server, summands, uploads = _protocol_round(silent={"secagg_unmask": {0, 1}})
     with pytest.raises(RuntimeError) as err:
         server.unmask(sorted(uploads), {k: tuple(t.shape) for k, t in summands[0].items()})
@@ -893,3 +894,68 @@ def test_secrets_are_rebuilt_or_refused_by_name():
         secagg._secret(create_shares(b"s" * 16, 2, 3)[:2], 32, 4)
     with pytest.raises(RuntimeError, match="^secure aggregation: the shares of client 4 do not combine: "):
         secagg._secret([shares[0], shares[0][:4] + bytes(len(shares[0]) - 4)], 32, 4)
+
+
+def test_a_round_goes_on_with_exactly_threshold_clients():
+    """Four clients (threshold 3), client 3 silent at the shares step: three remain, exactly the
+    threshold, and their sum is recovered exactly."""
+    clients, server, summands, uploads = _protocol_round(silent={"secagg_shares": {3}})
+    assert server.peers == [0, 1, 2] and server.threshold == 3 and sorted(uploads) == [0, 1, 2]
+    shapes = {k: tuple(t.shape) for k, t in summands[0].items()}
+    total, masks = modular_sum(list(uploads.values())), server.unmask(sorted(uploads), shapes)
+    expected = modular_sum([summands[k] for k in (0, 1, 2)])
+    assert all(np.array_equal(total[k] - masks[k], expected[k]) for k in shapes)
+
+
+def test_malformed_key_and_share_replies_are_named():
+    clients = Clients(5)
+    real = clients.exchange
+
+    def faulty(action, contents):
+        out = real(action, contents)
+        if action == "secagg_keys":
+            out[1] = RecordDict({secagg.RECORD: ConfigRecord({**dict(out[1].config_records[secagg.RECORD]),
+                                                             "share-pk": b"not a key"})})
+        if action == "secagg_shares":
+            out[2] = RecordDict({secagg.RECORD: ConfigRecord({"ctxts": [b"x"]})})
+        return out
+    server = secagg.ServerRound(3, [0, 1, 2, 3, 4], faulty)
+    server.setup()
+    assert server.failures == {1: "secure aggregation: client 1: a public key is not an elliptic-curve key",
+                               2: "secure aggregation: client 2: dsts is not a list of client ids"}
+    assert 1 not in server.mask_pks and server.peers == [0, 3, 4]
+
+
+def test_shares_that_rebuild_a_wrong_seed_stop_the_unmasking():
+    """The clients' shares of client 0's self-mask seed are replaced by shares of a 16-byte
+    secret: the server refuses the seed, naming client 0."""
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+
+    clients, server, summands, uploads = _protocol_round()
+    fake = create_shares(b"z" * 16, 3, 4)
+    real = clients.exchange
+
+    def lying(action, contents):
+        out = real(action, contents)
+        if action == "secagg_unmask":
+            for i, k in enumerate(sorted(out)):
+                record = dict(out[k].config_records[secagg.RECORD])
+                shares = list(record["shares"])
+                shares[0] = fake[i]
+                out[k] = RecordDict({secagg.RECORD: ConfigRecord({**record, "shares": shares})})
+        return out
+    server.exchange = lying
+    with pytest.raises(RuntimeError, match="^secure aggregation: the shares of client 0 give a 16-byte seed$"):
+        server.unmask(sorted(uploads), {k: tuple(t.shape) for k, t in summands[0].items()})
+
+
+def test_aflora_summand_is_made_by_the_method_itself():
+    method, state, ups = _method_and_updates("aflora")
+
+    class Trained(AFLoRA):
+        def client_train(self, ctx, payload, client_state):
+            return ups[1], client_state
+
+    inner = Trained(AFLoRAOptions(dlf=False), SETUP)
+    upload, _ = SecureSum(inner).client_train(None, SecureSum(inner).payload(state, 1), {})
+    assert torch.equal(upload.tensors["q.B"], encode(SUMMABLE["aflora"].summand(inner, ups[1], 0.01))["q.B"])
