@@ -298,7 +298,10 @@ def test_real_nodes_survive_a_killed_node_and_a_killed_superlink(partitioned, tm
         fed.procs.pop("superlink").wait(10)
         thread.join(120)
     assert len(read_metrics(out)) == 3
-    with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files) as fed:  # the nodes keep their disks
+    # restarted on its address, as a real SuperLink would be; the nodes keep their disks. The old
+    # ServerApp (its SuperExec's child, which outlives the kill) meets the new SuperLink, is refused and
+    # exits; the resumed ServerApp waits for it to release run.lock (CI saw the resume refused otherwise)
+    with LocalFederation(tmp_path / "fed", nodes=NODES, data_files=files, port=fed.port) as fed:
         done = flwr_run(tmp_path / "w2", fed.address, {**rc, "resume": True}, quiet=True, timeout=600)
     assert done.returncode == 0
     history = read_metrics(out)

@@ -12,6 +12,8 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -341,15 +343,16 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFileError, match="another fedlora process"), run_lock(out):
+        with pytest.raises(RunFileError, match=rf"another fedlora process \(pid {proc.pid}\)"), run_lock(out, wait=0.6):
             pass
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        threading.Timer(1.0, proc.send_signal, [signal.SIGKILL]).start()
+        started = time.monotonic()
+        with run_lock(out, wait=60):  # waits for the holder; the OS releases a dead holder's lock
+            assert time.monotonic() - started >= 0.9
     finally:
         proc.kill()
+        proc.wait(30)
         proc.stdout.close()
-    with run_lock(out):  # the OS released the dead holder's lock
-        pass
 
 
 @pytest.mark.parametrize("key", ["../../escape", "/etc", "a" * 32 + "/..", "ABCDEF" * 6, "", None, 12])

@@ -105,6 +105,7 @@ class FlowerRun(Simulation):
         self.min_clients = min_clients
         self.round_timeout = round_timeout
         self.node_wait = node_wait
+        self.lock_wait = node_wait  # the ServerApp of a killed SuperLink exits once it meets the restarted one
         self.partition_node: dict[int, int] = {}  # partition-id → node id
         self.merged_through: dict[int, int] = {}  # partition-id → last round's base it holds
         self.reports: dict[int, NodeReport] = {}  # what each partition's node reported (local data, devices)

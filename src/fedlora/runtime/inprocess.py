@@ -246,6 +246,8 @@ class Simulation:
 
     hides_updates = False
     """Whether the transport can keep each client's update from the server (secure aggregation)."""
+    lock_wait = 0.0
+    """Seconds to wait for another process to release the run directory (0: stop at once)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool = True,
                  replay: Participation | None = None) -> None:
@@ -266,7 +268,7 @@ class Simulation:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) to cfg.federation.rounds, holding the run directory's lock throughout."""
-        with run_lock(self.run_dir):
+        with run_lock(self.run_dir, wait=self.lock_wait):
             return self._run(resume)
 
     def _run(self, resume: bool) -> dict[str, Any]:

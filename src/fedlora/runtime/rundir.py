@@ -10,8 +10,10 @@ be the checkpoint's; the one change allowed is more rounds (`--set federation.ro
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,22 +28,39 @@ from fedlora.files import RunFileError, atomic_write, open_regular, read_bounded
 LOCK = "run.lock"
 CONFIG = "config.yaml"
 EXTENSIBLE = {"federation.rounds"}
+LOCK_POLL_SECONDS = 0.5
+
+log = logging.getLogger("fedlora")
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Exclusive use of `run_dir` while the block runs; a second process stops with one line.
+def run_lock(run_dir: Path, wait: float = 0.0) -> Iterator[None]:
+    """Exclusive use of `run_dir` while the block runs; a second process stops with one line
+    naming the holder's pid, after waiting up to `wait` seconds for it to let go (a resumed
+    Flower run waits for the ServerApp of a killed SuperLink to find that out and exit).
     A directory this call created is removed again if the block wrote nothing into it (a
     bad config or data file found before the run starts leaves no trace)."""
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = open_regular(run_dir / LOCK, os.O_RDWR, create=True)  # a planted link is refused, never truncated
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunFileError(f"run error: {run_dir}: another fedlora process is writing this run directory "
-                           f"(it holds {run_dir / LOCK}); wait for it to end or choose another --out") from None
+    deadline, waited = time.monotonic() + wait, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                if not waited:
+                    log.info("run.lock of %s is held by %s; waiting up to %.0f s for it", run_dir,
+                             _holder(fd), wait)
+                    waited = True
+                time.sleep(min(LOCK_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+                continue
+            who = _holder(fd)
+            os.close(fd)
+            raise RunFileError(f"run error: {run_dir}: another fedlora process ({who}) is writing this run "
+                               f"directory (it holds {run_dir / LOCK}); wait for it to end or choose another "
+                               "--out") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for a human asking "who?"; the lock is the flock
@@ -51,6 +70,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)
         if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from the pid its holder wrote (for the message; the flock decides)."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"pid {text}" if text.isdigit() else "another process"
 
 
 def refuse_existing_run(run_dir: Path) -> None:
