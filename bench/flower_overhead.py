@@ -12,6 +12,9 @@ its `fedlora partition` file, and check that Flower ends with the in-process ada
              same config on --nodes local nodes, alternating (in-process, Flower, ...) so machine
              noise hits both, each alone on the machine (the federation is started for each Flower
              run and stopped after it; its start-up is reported apart); medians and their ratio.
+             Where the Flower run's CPU goes: every process under this one is sampled from /proc
+             each 0.5 s, its CPU seconds summed by role (ServerApp, SuperLink, SuperNodes, the
+             node executors, their training forks, the CLIs), beside the in-process run's.
 
 Run on an idle machine (nothing else running); the JSON names the CPU:
 
@@ -26,10 +29,12 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +70,68 @@ def run(cmd: list[str], quiet: bool = True) -> float:
     out = subprocess.DEVNULL if quiet else None
     subprocess.run(cmd, check=True, env=flower_env(), stdout=out, stderr=out)
     return time.perf_counter() - t
+
+
+ROLES = [  # (what the command line contains, role); first match wins
+    ("flwr-serverapp", "ServerApp"), ("flower-superlink", "SuperLink"), ("flower-superexec", "SuperExec"),
+    ("flower-supernode", "SuperNodes"), ("node-executor", "node executors"), ("flwr run", "flwr run (CLI)"),
+    ("fedlora.cli flower run", "fedlora flower run (CLI)"),
+]
+
+
+class CpuByRole:
+    """CPU seconds of every process under this one, by role, sampled from /proc while it runs
+    (a process's last sample counts; one shorter than the interval is missed). A node executor's
+    forks, which run the ClientApp tasks (training among them), are their own role."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.seen, self.stop = interval, {}, threading.Event()
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> CpuByRole:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        procs = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            procs[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self.tick, cmd)
+        mine, grew = {os.getpid()}, True  # descendants: add children until none joins
+        while grew:
+            new = {p for p, (ppid, _, _) in procs.items() if ppid in mine} - mine
+            mine, grew = mine | new, bool(new)
+        for pid in mine - {os.getpid()}:
+            ppid, cpu, cmd = procs[pid]
+            role = next((r for key, r in ROLES if key in cmd), "other")
+            if role == "node executors" and "node-executor" in procs.get(ppid, (0, 0, ""))[2]:
+                role = "executor forks (ClientApp tasks, training included)"
+            self.seen[pid] = (role, cpu)
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for role, cpu in self.seen.values():
+            out[role] = round(out.get(role, 0.0) + cpu, 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def partition(config: Path, work: Path, overrides: list[str]) -> Path:
@@ -124,19 +191,29 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     files = [str(parts / f"client_{k:03d}.jsonl") for k in range(nodes)]
     times: dict[str, list[float]] = {"inprocess": [], "flower": []}
     startups: list[float] = []
+    inprocess_cpu: list[float] = []
+    flower_cpu: list[dict[str, float]] = []
+    train_seconds: list[float] = []
     same = True
     for i in range(args.repeats):
         # each contender alone on the machine: the in-process run with no federation up (ten idle
         # nodes still poll), then a federation started for the Flower run and stopped after it
         ip, fl = work / f"inprocess-{i}", work / f"flower-{i}"
+        before = child_cpu_seconds()
         times["inprocess"].append(run([*CLI, "run", str(config), *sets, "--out", str(ip), "--quiet"]))
+        inprocess_cpu.append(round(child_cpu_seconds() - before, 1))
         t = time.perf_counter()
         with LocalFederation(work / f"federation-{i}", nodes=nodes, data_files=files,
                              warm=args.isolation == "warm") as fed:
             startups.append(time.perf_counter() - t)
-            times["flower"].append(run([*CLI, "flower", "run", str(parts / "config.yaml"), *sets, "--out", str(fl),
-                                        "--superlink", fed.address, "--insecure", "--min-clients", str(nodes),
-                                        "--quiet"]))
+            with CpuByRole() as cpu:
+                times["flower"].append(run([*CLI, "flower", "run", str(parts / "config.yaml"), *sets, "--out",
+                                            str(fl), "--superlink", fed.address, "--insecure", "--min-clients",
+                                            str(nodes), "--quiet"]))
+                cpu.sample()
+            flower_cpu.append(cpu.totals())
+        history = [json.loads(line) for line in (fl / "metrics.jsonl").read_text().splitlines()]
+        train_seconds.append(round(sum(c["train_seconds"] for r in history for c in r["clients"]), 1))
         same = same and same_adapter(ip, fl)
         print(f"repeat {i}: in-process {times['inprocess'][-1]:.1f} s, Flower {times['flower'][-1]:.1f} s "
               f"(+ {startups[-1]:.1f} s to start the federation)", flush=True)
@@ -148,6 +225,9 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
         "command_seconds": times,
         "median_command_seconds": med,
         "ratio_flower_over_inprocess": med["flower"] / med["inprocess"],
+        "inprocess_cpu_seconds": inprocess_cpu,
+        "flower_cpu_seconds_by_role": flower_cpu,
+        "flower_clients_train_seconds_sum": train_seconds,
         "same_final_adapter": same,
     }
 
