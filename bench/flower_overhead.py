@@ -117,6 +117,9 @@ class CpuByRole:
             mine, grew = mine | new, bool(new)
         for pid in mine - {os.getpid()}:
             ppid, cpu, cmd = procs[pid]
+            if pid in self.seen:  # its role from its first sample (an exited, unreaped one has no cmdline)
+                self.seen[pid] = (self.seen[pid][0], cpu)
+                continue
             role = next((r for key, r in ROLES if key in cmd), "other")
             if role == "node executors" and "node-executor" in procs.get(ppid, (0, 0, ""))[2]:
                 role = "executor forks (ClientApp tasks, training included)"
