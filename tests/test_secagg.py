@@ -557,19 +557,25 @@ def test_the_client_app_serves_every_protocol_action():
     assert secagg.ACTIONS == ("secagg_keys", "secagg_shares", "secagg_unmask")
 
 
-def test_a_client_with_a_malformed_key_is_not_in_the_round():
-    """Client 1 answers the keys step with a key that is no elliptic-curve key: it is left out
-    (one reason), and the three others still complete a round."""
-    clients = Clients(4)
+def _replacing(clients, action, k, fields, keep=True):
+    """The clients' exchange, with client k's reply to `action` given `fields` (over its own
+    record's, or alone when keep is False)."""
     real = clients.exchange
 
-    def lying(action, contents):
-        out = real(action, contents)
-        if action == "secagg_keys":
-            out[1] = RecordDict({secagg.RECORD: ConfigRecord({**dict(out[1].config_records[secagg.RECORD]),
-                                                             "mask-pk": b"not a key"})})
+    def lying(act, contents):
+        out = real(act, contents)
+        if act == action:
+            own = dict(out[k].config_records[secagg.RECORD]) if keep else {}
+            out[k] = RecordDict({secagg.RECORD: ConfigRecord({**own, **fields})})
         return out
-    server = secagg.ServerRound(2, [0, 1, 2, 3], lying)
+    return lying
+
+
+@pytest.mark.parametrize("key", ["mask-pk", "share-pk"])
+def test_a_client_with_a_malformed_key_is_not_in_the_round(key):
+    """Client 1 answers the keys step with a key that is no elliptic-curve key: it is left out
+    (one reason), and the three others still complete a round."""
+    server = secagg.ServerRound(2, [0, 1, 2, 3], _replacing(Clients(4), "secagg_keys", 1, {key: b"not a key"}))
     server.setup()
     assert server.peers == [0, 2, 3]
     assert server.failures == {1: "secure aggregation: client 1: a public key is not an elliptic-curve key"}
@@ -907,23 +913,12 @@ def test_a_round_goes_on_with_exactly_threshold_clients():
     assert all(np.array_equal(total[k] - masks[k], expected[k]) for k in shapes)
 
 
-def test_malformed_key_and_share_replies_are_named():
-    clients = Clients(5)
-    real = clients.exchange
-
-    def faulty(action, contents):
-        out = real(action, contents)
-        if action == "secagg_keys":
-            out[1] = RecordDict({secagg.RECORD: ConfigRecord({**dict(out[1].config_records[secagg.RECORD]),
-                                                             "share-pk": b"not a key"})})
-        if action == "secagg_shares":
-            out[2] = RecordDict({secagg.RECORD: ConfigRecord({"ctxts": [b"x"]})})
-        return out
-    server = secagg.ServerRound(3, [0, 1, 2, 3, 4], faulty)
+def test_a_malformed_share_reply_is_named():
+    server = secagg.ServerRound(3, [0, 1, 2, 3, 4],
+                                _replacing(Clients(5), "secagg_shares", 2, {"ctxts": [b"x"]}, keep=False))
     server.setup()
-    assert server.failures == {1: "secure aggregation: client 1: a public key is not an elliptic-curve key",
-                               2: "secure aggregation: client 2: dsts is not a list of client ids"}
-    assert 1 not in server.mask_pks and server.peers == [0, 3, 4]
+    assert server.failures == {2: "secure aggregation: client 2: dsts is not a list of client ids"}
+    assert server.peers == [0, 1, 3, 4]
 
 
 def test_shares_that_rebuild_a_wrong_seed_stop_the_unmasking():
