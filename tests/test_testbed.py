@@ -130,12 +130,11 @@ def test_an_interrupted_testbed_leaves_nothing(tmp_path, how):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FEDLORA_TESTBED_E2E") != "1",
-                    reason="set FEDLORA_TESTBED_E2E=1 on a quiet machine: under load Flower's ClientApp misses its "
-                    "30 s task-token window on any local federation (docs/howto/testbed.md, Limits)")
 def test_testbed_command_runs_a_federation_and_leaves_nothing(data_dir, tmp_path):
     """`fedlora flower testbed PROFILE CONFIG` with 3 tiny nodes of different devices: the run
-    finishes with every client in every round, and no namespace or cgroup of it remains."""
+    finishes with every client in every round, and no namespace or cgroup of it remains. (Before
+    warm nodes, Flower's per-message ClientApp process missed its 30 s task-token window under
+    load and this test ran only on request; with warm nodes it passed at load ~3 on 2 cores.)"""
     import yaml
     from conftest import tiny_tree
 
