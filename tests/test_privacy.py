@@ -431,7 +431,8 @@ def test_a_damaged_privacy_record_is_refused_before_training(sigma):
     if sigma is None:  # no σ recorded at all: the configured one
         assert plan_budget(cfg, [10] * 4, 4, history).noise_multiplier == 1
         return
-    with pytest.raises(ConfigError, match="no valid noise_multiplier"):
+    with pytest.raises(ConfigError, match="^config error: metrics of the run: its privacy record has no valid "
+                                          "noise_multiplier and planned_rounds; cannot resume its accounting$"):
         plan_budget(cfg, [10] * 4, 4, history)
 
 
@@ -760,3 +761,27 @@ def test_a_single_update_is_aggregated(on_client):
     wrapper = _wrapped(fedit, 0.0, 1e6, on_client=on_client)
     out = wrapper.aggregate(state, [update], None)
     assert all(torch.allclose(out.state[k], update.tensors[k]) for k in state)
+
+
+def test_no_noise_is_no_privacy():
+    assert epsilon(10, 4, 0.0, 3, 0.1) == math.inf
+
+
+def test_pld_is_calibrated_near_rdp_and_refused_where_its_grid_would_not_fit():
+    """target_epsilon under pld: the search starts at half the RDP σ (from 0.01 one probe needed
+    > 20 GB and the OS killed the test run), lands at or below RDP's σ, and meets the target; a
+    σ too small for PLD's grid is refused with one line naming privacy.accountant."""
+    tree = dict(algorithm={"name": "fedit"}, privacy={"mode": "client", "target_epsilon": 4, "accountant": "pld"})
+    cfg = build_config(tiny_tree(**tree))
+    n, rounds = cfg.federation.num_clients, cfg.federation.rounds
+    b = plan_budget(cfg, [10] * n, n, [])
+    rdp = calibrate(n, n, rounds, 4.0, b.delta, "rdp")
+    assert rdp / 2 <= b.noise_multiplier < rdp
+    assert epsilon(n, n, b.noise_multiplier, rounds, b.delta, "pld") <= 4.0
+    assert epsilon(n, n, b.noise_multiplier - 1e-3, rounds, b.delta, "pld") > 4.0
+    small = build_config(tiny_tree(**{**tree, "privacy": {"mode": "client", "noise_multiplier": 0.02,
+                                                          "accountant": "pld"}}))
+    with pytest.raises(ConfigError, match=r"^config error: privacy.accountant: pld at noise_multiplier 0.02 over "):
+        plan_budget(small, [10] * n, n, [])
+    with pytest.raises(ValueError, match="use rdp$"):
+        calibrate(n, n, 10_000, 1000.0, 0.1, "pld")

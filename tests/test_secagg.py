@@ -532,6 +532,7 @@ def test_the_protocols_records_are_read_strictly():
     assert secagg._blob({"k": b"x" * secagg.MAX_BYTES}, "k", "client 2") == b"x" * secagg.MAX_BYTES
     assert secagg._blob({"k": b"x"}, "k", "client 2") == b"x"
     assert secagg._blobs({"k": [b"a", b"b"]}, "k", "client 2") == [b"a", b"b"]
+    assert secagg._blobs({"k": [b"x" * secagg.MAX_BYTES]}, "k", "client 2") == [b"x" * secagg.MAX_BYTES]
     assert secagg._int({"k": 0}, "k", "client 2") == 0
     for reader, value, what in [
         (secagg._ints, [1, True], "is not a list of client ids"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora.errors import ConfigError
-from fedlora.privacy.accountant import calibrate, epsilon
+from fedlora.privacy.accountant import PLD_MAX_LOAD, calibrate, epsilon, pld_fits
 
 PREFIX = "privacy_"
 """A round's privacy fields in metrics.jsonl (and TensorBoard): privacy_epsilon, privacy_delta, …"""
@@ -118,8 +118,16 @@ def plan_budget(cfg: Any, num_examples: list[int], per_round: int, history: list
     elif p.noise_multiplier is not None:
         sigma, planned = p.noise_multiplier, fed.rounds
     else:
-        sigma, planned = calibrate(min(populations), sample, fed.rounds * steps, p.target_epsilon, delta,
-                                   p.accountant), fed.rounds
+        try:
+            sigma = calibrate(min(populations), sample, fed.rounds * steps, p.target_epsilon, delta, p.accountant)
+        except ValueError as err:  # PLD that would not fit in memory
+            raise ConfigError(f"config error: privacy.accountant: {err}") from None
+        planned = fed.rounds
+    total = max(fed.rounds, planned) * steps
+    if p.accountant == "pld" and not pld_fits(sigma, total):
+        raise ConfigError(f"config error: privacy.accountant: pld at noise_multiplier {sigma:g} over {total} steps "
+                          f"needs more memory than fedlora allows (steps / σ² = {total / sigma**2:.0f} > "
+                          f"{PLD_MAX_LOAD:g}); use rdp or more noise")
     budget = Budget(p.mode, sigma, delta, p.target_epsilon, p.accountant, populations, sample, steps, planned)
     budget.check(fed.rounds)
     return budget
