@@ -21,8 +21,9 @@ arrival, as the server saw it) + the server's aggregation seconds: the part of a
 clock models (its `sim_seconds`: FLOPs / throughput + bytes / link per client, lanes in parallel,
 plus the server's FLOPs on the declared server device). Evaluation is outside both (the round's
 `wall_seconds` includes it and is listed too). Note two things the clock does not model and
-that this study measures: each Flower message starts a fresh ClientApp process on the node
-(imports, model load: seconds under a small quota), and on Flower the stages of all of
+that this study measures: each Flower message passes through the SuperLink, the node's SuperNode
+and a fork of its warm executor (docs/benchmarks.md, "Flower with real, warm nodes": seconds
+per message, more under a small quota), and on Flower the stages of all of
 HierFedLoRA's groups are synchronised by the server (stage s of every group is pushed together),
 whereas the clock runs the groups' lanes independently.
 
@@ -31,9 +32,9 @@ by largest remainder), CPU quotas high 0.7, mid 0.35, low 0.2 cores (1.8 in all;
 20:5:1 speed ratio is compressed to 3.5:1.75:1 because a node below ~0.2 core cannot start a
 ClientApp within Flower's 30 s heartbeat window, docs/howto/testbed.md), links the presets'
 rates. SmolLM2-135M, 4 rounds of 1 local step of batch 4 at 32 tokens, 100 test examples.
-Estimated, not yet timed: 25-35 min for 2 methods × 3 seeds on an idle 2-core machine (a 0.2-core
-node needs ~15 s to start a ClientApp and ~17 s per SmolLM2 step at ~6 GFLOP/s; each run also
-starts the testbed and measures every node once). The script prints its own estimate after each
+A check (1 round, HierFedLoRA, seed 0) took 294 s beside two other jobs (7 Dec 2026); the
+study's 6 runs of 4 rounds, ~25-35 min on an idle 2-core machine (each run starts the testbed
+and measures every node once). The script prints its own estimate after each
 run; lower --rounds or --test-examples to fit a budget.
 
 Needs root (namespaces, cgroups) and an idle machine. Everything the testbed creates is named
@@ -242,9 +243,9 @@ def tabulate(out: Path, methods: list[str], seeds: list[int], target: float) -> 
 
 def _cpu() -> str:
     try:
-        from fedlora.hardware import cpu_model
+        from fedlora.hardware import cpu_family, cpu_model
 
-        return cpu_model()
+        return f"{cpu_model()} ({cpu_family().name}, {os.cpu_count()} cores)"
     except Exception:  # noqa: BLE001 - a label only
         return "unknown"
 
