@@ -12,7 +12,7 @@ contributors at random:
   add-or-remove-one (a missing contributor adds nothing: sensitivity C).
 
 ε at δ comes from the RDP accountant (or PLD, for the Gaussian case only). PLD's grid grows
-with steps / σ² (measured on SmolLM2's machine, dp-accounting 0.4: 1,111 → 2.9 GB, 10,000 →
+with steps / σ² (measured on the Zen 4 machine, dp-accounting 0.6.0: 1,111 → 2.9 GB, 10,000 →
 19 GB), so PLD is refused above PLD_MAX_LOAD (`pld_fits`), and its calibration searches upwards
 from half the RDP-calibrated σ instead of from 0.01, where one probe needed more than 20 GB.
 """
