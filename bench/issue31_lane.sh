@@ -5,6 +5,8 @@
 # interruption (or after extending a grid) continues the lane. Outputs only under $OUT.
 #
 #   CODE=/work/studies/evidence/code-<sha> OUT=/work/studies/evidence bash bench/issue31_lane.sh
+#
+# TASKS="agnews" or "fpb" runs one task (two lanes, one per core); PILOT_ONLY=1 stops after the pilot.
 set -uo pipefail
 CODE=${CODE:-$(cd "$(dirname "$0")/.." && pwd)}
 OUT=${OUT:-/work/studies/evidence}
@@ -31,7 +33,7 @@ print("" if None in rounds else max(rounds))
 PYEOF
 }
 
-for task in agnews fpb; do
+for task in ${TASKS:-agnews fpb}; do
   pilot=$OUT/pilot/$task
   mkdir -p "$pilot"
   decided=""
@@ -55,8 +57,9 @@ for task in agnews fpb; do
   echo "$rounds" > "$pilot/ROUNDS"
   echo "$(date -u +%FT%TZ) $task: study rounds $rounds" | tee -a "$OUT/lane.log"
 done
+[ -n "${PILOT_ONLY:-}" ] && exit 0
 
-for task in agnews fpb; do
+for task in ${TASKS:-agnews fpb}; do
   rounds=$(cat "$OUT/pilot/$task/ROUNDS")
   fed tune "${CONFIG[$task]}" --methods aflora,fedit,ffa,flora,flexlora,hetlora \
     --grid "$CODE/configs/grids/lr_wide.yaml" --validation-examples $VALIDATION --seed 0 --seeds 0,1,2,3,4 \
