@@ -19,6 +19,9 @@ export PYTHONPATH=$CODE/src OMP_NUM_THREADS=1
 fed() { nice -n 10 "$PY" -m fedlora.cli "$@"; }
 
 declare -A CONFIG=([agnews]=$CODE/configs/studies/agnews_label_skew.yaml [fpb]=$CODE/configs/fpb_iid.yaml)
+# AG News tunes issue 29's four 2025 methods beside the six (configs/studies/agnews_label_skew.yaml)
+declare -A METHODS=([agnews]=aflora,fedit,ffa,flora,flexlora,hetlora,fedex,fedsa,fedsvd,rolora
+                    [fpb]=aflora,fedit,ffa,flora,flexlora,hetlora)
 declare -A EXTRA=([agnews]="" [fpb]="--set federation.local_steps=4 --set federation.eval_every=1 --set federation.eval_subset=100")
 
 plateau() {  # the pilot's decision: "R" when both curves have plateaued, "" while either rises
@@ -61,7 +64,7 @@ done
 
 for task in ${TASKS:-agnews fpb}; do
   rounds=$(cat "$OUT/pilot/$task/ROUNDS")
-  fed tune "${CONFIG[$task]}" --methods aflora,fedit,ffa,flora,flexlora,hetlora \
+  fed tune "${CONFIG[$task]}" --methods "${METHODS[$task]}" \
     --grid "$CODE/configs/grids/lr_wide.yaml" --validation-examples $VALIDATION --seed 0 --seeds 0,1,2,3,4 \
     --out "$OUT/tune/$task" --quiet --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$rounds ${EXTRA[$task]}
   echo "$(date -u +%FT%TZ) tune $task: exit $? (2: a choice at the grid's edge, see tuning.md)" | tee -a "$OUT/lane.log"

@@ -134,3 +134,22 @@ def test_the_flower_runtime_refuses_personalized_in_one_line(tmp_path):
     cfg = build_config(tiny_tree(evaluation={"personalized": True}, algorithm={"name": "fedsa"}))
     with pytest.raises(ConfigError, match="evaluation.personalized: in-process runtime only"):
         FlowerRun(cfg, tmp_path / "run", grid=None)
+
+
+def test_personal_rounds_last_evaluates_the_held_out_parts_after_the_last_round_only(tmp_path, synthetic_task):
+    """`personal_rounds: last` (a study evaluating every round on a test subset): the held-out
+    parts are scored after the last round, with their per-item records, and at no earlier round."""
+    from fedlora.runtime.inprocess import Simulation
+    from fedlora.runtime.outputs import read_eval_items, read_metrics
+
+    cfg = build_config(tiny_tree(data={**synthetic_task, "train_examples": 40, "test_examples": 8},
+                                 federation={"num_clients": 2, "client_max_ranks": [4, 2], "rounds": 2,
+                                             "local_steps": 1, "batch_size": 4, "eval_every": 1},
+                                 evaluation={"personalized": True, "personal_rounds": "last"}))
+    Simulation(cfg, tmp_path / "run", progress=False).run()
+    first, last = read_metrics(tmp_path / "run")
+    assert "accuracy" in first and "personal_accuracy" not in first
+    assert "personal_accuracy" in last and set(last["personal_client_accuracy"]) == {"0", "1"}
+    assert "personal_id" not in read_eval_items(tmp_path / "run", 1)
+    assert last["personal_accuracy"] == pytest.approx(
+        personal_metrics(read_eval_items(tmp_path / "run", 2))["personal_accuracy"])

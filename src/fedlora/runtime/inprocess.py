@@ -364,7 +364,8 @@ class Simulation:
         record: dict[str, Any] = {"round": t}
         if t % cfg.federation.eval_every == 0 or t == cfg.federation.rounds:
             ev, items = fed.evaluate(state, subset=t < cfg.federation.rounds)
-            if cfg.evaluation.personalized:
+            if cfg.evaluation.personalized and (cfg.evaluation.personal_rounds == "every_evaluation"
+                                                or t == cfg.federation.rounds):
                 personal, personal_items = fed.evaluate_personal(state, client_states)
                 record.update(personal)
                 items.update(personal_items)
