@@ -36,6 +36,11 @@ print("" if None in rounds else max(rounds))
 PYEOF
 }
 
+rounds_done() {  # the last round in a run's metrics.jsonl, 0 when there is none
+  [ -f "$1/metrics.jsonl" ] || { echo 0; return; }
+  "$PY" -c 'import json, sys; print(max([0] + [json.loads(l)["round"] for l in open(sys.argv[1])]))' "$1/metrics.jsonl"
+}
+
 for task in ${TASKS:-agnews fpb}; do
   pilot=$OUT/pilot/$task
   mkdir -p "$pilot"
@@ -43,9 +48,12 @@ for task in ${TASKS:-agnews fpb}; do
   for R in $(seq 6 3 "$CAP"); do
     for m in fedit aflora; do
       run=$pilot/$m
-      if [ -f "$run/checkpoint.safetensors" ]; then
+      if [ "$(rounds_done "$run")" -ge "$R" ]; then
+        :  # this step ran earlier (also in a copy restored from docs/ without its checkpoint)
+      elif [ -f "$run/checkpoint.safetensors" ]; then
         fed run --resume "$run" --set federation.rounds=$R --quiet || exit 1
-      else
+      else  # new, or restored from docs/ short of R without a checkpoint: from scratch (same seed, same curve)
+        rm -rf "$run"
         fed run "${CONFIG[$task]}" --out "$run" --quiet --set algorithm.name=$m --set threads=1 --set data.data_dir=$DATA \
           --set data.validation_examples=$VALIDATION --set evaluation.mmlu=false --set federation.eval_subset=null \
           --set federation.eval_every=1 --set federation.rounds=$R ${EXTRA[$task]/--set federation.eval_subset=100/} || exit 1

@@ -114,3 +114,66 @@ def test_publish_refuses_the_source_itself_and_an_empty_source(tmp_path, capsys)
     empty.mkdir()
     assert main(["report", str(empty), "--publish", str(tmp_path / "out")]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err  # the report fails first, naming the file
+
+
+def test_finished_only_leaves_out_runs_still_running(study, tmp_path):
+    from fedlora.publish import publish
+
+    root, dest, _ = study
+    (root / "seed_1" / "aflora" / "summary.json").unlink()  # still running
+    publish(root, dest, finished_only=True)
+    assert not (dest / "seed_1" / "aflora").exists() and (dest / "seed_0" / "aflora" / "summary.json").is_file()
+    publish(root, tmp_path / "all")
+    assert (tmp_path / "all" / "seed_1" / "aflora" / "metrics.jsonl").is_file()
+
+
+def test_restore_copies_a_publish_back_verified_and_keeps_what_is_there(study, tmp_path, capsys):
+    from fedlora.errors import ConfigError
+    from fedlora.publish import restore
+
+    root, dest, secret = study
+    assert main(["report", str(root), "--publish", str(dest)]) == 0
+    again = tmp_path / "again"
+    (again / "seed_0" / "fedit").mkdir(parents=True)
+    (again / "seed_0" / "fedit" / "config.yaml").write_text("mine\n")
+    listed = json.loads((dest / "published.json").read_text())["files"]
+    assert restore(dest, again) == len(listed) - 1
+    assert (again / "seed_0" / "fedit" / "config.yaml").read_text() == "mine\n"  # kept, not replaced
+    for rel in listed:
+        if rel != "seed_0/fedit/config.yaml":
+            assert (again / rel).read_bytes() == (dest / rel).read_bytes()
+
+    (dest / "seed_1" / "fedit" / "metrics.jsonl").write_text("{}\n")  # edited after publishing
+    with pytest.raises(ConfigError, match="seed_1/fedit/metrics.jsonl: missing, a link, or not the file"):
+        restore(dest, tmp_path / "third")
+    (dest / "published.json").write_text(json.dumps({"files": {"../../secret.txt": listed["comparison.md"]}}))
+    with pytest.raises(ConfigError, match="outside it"):
+        restore(dest, tmp_path / "fourth")
+    assert secret.read_text() == "keep"
+
+
+def test_a_comparison_restored_from_its_publish_reads_its_finished_runs_back(tmp_path, synthetic_task):
+    """The point of restore: a study carried to a new machine in the repository resumes there;
+    its finished runs are read back, not run again (no checkpoint is written for them)."""
+    import yaml
+    from conftest import tiny_tree
+
+    from fedlora.compare import run_comparison
+    from fedlora.publish import publish, restore
+
+    tree = tiny_tree(data={**synthetic_task, "train_examples": 24, "test_examples": 8},
+                     federation={"num_clients": 2, "client_max_ranks": [4, 2], "rounds": 1, "local_steps": 1,
+                                 "batch_size": 4})
+    tree.pop("algorithm")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    run_comparison(config, ["fedit"], [0], tmp_path / "first", [], progress=False)
+    publish(tmp_path / "first", tmp_path / "docs")
+    restore(tmp_path / "docs", tmp_path / "second")
+    runs = run_comparison(config, ["fedit"], [0, 1], tmp_path / "second", [], progress=False)
+    assert [r.done and not r.error for r in runs] == [True, True]
+    assert not (tmp_path / "second" / "seed_0" / "fedit" / "checkpoint.safetensors").exists()  # read, not rerun
+    assert (tmp_path / "second" / "seed_1" / "fedit" / "checkpoint.safetensors").exists()
+    assert (tmp_path / "first" / "seed_0" / "fedit" / "checkpoint.safetensors").exists()  # what a rerun leaves
+    assert ((tmp_path / "second" / "seed_0" / "fedit" / "metrics.jsonl").read_bytes()
+            == (tmp_path / "first" / "seed_0" / "fedit" / "metrics.jsonl").read_bytes())

@@ -26,8 +26,9 @@ RUN_FILES = ("config.yaml", "environment.json", "partition.json", "metrics.jsonl
              UNTUNED_FILE, "report.md")
 """Per run: what it was, where it ran, what it saw, what it measured (and the untuned model's
 score, the figures' reference line)."""
-TOP_FILES = ("comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv", "tta_sweep.csv", "environment.json")
-"""Per comparison: its tables (figures are its top-level *.png)."""
+TOP_FILES = ("comparison.md", "comparison.csv", "tta.csv", "tta_seeds.csv", "tta_sweep.csv", "environment.json",
+             "tuning.md", "tuning.csv", "tuned.yaml")
+"""Per comparison (or `fedlora tune` directory): its tables (figures are its top-level *.png)."""
 MANIFEST = "published.json"
 
 
@@ -38,11 +39,14 @@ def _run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob("seed_*/*/metrics.jsonl"))
 
 
-def citeable_files(root: Path) -> list[Path]:
+def citeable_files(root: Path, finished_only: bool = False) -> list[Path]:
     """The files under `root` a citation needs, as paths relative to it: regular files that
-    resolve inside `root` (a link, or a folder linked from outside, is skipped)."""
+    resolve inside `root` (a link, or a folder linked from outside, is skipped). With
+    `finished_only`, runs without summary.json are left out (a study still running)."""
     chosen = [*root.glob("*.png"), *(root / name for name in TOP_FILES)]
     for run in _run_dirs(root):
+        if finished_only and not (run / "summary.json").is_file():
+            continue
         chosen += [run / name for name in RUN_FILES]
         chosen += run.glob("eval/round_*.npz")
         chosen += run.glob("figures/*.png")  # a single run's `fedlora report`
@@ -68,16 +72,26 @@ def _previous_files(target: Path) -> list[Path]:
     folder; a folder holding anything else is refused, so nothing of the user's is replaced."""
     if not target.exists() or not any(target.iterdir()):
         return []
-    manifest = target / MANIFEST
     try:
-        files = [Path(rel) for rel in json.loads(manifest.read_text())["files"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        files = _manifest(target)
+    except ConfigError:
         raise ConfigError(f"config error: --publish {target}: not empty and not an earlier publish "
                           f"(no readable {MANIFEST}); choose a new folder") from None
-    return [_safe_destination(target, rel) for rel in files]
+    return [_safe_destination(target, Path(rel)) for rel in files]
 
 
-def publish(source: Path, dest: Path) -> tuple[int, int]:
+def _manifest(target: Path) -> dict[str, str]:
+    """An earlier publish's files (relative path -> SHA-256), from its manifest."""
+    try:
+        files = json.loads((target / MANIFEST).read_text())["files"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise TypeError
+        return files
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"config error: {target / MANIFEST}: missing or not a fedlora publish manifest") from None
+
+
+def publish(source: Path, dest: Path, finished_only: bool = False) -> tuple[int, int]:
     """Copy `citeable_files(source)` into `dest`, replacing an earlier publish there (the files
     its manifest lists are removed first). Returns (files, bytes)."""
     source, target = source.resolve(), Path(os.path.abspath(dest))
@@ -88,7 +102,7 @@ def publish(source: Path, dest: Path) -> tuple[int, int]:
         raise ConfigError(f"config error: --publish {dest}: must lie outside {source} and not contain it")
     for old in _previous_files(target):
         old.unlink(missing_ok=True)  # unlink removes a link itself, never its target
-    files = citeable_files(source)
+    files = citeable_files(source, finished_only)
     listed = {}
     for rel in files:
         out = _safe_destination(target, rel)
@@ -101,3 +115,24 @@ def publish(source: Path, dest: Path) -> tuple[int, int]:
     manifest = json.dumps({"source": str(source), "files": listed}, indent=1) + "\n"
     atomic_write(_safe_destination(target, Path(MANIFEST)), manifest, inside=target)
     return len(files), sum((source / rel).stat().st_size for rel in files)
+
+
+def restore(published: Path, study: Path) -> int:
+    """Copy a publish back into a study directory, so that `fedlora compare` or `tune` rerun into
+    `study` reads its finished runs back instead of running them again (a study carried from one
+    machine to the next in the repository). Files `study` already has are kept; every file copied
+    must match its SHA-256 in the manifest. Returns the number of files copied."""
+    copied = 0
+    for rel, digest in _manifest(published).items():
+        src = _safe_destination(published, Path(rel))
+        if src.is_symlink() or not src.is_file() or sha256_file(src) != digest:
+            raise ConfigError(f"config error: {src}: missing, a link, or not the file "
+                              f"{published / MANIFEST} lists (SHA-256 differs)")
+        out = _safe_destination(study, Path(rel))
+        if out.exists() or out.is_symlink():
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(_safe_destination(study, Path(rel)), lambda tmp, src=src: shutil.copyfile(src, tmp),
+                     inside=study)
+        copied += 1
+    return copied

@@ -1,0 +1,69 @@
+"""Carry the long studies from one session's machine to the next through the repository.
+
+A session's machine keeps nothing: its processes are killed when it ends and its /work may be
+new next time. The studies (docs/studies_plan.md) need more core-hours than a session has, so
+at the end of each session their finished runs are published into docs/ (configs, metrics,
+per-item records; no checkpoints) and committed, and at the start of the next one they are
+restored into the study folders, where the lanes resume: `fedlora compare` and `fedlora tune`
+read finished runs back; the pilot skips the steps whose rounds are in metrics.jsonl.
+
+    python bench/studies_sync.py save    [--studies /work/studies] [--docs docs]
+    python bench/studies_sync.py restore [--studies /work/studies] [--docs docs]
+
+A run still going when `save` runs is left out (it restarts next session from round 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedlora.errors import ConfigError
+from fedlora.publish import publish, restore
+
+# study folder (under --studies) -> its published copy (under --docs)
+STUDIES = {
+    "privacy/runs": "privacy_study",
+    "evidence/pilot/agnews/fedit": "studies_pilot/agnews/fedit",
+    "evidence/pilot/agnews/aflora": "studies_pilot/agnews/aflora",
+    "evidence/pilot/fpb/fedit": "studies_pilot/fpb/fedit",
+    "evidence/pilot/fpb/aflora": "studies_pilot/fpb/aflora",
+    "evidence/tune/agnews": "studies_tuning/agnews",
+    "evidence/tune/fpb": "studies_tuning/fpb",
+    "evidence/main/agnews": "studies_agnews",
+    "evidence/main/fpb": "studies_fpb",
+}
+
+
+def save(studies: Path, docs: Path) -> None:
+    for study, published in STUDIES.items():
+        source = studies / study
+        if (source / "metrics.jsonl").is_file() or any(source.glob("seed_*/*/summary.json")):
+            files, size = publish(source, docs / published, finished_only=True)
+            print(f"{source} -> {docs / published}: {files} files, {size / 1e6:.1f} MB")
+
+
+def restore_all(studies: Path, docs: Path) -> None:
+    for study, published in STUDIES.items():
+        if (docs / published / "published.json").is_file():
+            copied = restore(docs / published, studies / study)
+            print(f"{docs / published} -> {studies / study}: {copied} files copied")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["save", "restore"])
+    parser.add_argument("--studies", type=Path, default=Path("/work/studies"))
+    parser.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
+    args = parser.parse_args(argv)
+    try:
+        (save if args.action == "save" else restore_all)(args.studies, args.docs)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
