@@ -1,0 +1,157 @@
+"""Read the privacy study (issue 27; configs/privacy_agnews.yaml): accuracy against ε.
+
+The study is a `fedlora compare` of nine arms: FedIT, FFA-LoRA and AFLoRA, each plain (ε = ∞)
+and at ε = 8 and 2 (`<method>-eps8`, `<method>-eps2`). `comparison.md` pairs every arm with
+plain FedIT; the questions of the issue need other pairs, all on the same 500 test items of
+the same seeds, with the paired t test over seeds (fedlora.stats):
+
+1. at each ε, FFA-LoRA and AFLoRA minus FedIT at that ε (FFA-LoRA's claim: freezing A does
+   better under DP; AFLoRA's clients also train only B and Λ);
+2. the cost of privacy, each method at ε minus itself at ∞;
+3. the difference in differences: FFA-LoRA's (AFLoRA's) cost minus FedIT's, per seed.
+
+Holm's correction runs across the method comparisons (1 and 3, ten tests) and, apart, across
+the six costs. Writes a markdown table and a figure:
+
+    python bench/privacy_study.py STUDY_DIR --md docs/results/privacy.md --png docs/results/privacy_accuracy_vs_epsilon.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedlora.stats import LEVEL, MIN_SEEDS, holm, paired_t, seed_interval
+
+METHODS = {"fedit": "FedIT", "ffa": "FFA-LoRA", "aflora": "AFLoRA"}
+EPSILONS = {"": "∞", "-eps8": "8", "-eps2": "2"}
+
+
+def final_items(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, correct) of a run's last evaluation (its per-item record)."""
+    last = max(r["round"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "accuracy" in r)
+    with np.load(run / "eval" / f"round_{last:04d}.npz") as z:
+        return z["id"], z["correct"].astype(np.float64)
+
+
+def read_study(root: Path) -> tuple[list[int], dict[str, dict[int, np.ndarray]], dict[str, dict[str, float]]]:
+    """Seeds with every arm finished; per arm and seed the 0/1 scores on the common items
+    (aligned by id); per arm the privacy record of its last round (max over seeds)."""
+    arms = [m + e for e in EPSILONS for m in METHODS]
+    seeds = sorted(int(p.name.removeprefix("seed_")) for p in root.glob("seed_*")
+                   if all((p / arm / "summary.json").is_file() for arm in arms))
+    scores: dict[str, dict[int, np.ndarray]] = {arm: {} for arm in arms}
+    privacy: dict[str, dict[str, float]] = {}
+    for seed in seeds:
+        items = {arm: final_items(root / f"seed_{seed}" / arm) for arm in arms}
+        ids = items["fedit"][0]
+        for arm, (arm_ids, correct) in items.items():
+            if not np.array_equal(arm_ids, ids):
+                raise SystemExit(f"{root}/seed_{seed}/{arm}: scored on other test items than fedit")
+            scores[arm][seed] = correct
+            record = json.loads((root / f"seed_{seed}" / arm / "metrics.jsonl").read_text().splitlines()[-1])
+            kept = privacy.setdefault(arm, {})
+            for key in ("privacy_epsilon", "privacy_noise_multiplier", "privacy_clip_norm"):
+                if key in record:
+                    kept[key] = max(kept.get(key, 0.0), float(record[key]))
+    return seeds, scores, privacy
+
+
+def contrast(per_seed: np.ndarray) -> dict[str, float]:
+    """Mean, 95% t interval and two-sided paired-t p of per-seed differences."""
+    mean, low, high = (float(v) for v in seed_interval(per_seed))
+    return {"mean": mean, "low": low, "high": high, "p": float(paired_t(per_seed))}
+
+
+def comparisons(seeds: list[int], scores: dict[str, dict[int, np.ndarray]]) -> tuple[list[dict], list[dict]]:
+    acc = {arm: np.array([scores[arm][s].mean() for s in seeds]) for arm in scores}
+    methods, costs = [], []
+    for e, label in EPSILONS.items():
+        for m in ("ffa", "aflora"):
+            methods.append({"what": f"{METHODS[m]} − FedIT at ε = {label}", **contrast(acc[m + e] - acc["fedit" + e])})
+    for e, label in list(EPSILONS.items())[1:]:
+        for m in ("ffa", "aflora"):
+            did = (acc[m + e] - acc[m]) - (acc["fedit" + e] - acc["fedit"])
+            methods.append({"what": f"{METHODS[m]}'s cost − FedIT's cost at ε = {label}", **contrast(did)})
+        for m in METHODS:
+            costs.append({"what": f"{METHODS[m]} at ε = {label} − at ∞", **contrast(acc[m + e] - acc[m])})
+    for family in (methods, costs):
+        for row, p in zip(family, holm([r["p"] for r in family])):
+            row["p_holm"] = p
+            row["marked"] = len(seeds) >= MIN_SEEDS and p < LEVEL
+    return methods, costs
+
+
+def markdown(seeds, scores, privacy, methods, costs) -> str:
+    lines = [f"Seeds: {seeds} (every arm finished). Final accuracy on the same 500 AG News test items.", "",
+             "| method | ε (target) | ε spent | noise multiplier σ | clip norm (last round) | final accuracy, mean ± sd | 95% t interval |",
+             "|---|---|---|---|---|---|---|"]
+    for e, label in EPSILONS.items():
+        for m, name in METHODS.items():
+            acc = np.array([scores[m + e][s].mean() for s in seeds])
+            _, low, high = seed_interval(acc)
+            priv = privacy.get(m + e, {})
+            spent = f"{priv['privacy_epsilon']:.2f}" if "privacy_epsilon" in priv else "–"
+            sigma = f"{priv['privacy_noise_multiplier']:.3f}" if "privacy_noise_multiplier" in priv else "–"
+            clip = f"{priv['privacy_clip_norm']:.4f}" if "privacy_clip_norm" in priv else "–"
+            lines.append(f"| {name} | {label} | {spent} | {sigma} | {clip} | {acc.mean():.3f} ± {acc.std(ddof=1):.3f} "
+                         f"| [{low:.3f}, {high:.3f}] |")
+    for title, family in (("Method comparisons (Holm across these ten)", methods),
+                          ("The cost of privacy (Holm across these six)", costs)):
+        lines += ["", f"**{title}**: per-seed differences of final accuracy, paired t over seeds; "
+                  "* marks p (Holm) < 0.05 with at least 3 seeds.", "",
+                  "| comparison | Δ | 95% t interval | p (t) | p (Holm) |", "|---|---|---|---|---|"]
+        for r in family:
+            lines.append(f"| {r['what']} | {r['mean']:+.3f}{' *' if r['marked'] else ''} | "
+                         f"[{r['low']:+.3f}, {r['high']:+.3f}] | {r['p']:.3f} | {r['p_holm']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(seeds, scores, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(len(EPSILONS))
+    for k, (m, name) in enumerate(METHODS.items()):
+        acc = np.array([[scores[m + e][s].mean() for s in seeds] for e in EPSILONS])
+        shift = (k - 1) * 0.06
+        ax.plot(x + shift, acc.mean(1), marker="o", label=name)
+        for j in range(len(x)):
+            ax.scatter(np.full(len(seeds), x[j] + shift), acc[j], s=10, alpha=0.4, color=ax.lines[-1].get_color())
+    ax.set_xticks(x, [f"ε = {label}" for label in EPSILONS.values()])
+    ax.set_ylabel("final test accuracy (500 items)")
+    ax.set_title(f"Client-level DP, AG News label skew, SmolLM2-135M ({len(seeds)} seeds; dots: seeds)")
+    ax.title.set_fontsize(9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--md", type=Path, required=True)
+    parser.add_argument("--png", type=Path, required=True)
+    args = parser.parse_args(argv)
+    seeds, scores, privacy = read_study(args.study)
+    if len(seeds) < 2:
+        print(f"{args.study}: fewer than two seeds with every arm finished", file=sys.stderr)
+        return 2
+    methods, costs = comparisons(seeds, scores)
+    args.md.write_text(markdown(seeds, scores, privacy, methods, costs))
+    figure(seeds, scores, args.png)
+    print(f"wrote {args.md} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
