@@ -137,16 +137,18 @@ def test_restore_copies_a_publish_back_verified_and_keeps_what_is_there(study, t
     (again / "seed_0" / "fedit").mkdir(parents=True)
     (again / "seed_0" / "fedit" / "config.yaml").write_text("mine\n")
     listed = json.loads((dest / "published.json").read_text())["files"]
-    assert restore(dest, again) == len(listed) - 1
+    runs = [rel for rel in listed if "/" in rel]
+    assert restore(dest, again) == len(runs) - 1
     assert (again / "seed_0" / "fedit" / "config.yaml").read_text() == "mine\n"  # kept, not replaced
-    for rel in listed:
+    for rel in runs:
         if rel != "seed_0/fedit/config.yaml":
             assert (again / rel).read_bytes() == (dest / rel).read_bytes()
+    assert not (again / "comparison.md").exists()  # tables are rebuilt by the rerun, never restored
 
     (dest / "seed_1" / "fedit" / "metrics.jsonl").write_text("{}\n")  # edited after publishing
     with pytest.raises(ConfigError, match="seed_1/fedit/metrics.jsonl: missing, a link, or not the file"):
         restore(dest, tmp_path / "third")
-    (dest / "published.json").write_text(json.dumps({"files": {"../../secret.txt": listed["comparison.md"]}}))
+    (dest / "published.json").write_text(json.dumps({"files": {"seed_0/../../../secret.txt": listed["comparison.md"]}}))
     with pytest.raises(ConfigError, match="outside it"):
         restore(dest, tmp_path / "fourth")
     assert secret.read_text() == "keep"

@@ -6,7 +6,8 @@ config, environment, partition, metrics, summary and per-item records, and the c
 tables and figures. Only those are copied, by name (an allow-list), with the tree kept, so
 `docs/NAME` can be committed and re-read by `fedlora report docs/NAME`. `DEST/published.json`
 lists what was copied, with SHA-256s; publishing again replaces exactly those files, so a copy
-never mixes two studies, and a DEST that holds anything else is refused. Both trees are outside
+never mixes two studies, and a DEST that holds anything else is refused. `restore` copies a
+publish's runs back into a study directory, so a study resumes on another machine. Both trees are outside
 input: a file is taken only if it and its folders resolve inside the source, and nothing is
 written through a symbolic link in DEST.
 """
@@ -120,10 +121,13 @@ def publish(source: Path, dest: Path, finished_only: bool = False) -> tuple[int,
 def restore(published: Path, study: Path) -> int:
     """Copy a publish back into a study directory, so that `fedlora compare` or `tune` rerun into
     `study` reads its finished runs back instead of running them again (a study carried from one
-    machine to the next in the repository). Files `study` already has are kept; every file copied
-    must match its SHA-256 in the manifest. Returns the number of files copied."""
+    machine to the next in the repository). Only the runs' files are copied (the top-level tables
+    are rebuilt by the rerun); files `study` already has are kept; every file copied must match
+    its SHA-256 in the manifest. Returns the number of files copied."""
     copied = 0
     for rel, digest in _manifest(published).items():
+        if len(Path(rel).parts) < 2:
+            continue
         src = _safe_destination(published, Path(rel))
         if src.is_symlink() or not src.is_file() or sha256_file(src) != digest:
             raise ConfigError(f"config error: {src}: missing, a link, or not the file "
