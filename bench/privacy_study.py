@@ -1,17 +1,16 @@
 """Read the privacy study (issue 27; configs/privacy_agnews.yaml): accuracy against ε.
 
 The study is a `fedlora compare` of nine arms: FedIT, FFA-LoRA and AFLoRA, each plain (ε = ∞)
-and at ε = 8 and 2 (`<method>-eps8`, `<method>-eps2`). `comparison.md` pairs every arm with
+and at ε = 8 and 2 (`<method>-eps8`, `<method>-eps2`), and FedSVD's three arms when they ran. `comparison.md` pairs every arm with
 plain FedIT; the questions of the issue need other pairs, all on the same 500 test items of
 the same seeds, with the paired t test over seeds (fedlora.stats):
 
-1. at each ε, FFA-LoRA and AFLoRA minus FedIT at that ε (FFA-LoRA's claim: freezing A does
-   better under DP; AFLoRA's clients also train only B and Λ);
+1. at each ε, every other method minus FedIT at that ε (FFA-LoRA's claim: freezing A does
+   better under DP; AFLoRA's clients also train only B and Λ; FedSVD's claim is about DP too);
 2. the cost of privacy, each method at ε minus itself at ∞;
-3. the difference in differences: FFA-LoRA's (AFLoRA's) cost minus FedIT's, per seed.
+3. the difference in differences: each other method's cost minus FedIT's, per seed.
 
-Holm's correction runs across the method comparisons (1 and 3, ten tests) and, apart, across
-the six costs. Writes a markdown table and a figure:
+Holm's correction runs across the method comparisons (1 and 3) and, apart, across the costs. Writes a markdown table and a figure:
 
     python bench/privacy_study.py STUDY_DIR --md docs/results/privacy.md --png docs/results/privacy_accuracy_vs_epsilon.png
 """
@@ -27,7 +26,7 @@ import numpy as np
 
 from fedlora.stats import LEVEL, MIN_SEEDS, holm, paired_t, seed_interval
 
-METHODS = {"fedit": "FedIT", "ffa": "FFA-LoRA", "aflora": "AFLoRA"}
+METHODS = {"fedit": "FedIT", "ffa": "FFA-LoRA", "aflora": "AFLoRA", "fedsvd": "FedSVD"}
 EPSILONS = {"": "∞", "-eps8": "8", "-eps2": "2"}
 
 
@@ -40,11 +39,16 @@ def final_items(run: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_study(root: Path) -> tuple[list[int], dict[str, dict[int, np.ndarray]], dict[str, dict[str, float]]]:
-    """Seeds with every arm finished; per arm and seed the 0/1 scores on the common items
-    (aligned by id); per arm the privacy record of its last round (max over seeds)."""
-    arms = [m + e for e in EPSILONS for m in METHODS]
+    """Seeds where FedIT's, FFA-LoRA's and AFLoRA's arms all finished, and the methods (those three,
+    and FedSVD) whose arms finished at each of them; per arm and seed the 0/1 scores on the
+    common items (aligned by id); per arm the privacy record of its last round (max over seeds)."""
+    def finished(seed_dir: Path, method: str) -> bool:
+        return all((seed_dir / (method + e) / "summary.json").is_file() for e in EPSILONS)
+
     seeds = sorted(int(p.name.removeprefix("seed_")) for p in root.glob("seed_*")
-                   if all((p / arm / "summary.json").is_file() for arm in arms))
+                   if all(finished(p, m) for m in ("fedit", "ffa", "aflora")))
+    methods = [m for m in METHODS if all(finished(root / f"seed_{s}", m) for s in seeds)]
+    arms = [m + e for e in EPSILONS for m in methods]
     scores: dict[str, dict[int, np.ndarray]] = {arm: {} for arm in arms}
     privacy: dict[str, dict[str, float]] = {}
     for seed in seeds:
@@ -68,17 +72,23 @@ def contrast(per_seed: np.ndarray) -> dict[str, float]:
     return {"mean": mean, "low": low, "high": high, "p": float(paired_t(per_seed))}
 
 
+def ran(scores: dict[str, dict[int, np.ndarray]]) -> list[str]:
+    """The methods of the study, in METHODS' order."""
+    return [m for m in METHODS if m in scores]
+
+
 def comparisons(seeds: list[int], scores: dict[str, dict[int, np.ndarray]]) -> tuple[list[dict], list[dict]]:
     acc = {arm: np.array([scores[arm][s].mean() for s in seeds]) for arm in scores}
+    others = [m for m in ran(scores) if m != "fedit"]
     methods, costs = [], []
     for e, label in EPSILONS.items():
-        for m in ("ffa", "aflora"):
+        for m in others:
             methods.append({"what": f"{METHODS[m]} − FedIT at ε = {label}", **contrast(acc[m + e] - acc["fedit" + e])})
     for e, label in list(EPSILONS.items())[1:]:
-        for m in ("ffa", "aflora"):
+        for m in others:
             did = (acc[m + e] - acc[m]) - (acc["fedit" + e] - acc["fedit"])
             methods.append({"what": f"{METHODS[m]}'s cost − FedIT's cost at ε = {label}", **contrast(did)})
-        for m in METHODS:
+        for m in ran(scores):
             costs.append({"what": f"{METHODS[m]} at ε = {label} − at ∞", **contrast(acc[m + e] - acc[m])})
     for family in (methods, costs):
         for row, p in zip(family, holm([r["p"] for r in family])):
@@ -92,7 +102,8 @@ def markdown(seeds, scores, privacy, methods, costs) -> str:
              "| method | ε (target) | ε spent | noise multiplier σ | clip norm (last round) | final accuracy, mean ± sd | 95% t interval |",
              "|---|---|---|---|---|---|---|"]
     for e, label in EPSILONS.items():
-        for m, name in METHODS.items():
+        for m in ran(scores):
+            name = METHODS[m]
             acc = np.array([scores[m + e][s].mean() for s in seeds])
             _, low, high = seed_interval(acc)
             priv = privacy.get(m + e, {})
@@ -101,8 +112,8 @@ def markdown(seeds, scores, privacy, methods, costs) -> str:
             clip = f"{priv['privacy_clip_norm']:.4f}" if "privacy_clip_norm" in priv else "–"
             lines.append(f"| {name} | {label} | {spent} | {sigma} | {clip} | {acc.mean():.3f} ± {acc.std(ddof=1):.3f} "
                          f"| [{low:.3f}, {high:.3f}] |")
-    for title, family in (("Method comparisons (Holm across these ten)", methods),
-                          ("The cost of privacy (Holm across these six)", costs)):
+    for title, family in ((f"Method comparisons (Holm across these {len(methods)})", methods),
+                          (f"The cost of privacy (Holm across these {len(costs)})", costs)):
         lines += ["", f"**{title}**: per-seed differences of final accuracy, paired t over seeds; "
                   "* marks p (Holm) < 0.05 with at least 3 seeds.", "",
                   "| comparison | Δ | 95% t interval | p (t) | p (Holm) |", "|---|---|---|---|---|"]
@@ -120,10 +131,10 @@ def figure(seeds, scores, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(len(EPSILONS))
-    for k, (m, name) in enumerate(METHODS.items()):
+    for k, m in enumerate(ran(scores)):
         acc = np.array([[scores[m + e][s].mean() for s in seeds] for e in EPSILONS])
-        shift = (k - 1) * 0.06
-        ax.plot(x + shift, acc.mean(1), marker="o", label=name)
+        shift = (k - 1.5) * 0.05
+        ax.plot(x + shift, acc.mean(1), marker="o", label=METHODS[m])
         for j in range(len(x)):
             ax.scatter(np.full(len(seeds), x[j] + shift), acc[j], s=10, alpha=0.4, color=ax.lines[-1].get_color())
     ax.set_xticks(x, [f"ε = {label}" for label in EPSILONS.values()])

@@ -212,6 +212,49 @@ def test_aflora_clips_b_lambda_from_zero_and_leaves_the_mask():
     assert torch.equal(out.update.tensors["q.mask"], mask)
 
 
+def test_the_2025_methods_clip_the_factor_they_upload_against_what_they_received():
+    payload = {"q.A": torch.ones(2, 3), "q.B": torch.zeros(4, 2)}
+    rolora_a_round = Update(0, {"q.A": torch.ones(2, 3) + 3.0}, 5, {})  # RoLoRA uploads only A this round
+    out = clip_upload(CLIENT_LEVEL["rolora"], payload, rolora_a_round, 1.0)
+    assert out.norm == pytest.approx(3.0 * math.sqrt(6)) and set(out.update.tensors) == {"q.A"}
+    assert torch.allclose(out.update.tensors["q.A"], torch.ones(2, 3) + 1 / math.sqrt(6))
+    rolora_b_round = {"q.B": torch.full((4, 2), 2.0)}
+    assert joint_norm(deltas(CLIENT_LEVEL["rolora"], payload, rolora_b_round)) == pytest.approx(2.0 * math.sqrt(8))
+    assert set(deltas(CLIENT_LEVEL["fedsa"], payload, {"q.A": torch.ones(2, 3) * 2})) == {"q.A"}
+    assert joint_norm(deltas(CLIENT_LEVEL["fedsa"], payload, {"q.A": torch.ones(2, 3) * 2})) == pytest.approx(math.sqrt(6))
+    assert set(deltas(CLIENT_LEVEL["fedsvd"], payload, {"q.B": torch.ones(4, 2), "q.A": torch.ones(2, 3)})) == {"q.B"}
+
+
+def test_every_method_either_defines_client_level_dp_or_says_why_not():
+    from fedlora.algorithms import ALGORITHMS
+    from fedlora.privacy.uploads import UNDEFINED
+
+    assert set(CLIENT_LEVEL) | set(UNDEFINED) == set(ALGORITHMS) and not set(CLIENT_LEVEL) & set(UNDEFINED)
+
+
+def test_fedsvd_under_dp_refactorises_the_noised_sum_of_clipped_b():
+    """The stage hands FedSVD Σ p_k clip(B_k) + N; its SVD keeps the product, so
+    B_new A_new = (B̄ + N) A_old, and N recovered through A_old has σ C max_k p_k per coordinate."""
+    from fedlora.algorithms.fedsvd import FedSVD, FedSVDOptions
+
+    fedsvd = FedSVD(FedSVDOptions(), SETUP)
+    state = fedsvd.init_state()
+    ups = [Update(k, {key: t + 0.01 * (k + 1) for key, t in state.items() if key.endswith(".B")},
+                  SETUP.num_examples[k], {}) for k in range(4)]
+    clipped = [clip_upload(CLIENT_LEVEL["fedsvd"], state, u, 0.05).update for u in ups]
+    out = _wrapped(fedsvd, 0.0, 0.05).aggregate(state, ups, None)
+    plain = fedsvd.aggregate(state, clipped, None)
+    assert all(torch.allclose(out.state[k], plain.state[k], atol=1e-6) for k in state)
+    noisy = _wrapped(fedsvd, 2.0, 0.05).aggregate(state, ups, None)
+    noise = []
+    for name in SETUP.module_shapes:
+        A = state[f"{name}.A"].double()
+        moved = (noisy.state[f"{name}.B"].double() @ noisy.state[f"{name}.A"].double()
+                 - out.state[f"{name}.B"].double() @ out.state[f"{name}.A"].double())
+        noise.append((moved @ A.t() @ torch.linalg.inv(A @ A.t())).flatten())
+    _std_within(torch.cat(noise), 2.0 * 0.05 * 0.4, 6.0)  # p_max = 40 / 100
+
+
 def test_ffa_clips_only_b():
     payload = {"q.B": torch.zeros(2, 2)}
     d = deltas(CLIENT_LEVEL["ffa"], payload, {"q.B": torch.ones(2, 2), "q.A": torch.ones(2, 2) * 9})
@@ -370,6 +413,9 @@ def test_private_batches_are_fresh_draws_of_distinct_examples():
     ({"name": "flexlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "undefined for flexlora"),
     ({"name": "flora"}, {"mode": "client", "noise_multiplier": 1}, {}, "undefined for flora"),
     ({"name": "hetlora"}, {"mode": "client", "noise_multiplier": 1}, {}, "undefined for hetlora"),
+    ({"name": "fedex"}, {"mode": "client", "noise_multiplier": 1}, {}, "undefined for fedex"),
+    ({"name": "fedsa", "global_b": "mean"}, {"mode": "client", "noise_multiplier": 1}, {},
+     "set algorithm.global_b: none"),
     ({"name": "aflora"}, {"mode": "client", "noise_multiplier": 1}, {}, "set algorithm.ddr: false"),
     ({"name": "aflora", "ddr": False}, {"mode": "client", "noise_multiplier": 1, "noise": "client"}, {},
      "use noise: server"),
@@ -406,6 +452,10 @@ def test_bad_privacy_configs_are_one_line(algorithm, privacy, extra, needle):
     ({"name": "ffa"}, {"mode": "client", "noise_multiplier": 1, "clipping": "adaptive", "clip_lr": 0.1}),
     ({"name": "aflora", "ddr": False}, {"mode": "client", "noise_multiplier": 1, "accountant": "pld"}),
     ({"name": "hetlora"}, {"mode": "sample", "noise_multiplier": 1}),
+    ({"name": "fedsvd"}, {"mode": "client", "target_epsilon": 2}),
+    ({"name": "rolora"}, {"mode": "client", "noise_multiplier": 1}),
+    ({"name": "fedsa"}, {"mode": "client", "noise_multiplier": 1}),
+    ({"name": "fedsa", "global_b": "mean"}, {"mode": "sample", "noise_multiplier": 1}),
     ({"name": "fedit"}, {"mode": "none"}),
 ])
 def test_defined_privacy_configs_pass(algorithm, privacy):

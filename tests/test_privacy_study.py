@@ -17,10 +17,10 @@ spec.loader.exec_module(privacy_study)
 ARMS = [m + e for e in ("", "-eps8", "-eps2") for m in ("fedit", "ffa", "aflora")]
 
 
-def _study(root, accuracy):
+def _study(root, accuracy, arms=ARMS, seeds=range(3)):
     """Runs whose final evaluation gets the first round(acc * 100) of 100 items right."""
-    for seed in range(3):
-        for arm in ARMS:
+    for seed in seeds:
+        for arm in arms:
             run = root / f"seed_{seed}" / arm
             (run / "eval").mkdir(parents=True)
             correct = np.arange(100) < round(accuracy(arm, seed) * 100)
@@ -66,3 +66,17 @@ def test_arms_scored_on_other_items_are_refused(tmp_path):
     np.savez(tmp_path / "seed_1" / "ffa" / "eval" / "round_0004.npz", id=np.arange(1, 101), correct=np.ones(100, bool))
     with pytest.raises(SystemExit, match="seed_1/ffa: scored on other test items"):
         privacy_study.read_study(tmp_path)
+
+
+def test_fedsvd_joins_when_its_three_arms_finished_at_every_seed(tmp_path):
+    _study(tmp_path, lambda arm, seed: 0.5 + 0.01 * seed)
+    svd = ["fedsvd", "fedsvd-eps8", "fedsvd-eps2"]
+    _study(tmp_path, lambda arm, seed: 0.6 - 0.02 * seed, svd, seeds=(0, 1))
+    seeds, scores, _ = privacy_study.read_study(tmp_path)
+    assert seeds == [0, 1, 2] and "fedsvd" not in scores  # seed 2 has no FedSVD yet
+    _study(tmp_path, lambda arm, seed: 0.6 - 0.02 * seed, svd, seeds=(2,))
+    seeds, scores, _ = privacy_study.read_study(tmp_path)
+    methods, costs = privacy_study.comparisons(seeds, scores)
+    assert len(methods) == 15 and len(costs) == 8
+    row = {r["what"]: r for r in methods}["FedSVD − FedIT at ε = 8"]
+    assert row["mean"] == pytest.approx(np.mean([0.1 - 0.03 * s for s in range(3)]))

@@ -453,6 +453,9 @@ def privacy_refusal(cfg: RunConfig) -> str | None:
         return f"privacy.{client_only[0]}: only for mode client" if client_only else None
     if method == "aflora" and getattr(cfg.algorithm, "ddr", False):
         return "privacy.mode: aflora's pruning masks depend on the data and are sent un-noised; set algorithm.ddr: false"
+    if method == "fedsa" and getattr(cfg.algorithm, "global_b", "none") == "mean":
+        return ("privacy.mode: fedsa's global_b: mean uploads each client's B_k, which starts from the client's "
+                "own B (unknown to the server, so not clipped); set algorithm.global_b: none")
     if p.noise == "client" and method == "aflora":
         return "privacy.noise: client needs equal weights and ranks; aflora weights and pads by rank: use noise: server"
     if p.noise == "client" and cfg.aggregation.norm_bound is not None:

@@ -10,11 +10,17 @@ upload `reference + clipped delta` change nothing else in the method's own aggre
 | fedit  | A and B of every module           | the global A and B the client received       |
 | ffa    | B of every module (A is frozen)   | the global B the client received             |
 | aflora | B'Λ (B's active columns × λ)      | zero: B Λ starts every round at zero         |
+| fedsvd | B of every module (A is the server's) | the global B the client received           |
+| rolora | the factor trained this round (A or B) | the global factor the client received     |
+| fedsa  | A of every module (B stays home)  | the global A the client received             |
 
 AFLoRA's 0/1 masks are not clipped: with `ddr: false` they are the client's fixed rank,
 known to the server; with pruning on they depend on the data and are refused.
-FlexLoRA, FLoRA and HETLoRA aggregate products or stacked factors whose sensitivity to one
-client is not a clipped sum, and HierFedLoRA chains clients within a round: refused.
+FedSVD's SVD re-factorisation of B̄ A is post-processing of the noised sum. FedSA-LoRA only
+with `global_b: none`: with `mean` its clients also upload B_k, which starts from their own B,
+unknown to the server. FlexLoRA, FLoRA and HETLoRA aggregate products or stacked factors whose
+sensitivity to one client is not a clipped sum, FedEx-LoRA folds a residual of products into the
+base, and HierFedLoRA chains clients within a round: refused.
 """
 
 from __future__ import annotations
@@ -71,6 +77,12 @@ CLIENT_LEVEL: dict[str, ClippedUpload] = {
     "fedit": ClippedUpload((".A", ".B"), received, by_examples, "A and B of every module, minus the global A and B"),
     "ffa": ClippedUpload((".B",), received, by_examples, "B of every module, minus the global B (A is frozen)"),
     "aflora": ClippedUpload((".B",), zero, by_rank, "B'Λ of every module (B Λ starts each round at zero)"),
+    "fedsvd": ClippedUpload((".B",), received, by_examples,
+                            "B of every module, minus the global B (A is the server's; its SVD is post-processing)"),
+    "rolora": ClippedUpload((".A", ".B"), received, by_examples,
+                            "the factor trained this round (A or B), minus the global one"),
+    "fedsa": ClippedUpload((".A",), received, by_examples,
+                           "A of every module, minus the global A (B stays on the client; global_b: none)"),
 }
 """Methods where client-level DP is defined, and what it clips."""
 
@@ -79,6 +91,8 @@ UNDEFINED: dict[str, str] = {
     "flora": "the server stacks the clients' factors (one block per client), no sum to noise",
     "hetlora": "the server truncates and sparsity-weights factors of different ranks",
     "hierfedlora": "clients of a group train one after another within a round, each on the last one's update",
+    "fedex": "the server folds the residual Σ p_k B_k A_k − B̄ Ā of the clients' products into the base, "
+             "which is not a clipped sum",
 }
 """Methods where it is not defined, with the reason given in the one-line refusal."""
 
