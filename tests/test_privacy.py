@@ -223,6 +223,8 @@ def test_the_2025_methods_clip_the_factor_they_upload_against_what_they_received
     assert set(deltas(CLIENT_LEVEL["fedsa"], payload, {"q.A": torch.ones(2, 3) * 2})) == {"q.A"}
     assert joint_norm(deltas(CLIENT_LEVEL["fedsa"], payload, {"q.A": torch.ones(2, 3) * 2})) == pytest.approx(math.sqrt(6))
     assert set(deltas(CLIENT_LEVEL["fedsvd"], payload, {"q.B": torch.ones(4, 2), "q.A": torch.ones(2, 3)})) == {"q.B"}
+    svd = deltas(CLIENT_LEVEL["fedsvd"], {"q.B": torch.ones(4, 2)}, {"q.B": torch.full((4, 2), 3.0)})
+    assert joint_norm(svd) == pytest.approx(2.0 * math.sqrt(8))  # against the B it received, not zero
 
 
 def test_every_method_either_defines_client_level_dp_or_says_why_not():
