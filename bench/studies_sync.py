@@ -10,12 +10,14 @@ read finished runs back; the pilot skips the steps whose rounds are in metrics.j
     python bench/studies_sync.py save    [--studies /work/studies] [--docs docs]
     python bench/studies_sync.py restore [--studies /work/studies] [--docs docs]
 
-A run still going when `save` runs is left out (it restarts next session from round 1).
+A run still going when `save` runs is left out (it restarts next session from round 1), and so
+is a pilot run cut off while being extended (its summary.json is an earlier segment's).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,10 +38,24 @@ STUDIES = {
 }
 
 
+def extended_since_summary(run: Path) -> bool:
+    """A pilot run resumed with more rounds and cut off: its summary.json is an earlier segment's."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        last = max(json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines() if line)
+    except (OSError, ValueError, KeyError):
+        return False
+    return summary.get("rounds") != last
+
+
 def save(studies: Path, docs: Path) -> None:
     for study, published in STUDIES.items():
         source = studies / study
-        if (source / "metrics.jsonl").is_file() or any(source.glob("seed_*/*/summary.json")):
+        if extended_since_summary(source):
+            print(f"{source}: cut off while extending; not saved (its earlier publish, if any, stays)")
+            continue
+        if (source / "metrics.jsonl").is_file() or any(source.glob("seed_*/*/summary.json")) \
+                or any(source.glob("validation/seed_*/*/summary.json")):
             files, size = publish(source, docs / published, finished_only=True)
             print(f"{source} -> {docs / published}: {files} files, {size / 1e6:.1f} MB")
 

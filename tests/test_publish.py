@@ -179,3 +179,20 @@ def test_a_comparison_restored_from_its_publish_reads_its_finished_runs_back(tmp
     assert (tmp_path / "first" / "seed_0" / "fedit" / "checkpoint.safetensors").exists()  # what a rerun leaves
     assert ((tmp_path / "second" / "seed_0" / "fedit" / "metrics.jsonl").read_bytes()
             == (tmp_path / "first" / "seed_0" / "fedit" / "metrics.jsonl").read_bytes())
+
+
+def test_a_tuning_directory_publishes_its_grid_points_and_tables(tmp_path):
+    from fedlora.publish import publish
+
+    tune = tmp_path / "tune"
+    point = tune / "validation" / "seed_0" / "fedit-s0-lr0.01"
+    (point / "eval").mkdir(parents=True)
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        (point / name).write_text("{}\n")
+    (point / "checkpoint.safetensors").write_bytes(b"\0")
+    for name in ("tuning.md", "tuning.csv", "tuned.yaml"):
+        (tune / name).write_text(name)
+    publish(tune, tmp_path / "docs")
+    copied = {str(p.relative_to(tmp_path / "docs")) for p in (tmp_path / "docs").rglob("*") if p.is_file()}
+    assert copied == {"tuning.md", "tuning.csv", "tuned.yaml", "published.json",
+                      *(f"validation/seed_0/fedit-s0-lr0.01/{n}" for n in ("metrics.jsonl", "summary.json", "config.yaml"))}

@@ -34,10 +34,12 @@ MANIFEST = "published.json"
 
 
 def _run_dirs(root: Path) -> list[Path]:
-    """The run directories under `root`: itself (one run) or `seed_*/<method>/` (a comparison)."""
+    """The run directories under `root`: itself (one run), `seed_*/<method>/` (a comparison) or
+    `validation/seed_*/<grid point>/` (a `fedlora tune` directory)."""
     if (root / "metrics.jsonl").is_file():
         return [root]
-    return sorted(p.parent for p in root.glob("seed_*/*/metrics.jsonl"))
+    return sorted(p.parent for pattern in ("seed_*/*/metrics.jsonl", "validation/seed_*/*/metrics.jsonl")
+                  for p in root.glob(pattern))
 
 
 def citeable_files(root: Path, finished_only: bool = False) -> list[Path]:
