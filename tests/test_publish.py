@@ -137,7 +137,7 @@ def test_restore_copies_a_publish_back_verified_and_keeps_what_is_there(study, t
     (again / "seed_0" / "fedit").mkdir(parents=True)
     (again / "seed_0" / "fedit" / "config.yaml").write_text("mine\n")
     listed = json.loads((dest / "published.json").read_text())["files"]
-    runs = [rel for rel in listed if "/" in rel]
+    runs = [rel for rel in listed if "/" in rel]  # a comparison's top-level files are its tables and figures
     assert restore(dest, again) == len(runs) - 1
     assert (again / "seed_0" / "fedit" / "config.yaml").read_text() == "mine\n"  # kept, not replaced
     for rel in runs:
@@ -196,3 +196,14 @@ def test_a_tuning_directory_publishes_its_grid_points_and_tables(tmp_path):
     copied = {str(p.relative_to(tmp_path / "docs")) for p in (tmp_path / "docs").rglob("*") if p.is_file()}
     assert copied == {"tuning.md", "tuning.csv", "tuned.yaml", "published.json",
                       *(f"validation/seed_0/fedit-s0-lr0.01/{n}" for n in ("metrics.jsonl", "summary.json", "config.yaml"))}
+
+
+def test_one_published_run_is_restored_whole(tmp_path):
+    from fedlora.publish import publish, restore
+
+    root = tmp_path / "study"
+    _comparison(root, tmp_path / "missing")
+    publish(root / "seed_0" / "aflora", tmp_path / "docs")
+    assert restore(tmp_path / "docs", tmp_path / "back") > 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "eval/round_0002.npz"):
+        assert (tmp_path / "back" / name).read_bytes() == (root / "seed_0" / "aflora" / name).read_bytes()

@@ -123,12 +123,12 @@ def publish(source: Path, dest: Path, finished_only: bool = False) -> tuple[int,
 def restore(published: Path, study: Path) -> int:
     """Copy a publish back into a study directory, so that `fedlora compare` or `tune` rerun into
     `study` reads its finished runs back instead of running them again (a study carried from one
-    machine to the next in the repository). Only the runs' files are copied (the top-level tables
-    are rebuilt by the rerun); files `study` already has are kept; every file copied must match
-    its SHA-256 in the manifest. Returns the number of files copied."""
+    machine to the next in the repository). Only the runs' files are copied (a comparison's
+    tables and figures are rebuilt by the rerun); files `study` already has are kept; every file
+    copied must match its SHA-256 in the manifest. Returns the number of files copied."""
     copied = 0
     for rel, digest in _manifest(published).items():
-        if len(Path(rel).parts) < 2:
+        if Path(rel).name == rel and (rel in TOP_FILES or rel.endswith(".png")):
             continue
         src = _safe_destination(published, Path(rel))
         if src.is_symlink() or not src.is_file() or sha256_file(src) != digest:
