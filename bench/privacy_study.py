@@ -10,9 +10,13 @@ the same seeds, with the paired t test over seeds (fedlora.stats):
 2. the cost of privacy, each method at ε minus itself at ∞;
 3. the difference in differences: each other method's cost minus FedIT's, per seed.
 
-Holm's correction runs across the method comparisons (1 and 3) and, apart, across the costs. Writes a markdown table and a figure:
+Holm's correction runs across the method comparisons (1 and 3) and, apart, across the costs.
+With `--untuned DIR` (`fedlora eval CONFIG --set seed=S --out DIR/seed_S.json`, the model before
+any training, on the same test items), a third family: every arm minus the untuned model, per
+seed (did it learn anything?). Writes a markdown table and a figure:
 
-    python bench/privacy_study.py STUDY_DIR --md docs/results/privacy.md --png docs/results/privacy_accuracy_vs_epsilon.png
+    python bench/privacy_study.py STUDY_DIR --untuned DIR --md docs/results/privacy.md \
+        --png docs/results/privacy_accuracy_vs_epsilon.png
 """
 
 from __future__ import annotations
@@ -77,7 +81,13 @@ def ran(scores: dict[str, dict[int, np.ndarray]]) -> list[str]:
     return [m for m in METHODS if m in scores]
 
 
-def comparisons(seeds: list[int], scores: dict[str, dict[int, np.ndarray]]) -> tuple[list[dict], list[dict]]:
+def read_untuned(folder: Path, seeds: list[int]) -> np.ndarray:
+    """The untuned model's test accuracy per seed (`fedlora eval --out`)."""
+    return np.array([json.loads((folder / f"seed_{s}.json").read_text())["results"]["accuracy"] for s in seeds])
+
+
+def comparisons(seeds: list[int], scores: dict[str, dict[int, np.ndarray]],
+                untuned: np.ndarray | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     acc = {arm: np.array([scores[arm][s].mean() for s in seeds]) for arm in scores}
     others = [m for m in ran(scores) if m != "fedit"]
     methods, costs = [], []
@@ -90,14 +100,17 @@ def comparisons(seeds: list[int], scores: dict[str, dict[int, np.ndarray]]) -> t
             methods.append({"what": f"{METHODS[m]}'s cost − FedIT's cost at ε = {label}", **contrast(did)})
         for m in ran(scores):
             costs.append({"what": f"{METHODS[m]} at ε = {label} − at ∞", **contrast(acc[m + e] - acc[m])})
-    for family in (methods, costs):
+    learned = [] if untuned is None else [
+        {"what": f"{METHODS[m]} at ε = {label} − the untuned model", **contrast(acc[m + e] - untuned)}
+        for e, label in EPSILONS.items() for m in ran(scores)]
+    for family in (methods, costs, learned):
         for row, p in zip(family, holm([r["p"] for r in family])):
             row["p_holm"] = p
             row["marked"] = len(seeds) >= MIN_SEEDS and p < LEVEL
-    return methods, costs
+    return methods, costs, learned
 
 
-def markdown(seeds, scores, privacy, methods, costs) -> str:
+def markdown(seeds, scores, privacy, methods, costs, learned=(), untuned=None) -> str:
     lines = [f"Seeds: {seeds} (every arm finished). Final accuracy on the same 500 AG News test items.", "",
              "| method | ε (target) | ε spent | noise multiplier σ | clip norm (last round) | final accuracy, mean ± sd | 95% t interval |",
              "|---|---|---|---|---|---|---|"]
@@ -112,8 +125,13 @@ def markdown(seeds, scores, privacy, methods, costs) -> str:
             clip = f"{priv['privacy_clip_norm']:.4f}" if "privacy_clip_norm" in priv else "–"
             lines.append(f"| {name} | {label} | {spent} | {sigma} | {clip} | {acc.mean():.3f} ± {acc.std(ddof=1):.3f} "
                          f"| [{low:.3f}, {high:.3f}] |")
-    for title, family in ((f"Method comparisons (Holm across these {len(methods)})", methods),
-                          (f"The cost of privacy (Holm across these {len(costs)})", costs)):
+    if untuned is not None:
+        lines.append(f"| untuned model (no training) | – | – | – | – | {untuned.mean():.3f} ± {untuned.std(ddof=1):.3f} | – |")
+    families = [(f"Method comparisons (Holm across these {len(methods)})", methods),
+                (f"The cost of privacy (Holm across these {len(costs)})", costs)]
+    if learned:
+        families.append((f"Learned anything? Each arm minus the untuned model (Holm across these {len(learned)})", learned))
+    for title, family in families:
         lines += ["", f"**{title}**: per-seed differences of final accuracy, paired t over seeds; "
                   "* marks p (Holm) < 0.05 with at least 3 seeds.", "",
                   "| comparison | Δ | 95% t interval | p (t) | p (Holm) |", "|---|---|---|---|---|"]
@@ -123,7 +141,7 @@ def markdown(seeds, scores, privacy, methods, costs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(seeds, scores, path: Path) -> None:
+def figure(seeds, scores, path: Path, untuned=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +155,8 @@ def figure(seeds, scores, path: Path) -> None:
         ax.plot(x + shift, acc.mean(1), marker="o", label=METHODS[m])
         for j in range(len(x)):
             ax.scatter(np.full(len(seeds), x[j] + shift), acc[j], s=10, alpha=0.4, color=ax.lines[-1].get_color())
+    if untuned is not None:
+        ax.axhline(untuned.mean(), color="grey", linestyle="--", label="untuned model")
     ax.set_xticks(x, [f"ε = {label}" for label in EPSILONS.values()])
     ax.set_ylabel("final test accuracy (500 items)")
     ax.set_title(f"Client-level DP, AG News label skew, SmolLM2-135M ({len(seeds)} seeds; dots: seeds)")
@@ -150,6 +170,7 @@ def figure(seeds, scores, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path)
+    parser.add_argument("--untuned", type=Path, help="folder of `fedlora eval --out` JSONs, seed_S.json")
     parser.add_argument("--md", type=Path, required=True)
     parser.add_argument("--png", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -157,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(seeds) < 2:
         print(f"{args.study}: fewer than two seeds with every arm finished", file=sys.stderr)
         return 2
-    methods, costs = comparisons(seeds, scores)
-    args.md.write_text(markdown(seeds, scores, privacy, methods, costs))
-    figure(seeds, scores, args.png)
+    untuned = read_untuned(args.untuned, seeds) if args.untuned else None
+    methods, costs, learned = comparisons(seeds, scores, untuned)
+    args.md.write_text(markdown(seeds, scores, privacy, methods, costs, learned, untuned))
+    figure(seeds, scores, args.png, untuned)
     print(f"wrote {args.md} and {args.png}")
     return 0
 

@@ -45,8 +45,8 @@ def test_contrasts_are_paired_over_seeds_with_holm_per_family(tmp_path):
     _study(tmp_path, accuracy)
     seeds, scores, privacy = privacy_study.read_study(tmp_path)
     assert seeds == [0, 1, 2] and privacy["ffa-eps8"]["privacy_epsilon"] == pytest.approx(7.9)
-    methods, costs = privacy_study.comparisons(seeds, scores)
-    row = {r["what"]: r for r in methods + costs}
+    methods, costs, learned = privacy_study.comparisons(seeds, scores, np.array([0.5, 0.52, 0.49]))
+    row = {r["what"]: r for r in methods + costs + learned}
     acc = lambda arm: np.array([accuracy(arm, s) for s in range(3)])  # noqa: E731
     did = (acc("ffa-eps2") - acc("ffa")) - (acc("fedit-eps2") - acc("fedit"))
     assert row["FFA-LoRA's cost − FedIT's cost at ε = 2"]["mean"] == pytest.approx(did.mean(), abs=1e-9)
@@ -57,8 +57,10 @@ def test_contrasts_are_paired_over_seeds_with_holm_per_family(tmp_path):
     assert len(methods) == 10 and len(costs) == 6
     ps = sorted(r["p"] for r in methods)
     assert min(r["p_holm"] for r in methods) == pytest.approx(min(1.0, ps[0] * 10))
-    md = privacy_study.markdown(seeds, scores, privacy, methods, costs)
-    assert "| FFA-LoRA | 8 | 7.90 | 0.700 | 0.0500 |" in md
+    assert row["FedIT at ε = 2 − the untuned model"]["mean"] == pytest.approx(0.5 - np.mean([0.5, 0.52, 0.49]))
+    assert len(learned) == 9
+    md = privacy_study.markdown(seeds, scores, privacy, methods, costs, learned, np.array([0.5, 0.52, 0.49]))
+    assert "| FFA-LoRA | 8 | 7.90 | 0.700 | 0.0500 |" in md and "| untuned model (no training) |" in md
 
 
 def test_arms_scored_on_other_items_are_refused(tmp_path):
@@ -76,7 +78,7 @@ def test_fedsvd_joins_when_its_three_arms_finished_at_every_seed(tmp_path):
     assert seeds == [0, 1, 2] and "fedsvd" not in scores  # seed 2 has no FedSVD yet
     _study(tmp_path, lambda arm, seed: 0.6 - 0.02 * seed, svd, seeds=(2,))
     seeds, scores, _ = privacy_study.read_study(tmp_path)
-    methods, costs = privacy_study.comparisons(seeds, scores)
+    methods, costs, _ = privacy_study.comparisons(seeds, scores)
     assert len(methods) == 15 and len(costs) == 8
     row = {r["what"]: r for r in methods}["FedSVD − FedIT at ε = 8"]
     assert row["mean"] == pytest.approx(np.mean([0.1 - 0.03 * s for s in range(3)]))
