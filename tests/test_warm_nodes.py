@@ -60,7 +60,10 @@ def test_a_watched_process_stops_when_its_parent_ends(reaped):
     process ends, the watcher gets SIGINT, also while the ended one is a zombie nobody reaped
     yet (a plain kill(pid, 0) would call it alive)."""
     parent = subprocess.Popen(["sleep", "300"])
-    code = (f"import time; from fedlora.flower.executor import watch_parent; "
+    # the handler first, as both callers do (Flower's handlers in the executor, SIG_DFL in a task):
+    # a process started in the background by a non-interactive shell inherits SIGINT ignored
+    code = (f"import signal, time; from fedlora.flower.executor import watch_parent; "
+            f"signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"watch_parent({parent.pid}, 'the SuperNode'); print('watching', flush=True); time.sleep(120)")
     watcher = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

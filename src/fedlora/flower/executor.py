@@ -77,7 +77,9 @@ def _stat(pid: int) -> tuple[str, str] | None:
 def watch_parent(pid: int, what: str) -> None:
     """SIGINT this process (a graceful stop) once `pid` has ended: a node executor ends with its
     SuperNode, a task with its executor. (Flower's own monitor counts a zombie as alive, and a
-    process whose starter has not reaped it yet is one.)"""
+    process whose starter has not reaped it yet is one.) The caller sets what SIGINT does (Flower's
+    handlers in the executor, SIG_DFL in a task): a process started in the background by a
+    non-interactive shell inherits SIGINT ignored."""
     stat = _stat(pid)
     started = stat[1] if stat else None
 
