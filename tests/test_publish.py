@@ -77,7 +77,7 @@ def test_republishing_replaces_the_earlier_copy_and_never_writes_through_a_link(
     (dest / "seed_0" / "fedit" / "metrics.jsonl").symlink_to(secret)  # a planted link in DEST
     assert main(["report", str(root), "--publish", str(dest)]) == 0
     assert secret.read_text() == "keep" and not (dest / "seed_0" / "fedit" / "metrics.jsonl").is_symlink()
-    assert not (dest / "seed_1" / "aflora" / "metrics.jsonl").exists()  # no stale run from the earlier copy
+    assert not (dest / "seed_1" / "aflora").exists()  # no stale run from the earlier copy, not even its folder
 
     shutil.rmtree(dest / "seed_0")
     (dest / "seed_0").symlink_to(root / "seed_1")  # a linked folder would write into the source

@@ -103,8 +103,15 @@ def publish(source: Path, dest: Path, finished_only: bool = False) -> tuple[int,
     resolved = target.resolve()
     if resolved == source or source in resolved.parents or resolved in source.parents:
         raise ConfigError(f"config error: --publish {dest}: must lie outside {source} and not contain it")
-    for old in _previous_files(target):
+    previous = _previous_files(target)
+    for old in previous:
         old.unlink(missing_ok=True)  # unlink removes a link itself, never its target
+    for folder in sorted({p for old in previous for p in old.parents if target in p.parents},
+                         key=lambda p: len(p.parts), reverse=True):
+        try:  # the earlier publish's folders left empty (a run no longer in the study)
+            folder.rmdir()
+        except OSError:  # not empty, or not a plain folder
+            pass
     files = citeable_files(source, finished_only)
     listed = {}
     for rel in files:
