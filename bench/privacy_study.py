@@ -159,7 +159,7 @@ def figure(seeds, scores, path: Path, untuned=None) -> None:
         ax.axhline(untuned.mean(), color="grey", linestyle="--", label="untuned model")
     ax.set_xticks(x, [f"ε = {label}" for label in EPSILONS.values()])
     ax.set_ylabel("final test accuracy (500 items)")
-    ax.set_title(f"Client-level DP, 10 clients, 4 rounds, δ = 0.1: AG News label skew, SmolLM2-135M "
+    ax.set_title(f"Client-level DP, 10 clients, 4 rounds, δ = 0.1\nAG News label skew, SmolLM2-135M "
                  f"({len(seeds)} seeds; dots: seeds)")
     ax.title.set_fontsize(9)
     ax.legend()
