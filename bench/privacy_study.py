@@ -28,18 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
+from fedlora.records import accuracy_summary
+from fedlora.runtime.outputs import read_eval_items, read_metrics
 from fedlora.stats import LEVEL, MIN_SEEDS, holm, paired_t, seed_interval
 
 METHODS = {"fedit": "FedIT", "ffa": "FFA-LoRA", "aflora": "AFLoRA", "fedsvd": "FedSVD"}
 EPSILONS = {"": "∞", "-eps8": "8", "-eps2": "2"}
 
 
-def final_items(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, correct) of a run's last evaluation (its per-item record)."""
-    last = max(r["round"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-               if "accuracy" in r)
-    with np.load(run / "eval" / f"round_{last:04d}.npz") as z:
-        return z["id"], z["correct"].astype(np.float64)
+def final_items(run: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """A run's records, and (ids, correct) of its last evaluation (its per-item record)."""
+    history = read_metrics(run)
+    items = read_eval_items(run, accuracy_summary(history).final_round)
+    return history, items["id"], items["correct"].astype(np.float64)
 
 
 def read_study(root: Path) -> tuple[list[int], dict[str, dict[int, np.ndarray]], dict[str, dict[str, float]]]:
@@ -57,12 +58,12 @@ def read_study(root: Path) -> tuple[list[int], dict[str, dict[int, np.ndarray]],
     privacy: dict[str, dict[str, float]] = {}
     for seed in seeds:
         items = {arm: final_items(root / f"seed_{seed}" / arm) for arm in arms}
-        ids = items["fedit"][0]
-        for arm, (arm_ids, correct) in items.items():
+        ids = items["fedit"][1]
+        for arm, (history, arm_ids, correct) in items.items():
             if not np.array_equal(arm_ids, ids):
                 raise SystemExit(f"{root}/seed_{seed}/{arm}: scored on other test items than fedit")
             scores[arm][seed] = correct
-            record = json.loads((root / f"seed_{seed}" / arm / "metrics.jsonl").read_text().splitlines()[-1])
+            record = history[-1]
             kept = privacy.setdefault(arm, {})
             for key in ("privacy_epsilon", "privacy_noise_multiplier", "privacy_clip_norm"):
                 if key in record:

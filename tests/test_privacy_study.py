@@ -25,10 +25,12 @@ def _study(root, accuracy, arms=ARMS, seeds=range(3)):
             (run / "eval").mkdir(parents=True)
             correct = np.arange(100) < round(accuracy(arm, seed) * 100)
             np.savez(run / "eval" / "round_0004.npz", id=np.arange(100), correct=correct)
-            last = {"round": 4, "accuracy": float(correct.mean())}
+            base = {"clients": [{"id": 0}], "uplink_bytes": 1, "downlink_bytes": 1, "wall_seconds": 1.0,
+                    "server_seconds": 0.0}  # what every runtime records every round
+            last = {**base, "round": 4, "accuracy": float(correct.mean())}
             if "eps" in arm:
                 last |= {"privacy_epsilon": 7.9 - seed, "privacy_noise_multiplier": 0.7, "privacy_clip_norm": 0.05}
-            (run / "metrics.jsonl").write_text(json.dumps({"round": 3}) + "\n" + json.dumps(last) + "\n")
+            (run / "metrics.jsonl").write_text(json.dumps({**base, "round": 3}) + "\n" + json.dumps(last) + "\n")
             (run / "summary.json").write_text("{}")
 
 
