@@ -26,6 +26,8 @@ declare -A CONFIG=([agnews]=$CODE/configs/studies/agnews_label_skew.yaml [fpb]=$
 # AG News tunes issue 29's four 2025 methods beside the six (configs/studies/agnews_label_skew.yaml)
 declare -A METHODS=([agnews]=aflora,fedit,ffa,flora,flexlora,hetlora,fedex,fedsa,fedsvd,rolora
                     [fpb]=aflora,fedit,ffa,flora,flexlora,hetlora)
+# the main studies add AFLoRA's ablations on AG News (AFLoRA's tuned settings, one component off)
+declare -A MAIN=([agnews]=${METHODS[agnews]},aflora-no-ddr,aflora-no-dlf [fpb]=${METHODS[fpb]})
 declare -A EXTRA=([agnews]="" [fpb]="--set federation.local_steps=4 --set federation.eval_every=1 --set federation.eval_subset=100")
 
 extend_grid() {  # one more lr past each end of the grid that some method chose (×3 / ×10/3 steps)
@@ -117,7 +119,7 @@ for task in ${TASKS:-agnews fpb}; do
   done
   [ -f "$tune/tuned.yaml" ] || exit 1
   # the main study: the chosen settings on the test set, the tuning's overrides, seeds $SEEDS
-  fed compare "$tune/tuned.yaml" --methods "${METHODS[$task]}" --seeds "$SEEDS" --reference fedit \
+  fed compare "$tune/tuned.yaml" --methods "${MAIN[$task]}" --seeds "$SEEDS" --reference fedit \
     --out "$OUT/main/$task" --quiet --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$rounds \
     ${EXTRA[$task]} $EXTRA_ALL
   echo "$(date -u +%FT%TZ) main $task: exit $?" | tee -a "$OUT/lane.log"
