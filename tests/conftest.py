@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -11,6 +14,16 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 # FEDLORA_DATA_DIR: where the shared data is when the tests run from a copy (mutmut's mutants/)
 DATA_DIR = Path(os.environ.get("FEDLORA_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def bench_module(name: str) -> ModuleType:
+    """bench/NAME.py imported as module NAME (bench/ is scripts, not a package); registered in
+    sys.modules so its dataclasses resolve their annotations."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_tree(**sections) -> dict:

@@ -1,13 +1,10 @@
 """bench/profile_round.py's section timer: exclusive seconds per call path add up to the whole."""
 
-import importlib.util
 import itertools
 
-from conftest import ROOT
+from conftest import bench_module
 
-spec = importlib.util.spec_from_file_location("profile_round", ROOT / "bench" / "profile_round.py")
-profile_round = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(profile_round)
+profile_round = bench_module("profile_round")
 
 
 def test_nested_sections_are_exclusive_and_add_up(monkeypatch):

@@ -1,14 +1,11 @@
 """bench/lambda_probe.py: one client round per λ design on one base model; the client's loss
 after its round is measured with exactly the factors it uploaded."""
 
-import importlib.util
 
 import yaml
-from conftest import ROOT, tiny_tree
+from conftest import bench_module, tiny_tree
 
-spec = importlib.util.spec_from_file_location("lambda_probe", ROOT / "bench" / "lambda_probe.py")
-lambda_probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lambda_probe)
+lambda_probe = bench_module("lambda_probe")
 
 
 def test_probe_measures_each_design_on_the_same_batches(synthetic_task, tmp_path):

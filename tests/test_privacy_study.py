@@ -2,17 +2,14 @@
 recomputed here from hand-made per-item records (within ε, the cost of privacy, the difference
 in differences), with Holm over each family."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import bench_module
 from scipy import stats as sps
 
-spec = importlib.util.spec_from_file_location("privacy_study", ROOT / "bench" / "privacy_study.py")
-privacy_study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(privacy_study)
+privacy_study = bench_module("privacy_study")
 
 ARMS = [m + e for e in ("", "-eps8", "-eps2") for m in ("fedit", "ffa", "aflora")]
 

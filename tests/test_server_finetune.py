@@ -1,21 +1,18 @@
 """bench/server_finetune.py rebuilds an AFLoRA run's server step from its run directory alone:
 its logged held-out losses and ‖A_FT − A‖/‖A‖ come out again, so the sweep measures the real step."""
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT, tiny_tree
+from conftest import bench_module, tiny_tree
 
 from fedlora.errors import ConfigError
 
 from fedlora.config import build_config
 from fedlora.runtime.inprocess import Simulation
 
-spec = importlib.util.spec_from_file_location("server_finetune", ROOT / "bench" / "server_finetune.py")
-server_finetune = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(server_finetune)
+server_finetune = bench_module("server_finetune")
 
 
 def test_rebuilt_server_step_reproduces_the_logged_one(data_dir, tmp_path):
