@@ -254,8 +254,8 @@ def main() -> None:
                        help="how the local nodes run ClientApps (fedlora flower run --isolation)")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
-    result = overhead(args, work) if args.what == "overhead" else compare(args, work)
+    with tempfile.TemporaryDirectory(prefix="flower-bench-") as work:  # removed after, also on failure
+        result = overhead(args, Path(work)) if args.what == "overhead" else compare(args, Path(work))
     result.update(machine=machine(), warm_executors=args.isolation == "warm", node_runtime=NODE_RUNTIME[args.isolation],
                   command="python " + " ".join(sys.argv))
     out = ROOT / args.out
