@@ -17,12 +17,12 @@ is a pilot run cut off while being extended (its summary.json is an earlier segm
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from fedlora.errors import ConfigError
 from fedlora.publish import publish, restore
+from fedlora.runtime.outputs import read_metrics, read_summary
 
 # study folder (under --studies) -> its published copy (under --docs)
 STUDIES = {
@@ -40,12 +40,10 @@ STUDIES = {
 
 def extended_since_summary(run: Path) -> bool:
     """A pilot run resumed with more rounds and cut off: its summary.json is an earlier segment's."""
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-        last = max(json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines() if line)
-    except (OSError, ValueError, KeyError):
+    if not (run / "summary.json").is_file():
         return False
-    return summary.get("rounds") != last
+    rounds = [r["round"] for r in read_metrics(run)]
+    return bool(rounds) and read_summary(run).get("rounds") != max(rounds)
 
 
 def save(studies: Path, docs: Path) -> None:
@@ -54,7 +52,9 @@ def save(studies: Path, docs: Path) -> None:
         if extended_since_summary(source):
             print(f"{source}: cut off while extending; not saved (its earlier publish, if any, stays)")
             continue
-        if (source / "metrics.jsonl").is_file() or any(source.glob("seed_*/*/summary.json")) \
+        # only a source with a finished run: publishing none would empty an earlier publish (a
+        # pilot rerun from round 1 after a restore has no summary.json until its segment ends)
+        if (source / "summary.json").is_file() or any(source.glob("seed_*/*/summary.json")) \
                 or any(source.glob("validation/seed_*/*/summary.json")):
             files, size = publish(source, docs / published, finished_only=True)
             print(f"{source} -> {docs / published}: {files} files, {size / 1e6:.1f} MB")
