@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The issue 31 studies' background lane (docs/studies_plan.md): the round-count pilot on validation
 # data, then the tuning (its lr grid extended past any choice at an end), then the five-seed study
-# on the test set, for AG News label skew and Financial PhraseBank IID. One process at a time,
-# niced, one thread; every step resumes where it stopped, so rerunning this script after an
-# interruption (or after extending a grid) continues the lane. Outputs only under $OUT.
+# on the test set, for AG News label skew and Financial PhraseBank IID.
 #
 #   CODE=/work/studies/evidence/code-<sha> OUT=/work/studies/evidence bash bench/issue31_lane.sh
 #
-# TASKS="agnews" or "fpb" runs one task (two lanes, one per core); PILOT_ONLY=1 stops after the pilot.
+# The work is a queue of units (a task's pilot; one method's tuning; the tuning's decision; one
+# method at one seed of the main study; the main study's tables), each run under an flock on
+# $OUT/locks/UNIT.lock, so any number of lanes (one per core) share it: a lane takes the first
+# unit that is not done, whose inputs are ready and that no other lane holds, and when none is
+# free it waits. A lock dies with its lane, so a killed unit is taken up again by the next lane
+# to pass, which resumes it (checkpoints). Every unit is one niced, one-thread process; outputs
+# only under $OUT. TASKS="agnews" or "fpb" limits a lane to one task; PILOT_ONLY=1 stops after
+# the pilots.
 set -uo pipefail
 CODE=${CODE:-$(cd "$(dirname "$0")/.." && pwd)}
 OUT=${OUT:-/work/studies/evidence}
@@ -68,59 +73,146 @@ rounds_done() {  # the last round in a run's metrics.jsonl, 0 when there is none
   "$PY" -c 'import json, sys; print(max([0] + [json.loads(l)["round"] for l in open(sys.argv[1])]))' "$1/metrics.jsonl"
 }
 
-for task in ${TASKS:-agnews fpb}; do
-  pilot=$OUT/pilot/$task
+log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/lane.log"; }
+
+pilot_task() {  # the round-count pilot of one task: 6, 9, ... rounds until both curves plateau
+  local task=$1 pilot=$OUT/pilot/$1 decided="" R m run rounds
   mkdir -p "$pilot"
-  decided=""
   for R in $(seq 6 3 "$CAP"); do
     for m in fedit aflora; do
       run=$pilot/$m
       if [ "$(rounds_done "$run")" -ge "$R" ]; then
         :  # this step ran earlier (also in a copy restored from docs/ without its checkpoint)
       elif [ -f "$run/checkpoint.safetensors" ]; then
-        fed run --resume "$run" --set federation.rounds=$R --quiet || exit 1
+        fed run --resume "$run" --set federation.rounds=$R --quiet || return 1
       else  # new, or restored from docs/ short of R without a checkpoint: from scratch (same seed, same curve)
         rm -rf "$run"
         fed run "${CONFIG[$task]}" --out "$run" --quiet --set algorithm.name=$m --set threads=1 --set data.data_dir=$DATA \
           --set data.validation_examples=$VALIDATION --set evaluation.mmlu=false --set federation.eval_subset=null \
           --set federation.eval_every=1 --set federation.rounds=$R ${EXTRA[$task]/--set federation.eval_subset=100/} \
-          $EXTRA_ALL || exit 1
+          $EXTRA_ALL || return 1
       fi
     done
     decided=$(plateau "$pilot/fedit" "$pilot/aflora")
-    echo "$(date -u +%FT%TZ) pilot $task: $R rounds, plateau: ${decided:-not yet}" | tee -a "$OUT/lane.log"
+    log "pilot $task: $R rounds, plateau: ${decided:-not yet}"
     [ -n "$decided" ] && break
   done
   rounds=${decided:-$CAP}
   [ "$rounds" -gt "$STUDY_CAP" ] && rounds=$STUDY_CAP
   echo "$rounds" > "$pilot/ROUNDS"
-  echo "$(date -u +%FT%TZ) $task: study rounds $rounds" | tee -a "$OUT/lane.log"
-done
-[ -n "${PILOT_ONLY:-}" ] && exit 0
+  log "$task: study rounds $rounds"
+}
 
-for task in ${TASKS:-agnews fpb}; do
-  rounds=$(cat "$OUT/pilot/$task/ROUNDS")
-  tune=$OUT/tune/$task
-  mkdir -p "$tune"
-  [ -f "$tune/grid.yaml" ] || cp "$CODE/configs/grids/lr_wide.yaml" "$tune/grid.yaml"
-  # tuning; a choice at an end of the lr grid extends the grid past it for everyone (same grid,
-  # same budget) and reruns, reusing every finished point; after EXTEND extensions, --allow-edge
-  for extension in $(seq 0 "$EXTEND"); do
-    edge=""; [ "$extension" -eq "$EXTEND" ] && edge=--allow-edge
-    fed tune "${CONFIG[$task]}" --methods "${METHODS[$task]}" \
-      --grid "$tune/grid.yaml" --validation-examples $VALIDATION --seed 0 --seeds "$SEEDS" $edge \
-      --out "$tune" --quiet --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$rounds ${EXTRA[$task]} $EXTRA_ALL
-    status=$?
-    echo "$(date -u +%FT%TZ) tune $task: exit $status $edge (2: a choice at the grid's edge, see tuning.md)" | tee -a "$OUT/lane.log"
-    [ "$status" -eq 0 ] && break
-    [ "$status" -ne 2 ] && exit 1
-    extend_grid "$tune/grid.yaml" "$tune/tuning.csv" || exit 1
-    echo "$(date -u +%FT%TZ) tune $task: grid now $(grep '^lr:' "$tune/grid.yaml")" | tee -a "$OUT/lane.log"
+grid_id() { sha256sum "$OUT/tune/$1/grid.yaml" | cut -c1-12; }  # a grid's identity (it grows when extended)
+
+tune() {  # tune TASK METHODS [--allow-edge]: `fedlora tune` on the task's current grid (reuses finished points)
+  fed tune "${CONFIG[$1]}" --methods "$2" --grid "$OUT/tune/$1/grid.yaml" --validation-examples $VALIDATION \
+    --seed 0 --seeds "$SEEDS" ${3:-} --out "$OUT/tune/$1" --quiet --set threads=1 --set data.data_dir=$DATA \
+    --set federation.rounds=$(cat "$OUT/pilot/$1/ROUNDS") ${EXTRA[$1]} $EXTRA_ALL
+}
+
+tune_method() {  # one method's grid points; exit 2 (its choice at an edge) is the decision's business
+  local status
+  tune "$1" "$2"; status=$?
+  [ "$status" -eq 0 ] || [ "$status" -eq 2 ] || return 1
+  touch "$OUT/tune/$1/.done-$2-$(grid_id "$1")"
+}
+
+tune_decide() {  # every method on the grid (all reused): publish, or extend the grid past an edge choice
+  local task=$1 tune=$OUT/tune/$1 extensions status edge=""
+  extensions=$(cat "$tune/EXTENSIONS" 2>/dev/null || echo 0)
+  [ "$extensions" -ge "$EXTEND" ] && edge=--allow-edge
+  tune "$task" "${METHODS[$task]}" $edge; status=$?
+  log "tune $task: exit $status $edge (2: a choice at the grid's edge, see tuning.md)"
+  # (a one-method tuning writes a tuned.yaml of its own; DECIDED marks the whole table's)
+  [ "$status" -eq 0 ] && [ -f "$tune/tuned.yaml" ] && touch "$tune/DECIDED" && return 0
+  [ "$status" -eq 2 ] || return 1
+  cp "$tune/grid.yaml" "$tune/grid.next" && extend_grid "$tune/grid.next" "$tune/tuning.csv" || return 1
+  mv "$tune/grid.next" "$tune/grid.yaml"  # atomic: another lane sees the old grid or the new one
+  echo $((extensions + 1)) > "$tune/EXTENSIONS"
+  log "tune $task: grid now $(grep '^lr:' "$tune/grid.yaml")"
+}
+
+main_unit() {  # one method at one seed of the main study, with the tuned settings
+  fed compare "$OUT/tune/$1/tuned.yaml" --methods "$3" --seeds "$2" --out "$OUT/main/$1" --quiet \
+    --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$(cat "$OUT/pilot/$1/ROUNDS") ${EXTRA[$1]} $EXTRA_ALL
+}
+
+main_tables() {  # the whole study's tables (every run finished: nothing trains)
+  fed compare "$OUT/tune/$1/tuned.yaml" --methods "${MAIN[$1]}" --seeds "$SEEDS" --reference fedit --out "$OUT/main/$1" \
+    --quiet --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$(cat "$OUT/pilot/$1/ROUNDS") \
+    ${EXTRA[$1]} $EXTRA_ALL || return 1
+  touch "$OUT/main/$1/.complete"
+  log "main $1: complete"
+}
+
+units() {  # every unit in order of preference: KIND TASK [SEED] [METHOD]
+  local task m s
+  for task in ${TASKS:-fpb agnews}; do
+    echo "pilot $task"
+    [ -n "${PILOT_ONLY:-}" ] && continue
+    for m in ${METHODS[$task]//,/ }; do echo "tune $task - $m"; done
+    echo "decide $task"
+    for s in ${SEEDS//,/ }; do for m in ${MAIN[$task]//,/ }; do echo "main $task $s $m"; done; done
+    echo "tables $task"
   done
-  [ -f "$tune/tuned.yaml" ] || exit 1
-  # the main study: the chosen settings on the test set, the tuning's overrides, seeds $SEEDS
-  fed compare "$tune/tuned.yaml" --methods "${MAIN[$task]}" --seeds "$SEEDS" --reference fedit \
-    --out "$OUT/main/$task" --quiet --set threads=1 --set data.data_dir=$DATA --set federation.rounds=$rounds \
-    ${EXTRA[$task]} $EXTRA_ALL
-  echo "$(date -u +%FT%TZ) main $task: exit $?" | tee -a "$OUT/lane.log"
+}
+
+is_done() {
+  case $1 in
+    pilot) [ -f "$OUT/pilot/$2/ROUNDS" ] ;;
+    tune) [ -f "$OUT/tune/$2/.done-$4-$(grid_id "$2")" ] ;;
+    decide) [ -f "$OUT/tune/$2/DECIDED" ] ;;
+    main) [ -f "$OUT/main/$2/seed_$3/$4/summary.json" ] ;;
+    tables) [ -f "$OUT/main/$2/.complete" ] ;;
+  esac
+}
+
+is_ready() {  # the unit's inputs exist
+  local m
+  case $1 in
+    pilot) true ;;
+    tune) [ -f "$OUT/pilot/$2/ROUNDS" ] ;;
+    decide) for m in ${METHODS[$2]//,/ }; do is_done tune "$2" - "$m" || return 1; done ;;
+    main) [ -f "$OUT/tune/$2/DECIDED" ] ;;
+    tables) for s in ${SEEDS//,/ }; do for m in ${MAIN[$2]//,/ }; do is_done main "$2" "$s" "$m" || return 1; done; done ;;
+  esac
+}
+
+run_unit() {
+  case $1 in
+    pilot) pilot_task "$2" ;;
+    tune) tune_method "$2" "$4" ;;
+    decide) tune_decide "$2" ;;
+    main) main_unit "$2" "$3" "$4" ;;
+    tables) main_tables "$2" ;;
+  esac
+}
+
+mkdir -p "$OUT/locks"
+for task in ${TASKS:-fpb agnews}; do
+  mkdir -p "$OUT/tune/$task"
+  [ -f "$OUT/tune/$task/grid.yaml" ] || cp "$CODE/configs/grids/lr_wide.yaml" "$OUT/tune/$task/grid.yaml"
 done
+while true; do
+  pending=0 ran=0
+  while read -r kind task seed method; do
+    is_done $kind $task $seed $method && continue
+    pending=1
+    is_ready $kind $task $seed $method || continue
+    # the unit's lock: held while it runs; 75 at once when another lane holds it
+    ( flock -n 9 || exit 75; is_done $kind $task $seed $method || run_unit $kind $task $seed $method ) \
+      9> "$OUT/locks/$kind-$task-$seed-$method.lock"
+    status=$?
+    [ "$status" -eq 75 ] && continue
+    if [ "$status" -ne 0 ]; then log "unit $kind $task $seed $method: failed (exit $status); lane stops"; exit 1; fi
+    if [ "$kind" != decide ] && ! is_done $kind $task $seed $method; then
+      log "unit $kind $task $seed $method: ended without its output; lane stops"; exit 1
+    fi
+    ran=1
+    break  # back to the first unit: an earlier one may have become ready
+  done < <(units)
+  [ "$pending" -eq 0 ] && break
+  [ "$ran" -eq 0 ] && sleep "${POLL:-60}"
+done
+log "lane $$: nothing left to do"
