@@ -35,7 +35,7 @@ from fedlora.personalized import aligned
 from fedlora.stats import LEVEL, PairedDifference, holm, paired_difference
 
 SEEDS_NEEDED = 5  # a headline claim needs five seeds (the project's evidence standard)
-NAMES = {"aflora": "AFLoRA", "fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "hetlora": "HETLoRA",
+NAMES = {"aflora": "AFLoRA", "fedit": "FedIT", "ffa": "FFA-LoRA", "flora": "FLoRA", "flexlora": "FlexLoRA", "hetlora": "HETLoRA",
          "aflora-no-ddr": "AFLoRA without DDR", "aflora-no-dlf": "AFLoRA without DLF", "fedex": "FedEx-LoRA",
          "fedsa": "FedSA-LoRA", "fedsvd": "FedSVD", "rolora": "RoLoRA"}
 TASKS = {"agnews": "AG News, label skew (non-IID)", "fpb": "Financial PhraseBank, IID"}
