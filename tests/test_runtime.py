@@ -1,16 +1,19 @@
 """The in-process runtime: who trains what, determinism, resume after a kill, bad updates."""
 
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_tree
+from conftest import ROOT, tiny_tree
 from safetensors.torch import load_file
 
 from fedlora.algorithms.aflora import rank_weights, zero_pad
@@ -19,7 +22,7 @@ from fedlora.algorithms.fedit import FedIT
 from fedlora.config import build_config
 from fedlora.runtime.context import LocalClient
 from fedlora.runtime.inprocess import Federation, Simulation, sample_clients
-from fedlora.runtime.outputs import read_metrics
+from fedlora.runtime.outputs import code_commit, read_metrics
 
 
 def _base_weights(model):
@@ -204,3 +207,32 @@ def test_server_nan_stops_the_run_before_merging(data_dir, tmp_path, monkeypatch
         Simulation(build_config(tiny_tree()), tmp_path, progress=False).run()
     assert len(read_metrics(tmp_path)) == 1
     assert not (tmp_path / "merges" / "round_0002.safetensors").exists()
+
+
+def test_a_resume_is_recorded_beside_the_first_environment(data_dir, tmp_path):
+    """environment.json keeps the first start's environment; each resume adds its own with the
+    round it continued after (a study carried across sessions says which code ran which rounds)."""
+    run = tmp_path / "run"
+    Simulation(build_config(tiny_tree(federation={"rounds": 1})), run, progress=False).run()
+    first = json.loads((run / "environment.json").read_text())
+    assert "resumes" not in first
+    Simulation(build_config(tiny_tree(federation={"rounds": 2})), run, progress=False).run(resume=True)
+    env = json.loads((run / "environment.json").read_text())
+    assert {k: v for k, v in env.items() if k != "resumes"} == first
+    assert [r["after_round"] for r in env["resumes"]] == [1]
+    assert env["resumes"][0]["git_commit"] == first["git_commit"] and "argv" in env["resumes"][0]
+
+
+def test_an_archived_copy_knows_its_commit(tmp_path):
+    """`git archive` stamps src/fedlora/COMMIT (export-subst); outside a checkout code_commit reads
+    it, and an unstamped file (a checkout's own) gives None rather than the placeholder."""
+    stamped = subprocess.run(["git", "archive", "HEAD", "src/fedlora/COMMIT"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(stamped)) as tar:
+        text = tar.extractfile("src/fedlora/COMMIT").read().decode().strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert text == head.strip()
+    (tmp_path / "COMMIT").write_text(text + "\n")
+    assert code_commit(tmp_path) == text
+    (tmp_path / "COMMIT").write_text("$Format:%H$\n")
+    assert code_commit(tmp_path) is None

