@@ -190,29 +190,42 @@ run_unit() {
 }
 
 mkdir -p "$OUT/locks"
+rm -rf "$OUT/failed"  # a unit that failed before is tried again once per lane start
+mkdir -p "$OUT/failed"
 for task in ${TASKS:-fpb agnews}; do
   mkdir -p "$OUT/tune/$task"
   [ -f "$OUT/tune/$task/grid.yaml" ] || cp "$CODE/configs/grids/lr_wide.yaml" "$OUT/tune/$task/grid.yaml"
 done
 while true; do
-  pending=0 ran=0
+  runnable=0 ran=0 held=0
   while read -r kind task seed method; do
+    unit="$kind-$task-$seed-$method"
     is_done $kind $task $seed $method && continue
-    pending=1
+    [ -f "$OUT/failed/$unit" ] && continue  # failed in this lane's run: left for a human, the rest goes on
     is_ready $kind $task $seed $method || continue
+    runnable=1
     # the unit's lock: held while it runs; 75 at once when another lane holds it
     ( flock -n 9 || exit 75; is_done $kind $task $seed $method || run_unit $kind $task $seed $method ) \
-      9> "$OUT/locks/$kind-$task-$seed-$method.lock"
+      9> "$OUT/locks/$unit.lock"
     status=$?
-    [ "$status" -eq 75 ] && continue
-    if [ "$status" -ne 0 ]; then log "unit $kind $task $seed $method: failed (exit $status); lane stops"; exit 1; fi
-    if [ "$kind" != decide ] && ! is_done $kind $task $seed $method; then
-      log "unit $kind $task $seed $method: ended without its output; lane stops"; exit 1
+    [ "$status" -eq 75 ] && { held=1; continue; }
+    if [ "$status" -ge 128 ]; then  # its process was killed (a session's end, a human): so is the lane
+      log "unit $kind $task $seed $method: killed (exit $status); lane stops"; exit 1
+    fi
+    if [ "$status" -ne 0 ] || { [ "$kind" != decide ] && ! is_done $kind $task $seed $method; }; then
+      echo "exit $status" > "$OUT/failed/$unit"
+      log "unit $kind $task $seed $method: FAILED (exit $status, or no output); the units that need it wait, the others go on"
+      continue
     fi
     ran=1
     break  # back to the first unit: an earlier one may have become ready
   done < <(units)
-  [ "$pending" -eq 0 ] && break
-  [ "$ran" -eq 0 ] && sleep "${POLL:-60}"
+  if [ "$ran" -eq 0 ]; then
+    # nothing ran: wait while another lane holds a unit (its output may make more ready); with
+    # none held and nothing runnable, what is left waits on a failed unit (or is done)
+    [ "$held" -eq 0 ] && [ "$runnable" -eq 0 ] && break
+    sleep "${POLL:-60}"
+  fi
 done
-log "lane $$: nothing left to do"
+left=$(units | while read -r kind task seed method; do is_done $kind $task $seed $method || echo "$kind $task $seed $method"; done | wc -l)
+log "lane $$: stops; units not done: $left; failed: $(ls "$OUT/failed" | tr '\n' ' ')"
