@@ -44,14 +44,13 @@ def code_commit(package: Path = Path(__file__).resolve().parents[1]) -> str | No
     """The commit of the code running (the fedlora `package` folder): from git in a checkout, else
     from the COMMIT file that `git archive` fills in (.gitattributes: the studies run from
     archived copies); None when neither knows."""
-    here = package
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=here).stdout.strip()
+                              cwd=package).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
     try:
-        stamped = (here / "COMMIT").read_text(encoding="ascii").strip()
+        stamped = (package / "COMMIT").read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
     return stamped if len(stamped) == 40 and all(c in "0123456789abcdef" for c in stamped) else None
