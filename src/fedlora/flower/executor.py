@@ -75,11 +75,12 @@ def _stat(pid: int) -> tuple[str, str] | None:
 
 
 def watch_parent(pid: int, what: str) -> None:
-    """SIGINT this process (a graceful stop) once `pid` has ended: a node executor ends with its
+    """SIGTERM this process (a graceful stop) once `pid` has ended: a node executor ends with its
     SuperNode, a task with its executor. (Flower's own monitor counts a zombie as alive, and a
-    process whose starter has not reaped it yet is one.) The caller sets what SIGINT does (Flower's
-    handlers in the executor, SIG_DFL in a task): a process started in the background by a
-    non-interactive shell inherits SIGINT ignored."""
+    process whose starter has not reaped it yet is one.) Both callers handle SIGTERM (Flower's
+    handlers in the executor, SIG_DFL in a task); SIGTERM, unlike SIGINT, is never inherited
+    ignored (a background start by a non-interactive shell ignores SIGINT), so the stop does not
+    depend on how the process was started."""
     stat = _stat(pid)
     started = stat[1] if stat else None
 
@@ -87,7 +88,7 @@ def watch_parent(pid: int, what: str) -> None:
         while process_alive(pid, started):
             time.sleep(0.2)
         log.info("%s (pid %d) ended: stopping pid %d", what, pid, os.getpid())
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="supernode-watch", daemon=True).start()
 
