@@ -134,8 +134,9 @@ def figure(all_curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(TASKS), figsize=(9, 3.6), sharey=True)
     for ax, (task, name) in zip(axes, TASKS.items()):
         curves = all_curves[task]
-        for m, c in curves.items():
-            ax.plot(range(1, len(c) + 1), c, marker="o", label=paper_claims.NAMES[m])
+        for m, c in curves.items():  # one colour per method, whichever curves are published
+            ax.plot(range(1, len(c) + 1), c, marker="o", color=f"C{PILOT_METHODS.index(m)}",
+                    label=paper_claims.NAMES[m])
         decided = pilot_decision(curves)
         if decided:
             ax.axvline(decided, color="grey", linestyle="--", label=f"plateau: round {decided}")
