@@ -102,9 +102,9 @@ def tuning_section(docs: Path) -> list[str]:
         rows = tuning_rows(docs, task)
         chosen = [r for r in rows if r["chosen"] == "True"]
         total = len(TUNED[task])
-        if len(chosen) < total:
-            lines.append(f"- {name}: {finished_points(docs, task)} grid points finished; "
-                         f"{len(chosen)} of {total} methods chosen so far.")
+        if len(chosen) < total:  # (a table of fewer methods is one method's unit, not the decision)
+            n = finished_points(docs, task)
+            lines.append(f"- {name}: {n} grid point{'' if n == 1 else 's'} finished; not decided yet.")
             continue
         lrs = sorted({float(r["lr"]) for r in rows})
         picks = ", ".join(f"{paper_claims.NAMES[r['method']]} {float(r['lr']):g}"

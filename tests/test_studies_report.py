@@ -34,6 +34,10 @@ def test_the_page_reports_pilot_tuning_and_progress(tmp_path):
     for m, pick in zip(studies_report.TUNED["fpb"], [0.01, 0.03, 0.001, 0.003, 0.01, 0.01]):
         rows += [f"{m},0,{{}},{lr},{0.8 if lr == pick else 0.7},1.0,{lr == pick}," for lr in (0.001, 0.003, 0.01, 0.03)]
     (tune / "tuning.csv").write_text("\n".join(rows) + "\n")
+    partial = docs / "studies_tuning/agnews"  # one method's unit wrote its own table: no decision yet
+    partial.mkdir(parents=True)
+    (partial / "tuning.csv").write_text(rows[0] + "\n" + "\n".join(r for r in rows[1:] if r.startswith("aflora,")) + "\n")
+    _run(partial / "validation/seed_0/aflora-s0-lr0.01", [0.7])
     for s in range(2):
         for m in ("aflora", "fedit", "flora"):
             _run(docs / f"studies_fpb/seed_{s}/{m}", [0.6, 0.7])
@@ -46,6 +50,7 @@ def test_the_page_reports_pilot_tuning_and_progress(tmp_path):
     assert "| AG News, label skew (non-IID) | FedIT | 0.500, 0.600" in page and "| still rising |" in page
     assert "FedIT 0.03 (grid end) (0.800)" in page and "AFLoRA 0.01 (0.800)" in page
     assert "FFA-LoRA 0.001 (grid end)" in page
+    assert "- AG News, label skew (non-IID): 1 grid point finished; not decided yet." in page
     assert "Financial PhraseBank, IID: 6 of 30 runs finished" in page and "AG News, label skew (non-IID): 0 of 60" in page
     assert "pending (2 of 5 seeds)" in page
     assert (docs / "results/studies_pilot.png").stat().st_size > 10_000
