@@ -12,6 +12,8 @@ folders: OUT/seed_S/METHOD), on the same test items of the same seeds:
   decidable counting as p = 1 so the family never shrinks. **reproduced**: Holm p < 0.05 and
   Δ > 0; **refuted**: Holm p < 0.05 and Δ < 0; **inconclusive** otherwise (the interval says
   which gains the runs rule out). A claim is **pending** until both arms finished five seeds.
+  Beside each, not in any verdict, the secondary view: the same difference in accuracy AUC (the
+  per-round curve's mean), which says whether the verdict depends on the stopping round.
 - **Where the 2025 methods stand** (issue 29; two families, global and personalised accuracy):
   FedEx-LoRA, FedSA-LoRA, FedSVD and RoLoRA each against FedIT and against AFLoRA on AG News;
   no direction is claimed, so **above**, **below** or **no difference shown**, Holm across each
@@ -32,7 +34,9 @@ from pathlib import Path
 
 from fedlora.compare import MethodRun, SeedResult, paired_statistics, personal_finals
 from fedlora.personalized import aligned
-from fedlora.stats import LEVEL, PairedDifference, holm, paired_difference
+from fedlora.records import accuracy_auc
+from fedlora.runtime.outputs import read_metrics
+from fedlora.stats import LEVEL, PairedDifference, holm, paired_difference, seed_interval
 
 SEEDS_NEEDED = 5  # a headline claim needs five seeds (the project's evidence standard)
 NAMES = {"aflora": "AFLoRA", "fedit": "FedIT", "ffa": "FFA-LoRA", "flora": "FLoRA", "flexlora": "FlexLoRA", "hetlora": "HETLoRA",
@@ -75,6 +79,23 @@ def global_difference(studies: dict[str, Path], c: Comparison) -> PairedDifferen
     return paired_statistics(results[c.method], results[c.other])
 
 
+def auc_difference(studies: dict[str, Path], c: Comparison) -> tuple[float, float, float] | None:
+    """The secondary view, not in the verdicts: accuracy AUC (the mean of the per-round curve on
+    the fixed eval subset: fedlora.records.accuracy_auc), c.method − c.other per seed; (mean, low,
+    high) of the 95% t interval, None with fewer than two seeds in both. It says whether a verdict
+    on final accuracy would hold at other stopping rounds."""
+    if c.task not in studies:
+        return None
+    auc = {m: {r.seed: accuracy_auc(read_metrics(r.run_dir)) for r in read_runs(studies[c.task], m)}
+           for m in (c.method, c.other)}
+    seeds = sorted(s for s in auc[c.method] if s in auc[c.other]
+                   and auc[c.method][s] is not None and auc[c.other][s] is not None)
+    if len(seeds) < 2:
+        return None
+    mean, low, high = seed_interval([auc[c.method][s] - auc[c.other][s] for s in seeds])
+    return float(mean), float(low), float(high)
+
+
 def personal_difference(studies: dict[str, Path], c: Comparison) -> PairedDifference | None:
     """Personalised accuracy (each client's held-out items), pooled, c.method − c.other per seed."""
     if c.task not in studies:
@@ -85,14 +106,16 @@ def personal_difference(studies: dict[str, Path], c: Comparison) -> PairedDiffer
     return paired_difference([x for x, _ in pairs], [y for _, y in pairs]) if pairs else None
 
 
-def decide(comparisons: list[Comparison], diffs: list[PairedDifference | None]) -> list[dict]:
+def decide(comparisons: list[Comparison], diffs: list[PairedDifference | None],
+           aucs: list[tuple[float, float, float] | None] | None = None) -> list[dict]:
     """One row per comparison with its Holm p over the whole family (undecidable ones count as
-    p = 1) and its verdict under the rule of the module's docstring."""
+    p = 1) and its verdict under the rule of the module's docstring; `aucs` ride along
+    (secondary, never in a verdict)."""
     ready = [d is not None and d.seeds >= SEEDS_NEEDED and d.p_value is not None for d in diffs]
     adjusted = holm([d.p_value if ok else 1.0 for d, ok in zip(diffs, ready)])
     rows = []
-    for c, d, ok, p_holm in zip(comparisons, diffs, ready, adjusted):
-        row = {"comparison": c, "diff": d, "p_holm": p_holm if ok else None}
+    for c, d, ok, p_holm, auc in zip(comparisons, diffs, ready, adjusted, aucs or [None] * len(diffs)):
+        row = {"comparison": c, "diff": d, "p_holm": p_holm if ok else None, "auc": auc}
         if not ok:
             row["verdict"] = f"pending ({d.seeds if d else 0} of {SEEDS_NEEDED} seeds)"
         elif p_holm < LEVEL:
@@ -104,8 +127,8 @@ def decide(comparisons: list[Comparison], diffs: list[PairedDifference | None]) 
 
 
 def _table(rows: list[dict], first: str) -> list[str]:
-    lines = [f"| {first} | task | Δ, mean [95% t interval over seeds] | seeds | p (t) | p (Holm) | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| {first} | task | Δ, mean [95% t interval over seeds] | seeds | p (t) | p (Holm) | verdict "
+             "| secondary: Δ accuracy AUC [95% t] |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, d = r["comparison"], r["diff"]
         what = c.claim or f"{NAMES[c.method]} − {NAMES[c.other]}"
@@ -114,7 +137,9 @@ def _table(rows: list[dict], first: str) -> list[str]:
         else:
             delta, p = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_value:.3f}"
         p_holm = "–" if r["p_holm"] is None else f"{r['p_holm']:.3f}"
-        lines.append(f"| {what} | {TASKS[c.task]} | {delta} | {d.seeds if d else 0} | {p} | {p_holm} | **{r['verdict']}** |")
+        auc = "–" if r.get("auc") is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*r["auc"])
+        lines.append(f"| {what} | {TASKS[c.task]} | {delta} | {d.seeds if d else 0} | {p} | {p_holm} "
+                     f"| **{r['verdict']}** | {auc} |")
     return lines
 
 
@@ -131,6 +156,15 @@ def markdown(claims: list[dict], standing_global: list[dict], standing_personal:
     return "\n".join(lines) + "\n"
 
 
+def report(studies: dict[str, Path]) -> str:
+    """The three tables of the studies found (task -> comparison folder)."""
+    claims = decide(CLAIMS, [global_difference(studies, c) for c in CLAIMS], [auc_difference(studies, c) for c in CLAIMS])
+    standing_global = decide(STANDING, [global_difference(studies, c) for c in STANDING],
+                             [auc_difference(studies, c) for c in STANDING])
+    standing_personal = decide(STANDING, [personal_difference(studies, c) for c in STANDING])
+    return markdown(claims, standing_global, standing_personal)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agnews", type=Path, help="the AG News five-seed comparison folder")
@@ -142,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_dir():
             print(f"--{task} {path}: not a folder", file=sys.stderr)
             return 2
-    claims = decide(CLAIMS, [global_difference(studies, c) for c in CLAIMS])
-    standing_global = decide(STANDING, [global_difference(studies, c) for c in STANDING])
-    standing_personal = decide(STANDING, [personal_difference(studies, c) for c in STANDING])
-    args.md.write_text(markdown(claims, standing_global, standing_personal))
+    args.md.write_text(report(studies))
     print(f"wrote {args.md}")
     return 0
 

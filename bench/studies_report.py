@@ -157,10 +157,6 @@ def figure(all_curves: dict[str, dict[str, list[float]]], path: Path) -> None:
 def report(docs: Path) -> str:
     pilot, curves = pilot_section(docs)
     studies = {task: docs / f"studies_{task}" for task in TASKS if (docs / f"studies_{task}").is_dir()}
-    claims = paper_claims.decide(paper_claims.CLAIMS, [paper_claims.global_difference(studies, c)
-                                                       for c in paper_claims.CLAIMS])
-    standing = [paper_claims.decide(paper_claims.STANDING, [f(studies, c) for c in paper_claims.STANDING])
-                for f in (paper_claims.global_difference, paper_claims.personal_difference)]
     figure(curves, docs / "results" / "studies_pilot.png")
     return "\n".join([
         "# The five-seed studies: where they stand", "",
@@ -168,7 +164,7 @@ def report(docs: Path) -> str:
         "`docs/` (plan, rules and commands: [studies plan](../studies_plan.md)). Every figure below comes "
         "from those files; a run still going when they were saved is not counted.", "",
         *pilot, "", "![pilot curves](studies_pilot.png)", "", *tuning_section(docs), "", *main_section(docs), "",
-        "## The papers' claims", "", paper_claims.markdown(claims, *standing)])
+        "## The papers' claims", "", paper_claims.report(studies)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ def test_claims_are_decided_by_the_t_test_over_seeds_with_holm_across_all_eight(
     assert [r["p_holm"] for r in rows] == pytest.approx(holm(ps))
     md = paper_claims.markdown(rows, [], [])
     flex = next(line for line in md.splitlines() if line.startswith("| AFLoRA beats FlexLoRA (non-IID) |"))
-    assert "| -0.098 [" in flex and flex.endswith("| **refuted** |") and "Holm across these 8" in md
+    assert "| -0.098 [" in flex and flex.endswith("| **refuted** | – |") and "Holm across these 8" in md
 
 
 def test_claims_short_of_five_seeds_stay_pending_and_count_as_p_one(tmp_path):
@@ -129,3 +129,27 @@ def test_the_command_writes_the_tables_and_refuses_a_missing_folder(tmp_path, ca
     assert "pending (2 of 5 seeds)" in out.read_text()
     assert paper_claims.main(["--fpb", str(tmp_path / "nowhere"), "--md", str(out)]) == 2
     assert "--fpb" in capsys.readouterr().err
+
+
+def test_the_secondary_auc_column_is_the_curves_not_the_final_accuracy(tmp_path):
+    """Equal final accuracy, but AFLoRA's curve was higher earlier: the verdict (final accuracy)
+    stays inconclusive while the secondary column shows the AUC gap, paired over seeds."""
+    base = {"clients": [{"id": 0}], "uplink_bytes": 1, "downlink_bytes": 1, "wall_seconds": 1.0, "server_seconds": 0.0}
+    early = {"aflora": [0.6, 0.62, 0.58], "flora": [0.4, 0.41, 0.39]}  # round 1's subset accuracy per seed
+    for s in range(3):
+        for m in ("aflora", "flora"):
+            run = tmp_path / f"seed_{s}" / m
+            (run / "eval").mkdir(parents=True)
+            np.savez(run / "eval" / "round_0002.npz", id=np.arange(N), correct=np.arange(N) < 140)
+            records = [{**base, "round": 1, "accuracy": early[m][s], "subset_accuracy": early[m][s]},
+                       {**base, "round": 2, "accuracy": 0.7, "subset_accuracy": 0.7}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (run / "summary.json").write_text("{}")
+    studies, claim = {"agnews": tmp_path}, paper_claims.CLAIMS[0]
+    mean, low, high = paper_claims.auc_difference(studies, claim)
+    per_seed = [(early["aflora"][s] + 0.7) / 2 - (early["flora"][s] + 0.7) / 2 for s in range(3)]
+    assert mean == pytest.approx(np.mean(per_seed)) and low < mean < high
+    assert high - low == pytest.approx(2 * sps.t.ppf(0.975, 2) * sps.sem(per_seed))
+    md = paper_claims.report(studies)
+    row = next(line for line in md.splitlines() if line.startswith("| AFLoRA beats FLoRA (non-IID) |"))
+    assert "| +0.000 [" in row and row.endswith(f"| +{mean:.3f} [{low:+.3f}, {high:+.3f}] |")
