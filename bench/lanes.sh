@@ -19,6 +19,7 @@ LANES=${LANES:-2}
 PY=${PY:-$ROOT/.venv/bin/python}
 PIDS=$OUT/lanes.pid
 
+count() { local n=0 f; for f in "$@"; do [ -e "$f" ] && n=$((n + 1)); done; echo "$n"; }  # files a glob found
 alive() { [ -f "$PIDS" ] && while read -r pid; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done < "$PIDS" || true; }
 
 case ${1:-status} in
@@ -49,6 +50,11 @@ case ${1:-status} in
     for lock in "$OUT"/locks/*.lock; do  # a unit runs while its lock is held
       [ -e "$lock" ] || continue
       flock -n "$lock" true 2>/dev/null || echo "running: $(basename "$lock" .lock)"
+    done
+    for task in fpb agnews; do
+      points=$(count "$OUT"/tune/$task/validation/seed_*/*/summary.json)
+      runs=$(count "$OUT"/main/$task/seed_*/*/summary.json)
+      echo "$task: pilot rounds $(cat "$OUT/pilot/$task/ROUNDS" 2>/dev/null || echo -), tuning points finished $points, main runs finished $runs"
     done
     tail -n 5 "$OUT/lane.log" 2>/dev/null || true
     ;;
