@@ -31,7 +31,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from fedlora.compare import MethodRun, SeedResult, paired_statistics, personal_finals
 from fedlora.personalized import aligned
 from fedlora.records import accuracy_auc
@@ -39,8 +38,8 @@ from fedlora.runtime.outputs import read_metrics
 from fedlora.stats import LEVEL, PairedDifference, holm, paired_difference, seed_interval
 
 SEEDS_NEEDED = 5  # a headline claim needs five seeds (the project's evidence standard)
-NAMES = {"aflora": "AFLoRA", "fedit": "FedIT", "ffa": "FFA-LoRA", "flora": "FLoRA", "flexlora": "FlexLoRA", "hetlora": "HETLoRA",
-         "aflora-no-ddr": "AFLoRA without DDR", "aflora-no-dlf": "AFLoRA without DLF", "fedex": "FedEx-LoRA",
+NAMES = {"aflora": "AFLoRA", "fedit": "FedIT", "ffa": "FFA-LoRA", "flora": "FLoRA", "flexlora": "FlexLoRA",
+         "hetlora": "HETLoRA", "aflora-no-ddr": "AFLoRA without DDR", "aflora-no-dlf": "AFLoRA without DLF", "fedex": "FedEx-LoRA",
          "fedsa": "FedSA-LoRA", "fedsvd": "FedSVD", "rolora": "RoLoRA"}
 TASKS = {"agnews": "AG News, label skew (non-IID)", "fpb": "Financial PhraseBank, IID"}
 
