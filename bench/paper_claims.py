@@ -39,8 +39,8 @@ from fedlora.stats import LEVEL, PairedDifference, holm, paired_difference, seed
 
 SEEDS_NEEDED = 5  # a headline claim needs five seeds (the project's evidence standard)
 NAMES = {"aflora": "AFLoRA", "fedit": "FedIT", "ffa": "FFA-LoRA", "flora": "FLoRA", "flexlora": "FlexLoRA",
-         "hetlora": "HETLoRA", "aflora-no-ddr": "AFLoRA without DDR", "aflora-no-dlf": "AFLoRA without DLF", "fedex": "FedEx-LoRA",
-         "fedsa": "FedSA-LoRA", "fedsvd": "FedSVD", "rolora": "RoLoRA"}
+         "hetlora": "HETLoRA", "aflora-no-ddr": "AFLoRA without DDR", "aflora-no-dlf": "AFLoRA without DLF",
+         "fedex": "FedEx-LoRA", "fedsa": "FedSA-LoRA", "fedsvd": "FedSVD", "rolora": "RoLoRA"}
 TASKS = {"agnews": "AG News, label skew (non-IID)", "fpb": "Financial PhraseBank, IID"}
 
 
@@ -60,7 +60,8 @@ CLAIMS = [
     Comparison("agnews", "aflora", "aflora-no-ddr", "DDR (dynamic rank assignment) helps"),
     Comparison("agnews", "aflora", "aflora-no-dlf", "DLF (server fine-tuning of A on public data) helps"),
 ]
-STANDING = [Comparison("agnews", new, ref) for new in ("fedex", "fedsa", "fedsvd", "rolora") for ref in ("fedit", "aflora")]
+STANDING = [Comparison("agnews", new, ref)
+            for new in ("fedex", "fedsa", "fedsvd", "rolora") for ref in ("fedit", "aflora")]
 
 
 def read_runs(study: Path, method: str) -> list[MethodRun]:
@@ -118,7 +119,8 @@ def decide(comparisons: list[Comparison], diffs: list[PairedDifference | None],
         if not ok:
             row["verdict"] = f"pending ({d.seeds if d else 0} of {SEEDS_NEEDED} seeds)"
         elif p_holm < LEVEL:
-            row["verdict"] = ("reproduced" if d.mean > 0 else "refuted") if c.claim else ("above" if d.mean > 0 else "below")
+            up = d.mean > 0
+            row["verdict"] = ("reproduced" if up else "refuted") if c.claim else ("above" if up else "below")
         else:
             row["verdict"] = "inconclusive" if c.claim else "no difference shown"
         rows.append(row)
@@ -157,7 +159,8 @@ def markdown(claims: list[dict], standing_global: list[dict], standing_personal:
 
 def report(studies: dict[str, Path]) -> str:
     """The three tables of the studies found (task -> comparison folder)."""
-    claims = decide(CLAIMS, [global_difference(studies, c) for c in CLAIMS], [auc_difference(studies, c) for c in CLAIMS])
+    claims = decide(CLAIMS, [global_difference(studies, c) for c in CLAIMS],
+                    [auc_difference(studies, c) for c in CLAIMS])
     standing_global = decide(STANDING, [global_difference(studies, c) for c in STANDING],
                              [auc_difference(studies, c) for c in STANDING])
     standing_personal = decide(STANDING, [personal_difference(studies, c) for c in STANDING])
