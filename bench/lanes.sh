@@ -8,8 +8,9 @@
 # `start` first copies back into $OUT whatever docs/ holds that $OUT lacks (bench/studies_sync.py
 # restore: checked against the manifests' SHA-256, existing files kept), so it is the first
 # command of a session whether or not the machine kept /work. Each lane runs in its own session
-# (setsid): its process group id is its pid, written to $OUT/lanes.pid, and `stop` signals those
-# groups only (the lane, the unit's subshell and its fedlora process). NO_RESTORE=1 skips the
+# (setsid): its process group id is its pid, written with its start time to $OUT/lanes.pid, and
+# `stop` signals those groups only (the lane, the unit's subshell and its fedlora process), never
+# a pid the system has since given to another process. NO_RESTORE=1 skips the
 # restore (a rehearsal in another $OUT); the lane's own settings (TASKS, SEEDS, ...) pass through.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +21,9 @@ PY=${PY:-$ROOT/.venv/bin/python}
 PIDS=$OUT/lanes.pid
 
 count() { local n=0 f; for f in "$@"; do [ -e "$f" ] && n=$((n + 1)); done; echo "$n"; }  # files a glob found
-alive() { [ -f "$PIDS" ] && while read -r pid; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done < "$PIDS" || true; }
+started() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}' || true; }  # a pid's start time (clock ticks after boot)
+# the lanes still running: a line of $PIDS is "pid start-time", so a pid reused by another process is not taken
+alive() { [ -f "$PIDS" ] && while read -r pid since; do [ -n "$since" ] && [ "$(started "$pid")" = "$since" ] && echo "$pid"; done < "$PIDS" || true; }
 
 case ${1:-status} in
   start)
@@ -35,9 +38,9 @@ case ${1:-status} in
     : > "$PIDS"
     for i in $(seq "$LANES"); do
       CODE=$code OUT=$OUT PY=$PY setsid nohup bash "$code/bench/issue31_lane.sh" > "$OUT/lane-$i.out" 2>&1 < /dev/null &
-      echo $! >> "$PIDS"
+      echo "$! $(started $!)" >> "$PIDS"
     done
-    echo "$(date -u +%FT%TZ) lanes started from $code: $(tr '\n' ' ' < "$PIDS")" | tee -a "$OUT/lane.log"
+    echo "$(date -u +%FT%TZ) lanes started from $code: $(alive | tr '\n' ' ')" | tee -a "$OUT/lane.log"
     ;;
   stop)
     for pid in $(alive); do kill -TERM -- "-$pid" 2>/dev/null || true; done
