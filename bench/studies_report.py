@@ -130,6 +130,7 @@ def figure(all_curves: dict[str, dict[str, list[float]]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(TASKS), figsize=(9, 3.6), sharey=True)
     for ax, (task, name) in zip(axes, TASKS.items()):
@@ -140,6 +141,9 @@ def figure(all_curves: dict[str, dict[str, list[float]]], path: Path) -> None:
         decided = pilot_decision(curves)
         if decided:
             ax.axvline(decided, color="grey", linestyle="--", label=f"plateau: round {decided}")
+            if decided > STUDY_CAP:
+                ax.axvline(STUDY_CAP, color="black", linestyle=":", label=f"the studies stop: round {STUDY_CAP}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
