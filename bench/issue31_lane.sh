@@ -33,7 +33,9 @@ declare -A METHODS=([agnews]=aflora,fedit,ffa,flora,flexlora,hetlora,fedex,fedsa
                     [fpb]=aflora,fedit,ffa,flora,flexlora,hetlora)
 # the main studies add AFLoRA's ablations on AG News (AFLoRA's tuned settings, one component off)
 declare -A MAIN=([agnews]=${METHODS[agnews]},aflora-no-ddr,aflora-no-dlf [fpb]=${METHODS[fpb]})
-declare -A EXTRA=([agnews]="" [fpb]="--set federation.local_steps=4 --set federation.eval_every=1 --set federation.eval_subset=100")
+# FPB's study overrides (its config is the general configs/fpb_iid.yaml); float32 on both tasks
+# whatever the CPU, so no comparison mixes dtypes (docs/studies_plan.md, "One dtype")
+declare -A EXTRA=([agnews]="" [fpb]="--set federation.local_steps=4 --set federation.eval_every=1 --set federation.eval_subset=100 --set model.compute_dtype=float32")
 
 extend_grid() {  # one more lr past each end of the grid that some method chose (×3 / ×10/3 steps)
   "$PY" - "$@" <<'PYEOF'
