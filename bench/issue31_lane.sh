@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue 31 studies' background lane (docs/studies_plan.md): the round-count pilot on validation
 # data, then the tuning (its lr grid extended past any choice at an end), then the five-seed study
-# on the test set, for AG News label skew and Financial PhraseBank IID.
+# on the test set, for the tasks and methods of configs/studies/plan.yaml.
 #
 #   CODE=/work/studies/evidence/code-<sha> OUT=/work/studies/evidence bash bench/issue31_lane.sh
 #
@@ -17,25 +17,20 @@ set -uo pipefail
 CODE=${CODE:-$(cd "$(dirname "$0")/.." && pwd)}
 OUT=${OUT:-/work/studies/evidence}
 PY=${PY:-/work/main/.venv/bin/python}
-CAP=${CAP:-18}            # pilot: at most this many rounds
-STUDY_CAP=${STUDY_CAP:-10} # the studies' budget cap on rounds (docs/studies_plan.md)
-VALIDATION=${VALIDATION:-500}
-SEEDS=${SEEDS:-0,1,2,3,4}  # the main studies' seeds
-EXTEND=${EXTEND:-2}        # grid extensions before a choice at the edge is accepted (and said so)
+# the design (tasks, methods, seeds, caps): configs/studies/plan.yaml; the variables below override it
+plan=$("$PY" "$CODE/bench/study_plan.py" bash) || { echo "$CODE/configs/studies/plan.yaml: not a plan" >&2; exit 2; }
+eval "$plan"
+CAP=${CAP:-$PLAN_PILOT_CAP}              # pilot: at most this many rounds
+STUDY_CAP=${STUDY_CAP:-$PLAN_ROUND_CAP}  # the studies' budget cap on rounds
+VALIDATION=${VALIDATION:-$PLAN_VALIDATION}
+SEEDS=${SEEDS:-$PLAN_SEEDS}              # the main studies' seeds
+EXTEND=${EXTEND:-$PLAN_EXTEND}           # grid extensions before a choice at the edge is accepted (and said so)
 EXTRA_ALL=${EXTRA_ALL:-}   # --set flags for every command (the tiny rehearsal: docs/studies_plan.md)
 DATA=${DATA:-/work/shared/data}  # the configs' relative data_dir would resolve beside the code copy
 export PYTHONPATH=$CODE/src OMP_NUM_THREADS=1
 fed() { nice -n 10 "$PY" -m fedlora.cli "$@"; }
 
-declare -A CONFIG=([agnews]=$CODE/configs/studies/agnews_label_skew.yaml [fpb]=$CODE/configs/fpb_iid.yaml)
-# AG News tunes issue 29's four 2025 methods beside the six (configs/studies/agnews_label_skew.yaml)
-declare -A METHODS=([agnews]=aflora,fedit,ffa,flora,flexlora,hetlora,fedex,fedsa,fedsvd,rolora
-                    [fpb]=aflora,fedit,ffa,flora,flexlora,hetlora)
-# the main studies add AFLoRA's ablations on AG News (AFLoRA's tuned settings, one component off)
-declare -A MAIN=([agnews]=${METHODS[agnews]},aflora-no-ddr,aflora-no-dlf [fpb]=${METHODS[fpb]})
-# FPB's study overrides (its config is the general configs/fpb_iid.yaml); float32 on both tasks
-# whatever the CPU, so no comparison mixes dtypes (docs/studies_plan.md, "One dtype")
-declare -A EXTRA=([agnews]="" [fpb]="--set federation.local_steps=4 --set federation.eval_every=1 --set federation.eval_subset=100 --set model.compute_dtype=float32")
+for task in $PLAN_TASKS; do CONFIG[$task]=$CODE/${CONFIG[$task]}; done  # the plan (configs/studies/plan.yaml)
 
 extend_grid() {  # one more lr past each end of the grid that some method chose (×3 / ×10/3 steps)
   "$PY" - "$@" <<'PYEOF'
@@ -81,7 +76,7 @@ pilot_task() {  # the round-count pilot of one task: 6, 9, ... rounds until both
   local task=$1 pilot=$OUT/pilot/$1 decided="" R m run rounds
   mkdir -p "$pilot"
   for R in $(seq 6 3 "$CAP"); do
-    for m in fedit aflora; do
+    for m in $PLAN_PILOT_METHODS; do
       run=$pilot/$m
       if [ "$(rounds_done "$run")" -ge "$R" ]; then
         :  # this step ran earlier (also in a copy restored from docs/ without its checkpoint)
@@ -90,12 +85,11 @@ pilot_task() {  # the round-count pilot of one task: 6, 9, ... rounds until both
       else  # new, or restored from docs/ short of R without a checkpoint: from scratch (same seed, same curve)
         rm -rf "$run"
         fed run "${CONFIG[$task]}" --out "$run" --quiet --set algorithm.name=$m --set threads=1 --set data.data_dir=$DATA \
-          --set data.validation_examples=$VALIDATION --set evaluation.mmlu=false --set federation.eval_subset=null \
-          --set federation.eval_every=1 --set federation.rounds=$R ${EXTRA[$task]/--set federation.eval_subset=100/} \
-          $EXTRA_ALL || return 1
+          ${EXTRA[$task]} --set data.validation_examples=$VALIDATION --set evaluation.mmlu=false \
+          --set federation.eval_subset=null --set federation.eval_every=1 --set federation.rounds=$R $EXTRA_ALL || return 1
       fi
     done
-    decided=$(plateau "$pilot/fedit" "$pilot/aflora")
+    decided=$(plateau $(for m in $PLAN_PILOT_METHODS; do echo "$pilot/$m"; done))
     log "pilot $task: $R rounds, plateau: ${decided:-not yet}"
     [ -n "$decided" ] && break
   done
@@ -150,7 +144,7 @@ main_tables() {  # the whole study's tables (every run finished: nothing trains)
 
 units() {  # every unit in order of preference: KIND TASK [SEED] [METHOD]
   local task m s
-  for task in ${TASKS:-fpb agnews}; do
+  for task in ${TASKS:-$PLAN_TASKS}; do
     echo "pilot $task"
     [ -n "${PILOT_ONLY:-}" ] && continue
     for m in ${METHODS[$task]//,/ }; do echo "tune $task - $m"; done
@@ -194,7 +188,7 @@ run_unit() {
 mkdir -p "$OUT/locks"
 rm -rf "$OUT/failed"  # a unit that failed before is tried again once per lane start
 mkdir -p "$OUT/failed"
-for task in ${TASKS:-fpb agnews}; do
+for task in ${TASKS:-$PLAN_TASKS}; do
   mkdir -p "$OUT/tune/$task"
   [ -f "$OUT/tune/$task/grid.yaml" ] || cp "$CODE/configs/grids/lr_wide.yaml" "$OUT/tune/$task/grid.yaml"
 done

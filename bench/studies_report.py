@@ -28,21 +28,16 @@ from fedlora.runtime.outputs import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_claims  # noqa: E402  (bench/ is scripts, not a package)
+import study_plan  # noqa: E402
 
 TASKS = paper_claims.TASKS
-PILOT_METHODS = ("fedit", "aflora")
-STUDY_CAP = 10  # the studies' cap on rounds (docs/studies_plan.md)
-SEEDS = 5
-# the lanes' methods (bench/issue31_lane.sh): tuned, and in the main study
-TUNED = {"agnews": ["aflora", "fedit", "ffa", "flora", "flexlora", "hetlora", "fedex", "fedsa", "fedsvd", "rolora"],
-         "fpb": ["aflora", "fedit", "ffa", "flora", "flexlora", "hetlora"]}
-MAIN = {"agnews": TUNED["agnews"] + ["aflora-no-ddr", "aflora-no-dlf"], "fpb": TUNED["fpb"]}
+PLAN = study_plan.load()  # what the lanes run (configs/studies/plan.yaml)
 
 
 def pilot_curves(docs: Path, task: str) -> dict[str, list[float]]:
     """Per pilot method with a published run, its validation accuracy by round."""
     curves = {}
-    for m in PILOT_METHODS:
+    for m in PLAN.pilot_methods:
         run = docs / "studies_pilot" / task / m
         if (run / "metrics.jsonl").is_file():
             curves[m] = [r["accuracy"] for r in read_metrics(run) if r.get("accuracy") is not None]
@@ -51,7 +46,7 @@ def pilot_curves(docs: Path, task: str) -> dict[str, list[float]]:
 
 def pilot_decision(curves: dict[str, list[float]]) -> int | None:
     """The pilot's round count (the later plateau of the two curves), None while either rises."""
-    if set(curves) != set(PILOT_METHODS):
+    if set(curves) != set(PLAN.pilot_methods):
         return None
     rounds = [plateau_round(c) for c in curves.values()]
     return None if None in rounds else max(rounds)
@@ -68,15 +63,16 @@ def finished_points(docs: Path, task: str) -> int:
 
 def finished_main(docs: Path, task: str) -> int:
     return sum((docs / f"studies_{task}" / f"seed_{s}" / m / "summary.json").is_file()
-               for s in range(SEEDS) for m in MAIN[task])
+               for s in PLAN.seeds for m in PLAN.tasks[task].main)
 
 
 def pilot_section(docs: Path) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
     lines = ["## Round count: the pilot", "",
-             "FedIT and AFLoRA at seed 0, validation accuracy (500 items carved from the training pool) "
+             f"{' and '.join(paper_claims.NAMES[m] for m in PLAN.pilot_methods)} at seed 0, validation accuracy "
+             f"({PLAN.validation_examples} items carved from the training pool) "
              "after every round; the studies stop where both curves have plateaued (the mean of the last "
-             "3 rounds within 0.5 points of the 3 before), at most 18 rounds, and run at most "
-             f"{STUDY_CAP}.", "",
+             f"3 rounds within 0.5 points of the 3 before), at most {PLAN.pilot_max_rounds} rounds, and run at most "
+             f"{PLAN.round_cap}.", "",
              "| task | method | validation accuracy by round | plateau round |", "|---|---|---|---|"]
     all_curves = {}
     for task, name in TASKS.items():
@@ -87,7 +83,7 @@ def pilot_section(docs: Path) -> tuple[list[str], dict[str, dict[str, list[float
                          f"{plateau if plateau else 'still rising'} |")
         decided = pilot_decision(curves)
         rounds = "none published" if not curves else max(len(c) for c in curves.values())
-        verdict = (f"**{min(decided, STUDY_CAP)} rounds** (plateau at {decided})" if decided
+        verdict = (f"**{min(decided, PLAN.round_cap)} rounds** (plateau at {decided})" if decided
                    else f"not decided yet ({rounds} rounds run)")
         lines.append(f"| {name} | *decision* | | {verdict} |")
     return lines, all_curves
@@ -101,7 +97,7 @@ def tuning_section(docs: Path) -> list[str]:
     for task, name in TASKS.items():
         rows = tuning_rows(docs, task)
         chosen = [r for r in rows if r["chosen"] == "True"]
-        total = len(TUNED[task])
+        total = len(PLAN.tasks[task].tuned)
         if len(chosen) < total:  # (a table of fewer methods is one method's unit, not the decision)
             n = finished_points(docs, task)
             lines.append(f"- {name}: {n} grid point{'' if n == 1 else 's'} finished; not decided yet.")
@@ -118,10 +114,11 @@ def tuning_section(docs: Path) -> list[str]:
 def main_section(docs: Path) -> list[str]:
     lines = ["## The five-seed studies", ""]
     for task, name in TASKS.items():
-        done, total = finished_main(docs, task), SEEDS * len(MAIN[task])
+        methods, seeds = PLAN.tasks[task].main, len(PLAN.seeds)
+        done, total = finished_main(docs, task), seeds * len(methods)
         link = (f"; [comparison.md](../studies_{task}/comparison.md)"
                 if done == total and (docs / f"studies_{task}" / "comparison.md").is_file() else "")
-        lines.append(f"- {name}: {done} of {total} runs finished ({len(MAIN[task])} methods × {SEEDS} seeds){link}.")
+        lines.append(f"- {name}: {done} of {total} runs finished ({len(methods)} methods × {seeds} seeds){link}.")
     return lines
 
 
@@ -136,13 +133,13 @@ def figure(all_curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     for ax, (task, name) in zip(axes, TASKS.items()):
         curves = all_curves[task]
         for m, c in curves.items():  # one colour per method, whichever curves are published
-            ax.plot(range(1, len(c) + 1), c, marker="o", color=f"C{PILOT_METHODS.index(m)}",
+            ax.plot(range(1, len(c) + 1), c, marker="o", color=f"C{PLAN.pilot_methods.index(m)}",
                     label=paper_claims.NAMES[m])
         decided = pilot_decision(curves)
         if decided:
             ax.axvline(decided, color="grey", linestyle="--", label=f"plateau: round {decided}")
-            if decided > STUDY_CAP:
-                ax.axvline(STUDY_CAP, color="black", linestyle=":", label=f"the studies stop: round {STUDY_CAP}")
+            if decided > PLAN.round_cap:
+                ax.axvline(PLAN.round_cap, color="black", linestyle=":", label=f"the studies stop: round {PLAN.round_cap}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("round")

@@ -31,7 +31,7 @@ def test_the_page_reports_pilot_tuning_and_progress(tmp_path):
     tune = docs / "studies_tuning/fpb"
     tune.mkdir(parents=True)
     rows = ["method,setting,options,lr,validation_accuracy,validation_loss,chosen,error"]
-    for m, pick in zip(studies_report.TUNED["fpb"], [0.01, 0.03, 0.001, 0.003, 0.01, 0.01]):
+    for m, pick in zip(studies_report.PLAN.tasks["fpb"].tuned, [0.01, 0.03, 0.001, 0.003, 0.01, 0.01]):
         rows += [f"{m},0,{{}},{lr},{0.8 if lr == pick else 0.7},1.0,{lr == pick}," for lr in (0.001, 0.003, 0.01, 0.03)]
     (tune / "tuning.csv").write_text("\n".join(rows) + "\n")
     partial = docs / "studies_tuning/agnews"  # one method's unit wrote its own table: no decision yet
