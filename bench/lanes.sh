@@ -54,7 +54,8 @@ case ${1:-status} in
       [ -e "$lock" ] || continue
       flock -n "$lock" true 2>/dev/null || echo "running: $(basename "$lock" .lock)"
     done
-    for task in fpb agnews; do
+    eval "$("$PY" "$ROOT/bench/study_plan.py" bash)"  # the tasks (configs/studies/plan.yaml)
+    for task in $PLAN_TASKS; do
       points=$(count "$OUT"/tune/$task/validation/seed_*/*/summary.json)
       runs=$(count "$OUT"/main/$task/seed_*/*/summary.json)
       echo "$task: pilot rounds $(cat "$OUT/pilot/$task/ROUNDS" 2>/dev/null || echo -), tuning points finished $points, main runs finished $runs"
