@@ -29,6 +29,9 @@ EXTRA_ALL=${EXTRA_ALL:-}   # --set flags for every command (the tiny rehearsal: 
 DATA=${DATA:-/work/shared/data}  # the configs' relative data_dir would resolve beside the code copy
 export PYTHONPATH=$CODE/src OMP_NUM_THREADS=1
 fed() { nice -n 10 "$PY" -m fedlora.cli "$@"; }
+# what this CPU computes natively: a task pinned to bfloat16 waits for a CPU that has it (emulated,
+# it runs some 30× slower: docs/studies_plan.md, "One dtype per study")
+MACHINE_DTYPE=${MACHINE_DTYPE:-$("$PY" -c 'from fedlora.hardware import preferred_compute_dtype as p; print(p())')}
 
 for task in $PLAN_TASKS; do CONFIG[$task]=$CODE/${CONFIG[$task]}; done  # the plan (configs/studies/plan.yaml)
 
@@ -164,8 +167,11 @@ is_done() {
   esac
 }
 
-is_ready() {  # the unit's inputs exist
+runs_here() { [ "${DTYPE[$1]}" != bfloat16 ] || [ "$MACHINE_DTYPE" = bfloat16 ]; }
+
+is_ready() {  # the unit's inputs exist, and this CPU computes its task's dtype natively (tables train nothing)
   local m
+  [ "$1" = tables ] || runs_here "$2" || return 1
   case $1 in
     pilot) true ;;
     tune) [ -f "$OUT/pilot/$2/ROUNDS" ] ;;
@@ -186,6 +192,9 @@ run_unit() {
 }
 
 mkdir -p "$OUT/locks"
+for task in ${TASKS:-$PLAN_TASKS}; do
+  runs_here "$task" || log "lane $$: $task waits for a CPU with native bfloat16 (this one computes $MACHINE_DTYPE)"
+done
 rm -rf "$OUT/failed"  # a unit that failed before is tried again once per lane start
 mkdir -p "$OUT/failed"
 for task in ${TASKS:-$PLAN_TASKS}; do

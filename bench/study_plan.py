@@ -18,6 +18,7 @@ PLAN = Path(__file__).resolve().parents[1] / "configs" / "studies" / "plan.yaml"
 @dataclass(frozen=True)
 class Task:
     config: str
+    compute_dtype: str  # the whole study's, on every machine that runs it (float32 or bfloat16)
     overrides: list[str]
     tuned: list[str]  # tuned on the grid, then in the main study
     main_only: list[str]  # in the main study only (with a tuned method's settings)
@@ -25,6 +26,11 @@ class Task:
     @property
     def main(self) -> list[str]:
         return self.tuned + self.main_only
+
+    @property
+    def settings(self) -> list[str]:
+        """Every command's `--set` values for this task: the dtype pin, then the overrides."""
+        return [f"model.compute_dtype={self.compute_dtype}", *self.overrides]
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,8 @@ def load(path: Path = PLAN) -> Plan:
     return Plan(seeds=list(raw["seeds"]), round_cap=int(raw["round_cap"]), pilot_methods=list(pilot["methods"]),
                 pilot_max_rounds=int(pilot["max_rounds"]), validation_examples=int(pilot["validation_examples"]),
                 grid_extensions=int(raw["grid_extensions"]),
-                tasks={name: Task(t["config"], list(t["overrides"]), list(t["tuned"]), list(t["main_only"]))
-                       for name, t in raw["tasks"].items()})
+                tasks={name: Task(t["config"], t["compute_dtype"], list(t["overrides"]), list(t["tuned"]),
+                                  list(t["main_only"])) for name, t in raw["tasks"].items()})
 
 
 def bash(plan: Plan) -> str:
@@ -55,15 +61,19 @@ def bash(plan: Plan) -> str:
              f"PLAN_PILOT_CAP={plan.pilot_max_rounds}",
              f"PLAN_PILOT_METHODS={q(' '.join(plan.pilot_methods))}", f"PLAN_VALIDATION={plan.validation_examples}",
              f"PLAN_EXTEND={plan.grid_extensions}", f"PLAN_TASKS={q(' '.join(plan.tasks))}",
-             "declare -A CONFIG METHODS MAIN EXTRA"]
+             "declare -A CONFIG METHODS MAIN EXTRA DTYPE"]
     for name, t in plan.tasks.items():
         lines += [f"CONFIG[{name}]={q(t.config)}", f"METHODS[{name}]={q(','.join(t.tuned))}",
                   f"MAIN[{name}]={q(','.join(t.main))}",
-                  f"EXTRA[{name}]={q(' '.join(f'--set {o}' for o in t.overrides))}"]
+                  f"EXTRA[{name}]={q(' '.join(f'--set {o}' for o in t.settings))}",
+                  f"DTYPE[{name}]={t.compute_dtype}"]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["bash"]:
         sys.exit("usage: python bench/study_plan.py bash")
-    print(bash(load()), end="")
+    try:
+        print(bash(load()), end="")
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:  # one line, the lane stops
+        sys.exit(f"{PLAN}: not a study plan ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
