@@ -118,7 +118,8 @@ def main_section(docs: Path) -> list[str]:
         done, total = finished_main(docs, task), seeds * len(methods)
         link = (f"; [comparison.md](../studies_{task}/comparison.md)"
                 if done == total and (docs / f"studies_{task}" / "comparison.md").is_file() else "")
-        lines.append(f"- {name}: {done} of {total} runs finished ({len(methods)} methods × {seeds} seeds){link}.")
+        lines.append(f"- {name}: {done} of {total} runs finished ({len(methods)} methods × {seeds} seeds, "
+                     f"{PLAN.tasks[task].compute_dtype}){link}.")
     return lines
 
 
