@@ -10,7 +10,8 @@ read finished runs back; the pilot skips the steps whose rounds are in metrics.j
     python bench/studies_sync.py save    [--studies /work/studies] [--docs docs]
     python bench/studies_sync.py restore [--studies /work/studies] [--docs docs]
 
-A run still going when `save` runs is left out (it restarts next session from round 1), and so
+A study's own tables (comparison.md, tuning.md, figures) are published once they cover the
+whole study (the lane's DECIDED or .complete); until then only its runs are. A run still going when `save` runs is left out (it restarts next session from round 1), and so
 is a pilot run cut off while being extended (its summary.json is an earlier segment's).
 """
 
@@ -46,6 +47,17 @@ def extended_since_summary(run: Path) -> bool:
     return bool(rounds) and read_summary(run).get("rounds") != max(rounds)
 
 
+def whole(source: Path) -> bool:
+    """A folder whose tables cover the whole study: a pilot run's or the privacy study's always;
+    a tuning's once decided (DECIDED), a main study's once tabulated (.complete), both marked by
+    bench/issue31_lane.sh."""
+    if source.parent.name == "tune":
+        return (source / "DECIDED").is_file()
+    if source.parent.name == "main":
+        return (source / ".complete").is_file()
+    return True
+
+
 def save(studies: Path, docs: Path) -> None:
     for study, published in STUDIES.items():
         source = studies / study
@@ -56,7 +68,9 @@ def save(studies: Path, docs: Path) -> None:
         # pilot rerun from round 1 after a restore has no summary.json until its segment ends)
         if (source / "summary.json").is_file() or any(source.glob("seed_*/*/summary.json")) \
                 or any(source.glob("validation/seed_*/*/summary.json")):
-            files, size = publish(source, docs / published, finished_only=True)
+            # a study's own tables only once they are the whole study's: until then the last
+            # unit's one-method table would stand there as if it were (the runs carry the study)
+            files, size = publish(source, docs / published, finished_only=True, tables=whole(source))
             print(f"{source} -> {docs / published}: {files} files, {size / 1e6:.1f} MB")
 
 

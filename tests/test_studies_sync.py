@@ -71,3 +71,25 @@ def test_a_damaged_pilot_ends_in_one_line_naming_its_file(tmp_path, capsys):
     assert studies_sync.main(["save", "--studies", str(studies), "--docs", str(tmp_path / "docs")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "metrics.jsonl" in err
+
+
+def test_a_study_s_own_tables_are_published_only_once_they_are_the_whole_study_s(tmp_path):
+    """Each unit of the lane writes its folder's tables for its one method: published mid-study,
+    comparison.md or tuning.md would stand as the study's; from .complete / DECIDED on, they are."""
+    studies, docs = tmp_path / "studies", tmp_path / "docs"
+    main, tune = studies / "evidence/main/fpb", studies / "evidence/tune/agnews"
+    _run(main / "seed_0/fedit", 6, 6)
+    _run(tune / "validation/seed_0/fedit-s0-lr0.01", 6, 6)
+    for folder, table in ((main, "comparison.md"), (tune, "tuning.md")):
+        (folder / table).write_text("one method's table\n")
+        (folder / "figure.png").write_bytes(b"png")
+    args = ["save", "--studies", str(studies), "--docs", str(docs)]
+    assert studies_sync.main(args) == 0
+    assert (docs / "studies_fpb/seed_0/fedit/summary.json").is_file()
+    assert not (docs / "studies_fpb/comparison.md").exists() and not (docs / "studies_fpb/figure.png").exists()
+    assert not (docs / "studies_tuning/agnews/tuning.md").exists()
+    (main / ".complete").touch()
+    (tune / "DECIDED").touch()
+    assert studies_sync.main(args) == 0
+    assert (docs / "studies_fpb/comparison.md").is_file() and (docs / "studies_fpb/figure.png").is_file()
+    assert (docs / "studies_tuning/agnews/tuning.md").is_file()

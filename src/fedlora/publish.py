@@ -42,11 +42,12 @@ def _run_dirs(root: Path) -> list[Path]:
                   for p in root.glob(pattern))
 
 
-def citeable_files(root: Path, finished_only: bool = False) -> list[Path]:
+def citeable_files(root: Path, finished_only: bool = False, tables: bool = True) -> list[Path]:
     """The files under `root` a citation needs, as paths relative to it: regular files that
     resolve inside `root` (a link, or a folder linked from outside, is skipped). With
-    `finished_only`, runs without summary.json are left out (a study still running)."""
-    chosen = [*root.glob("*.png"), *(root / name for name in TOP_FILES)]
+    `finished_only`, runs without summary.json are left out (a study still running); without
+    `tables`, the folder's own tables and figures are (written for part of a study only)."""
+    chosen = [*root.glob("*.png"), *(root / name for name in TOP_FILES)] if tables else []
     for run in _run_dirs(root):
         if finished_only and not (run / "summary.json").is_file():
             continue
@@ -94,7 +95,7 @@ def _manifest(target: Path) -> dict[str, str]:
         raise ConfigError(f"config error: {target / MANIFEST}: missing or not a fedlora publish manifest") from None
 
 
-def publish(source: Path, dest: Path, finished_only: bool = False) -> tuple[int, int]:
+def publish(source: Path, dest: Path, finished_only: bool = False, tables: bool = True) -> tuple[int, int]:
     """Copy `citeable_files(source)` into `dest`, replacing an earlier publish there (the files
     its manifest lists are removed first). Returns (files, bytes)."""
     source, target = source.resolve(), Path(os.path.abspath(dest))
@@ -112,7 +113,7 @@ def publish(source: Path, dest: Path, finished_only: bool = False) -> tuple[int,
             folder.rmdir()
         except OSError:  # not empty, or not a plain folder
             pass
-    files = citeable_files(source, finished_only)
+    files = citeable_files(source, finished_only, tables)
     listed = {}
     for rel in files:
         out = _safe_destination(target, rel)
