@@ -11,8 +11,9 @@ read finished runs back; the pilot skips the steps whose rounds are in metrics.j
     python bench/studies_sync.py restore [--studies /work/studies] [--docs docs]
 
 A study's own tables (comparison.md, tuning.md, figures) are published once they cover the
-whole study (the lane's DECIDED or .complete); until then only its runs are. A run still going when `save` runs is left out (it restarts next session from round 1), and so
-is a pilot run cut off while being extended (its summary.json is an earlier segment's).
+whole study (the lane's DECIDED or .complete); until then only its runs are. A run still going
+when `save` runs is left out (it restarts next session from round 1), and so is a pilot run cut
+off while being extended (its summary.json is an earlier segment's).
 """
 
 from __future__ import annotations
