@@ -58,7 +58,11 @@ case ${1:-status} in
     for task in $PLAN_TASKS; do
       points=$(count "$OUT"/tune/$task/validation/seed_*/*/summary.json)
       runs=$(count "$OUT"/main/$task/seed_*/*/summary.json)
-      echo "$task: pilot rounds $(cat "$OUT/pilot/$task/ROUNDS" 2>/dev/null || echo -), tuning points finished $points, main runs finished $runs"
+      methods=$(echo "${METHODS[$task]}" | tr ',' '\n' | wc -l)
+      lrs=$("$PY" -c 'import sys, yaml; print(len(yaml.safe_load(open(sys.argv[1]))["lr"]))' "$OUT/tune/$task/grid.yaml" 2>/dev/null || echo "?")
+      mains=$(( $(echo "${MAIN[$task]}" | tr ',' '\n' | wc -l) * $(echo "$PLAN_SEEDS" | tr ',' '\n' | wc -l) ))
+      echo "$task (${DTYPE[$task]}): pilot rounds $(cat "$OUT/pilot/$task/ROUNDS" 2>/dev/null || echo -), tuning points" \
+        "finished $points of $methods × $lrs, main runs finished $runs of $mains"
     done
     tail -n 5 "$OUT/lane.log" 2>/dev/null || true
     ;;
