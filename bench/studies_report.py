@@ -23,6 +23,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
+import yaml
+
 from fedlora.records import plateau_round
 from fedlora.runtime.outputs import read_metrics
 
@@ -86,6 +88,10 @@ def pilot_section(docs: Path) -> tuple[list[str], dict[str, dict[str, list[float
         verdict = (f"**{min(decided, PLAN.round_cap)} rounds** (plateau at {decided})" if decided
                    else f"not decided yet ({rounds} rounds run)")
         lines.append(f"| {name} | *decision* | | {verdict} |")
+    dtypes = sorted({yaml.safe_load(c.read_text())["model"]["compute_dtype"]
+                     for c in (docs / "studies_pilot").glob("*/*/config.yaml")})
+    if dtypes:  # the studies' own dtype may differ (the pilot decides the round count only)
+        lines += ["", f"The pilots computed in {' and '.join(dtypes)}; the studies' dtypes are below."]
     return lines, all_curves
 
 

@@ -28,6 +28,7 @@ def test_the_page_reports_pilot_tuning_and_progress(tmp_path):
     _run(docs / "studies_pilot/fpb/fedit", flat)
     _run(docs / "studies_pilot/fpb/aflora", flat[:6] + [0.7, 0.82, 0.81])  # at 7: the dip ends the rise
     _run(docs / "studies_pilot/agnews/fedit", rising)
+    (docs / "studies_pilot/agnews/fedit/config.yaml").write_text("model:\n  compute_dtype: bfloat16\n")
     tune = docs / "studies_tuning/fpb"
     tune.mkdir(parents=True)
     rows = ["method,setting,options,lr,validation_accuracy,validation_loss,chosen,error"]
@@ -53,6 +54,8 @@ def test_the_page_reports_pilot_tuning_and_progress(tmp_path):
     assert "- AG News, label skew (non-IID): 1 grid point finished; not decided yet." in page
     assert "Financial PhraseBank, IID: 6 of 30 runs finished" in page and "AG News, label skew (non-IID): 0 of 60" in page
     assert "pending (2 of 5 seeds)" in page
+    assert "The pilots computed in bfloat16;" in page
+    assert "(6 methods × 5 seeds, float32)" in page  # the FPB study's dtype, from the plan
     assert (docs / "results/studies_pilot.png").stat().st_size > 10_000
 
 
