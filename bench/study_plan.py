@@ -47,6 +47,9 @@ class Plan:
 def load(path: Path = PLAN) -> Plan:
     raw = yaml.safe_load(path.read_text())
     pilot = raw["pilot"]
+    for name, t in raw["tasks"].items():
+        if t["compute_dtype"] not in ("float32", "bfloat16"):  # `auto` would differ between machines
+            raise ValueError(f"tasks.{name}.compute_dtype: float32 or bfloat16, not {t['compute_dtype']!r}")
     return Plan(seeds=list(raw["seeds"]), round_cap=int(raw["round_cap"]), pilot_methods=list(pilot["methods"]),
                 pilot_max_rounds=int(pilot["max_rounds"]), validation_examples=int(pilot["validation_examples"]),
                 grid_extensions=int(raw["grid_extensions"]),
