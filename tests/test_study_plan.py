@@ -5,6 +5,7 @@ task's config can run (a typo would otherwise surface hours into a session, as a
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import bench_module
 
@@ -38,3 +39,13 @@ def test_the_lane_sees_the_plan_the_report_sees(tmp_path):
         assert t.settings[0] == f"model.compute_dtype={t.compute_dtype}" and t.compute_dtype in ("float32", "bfloat16")
     assert out[-1] == f"{','.join(map(str, plan.seeds))}|{plan.round_cap}|{' '.join(plan.pilot_methods)}|" \
                       f"{' '.join(plan.tasks)}"
+
+
+def test_a_plan_must_pin_each_study_s_dtype(tmp_path):
+    """`auto` resolves per machine: a study carried across sessions would mix dtypes."""
+    text = study_plan.PLAN.read_text()
+    assert "compute_dtype: float32" in text
+    bad = tmp_path / "plan.yaml"
+    bad.write_text(text.replace("compute_dtype: float32", "compute_dtype: auto", 1))
+    with pytest.raises(ValueError, match=r"compute_dtype: float32 or bfloat16, not 'auto'"):
+        study_plan.load(bad)
