@@ -167,7 +167,7 @@ is_done() {
   esac
 }
 
-runs_here() { [ "${DTYPE[$1]}" != bfloat16 ] || [ "$MACHINE_DTYPE" = bfloat16 ]; }
+runs_here() { [ -z "${HOLD[$1]}" ] && { [ "${DTYPE[$1]}" != bfloat16 ] || [ "$MACHINE_DTYPE" = bfloat16 ]; }; }
 
 is_ready() {  # the unit's inputs exist, and this CPU computes its task's dtype natively (tables train nothing)
   local m
@@ -195,7 +195,8 @@ run_unit() {
 [ -n "${LANE_LIB:-}" ] && return 0
 mkdir -p "$OUT/locks"
 for task in ${TASKS:-$PLAN_TASKS}; do
-  runs_here "$task" || log "lane $$: $task waits for a CPU with native bfloat16 (this one computes $MACHINE_DTYPE)"
+  if [ -n "${HOLD[$task]}" ]; then log "lane $$: $task is held: ${HOLD[$task]} (configs/studies/plan.yaml)"
+  elif ! runs_here "$task"; then log "lane $$: $task waits for a CPU with native bfloat16 (this one computes $MACHINE_DTYPE)"; fi
 done
 rm -rf "$OUT/failed"  # a unit that failed before is tried again once per lane start
 mkdir -p "$OUT/failed"

@@ -22,6 +22,7 @@ class Task:
     overrides: list[str]
     tuned: list[str]  # tuned on the grid, then in the main study
     main_only: list[str]  # in the main study only (with a tuned method's settings)
+    hold: str = ""  # why no unit of this task may run yet ("" when they may)
 
     @property
     def main(self) -> list[str]:
@@ -54,7 +55,7 @@ def load(path: Path = PLAN) -> Plan:
                 pilot_max_rounds=int(pilot["max_rounds"]), validation_examples=int(pilot["validation_examples"]),
                 grid_extensions=int(raw["grid_extensions"]),
                 tasks={name: Task(t["config"], t["compute_dtype"], list(t["overrides"]), list(t["tuned"]),
-                                  list(t["main_only"])) for name, t in raw["tasks"].items()})
+                                  list(t["main_only"]), str(t.get("hold") or "")) for name, t in raw["tasks"].items()})
 
 
 def bash(plan: Plan) -> str:
@@ -64,12 +65,12 @@ def bash(plan: Plan) -> str:
              f"PLAN_PILOT_CAP={plan.pilot_max_rounds}",
              f"PLAN_PILOT_METHODS={q(' '.join(plan.pilot_methods))}", f"PLAN_VALIDATION={plan.validation_examples}",
              f"PLAN_EXTEND={plan.grid_extensions}", f"PLAN_TASKS={q(' '.join(plan.tasks))}",
-             "declare -A CONFIG METHODS MAIN EXTRA DTYPE"]
+             "declare -A CONFIG METHODS MAIN EXTRA DTYPE HOLD"]
     for name, t in plan.tasks.items():
         lines += [f"CONFIG[{name}]={q(t.config)}", f"METHODS[{name}]={q(','.join(t.tuned))}",
                   f"MAIN[{name}]={q(','.join(t.main))}",
                   f"EXTRA[{name}]={q(' '.join(f'--set {o}' for o in t.settings))}",
-                  f"DTYPE[{name}]={t.compute_dtype}"]
+                  f"DTYPE[{name}]={t.compute_dtype}", f"HOLD[{name}]={q(t.hold)}"]
     return "\n".join(lines) + "\n"
 
 

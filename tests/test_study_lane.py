@@ -41,8 +41,9 @@ def test_a_bfloat16_study_waits_for_a_native_cpu(tmp_path):
     for name in PLAN.tasks:  # every pilot decided: the tuning units are ready
         (tmp_path / "pilot" / name).mkdir(parents=True)
         (tmp_path / "pilot" / name / "ROUNDS").write_text("10\n")
-    on_avx2 = lane(tmp_path, "float32", READY)
-    on_native = lane(tmp_path, "bfloat16", READY)
+    unheld = "".join(f'HOLD[{n}]=""\n' for n in PLAN.tasks)  # as once the plan's holds are lifted
+    on_avx2 = lane(tmp_path, "float32", unheld + READY)
+    on_native = lane(tmp_path, "bfloat16", unheld + READY)
     for name in bf16:
         assert not any(u.split()[1] == name for u in on_avx2)
         assert f"tune {name} - {PLAN.tasks[name].tuned[0]}" in on_native
@@ -51,3 +52,15 @@ def test_a_bfloat16_study_waits_for_a_native_cpu(tmp_path):
         assert tunes <= set(on_avx2) and tunes <= set(on_native)
     # nothing past the tuning is ready before the decision
     assert not any(u.startswith(("main", "decide", "tables")) for u in on_avx2 + on_native)
+
+
+def test_a_held_study_runs_nothing_anywhere(tmp_path):
+    for name in PLAN.tasks:
+        (tmp_path / "pilot" / name).mkdir(parents=True)
+        (tmp_path / "pilot" / name / "ROUNDS").write_text("10\n")
+    held, other = [n for n, t in PLAN.tasks.items() if t.compute_dtype == "float32"][0], list(PLAN.tasks)[0]
+    for machine in ("float32", "bfloat16"):
+        ready = lane(tmp_path, machine, f'HOLD[{other}]=""\nHOLD[{held}]="a check"\n{READY}')
+        assert not any(u.split()[1] == held for u in ready)
+        if machine == "bfloat16":  # the other study (bfloat16) runs there: the hold is the held task's only
+            assert any(u.split()[1] == other for u in ready)

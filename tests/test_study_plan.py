@@ -30,12 +30,12 @@ def test_every_planned_method_runs_on_its_task():
 def test_the_lane_sees_the_plan_the_report_sees(tmp_path):
     plan = study_plan.load()
     script = study_plan.bash(plan) + "".join(
-        f'echo "{t}|${{METHODS[{t}]}}|${{MAIN[{t}]}}|${{EXTRA[{t}]}}|${{CONFIG[{t}]}}|${{DTYPE[{t}]}}"\n' for t in plan.tasks) \
+        f'echo "{t}|${{METHODS[{t}]}}|${{MAIN[{t}]}}|${{EXTRA[{t}]}}|${{CONFIG[{t}]}}|${{DTYPE[{t}]}}|${{HOLD[{t}]}}"\n' for t in plan.tasks) \
         + 'echo "$PLAN_SEEDS|$PLAN_ROUND_CAP|$PLAN_PILOT_METHODS|$PLAN_TASKS"\n'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     for line, (name, t) in zip(out, plan.tasks.items()):
         assert line == "|".join([name, ",".join(t.tuned), ",".join(t.tuned + t.main_only),
-                                 " ".join(f"--set {o}" for o in t.settings), t.config, t.compute_dtype])
+                                 " ".join(f"--set {o}" for o in t.settings), t.config, t.compute_dtype, t.hold])
         assert t.settings[0] == f"model.compute_dtype={t.compute_dtype}" and t.compute_dtype in ("float32", "bfloat16")
     assert out[-1] == f"{','.join(map(str, plan.seeds))}|{plan.round_cap}|{' '.join(plan.pilot_methods)}|" \
                       f"{' '.join(plan.tasks)}"
