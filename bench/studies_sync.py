@@ -10,7 +10,9 @@ read finished runs back; the pilot skips the steps whose rounds are in metrics.j
     python bench/studies_sync.py save    [--studies /work/studies] [--docs docs]
     python bench/studies_sync.py restore [--studies /work/studies] [--docs docs]
 
-A study's own tables (comparison.md, tuning.md, figures) are published once they cover the
+A study with nothing new since its publish is left as published (restored at a session's start,
+it lacks the tables and figures `restore` does not copy back: publishing it again would delete
+them). A study's own tables (comparison.md, tuning.md, figures) are published once they cover the
 whole study (the lane's DECIDED or .complete); until then only its runs are. A run still going
 when `save` runs is left out (it restarts next session from round 1), and so is a pilot run cut
 off while being extended (its summary.json is an earlier segment's).
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 
 from fedlora.errors import ConfigError
-from fedlora.publish import publish, restore
+from fedlora.publish import already_published, publish, restore
 from fedlora.runtime.outputs import read_metrics, read_summary
 
 # study folder (under --studies) -> its published copy (under --docs)
@@ -71,7 +73,11 @@ def save(studies: Path, docs: Path) -> None:
                 or any(source.glob("validation/seed_*/*/summary.json")):
             # a study's own tables only once they are the whole study's: until then the last
             # unit's one-method table would stand there as if it were (the runs carry the study)
-            files, size = publish(source, docs / published, finished_only=True, tables=whole(source))
+            tables = whole(source)
+            if already_published(source, docs / published, finished_only=True, tables=tables):
+                print(f"{source}: nothing new since {docs / published} (kept as it is)")
+                continue
+            files, size = publish(source, docs / published, finished_only=True, tables=tables)
             print(f"{source} -> {docs / published}: {files} files, {size / 1e6:.1f} MB")
 
 

@@ -93,3 +93,27 @@ def test_a_study_s_own_tables_are_published_only_once_they_are_the_whole_study_s
     assert studies_sync.main(args) == 0
     assert (docs / "studies_fpb/comparison.md").is_file() and (docs / "studies_fpb/figure.png").is_file()
     assert (docs / "studies_tuning/agnews/tuning.md").is_file()
+
+
+def test_a_restored_study_not_run_since_keeps_its_publish(tmp_path, capsys):
+    """`restore` leaves out a study's tables and figures (and a single run's environment.json and
+    partition.png); a save from a restored, unchanged study must not delete them from docs/."""
+    studies, docs, fresh = tmp_path / "studies", tmp_path / "docs", tmp_path / "next_session"
+    pilot, privacy = studies / "evidence/pilot/fpb/fedit", studies / "privacy/runs"
+    _run(pilot, 6, 6)
+    (pilot / "environment.json").write_text("{}")
+    (pilot / "partition.png").write_bytes(b"png")
+    _run(privacy / "seed_0/fedit", 4, 4)
+    (privacy / "comparison.md").write_text("the study's table\n")
+    assert studies_sync.main(["save", "--studies", str(studies), "--docs", str(docs)]) == 0
+    published = sorted(p.relative_to(docs) for p in docs.rglob("*") if p.is_file())
+    assert studies_sync.main(["restore", "--studies", str(fresh), "--docs", str(docs)]) == 0
+    assert not (fresh / "privacy/runs/comparison.md").exists()  # what restore leaves out
+    capsys.readouterr()
+    assert studies_sync.main(["save", "--studies", str(fresh), "--docs", str(docs)]) == 0
+    assert "nothing new" in capsys.readouterr().out
+    assert sorted(p.relative_to(docs) for p in docs.rglob("*") if p.is_file()) == published
+    _run(fresh / "privacy/runs/seed_1/fedit", 4, 4)  # something new: published, the runs kept
+    assert studies_sync.main(["save", "--studies", str(fresh), "--docs", str(docs)]) == 0
+    assert (docs / "privacy_study/seed_1/fedit/summary.json").is_file()
+    assert (docs / "privacy_study/seed_0/fedit/summary.json").is_file()

@@ -95,6 +95,16 @@ def _manifest(target: Path) -> dict[str, str]:
         raise ConfigError(f"config error: {target / MANIFEST}: missing or not a fedlora publish manifest") from None
 
 
+def already_published(source: Path, dest: Path, finished_only: bool = False, tables: bool = True) -> bool:
+    """Whether the publish in `dest` holds every file `publish` would copy from `source`, byte
+    for byte: nothing new to publish (a study restored from `dest` and not run since, which
+    lacks what `restore` leaves out, its tables and figures)."""
+    if not (dest / MANIFEST).is_file():
+        return False
+    listed = _manifest(dest)
+    return all(listed.get(str(rel)) == sha256_file(source / rel) for rel in citeable_files(source, finished_only, tables))
+
+
 def publish(source: Path, dest: Path, finished_only: bool = False, tables: bool = True) -> tuple[int, int]:
     """Copy `citeable_files(source)` into `dest`, replacing an earlier publish there (the files
     its manifest lists are removed first). Returns (files, bytes)."""
