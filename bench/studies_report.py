@@ -146,7 +146,8 @@ def figure(all_curves: dict[str, dict[str, list[float]]], path: Path) -> None:
         if decided:
             ax.axvline(decided, color="grey", linestyle="--", label=f"plateau: round {decided}")
             if decided > PLAN.round_cap:
-                ax.axvline(PLAN.round_cap, color="black", linestyle=":", label=f"the studies stop: round {PLAN.round_cap}")
+                ax.axvline(PLAN.round_cap, color="black", linestyle=":",
+                           label=f"the studies stop: round {PLAN.round_cap}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("round")

@@ -29,8 +29,9 @@ def test_every_planned_method_runs_on_its_task():
 
 def test_the_lane_sees_the_plan_the_report_sees(tmp_path):
     plan = study_plan.load()
+    fields = ("METHODS", "MAIN", "EXTRA", "CONFIG", "DTYPE", "HOLD")
     script = study_plan.bash(plan) + "".join(
-        f'echo "{t}|${{METHODS[{t}]}}|${{MAIN[{t}]}}|${{EXTRA[{t}]}}|${{CONFIG[{t}]}}|${{DTYPE[{t}]}}|${{HOLD[{t}]}}"\n' for t in plan.tasks) \
+        f'echo "{t}|' + "|".join(f"${{{f}[{t}]}}" for f in fields) + '"\n' for t in plan.tasks) \
         + 'echo "$PLAN_SEEDS|$PLAN_ROUND_CAP|$PLAN_PILOT_METHODS|$PLAN_TASKS"\n'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     for line, (name, t) in zip(out, plan.tasks.items()):

@@ -102,7 +102,8 @@ def already_published(source: Path, dest: Path, finished_only: bool = False, tab
     if not (dest / MANIFEST).is_file():
         return False
     listed = _manifest(dest)
-    return all(listed.get(str(rel)) == sha256_file(source / rel) for rel in citeable_files(source, finished_only, tables))
+    files = citeable_files(source, finished_only, tables)
+    return all(listed.get(str(rel)) == sha256_file(source / rel) for rel in files)
 
 
 def publish(source: Path, dest: Path, finished_only: bool = False, tables: bool = True) -> tuple[int, int]:
